@@ -1,0 +1,111 @@
+//! The one trait every polled source implements.
+//!
+//! The sampler calls `collect` once per tick. A collector reads its values, stamps each
+//! row when it was read, and hands rows to the [`TickOutput`]. Problems that lose only
+//! part of a tick (one unreadable file, a vanished thread) are reported as
+//! [`TickOutput::problem`] and become `source_error` events; an `Err` means the source
+//! cannot go on this tick at all.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use crate::clock::EpisodeClock;
+use crate::error::Error;
+use crate::row::Row;
+
+/// One scheduled sampling instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tick {
+    /// Tick number from 0; a missed tick leaves a gap in `seq`.
+    pub seq: u64,
+    /// Episode-relative CLOCK_MONOTONIC time the tick was scheduled for.
+    pub scheduled_ns: u64,
+}
+
+/// Where a collector puts what it read during one tick. Reused across ticks so a tick
+/// allocates nothing once the vectors have grown to their working size.
+#[derive(Debug, Default)]
+pub struct TickOutput {
+    pub rows: Vec<Row>,
+    pub problems: Vec<String>,
+}
+
+impl TickOutput {
+    pub fn row(&mut self, row: Row) {
+        self.rows.push(row);
+    }
+
+    pub fn problem(&mut self, message: impl Into<String>) {
+        self.problems.push(message.into());
+    }
+
+    pub fn clear(&mut self) {
+        self.rows.clear();
+        self.problems.clear();
+    }
+}
+
+pub trait Collector: Send {
+    /// Source name; the stream is `telemetry-<source>.jsonl`.
+    fn source(&self) -> &'static str;
+    /// Whether a deployed detector could see this data (see the episode contract).
+    fn available_in_deployment(&self) -> bool;
+    fn collect(
+        &mut self,
+        tick: Tick,
+        clock: &EpisodeClock,
+        out: &mut TickOutput,
+    ) -> Result<(), Error>;
+    /// Extra facts for `meta.sources[]` at the end (e.g. counts of rejected input).
+    fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
+        serde_json::Map::new()
+    }
+}
+
+/// Host thread id → vCPU index, filled from QMP `query-cpus-fast` and read by every host
+/// backend to fill the `vcpu` column of per-thread rows.
+#[derive(Debug, Clone, Default)]
+pub struct VcpuMap(Arc<RwLock<HashMap<u32, u32>>>);
+
+impl VcpuMap {
+    pub fn set(&self, map: HashMap<u32, u32>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = map;
+    }
+
+    pub fn get(&self, tid: u32) -> Option<u32> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&tid)
+            .copied()
+    }
+
+    pub fn snapshot(&self) -> HashMap<u32, u32> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// What every source gets from the capture: where to write, the episode clock, the
+/// shared event log, the vCPU map, and the flag that ends the capture.
+#[derive(Clone)]
+pub struct SourceContext {
+    pub dir: std::path::PathBuf,
+    pub clock: EpisodeClock,
+    pub events: crate::episode::EventLog,
+    pub vcpus: VcpuMap,
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A source that runs on its own thread at its own pace (QMP, the guest agent) instead
+/// of on the host sampler's tick, so that a stalled socket can never delay a host tick.
+pub trait BackgroundSource: Send {
+    fn source(&self) -> &'static str;
+    /// Stop the thread, close the stream, and return the `meta.sources[]` entry and the
+    /// manifest entry of the stream.
+    fn finish(
+        self: Box<Self>,
+    ) -> (
+        crate::episode::meta::SourceMeta,
+        Result<crate::jsonl::FileStats, Error>,
+    );
+}

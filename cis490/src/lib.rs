@@ -1,0 +1,20 @@
+//! cis490: a low-overhead host-side tracer for one QEMU process.
+//!
+//! Sources (BPF or /proc on the host, QMP, the in-guest agent) write rows of one type
+//! ([`row::Row`]) stamped on one clock pair ([`clock::EpisodeClock`]) into an episode
+//! directory whose layout is the contract in docs/data-model.md.
+
+pub mod backend;
+pub mod clock;
+pub mod collector;
+pub mod episode;
+pub mod error;
+pub mod jsonl;
+pub mod labels;
+pub mod procfs;
+pub mod row;
+pub mod sampler;
+pub mod target;
+pub mod trace;
+
+pub use error::{Error, Result};

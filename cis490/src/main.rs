@@ -1,0 +1,157 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use cis490::backend::BackendChoice;
+use cis490::episode::meta::UserMeta;
+use cis490::labels::{self, Phase};
+use cis490::trace::{self, TraceConfig};
+use cis490::Error;
+
+#[derive(Parser)]
+#[command(
+    name = "cis490",
+    version,
+    about = "Low-overhead tracer for one QEMU process"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Capture one episode of a QEMU process. The last line on stdout is the episode path.
+    Trace(TraceArgs),
+    /// Send a phase transition to a running capture.
+    Mark {
+        /// The episode directory of the running capture.
+        episode_dir: PathBuf,
+        #[arg(long, value_enum)]
+        phase: Phase,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct TraceArgs {
+    /// Process id of the QEMU process to trace.
+    #[arg(long)]
+    qemu_pid: u32,
+    /// Seconds to capture; absent: until the target exits or SIGINT/SIGTERM.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Host sampling rate, 1..=1000 Hz.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    rate_hz: u32,
+    /// Where episodes are written (`<DIR>/episodes/<id>/`).
+    #[arg(long, default_value = "./data")]
+    data_root: PathBuf,
+    /// Use this ULID as the episode id; an existing id is refused.
+    #[arg(long)]
+    episode_id: Option<String>,
+    /// Host backend: auto tries BPF and falls back to /proc.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// JSON object with image_name, image_sha256, snapshot_name, exploit, sample
+    /// (and optionally baseline_seconds, infected_seconds, dormant_seconds) for meta.json.
+    #[arg(long)]
+    meta: Option<PathBuf>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number of seconds: {e}"))?;
+    if !(secs.is_finite() && secs > 0.0 && secs < 1e9) {
+        return Err(format!("{s:?} must be a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CIS490_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cis490: error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, Error> {
+    match cli.command {
+        Command::Trace(args) => cmd_trace(args),
+        Command::Mark {
+            episode_dir,
+            phase,
+            reason,
+        } => {
+            let reply = labels::send_mark(&episode_dir, phase, reason)?;
+            if reply.ok {
+                println!(
+                    "{} -> {} at t_mono_ns={}",
+                    reply.prev.as_deref().unwrap_or("-"),
+                    phase.as_str(),
+                    reply.t_mono_ns.unwrap_or_default()
+                );
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Err(Error::Usage(format!(
+                    "refused: {}",
+                    reply.error.unwrap_or_default()
+                )))
+            }
+        }
+    }
+}
+
+fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
+    let user_meta = match &args.meta {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Error::Usage(format!("--meta {}: {e}", path.display())))?;
+            UserMeta::parse(&text)
+                .map_err(|e| Error::Usage(format!("--meta {}: {e}", path.display())))?
+        }
+        None => UserMeta::default(),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| Error::io("installing signal handler", e))?;
+    }
+    let cfg = TraceConfig {
+        pid: args.qemu_pid,
+        duration: args.duration,
+        rate_hz: args.rate_hz,
+        data_root: args.data_root,
+        episode_id: args.episode_id,
+        backend: args.backend,
+        user_meta,
+    };
+    let result = trace::run(cfg, stop)?;
+    let code = match &result.error {
+        Some(e) => {
+            eprintln!("cis490: error: episode ended early: {e}");
+            ExitCode::from(1)
+        }
+        None => ExitCode::SUCCESS,
+    };
+    tracing::info!(end_reason = result.end_reason.as_str(), "episode closed");
+    println!("{}", result.dir.display());
+    Ok(code)
+}

@@ -1,0 +1,286 @@
+//! `cis490 trace`: open the target, pick the backend, create the episode, run the
+//! sampler on its own thread, and close the episode whatever ended it.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::backend::{self, BackendChoice};
+use crate::clock::EpisodeClock;
+use crate::collector::{BackgroundSource, VcpuMap};
+use crate::episode::meta::{
+    BackendMeta, ClockMeta, HostFingerprint, Meta, ResultMeta, Schedule, Tool, UserMeta, Vm,
+    SCHEMA_VERSION,
+};
+use crate::episode::{self, EventLog};
+use crate::error::Error;
+use crate::labels::{ControlServer, Labels};
+use crate::sampler::{EndReason, Sampler, Slot};
+use crate::target::Target;
+
+#[derive(Debug, Clone)]
+pub struct TraceConfig {
+    pub pid: u32,
+    pub duration: Option<Duration>,
+    pub rate_hz: u32,
+    pub data_root: PathBuf,
+    pub episode_id: Option<String>,
+    pub backend: BackendChoice,
+    pub user_meta: UserMeta,
+}
+
+pub struct TraceResult {
+    pub dir: PathBuf,
+    pub end_reason: EndReason,
+    /// Set when the episode ended as `error` (the process then exits non-zero).
+    pub error: Option<Error>,
+}
+
+pub fn rfc3339_from_ns(ns: u64) -> String {
+    let secs = (ns / 1_000_000_000) as i64;
+    let nanos = (ns % 1_000_000_000) as u32;
+    chrono::DateTime::from_timestamp(secs, nanos)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+        .unwrap_or_default()
+}
+
+fn read_trimmed(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn host_fingerprint() -> HostFingerprint {
+    HostFingerprint {
+        hostname: read_trimmed("/proc/sys/kernel/hostname"),
+        kernel: read_trimmed("/proc/sys/kernel/osrelease"),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        qemu_version: None,
+    }
+}
+
+pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error> {
+    // Everything that can be refused is checked before the episode directory exists, so a
+    // bad pid, id or backend leaves nothing behind.
+    let id = match &cfg.episode_id {
+        Some(s) => ulid::Ulid::from_string(s)
+            .map_err(|e| Error::Usage(format!("--episode-id {s:?} is not a ULID: {e}")))?
+            .to_string(),
+        None => ulid::Ulid::new().to_string(),
+    };
+    let target = Target::open(cfg.pid)?;
+    let vcpus = VcpuMap::default();
+    let selected = backend::select(cfg.backend, cfg.pid, &vcpus)?;
+    let dir = episode::create_dir(&cfg.data_root, &id)?;
+
+    let clock = EpisodeClock::start();
+    let interval_ns = 1_000_000_000 / u64::from(cfg.rate_hz);
+    let um = &cfg.user_meta;
+    let mut meta = Meta {
+        episode_id: id.clone(),
+        schema_version: SCHEMA_VERSION,
+        tool: Tool {
+            name: "cis490".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
+        started_at_wall: rfc3339_from_ns(clock.wall_origin_ns),
+        ended_at_wall: None,
+        clock: ClockMeta {
+            mono_origin_ns: clock.mono_origin_ns,
+            wall_origin_ns: clock.wall_origin_ns,
+        },
+        host_fingerprint: host_fingerprint(),
+        vm: Vm {
+            target_pid: cfg.pid,
+            qemu_cmdline: target.cmdline(),
+            vcpus: None,
+            ram_mib: None,
+            vcpu_threads: Vec::new(),
+            image_name: um.image_name.clone(),
+            image_sha256: um.image_sha256.clone(),
+            snapshot_name: um.snapshot_name.clone(),
+        },
+        exploit: um.exploit.clone(),
+        sample: um.sample.clone(),
+        schedule: Schedule {
+            interval_ns,
+            rate_hz: cfg.rate_hz,
+            baseline_seconds: um.baseline_seconds,
+            infected_seconds: um.infected_seconds,
+            dormant_seconds: um.dormant_seconds,
+        },
+        backend: BackendMeta {
+            requested: cfg.backend.as_str().into(),
+            used: selected.used.into(),
+            fallback_reason: selected.fallback_reason.clone(),
+        },
+        sources: Vec::new(),
+        result: None,
+    };
+    // The first write into the new directory doubles as the writability check: it
+    // happens before any sampling.
+    if let Err(e) = episode::write_json_atomic(&dir, episode::META, &meta) {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(Error::Usage(format!(
+            "data root {} is not writable: {e}",
+            cfg.data_root.display()
+        )));
+    }
+    let events = EventLog::create(&dir, clock)?;
+    events.emit(
+        "episode_start",
+        json!({"episode_id": id, "target_pid": cfg.pid, "rate_hz": cfg.rate_hz}),
+    );
+    events.emit(
+        "backend_selected",
+        json!({"requested": cfg.backend.as_str(), "used": selected.used, "reason": selected.reason,
+               "fallback_reason": selected.fallback_reason}),
+    );
+    if let Some(why) = &selected.fallback_reason {
+        tracing::warn!("BPF unavailable ({why}); falling back to /proc");
+    }
+    let labels = Arc::new(Mutex::new(Labels::create(&dir, clock)?));
+    let control = ControlServer::start(&dir, labels.clone(), events.clone())?;
+
+    let mut slots = Vec::new();
+    for c in selected.collectors {
+        events.emit("source_started", json!({"source": c.source()}));
+        slots.push(Slot::new(c, &dir)?);
+    }
+
+    // Sources on their own threads (QMP, guest agent) start here; they share the clock
+    // and event log but never the sampler's thread.
+    let background: Vec<Box<dyn BackgroundSource>> = Vec::new();
+
+    let mut sampler = Sampler {
+        interval_ns,
+        duration_ns: cfg.duration.map(|d| d.as_nanos() as u64),
+        clock,
+        slots,
+        events: events.clone(),
+        stop,
+        target,
+    };
+    tracing::info!(episode = %dir.display(), rate_hz = cfg.rate_hz, backend = selected.used, "capture started");
+    let handle = std::thread::Builder::new()
+        .name("cis490-sampler".into())
+        .spawn(move || {
+            let outcome = sampler.run();
+            (sampler, outcome)
+        })
+        .map_err(|e| Error::io("spawning sampler thread", e))?;
+    let (sampler, outcome) = handle
+        .join()
+        .map_err(|_| Error::Other("sampler thread panicked".into()))?;
+    let end_stamp = clock.stamp();
+
+    // Closing sequence.
+    for slot in &sampler.slots {
+        events.emit(
+            "source_stopped",
+            json!({"source": slot.collector.source(), "rows": slot.rows}),
+        );
+    }
+    let pid_alive_at_end = sampler.target.alive();
+    let (mut sources, mut stats, mut close_err) = Sampler::close_streams(sampler.slots);
+    for b in background {
+        events.emit("source_stopped", json!({"source": b.source()}));
+        let (source_meta, file_stats) = b.finish();
+        match file_stats {
+            Ok(s) => stats.push(s),
+            Err(e) => {
+                // Listed anyway; the manifest is then rebuilt from what is on disk.
+                stats.push(crate::jsonl::FileStats {
+                    name: source_meta.file.clone(),
+                    bytes: 0,
+                    lines: 0,
+                    sha256: String::new(),
+                });
+                close_err.get_or_insert(e);
+            }
+        }
+        sources.push(source_meta);
+    }
+    control.stop();
+    let labels = Arc::try_unwrap(labels)
+        .map_err(|_| Error::Other("labels still shared after the control server stopped".into()))?
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
+    let phases_observed = labels.observed();
+    let labels_close = labels.close();
+
+    let mut error = outcome.error.or(close_err);
+    match labels_close {
+        Ok(s) => stats.push(s),
+        Err(e) => {
+            stats.push(crate::jsonl::FileStats {
+                name: episode::LABELS.into(),
+                bytes: 0,
+                lines: 0,
+                sha256: String::new(),
+            });
+            error.get_or_insert(e);
+        }
+    }
+    let end_reason = if error.is_some() {
+        EndReason::Error
+    } else {
+        outcome.end_reason
+    };
+    let mut end_fields = json!({"end_reason": end_reason.as_str()});
+    if let Some(e) = &error {
+        end_fields["error"] = e.to_string().into();
+    }
+    events.emit("episode_end", end_fields);
+    if let Some(msg) = events.failure() {
+        error.get_or_insert(Error::Other(format!("events.jsonl: {msg}")));
+    }
+    match events.close() {
+        Ok(s) => stats.push(s),
+        Err(e) => {
+            stats.push(crate::jsonl::FileStats {
+                name: episode::EVENTS.into(),
+                bytes: 0,
+                lines: 0,
+                sha256: String::new(),
+            });
+            error.get_or_insert(e);
+        }
+    }
+    let end_reason = if error.is_some() {
+        EndReason::Error
+    } else {
+        end_reason
+    };
+
+    meta.ended_at_wall = Some(rfc3339_from_ns(end_stamp.t_wall_ns));
+    meta.result = Some(ResultMeta {
+        end_reason: end_reason.as_str().into(),
+        phases_observed,
+        pid_alive_at_end,
+        duration_observed_s: end_stamp.t_mono_ns as f64 / 1e9,
+        ticks_scheduled: outcome.ticks_scheduled,
+        ticks_missed: outcome.ticks_missed,
+        rows_total: sources.iter().map(|s| s.rows).sum(),
+        error: error.as_ref().map(|e| e.to_string()),
+        extra: Default::default(),
+    });
+    meta.sources = sources;
+    let trusted = error.is_none();
+    if let Err(e) = episode::finish(&dir, &meta, stats, trusted) {
+        // Without done.marker the episode is visibly incomplete; say why.
+        let first = error.map(|x| format!("{x}; then ")).unwrap_or_default();
+        return Err(Error::Other(format!(
+            "{first}closing episode {}: {e}",
+            dir.display()
+        )));
+    }
+    Ok(TraceResult {
+        dir,
+        end_reason,
+        error,
+    })
+}
