@@ -84,7 +84,9 @@ impl Sampler {
         let mut out = TickOutput::default();
         let (end_reason, error) = loop {
             let due = seq * self.interval_ns;
-            if self.duration_ns.is_some_and(|d| due >= d) {
+            if let Some(d) = self.duration_ns.filter(|&d| due >= d) {
+                // Close at the requested duration, not at the last tick before it.
+                clock::sleep_until_mono(self.clock.mono_origin_ns + d);
                 break (EndReason::Duration, None);
             }
             // A signal interrupts the sleep only if it lands on this thread; otherwise the
