@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use cis490::backend::BackendChoice;
 use cis490::episode::meta::UserMeta;
+use cis490::jsonl::Compression;
 use cis490::labels::{self, Phase};
 use cis490::trace::{self, TraceConfig};
 use cis490::Error;
@@ -62,6 +63,10 @@ struct TraceArgs {
     /// (and optionally baseline_seconds, infected_seconds, dormant_seconds) for meta.json.
     #[arg(long)]
     meta: Option<PathBuf>,
+    /// Store telemetry streams compressed (`zstd`: telemetry-*.jsonl.zst, read directly by
+    /// DuckDB and pandas); useful for long 1 kHz captures.
+    #[arg(long, value_enum, default_value_t = Compression::None)]
+    compress: Compression,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -142,6 +147,7 @@ fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
         episode_id: args.episode_id,
         backend: args.backend,
         user_meta,
+        compression: args.compress,
     };
     let result = trace::run(cfg, stop)?;
     let code = match &result.error {

@@ -17,6 +17,7 @@ use crate::episode::meta::{
 };
 use crate::episode::{self, EventLog};
 use crate::error::Error;
+use crate::jsonl::Compression;
 use crate::labels::{ControlServer, Labels};
 use crate::sampler::{EndReason, Sampler, Slot};
 use crate::target::Target;
@@ -30,6 +31,7 @@ pub struct TraceConfig {
     pub episode_id: Option<String>,
     pub backend: BackendChoice,
     pub user_meta: UserMeta,
+    pub compression: Compression,
 }
 
 pub struct TraceResult {
@@ -148,7 +150,7 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     let mut slots = Vec::new();
     for c in selected.collectors {
         events.emit("source_started", json!({"source": c.source()}));
-        slots.push(Slot::new(c, &dir)?);
+        slots.push(Slot::new(c, &dir, cfg.compression)?);
     }
 
     // Sources on their own threads (QMP, guest agent) start here; they share the clock
@@ -266,7 +268,9 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         ticks_missed: outcome.ticks_missed,
         rows_total: sources.iter().map(|s| s.rows).sum(),
         error: error.as_ref().map(|e| e.to_string()),
-        extra: Default::default(),
+        extra: [("tick_lateness".to_owned(), outcome.lateness.summary())]
+            .into_iter()
+            .collect(),
     });
     meta.sources = sources;
     let trusted = error.is_none();

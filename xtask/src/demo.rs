@@ -12,7 +12,9 @@ use serde_json::Value;
 use crate::util::{self, root};
 
 fn target_bin(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
     target.join("debug").join(name)
 }
 
@@ -25,9 +27,20 @@ pub fn run(duration: f64) -> anyhow::Result<()> {
         .context("starting the bundled target")?;
     let mut ready = String::new();
     BufReader::new(load.stdout.take().expect("piped")).read_line(&mut ready)?;
-    eprintln!("demo target: cis490-testload pid {} (2 busy, 2 sleeping, 1 I/O thread)", load.id());
+    eprintln!(
+        "demo target: cis490-testload pid {} (2 busy, 2 sleeping, 1 I/O thread)",
+        load.id()
+    );
     let out = Command::new(target_bin("cis490"))
-        .args(["trace", "--qemu-pid", &load.id().to_string(), "--duration", &duration.to_string(), "--rate-hz", "10"])
+        .args([
+            "trace",
+            "--qemu-pid",
+            &load.id().to_string(),
+            "--duration",
+            &duration.to_string(),
+            "--rate-hz",
+            "10",
+        ])
         .current_dir(root())
         .stderr(Stdio::inherit())
         .output()
@@ -38,7 +51,13 @@ pub fn run(duration: f64) -> anyhow::Result<()> {
         bail!("cis490 trace failed: {}", out.status);
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let dir = PathBuf::from(stdout.lines().last().context("no episode path printed")?.trim());
+    let dir = PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .context("no episode path printed")?
+            .trim(),
+    );
     summary(&dir)?;
     println!("{}", dir.display());
     Ok(())
@@ -52,7 +71,10 @@ fn summary(dir: &Path) -> anyhow::Result<()> {
         "backend   {} (requested {}){}",
         meta["backend"]["used"].as_str().unwrap_or("?"),
         meta["backend"]["requested"].as_str().unwrap_or("?"),
-        meta["backend"]["fallback_reason"].as_str().map(|r| format!(", fallback: {r}")).unwrap_or_default()
+        meta["backend"]["fallback_reason"]
+            .as_str()
+            .map(|r| format!(", fallback: {r}"))
+            .unwrap_or_default()
     );
     println!(
         "ended     {} after {:.2} s; ticks {} scheduled, {} missed; phases {}",
@@ -63,20 +85,34 @@ fn summary(dir: &Path) -> anyhow::Result<()> {
         r["phases_observed"]
     );
     for s in meta["sources"].as_array().into_iter().flatten() {
-        println!("source    {:<10} {:>7} rows  {}", s["name"].as_str().unwrap_or("?"), s["rows"], s["file"].as_str().unwrap_or("?"));
+        println!(
+            "source    {:<10} {:>7} rows  {}",
+            s["name"].as_str().unwrap_or("?"),
+            s["rows"],
+            s["file"].as_str().unwrap_or("?")
+        );
     }
     // Per-thread on-CPU time over the capture, from whichever host stream exists.
     for file in ["telemetry-bpf-sched.jsonl", "telemetry-proc.jsonl"] {
-        let Ok(text) = std::fs::read_to_string(dir.join(file)) else { continue };
+        let Ok(text) = std::fs::read_to_string(dir.join(file)) else {
+            continue;
+        };
         let mut first_last: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         for line in text.lines() {
-            let Ok(row) = serde_json::from_str::<Value>(line) else { continue };
-            let Some(ns) = row["on_cpu_ns"].as_u64() else { continue };
+            let Ok(row) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            let Some(ns) = row["on_cpu_ns"].as_u64() else {
+                continue;
+            };
             let who = match row["tid"].as_u64() {
                 Some(tid) => format!("{tid:>7} {}", row["comm"].as_str().unwrap_or("")),
                 None => "  total (process)".into(),
             };
-            first_last.entry(who).and_modify(|e| e.1 = ns).or_insert((ns, ns));
+            first_last
+                .entry(who)
+                .and_modify(|e| e.1 = ns)
+                .or_insert((ns, ns));
         }
         println!("on-CPU time during the capture ({file}):");
         for (who, (a, b)) in first_last {
