@@ -2,8 +2,12 @@
 //! and the benchmarks. It mimics the shape of a QEMU process: a few busy "vCPU" threads,
 //! threads that block and wake often (I/O or timer threads), optional syscall I/O.
 //!
-//! usage: cis490-testload [--spin N] [--switch N] [--io N] [--spawn-after S]
-//!                        [--exit-after S] [--name-prefix P]
+//! usage: cis490-testload [--spin N] [--switch N] [--io N] [--pingpong N] [--iobusy N]
+//!                        [--spawn-after S] [--exit-after S] [--name-prefix P]
+//!
+//! --pingpong N: N pairs of threads bouncing one byte over pipes (context-switch heavy)
+//! --iobusy N:   N threads doing write(2)/pread(2) back to back (syscall-I/O heavy)
+//! At exit (--exit-after) it prints `WORK <units>`: the benchmarks' throughput figure.
 //! Prints `READY <pid>` on stdout once every thread runs.
 
 use std::io::Write;
@@ -15,6 +19,8 @@ struct Args {
     spin: usize,
     switch: usize,
     io: usize,
+    pingpong: usize,
+    iobusy: usize,
     spawn_after: Option<f64>,
     exit_after: Option<f64>,
     prefix: String,
@@ -25,6 +31,8 @@ fn parse_args() -> Result<Args, String> {
         spin: 2,
         switch: 2,
         io: 0,
+        pingpong: 0,
+        iobusy: 0,
         spawn_after: None,
         exit_after: None,
         prefix: String::new(),
@@ -36,6 +44,10 @@ fn parse_args() -> Result<Args, String> {
             "--spin" => a.spin = value()?.parse().map_err(|e| format!("--spin: {e}"))?,
             "--switch" => a.switch = value()?.parse().map_err(|e| format!("--switch: {e}"))?,
             "--io" => a.io = value()?.parse().map_err(|e| format!("--io: {e}"))?,
+            "--pingpong" => {
+                a.pingpong = value()?.parse().map_err(|e| format!("--pingpong: {e}"))?
+            }
+            "--iobusy" => a.iobusy = value()?.parse().map_err(|e| format!("--iobusy: {e}"))?,
             "--spawn-after" => {
                 a.spawn_after = Some(
                     value()?
@@ -73,8 +85,70 @@ fn switch(stop: Arc<AtomicBool>, work: Arc<AtomicU64>) {
     }
 }
 
-/// A thread doing small write(2)/pread(2) calls on a temp file (unlinked at once).
+/// A thread doing small write(2)/pread(2) calls on a temp file (unlinked at once),
+/// pausing 200 µs between calls.
 fn io(stop: Arc<AtomicBool>, work: Arc<AtomicU64>) {
+    io_loop(stop, work, Some(Duration::from_micros(200)));
+}
+
+/// The same calls back to back.
+fn iobusy(stop: Arc<AtomicBool>, work: Arc<AtomicU64>) {
+    io_loop(stop, work, None);
+}
+
+/// One side of a ping-pong pair: read a byte, write it back. Every round trip is two
+/// context switches on each side.
+fn pingpong_pair(
+    name: String,
+    stop: &Arc<AtomicBool>,
+    work: &Arc<AtomicU64>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0i32; 4];
+    // SAFETY: pipe(2) fills two fds per call; each becomes owned below.
+    unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+        assert_eq!(libc::pipe(fds.as_mut_ptr().add(2)), 0);
+    }
+    // SAFETY: each fd was just returned by pipe(2) and is owned exactly once.
+    let own = |fd: i32| std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let (a_read, b_write, b_read, a_write) = (own(fds[0]), own(fds[1]), own(fds[2]), own(fds[3]));
+    let side = |mut rx: std::fs::File,
+                mut tx: std::fs::File,
+                serve: bool,
+                stop: Arc<AtomicBool>,
+                work: Arc<AtomicU64>| {
+        move || {
+            use std::io::Read;
+            let mut b = [0u8; 1];
+            if !serve && tx.write_all(&b).is_err() {
+                return;
+            }
+            while !stop.load(Ordering::Relaxed) {
+                if rx.read_exact(&mut b).is_err() || tx.write_all(&b).is_err() {
+                    return;
+                }
+                if serve {
+                    work.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    };
+    let ping = side(a_read, a_write, false, stop.clone(), work.clone());
+    let pong = side(b_read, b_write, true, stop.clone(), work.clone());
+    vec![
+        std::thread::Builder::new()
+            .name(format!("{name}-a"))
+            .spawn(ping)
+            .expect("spawn"),
+        std::thread::Builder::new()
+            .name(format!("{name}-b"))
+            .spawn(pong)
+            .expect("spawn"),
+    ]
+}
+
+fn io_loop(stop: Arc<AtomicBool>, work: Arc<AtomicU64>, pause: Option<Duration>) {
     use std::os::unix::fs::FileExt;
     let path = std::env::temp_dir().join(format!(
         "cis490-testload-{}-{:?}",
@@ -105,7 +179,9 @@ fn io(stop: Arc<AtomicBool>, work: Arc<AtomicU64>) {
             let _ = std::io::Seek::rewind(&mut f);
         }
         work.fetch_add(1, Ordering::Relaxed);
-        std::thread::sleep(Duration::from_micros(200));
+        if let Some(p) = pause {
+            std::thread::sleep(p);
+        }
     }
 }
 
@@ -152,6 +228,18 @@ fn main() {
     for i in 0..args.io {
         handles.push(start(format!("{}io-{i}", args.prefix), io, &stop, &work));
     }
+    for i in 0..args.iobusy {
+        handles.push(start(
+            format!("{}iobusy-{i}", args.prefix),
+            iobusy,
+            &stop,
+            &work,
+        ));
+    }
+    let mut pingpong_handles = Vec::new();
+    for i in 0..args.pingpong {
+        pingpong_handles.extend(pingpong_pair(format!("{}pp{i}", args.prefix), &stop, &work));
+    }
     println!("READY {}", std::process::id());
     let _ = std::io::stdout().flush();
     let started = Instant::now();
@@ -168,8 +256,11 @@ fn main() {
         }
     }
     stop.store(true, Ordering::Relaxed);
+    // Read the figure before joining: ping-pong threads may sit in a blocking read.
+    println!("WORK {}", work.load(Ordering::Relaxed));
+    let _ = std::io::stdout().flush();
     for h in handles {
         let _ = h.join();
     }
-    println!("WORK {}", work.load(Ordering::Relaxed));
+    drop(pingpong_handles);
 }
