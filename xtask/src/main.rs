@@ -4,6 +4,7 @@
 //! demo   traces a bundled target for a few seconds and prints the episode and a summary
 //! test   builds everything and runs the whole test suite (what CI runs)
 
+mod bench;
 mod demo;
 mod setup;
 mod util;
@@ -27,6 +28,12 @@ enum Command {
         #[arg(long, default_value_t = 5.0)]
         duration: f64,
     },
+    /// Measure overhead, timing and cost side by side; writes BENCHMARKS.md.
+    Bench {
+        /// Shorter runs (fewer rounds, 10 s timing) for a quick look.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Set up, build, and run every test (the command CI runs).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -41,6 +48,10 @@ fn main() -> anyhow::Result<()> {
         Command::Demo { duration } => {
             setup::all()?;
             demo::run(duration)
+        }
+        Command::Bench { quick } => {
+            setup::all()?;
+            bench::run(quick)
         }
         Command::Test { cargo_test_args } => {
             setup::all()?;

@@ -53,28 +53,6 @@ pub fn create_dir(data_root: &Path, id: &str) -> Result<PathBuf, Error> {
     Ok(fs::canonicalize(&dir).unwrap_or(dir))
 }
 
-/// Fail early, before any sampling, when the data root cannot take files.
-pub fn check_writable(data_root: &Path) -> Result<(), Error> {
-    let episodes = data_root.join("episodes");
-    fs::create_dir_all(&episodes).map_err(|e| {
-        Error::Usage(format!(
-            "data root {} is not writable: {e}",
-            data_root.display()
-        ))
-    })?;
-    let probe = episodes.join(format!(".write-probe-{}", std::process::id()));
-    File::create(&probe)
-        .and_then(|mut f| f.write_all(b"probe"))
-        .map_err(|e| {
-            Error::Usage(format!(
-                "data root {} is not writable: {e}",
-                data_root.display()
-            ))
-        })?;
-    let _ = fs::remove_file(probe);
-    Ok(())
-}
-
 /// Write `value` as pretty JSON to `dir/name` atomically: temp file, fsync, rename, fsync dir.
 pub fn write_json_atomic<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), Error> {
     let tmp = dir.join(format!(".{name}.tmp"));
