@@ -244,7 +244,8 @@ pub fn run_until(
             let width = terminal_width().saturating_sub(1);
             let text: String = text.chars().take(width).collect();
             let _ = write!(stderr.lock(), "\r\x1b[2K{text}");
-            next += Duration::from_millis(500);
+            // After a stall, redraw once rather than catching up.
+            next = Instant::now() + Duration::from_millis(500);
         }
         std::thread::sleep(Duration::from_millis(50));
     }

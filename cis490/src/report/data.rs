@@ -378,6 +378,34 @@ pub fn event_mark(obj: &Map<String, Value>) -> Option<EventMark> {
     Some(EventMark { t_s, kind, label })
 }
 
+/// Marks of one kind at the same millisecond become one mark ("gap proc,qmp,net"), so
+/// the per-source gap events of one missed tick read as one label.
+pub fn merge_marks(marks: Vec<EventMark>) -> Vec<EventMark> {
+    let mut out: Vec<EventMark> = Vec::new();
+    for m in marks {
+        if let Some(prev) = out
+            .iter_mut()
+            .rev()
+            .take(8)
+            .find(|p| p.kind == m.kind && (p.t_s - m.t_s).abs() < 1e-3)
+        {
+            let (head, tail) = m.label.split_once(' ').unwrap_or((&m.label, ""));
+            if prev.label.starts_with(head) && !tail.is_empty() {
+                if !prev.label.split([' ', ',']).any(|x| x == tail) {
+                    prev.label.push(',');
+                    prev.label.push_str(tail);
+                }
+                continue;
+            }
+            if prev.label == m.label {
+                continue;
+            }
+        }
+        out.push(m);
+    }
+    out
+}
+
 /// Mean and 95th percentile (nearest rank) of values.
 pub fn mean_p95(values: &mut [f64]) -> Option<(f64, f64)> {
     if values.is_empty() {
@@ -488,6 +516,18 @@ mod tests {
             .unwrap();
         assert_eq!(q.label, "RESUME");
         assert!(ev(serde_json::json!({"t_mono_ns": 1, "event": "source_started"})).is_none());
+        let g = |t: f64, label: &str| EventMark {
+            t_s: t,
+            kind: MarkKind::Gap,
+            label: label.into(),
+        };
+        let merged = merge_marks(vec![
+            g(1.0, "gap proc"),
+            g(1.0, "gap qmp"),
+            g(1.0, "gap qmp"),
+            g(2.0, "gap proc"),
+        ]);
+        assert_eq!(merged, vec![g(1.0, "gap proc,qmp"), g(2.0, "gap proc")]);
         let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
         assert_eq!(mean_p95(&mut v), Some((50.5, 95.0)));
         assert_eq!(mean_p95(&mut []), None);

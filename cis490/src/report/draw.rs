@@ -113,7 +113,8 @@ fn draw_panel<DB: DrawingBackend>(
         .x_labels(12)
         .y_label_formatter(&|v| si(*v))
         .x_label_formatter(&|v| format!("{v:.1}"))
-        .light_line_style(RGBColor(235, 235, 235))
+        .light_line_style(WHITE.mix(0.0))
+        .bold_line_style(RGBColor(225, 225, 225))
         .label_style((FAMILY, 11));
     if bottom {
         mesh.x_desc("time since episode start (s)");
@@ -134,13 +135,16 @@ fn draw_panel<DB: DrawingBackend>(
             (FAMILY, 12).into_font().color(&phase_color(&b.phase)),
         )
     }))?;
+    // With many markers only the rare kinds get a text label.
+    let crowded = model.marks.len() > 40;
     for m in &model.marks {
         let c = mark_color(m.kind);
+        let labelled = !crowded || matches!(m.kind, MarkKind::Qmp | MarkKind::Lifecycle);
         chart.draw_series(std::iter::once(PathElement::new(
             vec![(m.t_s, 0.0), (m.t_s, ymax)],
             c.mix(0.7).stroke_width(1),
         )))?;
-        if top {
+        if top && labelled {
             chart.draw_series(std::iter::once(Text::new(
                 m.label.clone(),
                 (m.t_s + model.end_s * 0.002, ymax * 0.86),

@@ -188,7 +188,7 @@ pub fn load(dir: &Path) -> Result<Model, Error> {
         end_s,
         panels,
         bands: data::phase_bands(&labels, end_s),
-        marks,
+        marks: data::merge_marks(marks),
     })
 }
 
