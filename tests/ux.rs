@@ -490,6 +490,7 @@ fn rich_episode(root: &Path) -> PathBuf {
     let mut qmp_rows = Vec::new();
     let mut agent_rows = Vec::new();
     let mut net_rows = Vec::new();
+    let mut gu = 0u64;
     let (mut v0, mut v1, mut other, mut rd, mut wr, mut ex0, mut ex1, mut rx, mut tx) =
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     for i in 0..ticks {
@@ -507,6 +508,7 @@ fn rich_episode(root: &Path) -> PathBuf {
         ex0 += 1000 * (p + 1);
         ex1 += 500;
         rx += 10_000 * (p + 1);
+        gu += sec / 20 * (p + 1);
         tx += 2_000;
         for (tid, vcpu, comm, on) in [
             (101, json!(0), "CPU 0/KVM", v0),
@@ -523,21 +525,32 @@ fn rich_episode(root: &Path) -> PathBuf {
             "available_in_deployment": false, "seq": i, "tid": null, "comm": "qemu", "vcpu": null,
             "on_cpu_ns": v0 + v1 + other, "read_bytes": rd, "write_bytes": wr, "rchar": rd, "wchar": wr,
             "vsize_bytes": 123_456_789}));
+        // As the QMP collector writes them: a `vm` row, then one `vcpu` row per vCPU with
+        // the vCPU thread's tid and index and `<provider>_<stat>` columns.
         qmp_rows.push(
             json!({"t_mono_ns": t + 300, "t_wall_ns": wall + t, "source": "qmp",
-            "available_in_deployment": false, "seq": i, "vcpu0_exits": ex0, "vcpu1_exits": ex1,
-            "vcpu0_halt_exits": ex0 / 2, "running": true}),
+            "available_in_deployment": false, "seq": i, "tid": null, "comm": null, "vcpu": null,
+            "kind": "vm", "status": "running"}),
         );
+        for (k, ex) in [(0u64, ex0), (1, ex1)] {
+            qmp_rows.push(
+                json!({"t_mono_ns": t + 301 + k, "t_wall_ns": wall + t, "source": "qmp",
+                "available_in_deployment": false, "seq": i, "tid": 101 + k, "comm": null, "vcpu": k,
+                "kind": "vcpu", "qom_path": format!("/machine/unattached/device[{k}]"),
+                "kvm_exits": ex, "kvm_halt_exits": ex / 2}),
+            );
+        }
         net_rows.push(
             json!({"t_mono_ns": t + 400, "t_wall_ns": wall + t, "source": "net",
-            "available_in_deployment": true, "seq": i, "iface": "tap0", "rx_bytes": rx,
+            "available_in_deployment": true, "seq": i, "ifname": "tap0", "rx_bytes": rx,
             "tx_bytes": tx, "rx_packets": rx / 100}),
         );
         if i % 5 == 0 {
             agent_rows.push(
                 json!({"t_mono_ns": t + 500, "t_wall_ns": wall + t, "source": "agent",
                 "available_in_deployment": true, "guest_seq": i / 5, "guest_mono_ns": t,
-                "guest_cpu_busy_ticks": i * 10 * (p + 1), "guest_loadavg_1m": 0.1 * p as f64,
+                "guest_cpu_user_ns": gu, "guest_cpu_idle_ns": i * sec,
+                "guest_load1": 0.1 * p as f64, "guest_loadavg": "0.00 0.00 0.00 1/56 126",
                 "guest_meminfo_avail_kb": 190_000 - 1000 * i}),
             );
         }
@@ -572,10 +585,13 @@ fn rich_episode(root: &Path) -> PathBuf {
             47 * sec / 10,
             json!({"event": "gap", "source": "net", "from_seq": 45, "to_seq": 46}),
         ),
-        ev(3 * sec, json!({"event": "STOP"})),
+        ev(
+            3 * sec,
+            json!({"event": "qmp_event", "source": "qmp", "qmp_event": "STOP", "data": {}}),
+        ),
         ev(
             33 * sec / 10,
-            json!({"event": "qmp_event", "name": "RESUME"}),
+            json!({"event": "qmp_event", "source": "qmp", "qmp_event": "RESUME", "data": {}}),
         ),
         ev(
             7 * sec,
@@ -633,15 +649,17 @@ fn report_of_a_rich_episode() {
         "dormant",
         "STOP",
         "RESUME",
-        "gap proc",
+        "gap proc,qmp,net",
         "error agent",
         "vCPU 0",
         "vCPU 1",
         "other threads",
-        "vcpu0_exits",
+        "vcpu0 kvm_exits",
+        "vcpu1 kvm_exits",
         "tap0 rx_bytes",
         "guest_meminfo_avail_kb",
-        "guest_cpu_busy_ticks",
+        "guest_cpu_user_ns",
+        "guest_load1",
         "Network (net)",
         "KVM exits (qmp)",
     ] {
@@ -650,8 +668,10 @@ fn report_of_a_rich_episode() {
             "SVG lacks {needle}: {texts:?}"
         );
     }
-    // vcpu0_halt_exits is a per-reason counter: the plain totals win.
-    assert!(!texts.iter().any(|t| t == "vcpu0_halt_exits"));
+    // kvm_halt_exits is a per-reason counter: the plain totals win; guest idle is left out.
+    assert!(!texts
+        .iter()
+        .any(|t| t.ends_with("halt_exits") || t == "guest_cpu_idle_ns"));
     // The table: every phase, with its duration; vCPU 0 runs at 0.1 × (phase index + 1)
     // cores, so 0.400 in infected_running; vcpu0 exits at 1000 × 4 per 0.1 s.
     let row = |phase: &str, stream: &str| -> String {
@@ -671,10 +691,14 @@ fn report_of_a_rich_episode() {
     }
     let r = row("infected_running", "cpu: vCPU 0 [cores]");
     assert!(r.contains("0.400"), "{r}");
-    let r = row("infected_running", "kvm: vcpu0_exits [exits/s]");
+    let r = row("infected_running", "kvm: vcpu0 kvm_exits [exits/s]");
     assert!(r.contains("40.00k"), "{r}");
     let r = row("clean", "net: tap0 tx_bytes [bytes/s]");
     assert!(r.contains("20.00k"), "{r}");
+    // guest_cpu_user_ns grows by 0.05 s × (phase + 1) per 0.1 s of host time: 0.5 cores
+    // in clean; the first agent row of a phase still carries the rate of the one before.
+    let r = row("armed", "guest-cpu: guest_cpu_user_ns");
+    assert!(r.contains("1.000"), "{r}");
     assert!(
         out.lines()
             .any(|l| l.starts_with("clean") && l.contains(" 1.95 ")),

@@ -99,7 +99,7 @@ pub fn for_each_object(path: &Path, mut f: impl FnMut(&Map<String, Value>)) -> R
 /// Keep the numeric fields `keep` selects.
 pub fn sample_of(obj: &Map<String, Value>, keep: impl Fn(&str) -> bool) -> Option<Sample> {
     let t_ns = obj.get("t_mono_ns")?.as_u64()?;
-    let instance = ["iface", "interface", "ifname", "dev", "device"]
+    let instance = ["ifname", "iface", "interface", "dev", "device", "qom_path"]
         .iter()
         .find_map(|k| obj.get(*k).and_then(Value::as_str))
         .map(str::to_owned);
@@ -224,28 +224,28 @@ pub fn cpu_panel(rows: &[Sample], interval_ns: u64, source: &str) -> Panel {
     }
 }
 
-/// Rates of the selected counter fields of process-level rows (tid null or absent), one
-/// line per field and instance (e.g. per interface).
+/// Rates of the selected counter fields, one line per field and instance (vCPU, else
+/// interface or QOM path). `process_only` keeps only process-level rows (tid null or
+/// absent), for sources that also write per-thread rows.
 pub fn counter_panel(
     rows: &[Sample],
     short: &str,
     title: String,
     unit: &str,
+    process_only: bool,
     field_ok: impl Fn(&str) -> bool,
 ) -> Panel {
     let mut per: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
-    for s in rows.iter().filter(|s| s.tid.is_none()) {
+    for s in rows.iter().filter(|s| !process_only || s.tid.is_none()) {
         for (k, v) in &s.fields {
             if !field_ok(k) {
                 continue;
             }
-            let mut name = k.clone();
-            if let Some(i) = &s.instance {
-                name = format!("{i} {name}");
-            }
-            if let Some(c) = s.vcpu {
-                name = format!("vcpu{c} {name}");
-            }
+            let name = match (s.vcpu, &s.instance) {
+                (Some(c), _) => format!("vcpu{c} {k}"),
+                (None, Some(i)) => format!("{i} {k}"),
+                (None, None) => k.clone(),
+            };
             per.entry(name).or_default().push((s.t_ns, *v));
         }
     }
@@ -322,8 +322,12 @@ pub fn is_counter_name(name: &str) -> bool {
     .any(|u| name.ends_with(u))
 }
 
+/// Guest CPU fields: the agent's cumulative `guest_cpu_<mode>_ns` (idle left out: it
+/// would dwarf the rest) and load averages.
 pub fn is_guest_cpu(name: &str) -> bool {
-    name.starts_with("guest_") && (name.contains("cpu") || name.contains("load"))
+    name.starts_with("guest_")
+        && (name.contains("cpu") || name.contains("load"))
+        && !name.contains("idle")
 }
 
 pub fn is_guest_mem(name: &str) -> bool {
@@ -366,11 +370,12 @@ pub fn event_mark(obj: &Map<String, Value>) -> Option<EventMark> {
         "target_exit" | "signal" => (MarkKind::Lifecycle, event.to_owned()),
         e if is_qmp_name(e) => (MarkKind::Qmp, e.to_owned()),
         e if e.starts_with("qmp") => {
-            // e.g. {"event":"qmp_event","name":"STOP"}: the QMP name is an upper-case value.
-            let name = obj
-                .values()
-                .filter_map(Value::as_str)
-                .find(|s| is_qmp_name(s))?;
+            // {"event":"qmp_event","qmp_event":"STOP",...}; else any upper-case value.
+            let name = obj.get("qmp_event").and_then(Value::as_str).or_else(|| {
+                obj.values()
+                    .filter_map(Value::as_str)
+                    .find(|s| is_qmp_name(s))
+            })?;
             (MarkKind::Qmp, name.to_owned())
         }
         _ => return None,
@@ -481,6 +486,7 @@ mod tests {
     fn guest_field_classes() {
         assert!(is_guest_cpu("guest_cpu_user_ticks") && is_counter_name("guest_cpu_user_ticks"));
         assert!(is_guest_cpu("guest_loadavg_1m"));
+        assert!(!is_guest_cpu("guest_cpu_idle_ns"));
         assert!(is_guest_mem("guest_meminfo_avail_kb"));
         assert!(!is_guest_mem("guest_cpu_kb") && !is_guest_mem("meminfo_kb"));
     }

@@ -82,6 +82,7 @@ pub fn load(dir: &Path) -> Result<Model, Error> {
             "io",
             "I/O (bpf-io)".into(),
             "bytes/s",
+            true,
             |k| k.ends_with("_bytes"),
         ));
     } else if file("proc").exists() {
@@ -92,6 +93,7 @@ pub fn load(dir: &Path) -> Result<Model, Error> {
             "io",
             "I/O of the process (proc; guest reads through the host cache show in rchar)".into(),
             "bytes/s",
+            true,
             |k| PROC_IO.contains(&k),
         ));
     }
@@ -103,6 +105,7 @@ pub fn load(dir: &Path) -> Result<Model, Error> {
             "net",
             "Network (net)".into(),
             "bytes/s",
+            true,
             |k| k.ends_with("_bytes"),
         ));
     }
@@ -117,12 +120,13 @@ pub fn load(dir: &Path) -> Result<Model, Error> {
         names.dedup();
         let cols = data::exit_columns(&names);
         if !cols.is_empty() {
-            // QMP rows have no tid: every row is process level.
+            // Per-vCPU rows carry the vCPU thread's tid: keep them.
             panels.push(data::counter_panel(
                 &rows,
                 "kvm",
                 "KVM exits (qmp)".into(),
                 "exits/s",
+                false,
                 |k| cols.iter().any(|c| c == k),
             ));
         }
@@ -135,10 +139,16 @@ pub fn load(dir: &Path) -> Result<Model, Error> {
         let mut cpu = data::counter_panel(
             &rows,
             "guest-cpu",
-            "Guest CPU (agent)".into(),
-            "per s / value",
+            "Guest CPU (agent; cumulative _ns as cores, idle left out)".into(),
+            "cores / load / per s",
+            true,
             |k| data::is_guest_cpu(k) && data::is_counter_name(k),
         );
+        for s in &mut cpu.series {
+            if s.name.ends_with("_ns") {
+                s.points.iter_mut().for_each(|p| p.1 /= 1e9);
+            }
+        }
         let gauges = data::gauge_panel(&rows, "", String::new(), "", |k| {
             data::is_guest_cpu(k) && !data::is_counter_name(k)
         });
