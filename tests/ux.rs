@@ -317,6 +317,7 @@ fn several_dirs_exit_nonzero_if_any_fails() {
     assert!(!o.status.success(), "{out}");
     assert!(out.contains("PASS"), "{out}");
     assert!(out.contains("meta.json: missing"), "{out}");
+    assert!(out.contains("bad: FAIL"), "{out}");
 }
 
 /// A capture killed with SIGKILL: no done.marker; validate says INCOMPLETE (and finds a

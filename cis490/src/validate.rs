@@ -73,11 +73,15 @@ impl Verdict {
 pub struct EpisodeReport {
     pub problems: Vec<Problem>,
     pub complete: bool,
+    /// No readable directory or no meta.json: not an episode at all (FAIL, not INCOMPLETE).
+    pub not_an_episode: bool,
 }
 
 impl EpisodeReport {
     pub fn verdict(&self) -> Verdict {
-        if !self.complete {
+        if self.not_an_episode {
+            Verdict::Fail
+        } else if !self.complete {
             Verdict::Incomplete
         } else if self.problems.is_empty() {
             Verdict::Pass
@@ -874,6 +878,7 @@ pub fn validate_dir(dir: &Path) -> EpisodeReport {
             return EpisodeReport {
                 problems,
                 complete: false,
+                not_an_episode: true,
             };
         }
     };
@@ -988,7 +993,11 @@ pub fn validate_dir(dir: &Path) -> EpisodeReport {
             "missing although done.marker exists",
         ));
     }
-    EpisodeReport { problems, complete }
+    EpisodeReport {
+        problems,
+        complete,
+        not_an_episode: meta.is_none(),
+    }
 }
 
 #[cfg(test)]

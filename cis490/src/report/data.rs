@@ -152,8 +152,9 @@ fn tick_of(s: &Sample, interval_ns: u64) -> u64 {
 /// CPU panel: on-CPU seconds per second (cores) per vCPU thread, for the other threads
 /// together, and the process total when the source writes a total row.
 pub fn cpu_panel(rows: &[Sample], interval_ns: u64, source: &str) -> Panel {
-    // (group, tid) -> [(tick, t, on_cpu_ns)]
-    let mut per_thread: BTreeMap<(String, u64), Vec<(u64, u64, f64)>> = BTreeMap::new();
+    /// (tick, t_ns, on_cpu_ns) of one thread.
+    type ThreadPoints = Vec<(u64, u64, f64)>;
+    let mut per_thread: BTreeMap<(String, u64), ThreadPoints> = BTreeMap::new();
     let mut total: Vec<(u64, f64)> = Vec::new();
     for s in rows {
         let Some(v) = s
