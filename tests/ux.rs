@@ -242,6 +242,70 @@ fn a_flipped_byte_in_any_file_fails() {
 }
 
 #[test]
+fn a_flipped_byte_in_the_manifest_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_episode(tmp.path());
+    let f = dir.join("manifest.json");
+    let mut data = std::fs::read(&f).unwrap();
+    let i = (data.len() / 2..data.len())
+        .find(|&i| data[i].is_ascii_digit())
+        .unwrap();
+    data[i] = if data[i] == b'9' { b'1' } else { data[i] + 1 };
+    std::fs::write(&f, &data).unwrap();
+    let (ok, out) = validate(&dir);
+    assert!(!ok, "{out}");
+    assert!(out.contains(": manifest.json: "), "{out}");
+}
+
+/// `cis490 trace` under `script` (a pseudo-terminal on stderr): the status line appears;
+/// with --quiet, or with stderr a pipe, it does not.
+#[test]
+fn status_line_only_on_a_terminal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = Sleeper::start();
+    let run = |extra: &str| -> String {
+        let cmd = format!(
+            "{} trace --qemu-pid {} --duration 1.5 --backend proc --data-root {} {extra}",
+            bin().display(),
+            target.pid(),
+            tmp.path().display()
+        );
+        let log = tmp.path().join("typescript");
+        let o = Command::new("script")
+            .args(["-qe", "-c", &cmd])
+            .arg(&log)
+            .stdin(Stdio::null())
+            .output()
+            .expect("script (bsdutils)");
+        let out = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+        assert!(o.status.success(), "{out}");
+        out
+    };
+    let tty = run("");
+    assert!(tty.contains("\x1b[2K"), "{tty}");
+    assert!(tty.contains("| phase clean | proc "), "{tty}");
+    assert!(tty.contains(" rows/s"), "{tty}");
+    let quiet = run("--quiet");
+    assert!(!quiet.contains("rows/s"), "{quiet}");
+    let piped = Command::new(bin())
+        .args([
+            "trace",
+            "--qemu-pid",
+            &target.pid(),
+            "--duration",
+            "1",
+            "--backend",
+            "proc",
+        ])
+        .arg("--data-root")
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(piped.status.success());
+    assert!(!text(&piped).contains("rows/s"), "{}", text(&piped));
+}
+
+#[test]
 fn non_monotonic_row_fails() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = copy_episode(tmp.path());
@@ -362,6 +426,7 @@ fn incomplete_episode_with_partial_line() {
     assert!(!ok, "{out}");
     assert!(out.contains(": INCOMPLETE"), "{out}");
     assert!(out.contains("done.marker missing"), "{out}");
+    assert!(!out.contains("control.sock"), "{out}");
     // Simulate a write cut off mid-line, as power loss would leave it.
     let f = dir.join("telemetry-proc.jsonl");
     let mut data = std::fs::read(&f).unwrap();
