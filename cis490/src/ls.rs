@@ -169,7 +169,7 @@ pub fn sort_newest_first(v: &mut [EpisodeSummary]) {
 /// The human-readable table.
 pub fn format_table(v: &[EpisodeSummary]) -> String {
     let mut out = format!(
-        "{:<26}  {:<24}  {:>9}  {:<7}  {:<10}  {:<24}  {:<30}\n",
+        "{:<26}  {:<27}  {:>9}  {:<7}  {:<16}  {:<24}  {}\n",
         "ID", "STARTED", "DURATION", "BACKEND", "STATE", "SOURCES", "PHASES"
     );
     for e in v {
@@ -189,7 +189,7 @@ pub fn format_table(v: &[EpisodeSummary]) -> String {
             state
         };
         out.push_str(&format!(
-            "{:<26}  {:<24}  {:>9}  {:<7}  {:<10}  {:<24}  {}\n",
+            "{:<26}  {:<27}  {:>9}  {:<7}  {:<16}  {:<24}  {}\n",
             e.id,
             e.started_at_wall.as_deref().unwrap_or("-"),
             dur,

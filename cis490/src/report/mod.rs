@@ -204,18 +204,28 @@ pub fn load(dir: &Path) -> Result<Model, Error> {
 
 /// The per-phase table: for every plotted line, its mean and p95 within each phase.
 pub fn summary_table(model: &Model) -> String {
+    // Without labels (an episode cut before its first label) the whole episode is one row.
+    let whole = [data::PhaseBand {
+        phase: "(no labels)".into(),
+        start_s: 0.0,
+        end_s: model.end_s,
+    }];
+    let bands: &[data::PhaseBand] = if model.bands.is_empty() {
+        &whole
+    } else {
+        &model.bands
+    };
     // Phases in order of first appearance, durations summed over repeated visits.
     let mut order: Vec<String> = Vec::new();
     let mut duration: BTreeMap<String, f64> = BTreeMap::new();
-    for b in &model.bands {
+    for b in bands {
         if !order.contains(&b.phase) {
             order.push(b.phase.clone());
         }
         *duration.entry(b.phase.clone()).or_default() += b.end_s - b.start_s;
     }
     let phase_at = |t: f64| {
-        model
-            .bands
+        bands
             .iter()
             .rev()
             .find(|b| t >= b.start_s)
@@ -319,6 +329,56 @@ mod tests {
             default_output(Path::new("01ABC")),
             PathBuf::from("01ABC.report.png")
         );
+    }
+
+    fn model(bands: Vec<data::PhaseBand>) -> Model {
+        Model {
+            episode_id: "E".into(),
+            end_s: 4.0,
+            panels: vec![Panel {
+                title: "CPU".into(),
+                short: "cpu".into(),
+                unit: "cores".into(),
+                series: vec![data::Series {
+                    name: "vCPU 0".into(),
+                    points: vec![(0.5, 1.0), (1.5, 3.0), (2.5, 10.0), (3.5, 20.0)],
+                }],
+            }],
+            bands,
+            marks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn summary_per_phase_and_without_labels() {
+        let band = |p: &str, a: f64, b: f64| data::PhaseBand {
+            phase: p.into(),
+            start_s: a,
+            end_s: b,
+        };
+        let t = summary_table(&model(vec![
+            band("clean", 0.0, 2.0),
+            band("armed", 2.0, 4.0),
+        ]));
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(
+            lines[1].starts_with("clean") && lines[1].contains("2.00"),
+            "{t}"
+        );
+        // mean 2, p95 3 in clean; mean 15, p95 20 in armed.
+        assert!(lines[1].contains("cpu: vCPU 0 [cores]"), "{t}");
+        assert!(
+            lines[1].contains(" 2.000 ") && lines[1].contains(" 3.000 "),
+            "{t}"
+        );
+        assert!(
+            lines[2].contains(" 15.0 ") && lines[2].contains(" 20.0 "),
+            "{t}"
+        );
+        let t = summary_table(&model(Vec::new()));
+        assert!(t.lines().nth(1).unwrap().starts_with("(no labels)"), "{t}");
+        assert!(t.contains(" 8.500 "), "{t}");
     }
 
     #[test]
