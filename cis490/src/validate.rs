@@ -153,6 +153,8 @@ pub struct FileScan {
     /// Events file only: gap declarations and source_error times per source.
     pub gaps: BTreeMap<String, Vec<GapDecl>>,
     pub source_errors: BTreeMap<String, Vec<u64>>,
+    /// Events file only: the distinct event names seen.
+    pub event_names: Vec<String>,
     /// Labels file only: the phases, in order.
     pub label_rows: Vec<(u64, String, Option<String>)>,
     problems: Vec<Problem>,
@@ -174,6 +176,7 @@ impl FileScan {
             holes: Vec::new(),
             gaps: BTreeMap::new(),
             source_errors: BTreeMap::new(),
+            event_names: Vec::new(),
             label_rows: Vec::new(),
             problems: Vec::new(),
             suppressed: 0,
@@ -256,6 +259,24 @@ impl FileScan {
                 self.problem(Some(n), format!("field {key} is nested; rows must be flat"));
             }
         }
+        if let FileKind::Telemetry { source } = &self.kind {
+            if obj.get("source").and_then(Value::as_str) != Some(source.as_str()) {
+                let msg = format!(
+                    "source is {}, not {source:?} as the file name says",
+                    obj.get("source").unwrap_or(&Value::Null)
+                );
+                self.problem(Some(n), msg);
+            }
+        }
+        if !obj
+            .get("available_in_deployment")
+            .is_some_and(Value::is_boolean)
+        {
+            self.problem(
+                Some(n),
+                "available_in_deployment missing or not a bool".into(),
+            );
+        }
         let seq = match obj.get("seq") {
             None | Some(Value::Null) => return,
             Some(v) => match v.as_u64() {
@@ -301,6 +322,9 @@ impl FileScan {
             return;
         };
         let source = obj.get("source").and_then(Value::as_str).map(str::to_owned);
+        if !self.event_names.iter().any(|e| e == event) {
+            self.event_names.push(event.to_owned());
+        }
         match event {
             "gap" => {
                 let from = obj.get("from_seq").and_then(Value::as_u64);
@@ -374,6 +398,7 @@ impl FileScan {
             holes: self.holes,
             gaps: self.gaps,
             source_errors: self.source_errors,
+            event_names: self.event_names,
             label_phases: self.label_rows.into_iter().map(|(_, p, _)| p).collect(),
             problems,
         }
@@ -394,6 +419,7 @@ pub struct ScannedFile {
     pub holes: Vec<SeqHole>,
     pub gaps: BTreeMap<String, Vec<GapDecl>>,
     pub source_errors: BTreeMap<String, Vec<u64>>,
+    pub event_names: Vec<String>,
     pub label_phases: Vec<String>,
     pub problems: Vec<Problem>,
 }
@@ -954,6 +980,19 @@ pub fn validate_dir(dir: &Path) -> EpisodeReport {
     for f in &scanned {
         problems.extend(f.problems.iter().cloned());
     }
+    if complete {
+        if let Some(ev) = scanned.iter().find(|f| f.name == EVENTS) {
+            for needed in ["episode_start", "episode_end"] {
+                if !ev.event_names.iter().any(|e| e == needed) {
+                    problems.push(Problem::new(
+                        Some(EVENTS),
+                        None,
+                        format!("no {needed} event in a complete episode"),
+                    ));
+                }
+            }
+        }
+    }
     let (gaps, errors) = scanned
         .iter()
         .find(|f| f.name == EVENTS)
@@ -1009,7 +1048,22 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// A telemetry-proc.jsonl of these rows, each given the header fields.
     fn tele(lines: &[&str]) -> ScannedFile {
+        let lines: Vec<String> = lines
+            .iter()
+            .map(|l| {
+                l.replacen(
+                    '{',
+                    r#"{"source":"proc","available_in_deployment":false,"#,
+                    1,
+                )
+            })
+            .collect();
+        tele_raw(&lines)
+    }
+
+    fn tele_raw(lines: &[String]) -> ScannedFile {
         let mut data = lines.join("\n").into_bytes();
         data.push(b'\n');
         scan_bytes(
@@ -1124,6 +1178,28 @@ mod tests {
             },
         ];
         assert!(check_seq_holes(&f, &end, &[]).is_empty());
+    }
+
+    #[test]
+    fn header_fields_must_match_the_file() {
+        let f = tele_raw(&[
+            r#"{"t_mono_ns":1,"t_wall_ns":1,"source":"qmp","available_in_deployment":false}"#
+                .into(),
+            r#"{"t_mono_ns":1,"t_wall_ns":1,"source":"proc","available_in_deployment":"no"}"#
+                .into(),
+        ]);
+        assert!(
+            f.problems[0]
+                .message
+                .contains("not \"proc\" as the file name says"),
+            "{:?}",
+            f.problems
+        );
+        assert!(
+            f.problems[1].message.contains("available_in_deployment"),
+            "{:?}",
+            f.problems
+        );
     }
 
     #[test]
