@@ -412,6 +412,44 @@ pub fn merge_marks(marks: Vec<EventMark>) -> Vec<EventMark> {
     out
 }
 
+/// At most about `2 × buckets` points for drawing: per time bucket the minimum and the
+/// maximum (in time order), so spikes survive while an hour at 1 kHz stays a small picture.
+/// The summary table uses the full series.
+pub fn decimate(points: &[(f64, f64)], t0: f64, t1: f64, buckets: usize) -> Vec<(f64, f64)> {
+    if points.len() <= 4 * buckets || buckets == 0 || t1 <= t0 {
+        return points.to_vec();
+    }
+    let width = (t1 - t0) / buckets as f64;
+    let mut out = Vec::with_capacity(2 * buckets + 2);
+    let mut i = 0;
+    while i < points.len() {
+        let b = ((points[i].0 - t0) / width).floor();
+        let mut lo = points[i];
+        let mut hi = points[i];
+        let mut j = i + 1;
+        while j < points.len() && ((points[j].0 - t0) / width).floor() == b {
+            if points[j].1 < lo.1 {
+                lo = points[j];
+            }
+            if points[j].1 > hi.1 {
+                hi = points[j];
+            }
+            j += 1;
+        }
+        if lo.0 <= hi.0 {
+            out.push(lo);
+            if hi != lo {
+                out.push(hi);
+            }
+        } else {
+            out.push(hi);
+            out.push(lo);
+        }
+        i = j;
+    }
+    out
+}
+
 /// Mean and 95th percentile (nearest rank) of values.
 pub fn mean_p95(values: &mut [f64]) -> Option<(f64, f64)> {
     if values.is_empty() {
@@ -469,6 +507,20 @@ mod tests {
         assert_eq!(p.series[0].points, vec![(1.0, 0.5)]);
         assert_eq!(p.series[1].points, vec![(1.0, 0.5)]);
         assert_eq!(p.series[2].points, vec![(1.0, 1.0)]);
+    }
+
+    #[test]
+    fn decimation_keeps_extremes_in_order() {
+        let pts: Vec<(f64, f64)> = (0..1000)
+            .map(|i| (i as f64 / 100.0, (i % 7) as f64))
+            .collect();
+        let mut spiky = pts.clone();
+        spiky[500].1 = 99.0;
+        let d = decimate(&spiky, 0.0, 10.0, 10);
+        assert!(d.len() <= 20, "{}", d.len());
+        assert!(d.iter().any(|p| p.1 == 99.0));
+        assert!(d.windows(2).all(|w| w[0].0 <= w[1].0));
+        assert_eq!(decimate(&pts[..30], 0.0, 10.0, 10), pts[..30].to_vec());
     }
 
     #[test]

@@ -107,12 +107,20 @@ fn draw_panel<DB: DrawingBackend>(
         .x_label_area_size(if bottom { 35 } else { 18 })
         .y_label_area_size(75)
         .build_cartesian_2d(0f64..model.end_s, 0f64..ymax)?;
+    let long = model.end_s >= 100.0;
+    let x_fmt = move |v: &f64| {
+        if long {
+            format!("{v:.0}")
+        } else {
+            format!("{v:.1}")
+        }
+    };
     let mut mesh = chart.configure_mesh();
     mesh.y_desc(panel.unit.as_str())
         .y_labels(5)
         .x_labels(12)
         .y_label_formatter(&|v| si(*v))
-        .x_label_formatter(&|v| format!("{v:.1}"))
+        .x_label_formatter(&x_fmt)
         .light_line_style(WHITE.mix(0.0))
         .bold_line_style(RGBColor(225, 225, 225))
         .label_style((FAMILY, 11));
@@ -156,7 +164,7 @@ fn draw_panel<DB: DrawingBackend>(
         let color = Palette99::pick(i).to_rgba();
         chart
             .draw_series(LineSeries::new(
-                s.points.iter().copied(),
+                super::data::decimate(&s.points, 0.0, model.end_s, WIDTH as usize),
                 color.stroke_width(2),
             ))?
             .label(s.name.clone())
