@@ -104,6 +104,13 @@ fn assert_complete_episode(dir: &Path) -> Value {
             );
         }
     }
+    // And the project's own validator agrees.
+    let v = cis490().arg("validate").arg(dir).output().unwrap();
+    assert!(
+        v.status.success(),
+        "cis490 validate failed:\n{}",
+        String::from_utf8_lossy(&v.stdout)
+    );
     let labels = read_jsonl(&dir.join("labels.jsonl"));
     assert_eq!(labels[0]["phase"], "clean");
     assert!(labels[0]["prev"].is_null());
@@ -123,7 +130,7 @@ fn assert_complete_episode(dir: &Path) -> Value {
 
 #[test]
 fn proc_episode_meets_the_contract() {
-    let load = Load::start(&["--spin", "2", "--switch", "2"]);
+    let load = Load::start(&["--spin", "1", "--switch", "3"]);
     let root = tempfile::tempdir().unwrap();
     let meta_file = root.path().join("meta-in.json");
     std::fs::write(
@@ -186,7 +193,7 @@ fn proc_episode_meets_the_contract() {
     assert_eq!(result["pid_alive_at_end"], true);
 
     let rows = read_jsonl(&dir.join("telemetry-proc.jsonl"));
-    // 5 threads (main + 2 spin + 2 switch) + 1 process row per tick.
+    // 5 threads (main + 1 spin + 3 switch; one core stays free for the tracer) + 1 process row per tick.
     let expected = 3.0 * 50.0 * 6.0;
     let n = rows.len() as f64;
     assert!(
@@ -230,7 +237,7 @@ fn proc_episode_meets_the_contract() {
         by_seq.values().all(|&(p, t)| p == 1 && t == 5),
         "one process row and 5 thread rows per tick"
     );
-    for c in ["spin-0", "spin-1", "switch-0", "switch-1"] {
+    for c in ["spin-0", "switch-0", "switch-1", "switch-2"] {
         assert!(comms.contains(c), "thread {c} missing from {comms:?}");
     }
     // A spinning thread really accumulates on-CPU time in the rows.
@@ -671,4 +678,18 @@ fn zstd_streams_decode_to_the_rows_the_manifest_counts() {
     );
     // 4 threads + 1 total per tick, 150 ticks (some may be missed on a busy machine).
     assert!(rows.len() >= 400, "{} rows", rows.len());
+    let v = cis490().arg("validate").arg(&dir).output().unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+    // A flipped byte inside the compressed stream is caught.
+    let mut bad = raw.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x40;
+    std::fs::write(dir.join("telemetry-proc.jsonl.zst"), &bad).unwrap();
+    let v = cis490().arg("validate").arg(&dir).output().unwrap();
+    assert!(!v.status.success());
+    assert!(
+        String::from_utf8_lossy(&v.stdout).contains("sha256 mismatch"),
+        "{}",
+        String::from_utf8_lossy(&v.stdout)
+    );
 }

@@ -226,6 +226,20 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// Open a stream for reading line by line, decoding it when it is a `.zst` file.
+/// A zstd frame cut short by a hard kill reads as an error after its last whole block.
+pub fn open_stream(path: &Path) -> std::io::Result<Box<dyn std::io::BufRead>> {
+    let file = File::open(path)?;
+    if path.extension().is_some_and(|e| e == "zst") {
+        Ok(Box::new(std::io::BufReader::with_capacity(
+            1 << 16,
+            zstd::stream::read::Decoder::new(file)?,
+        )))
+    } else {
+        Ok(Box::new(std::io::BufReader::with_capacity(1 << 16, file)))
+    }
+}
+
 /// sha256/size/lines of a file already on disk (meta.json, or a re-check by `validate`).
 pub fn stats_of_file(path: &Path) -> Result<FileStats, Error> {
     let data =

@@ -82,6 +82,8 @@ pub struct Sampler {
     pub events: EventLog,
     pub stop: Arc<AtomicBool>,
     pub target: Target,
+    /// Progress counters for the live status line (slot order).
+    pub live: Option<Arc<crate::status::LiveStats>>,
 }
 
 impl Sampler {
@@ -126,6 +128,9 @@ impl Sampler {
                     );
                 }
                 missed += next - seq;
+                if let Some(live) = &self.live {
+                    live.missed(next - seq);
+                }
                 seq = next;
                 continue;
             }
@@ -160,13 +165,22 @@ impl Sampler {
     }
 
     fn sample_all(&mut self, tick: Tick, out: &mut TickOutput) -> Result<(), Error> {
-        for slot in &mut self.slots {
+        for (i, slot) in self.slots.iter_mut().enumerate() {
             out.clear();
             let res = slot.collector.collect(tick, &self.clock, out);
             for row in &out.rows {
                 slot.writer.write_row(row)?;
             }
             slot.rows += out.rows.len() as u64;
+            if let Some(live) = &self.live {
+                let last = out.rows.last().map(|r| r.stamp.t_mono_ns);
+                live.record(
+                    i,
+                    out.rows.len(),
+                    last,
+                    out.problems.len() + usize::from(res.is_err()),
+                );
+            }
             for problem in &out.problems {
                 slot.errors += 1;
                 self.events.emit(
@@ -176,7 +190,12 @@ impl Sampler {
             }
             if let Err(e) = res {
                 // The target exiting mid-tick shows up here first; that is not a source error.
-                if !self.target.alive() {
+                // Its threads vanish from /proc a moment before the pidfd reports the exit,
+                // so give an exit in progress a short while to complete.
+                if self
+                    .target
+                    .exits_within(std::time::Duration::from_millis(100))
+                {
                     continue;
                 }
                 slot.errors += 1;

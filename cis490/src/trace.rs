@@ -32,6 +32,8 @@ pub struct TraceConfig {
     pub backend: BackendChoice,
     pub user_meta: UserMeta,
     pub compression: Compression,
+    /// Redraw a status line on stderr while capturing (the caller checks for a TTY).
+    pub status_line: bool,
 }
 
 pub struct TraceResult {
@@ -157,6 +159,9 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     // and event log but never the sampler's thread.
     let background: Vec<Box<dyn BackgroundSource>> = Vec::new();
 
+    let live = Arc::new(crate::status::LiveStats::new(
+        slots.iter().map(|s| s.collector.source()),
+    ));
     let mut sampler = Sampler {
         interval_ns,
         duration_ns: cfg.duration.map(|d| d.as_nanos() as u64),
@@ -165,6 +170,7 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         events: events.clone(),
         stop,
         target,
+        live: Some(live.clone()),
     };
     tracing::info!(episode = %dir.display(), rate_hz = cfg.rate_hz, backend = selected.used, "capture started");
     let handle = std::thread::Builder::new()
@@ -174,6 +180,16 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
             (sampler, outcome)
         })
         .map_err(|e| Error::io("spawning sampler thread", e))?;
+    if cfg.status_line {
+        crate::status::run_until(
+            || handle.is_finished(),
+            &live,
+            &labels,
+            &dir,
+            clock,
+            interval_ns,
+        );
+    }
     let (sampler, outcome) = handle
         .join()
         .map_err(|_| Error::Other("sampler thread panicked".into()))?;

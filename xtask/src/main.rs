@@ -56,12 +56,12 @@ fn main() -> anyhow::Result<()> {
         Command::Test { cargo_test_args } => {
             setup::all()?;
             util::cargo(&["build", "--locked", "--workspace", "--bins"])?;
-            let mut args = vec!["test", "--locked", "--workspace"];
-            let extra: Vec<&str> = cargo_test_args.iter().map(String::as_str).collect();
-            if !extra.is_empty() {
-                args.push("--");
-                args.extend(extra);
-            }
+            let mut args = vec!["test", "--locked", "--workspace", "--"];
+            // One test at a time: the integration tests trace real busy processes and a
+            // real VM on a 2-core machine, and several at once would starve each other's
+            // samplers (and then, truthfully, miss ticks).
+            args.push("--test-threads=1");
+            args.extend(cargo_test_args.iter().map(String::as_str));
             util::cargo(&args)
         }
     }
