@@ -87,6 +87,9 @@ struct TraceArgs {
     /// DuckDB and pandas); useful for long 1 kHz captures.
     #[arg(long, value_enum, default_value_t = Compression::None)]
     compress: Compression,
+    /// Run the host sampler thread SCHED_FIFO (needs CAP_SYS_NICE) for tighter 1 kHz timing.
+    #[arg(long)]
+    realtime: bool,
     /// No live status line on stderr (it is shown only when stderr is a terminal).
     #[arg(long, short)]
     quiet: bool,
@@ -177,6 +180,7 @@ fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
         backend: args.backend,
         user_meta,
         compression: args.compress,
+        realtime: args.realtime,
         status_line: !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let result = trace::run(cfg, stop)?;

@@ -32,6 +32,7 @@ pub struct TraceConfig {
     pub backend: BackendChoice,
     pub user_meta: UserMeta,
     pub compression: Compression,
+    pub realtime: bool,
     /// Redraw a status line on stderr while capturing (the caller checks for a TTY).
     pub status_line: bool,
 }
@@ -163,6 +164,7 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         slots.iter().map(|s| s.collector.source()),
     ));
     let mut sampler = Sampler {
+        realtime: cfg.realtime,
         interval_ns,
         duration_ns: cfg.duration.map(|d| d.as_nanos() as u64),
         clock,
