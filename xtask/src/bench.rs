@@ -649,9 +649,14 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     writeln!(md, "`cis490 trace --backend {} --rate-hz 1000` for {:.0} s against `cis490-testload --spin 0 --switch 8`; |actual − scheduled| is the sampler's wake-up lateness (meta.result.tick_lateness).\n", if host_tool == Tool::Bpf { "bpf" } else { "proc" }, plan.timing_secs)?;
     writeln!(
         md,
-        "| condition | p50 | p99 | max | ticks missed / scheduled |\n|---|---|---|---|---|"
+        "| condition | sampler | p50 | p99 | max | ticks missed / scheduled |\n|---|---|---|---|---|---|"
     )?;
-    for (cond, busy) in [("idle machine", false), ("other core fully busy", true)] {
+    for (cond, busy, realtime) in [
+        ("idle machine", false, false),
+        ("idle machine", false, true),
+        ("other core fully busy", true, false),
+        ("other core fully busy", true, true),
+    ] {
         let target = Target::start(&["--spin", "0", "--switch", "8"])?;
         let hog = if busy {
             Some(Target::start(&["--spin", "1", "--switch", "0"])?)
@@ -676,6 +681,11 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             })
             .arg("--data-root")
             .arg(&scratch)
+            .args(if realtime {
+                &["--realtime"][..]
+            } else {
+                &[][..]
+            })
             .env("CIS490_LOG", "error")
             .output()?;
         drop(hog);
@@ -695,7 +705,12 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         };
         writeln!(
             md,
-            "| {cond} | {} | {} | {} | {} / {} |",
+            "| {cond} | {} | {} | {} | {} | {} / {} |",
+            if realtime {
+                "--realtime (SCHED_FIFO)"
+            } else {
+                "default"
+            },
             us(&l["p50_ns"]),
             us(&l["p99_ns"]),
             us(&l["max_ns"]),
