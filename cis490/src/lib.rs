@@ -4,6 +4,7 @@
 //! ([`row::Row`]) stamped on one clock pair ([`clock::EpisodeClock`]) into an episode
 //! directory whose layout is the contract in docs/data-model.md.
 
+pub mod agent;
 pub mod backend;
 pub mod clock;
 pub mod collector;

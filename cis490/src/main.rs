@@ -36,6 +36,15 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// In-guest agent: stream guest stats as JSON lines to a virtio-serial port.
+    Agent {
+        /// The virtio-serial port to write to.
+        #[arg(long, default_value = cis490::agent::guest::DEFAULT_PORT)]
+        port: PathBuf,
+        /// Lines per second.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        rate_hz: u32,
+    },
 }
 
 #[derive(clap::Args)]
@@ -95,6 +104,16 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode, Error> {
     match cli.command {
         Command::Trace(args) => cmd_trace(args),
+        Command::Agent { port, rate_hz } => {
+            let cfg = cis490::agent::guest::AgentConfig {
+                port,
+                rate_hz,
+                proc_root: "/".into(),
+                max_lines: None,
+            };
+            cis490::agent::guest::run(&cfg).map_err(|e| Error::io("agent", e))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Mark {
             episode_dir,
             phase,

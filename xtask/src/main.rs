@@ -7,6 +7,7 @@
 mod demo;
 mod setup;
 mod util;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +28,11 @@ enum Command {
         #[arg(long, default_value_t = 5.0)]
         duration: f64,
     },
+    /// The test VM: start | stop | status | build.
+    Vm {
+        #[command(subcommand)]
+        command: vm::VmCommand,
+    },
     /// Set up, build, and run every test (the command CI runs).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -42,9 +48,17 @@ fn main() -> anyhow::Result<()> {
             setup::all()?;
             demo::run(duration)
         }
+        Command::Vm { command } => {
+            if !matches!(command, vm::VmCommand::Stop { .. } | vm::VmCommand::Status { .. }) {
+                setup::vm()?;
+            }
+            vm::run(command)
+        }
         Command::Test { cargo_test_args } => {
             setup::all()?;
             util::cargo(&["build", "--locked", "--workspace", "--bins"])?;
+            // The guest kernel + initramfs (with the static agent) the VM tests boot.
+            vm::build_assets()?;
             let mut args = vec!["test", "--locked", "--workspace"];
             let extra: Vec<&str> = cargo_test_args.iter().map(String::as_str).collect();
             if !extra.is_empty() {
