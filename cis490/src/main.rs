@@ -71,6 +71,23 @@ struct TraceArgs {
     /// (and optionally baseline_seconds, infected_seconds, dormant_seconds) for meta.json.
     #[arg(long)]
     meta: Option<PathBuf>,
+    /// QMP Unix socket (default: found in the QEMU command line: -qmp unix:… or -chardev
+    /// socket + -mon mode=control). Each QMP socket serves one client: give cis490 its own.
+    #[arg(long)]
+    qmp: Option<PathBuf>,
+    /// QMP polling rate (query-stats, query-blockstats, query-status), 1..=100 Hz.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100))]
+    qmp_rate_hz: u32,
+    /// Do not use QMP.
+    #[arg(long, conflicts_with = "qmp")]
+    no_qmp: bool,
+    /// Guest agent chardev socket (default: the socket chardev behind the
+    /// `cis490.guest.agent` virtserialport in the QEMU command line).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// Do not read the guest agent.
+    #[arg(long, conflicts_with = "agent")]
+    no_agent: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -161,6 +178,13 @@ fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
         episode_id: args.episode_id,
         backend: args.backend,
         user_meta,
+        qemu: cis490::qemu_sources::QemuSourceOptions {
+            qmp: args.qmp,
+            qmp_rate_hz: args.qmp_rate_hz,
+            no_qmp: args.no_qmp,
+            agent: args.agent,
+            no_agent: args.no_agent,
+        },
     };
     let result = trace::run(cfg, stop)?;
     let code = match &result.error {

@@ -30,6 +30,8 @@ pub struct TraceConfig {
     pub episode_id: Option<String>,
     pub backend: BackendChoice,
     pub user_meta: UserMeta,
+    /// The QMP and guest-agent sources.
+    pub qemu: crate::qemu_sources::QemuSourceOptions,
 }
 
 pub struct TraceResult {
@@ -153,7 +155,15 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
 
     // Sources on their own threads (QMP, guest agent) start here; they share the clock
     // and event log but never the sampler's thread.
-    let background: Vec<Box<dyn BackgroundSource>> = Vec::new();
+    let ctx = crate::collector::SourceContext {
+        dir: dir.clone(),
+        clock,
+        events: events.clone(),
+        vcpus: vcpus.clone(),
+        stop: stop.clone(),
+    };
+    let started = crate::qemu_sources::start(&cfg.qemu, cfg.pid, &meta.vm.qemu_cmdline, &ctx)?;
+    let background: Vec<Box<dyn BackgroundSource>> = started.background;
 
     let mut sampler = Sampler {
         interval_ns,
@@ -172,6 +182,18 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
             (sampler, outcome)
         })
         .map_err(|e| Error::io("spawning sampler thread", e))?;
+    // QMP's start facts (version, vCPU threads, RAM) go into meta.json as soon as they
+    // are known; the sampler is already running, and a slow QMP is not waited for long
+    // (the end write catches up).
+    if let Some(h) = &started.qmp_facts {
+        let facts = h.wait(Duration::from_secs(1));
+        if facts.ready {
+            crate::qemu_sources::apply_facts(&mut meta, &facts);
+            if let Err(e) = episode::write_json_atomic(&dir, episode::META, &meta) {
+                tracing::warn!("rewriting meta.json with QMP facts: {e}");
+            }
+        }
+    }
     let (sampler, outcome) = handle
         .join()
         .map_err(|_| Error::Other("sampler thread panicked".into()))?;
@@ -187,8 +209,11 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     let pid_alive_at_end = sampler.target.alive();
     let (mut sources, mut stats, mut close_err) = Sampler::close_streams(sampler.slots);
     for b in background {
-        events.emit("source_stopped", json!({"source": b.source()}));
         let (source_meta, file_stats) = b.finish();
+        events.emit(
+            "source_stopped",
+            json!({"source": source_meta.name, "rows": source_meta.rows}),
+        );
         match file_stats {
             Ok(s) => stats.push(s),
             Err(e) => {
@@ -256,6 +281,9 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         end_reason
     };
 
+    if let Some(h) = &started.qmp_facts {
+        crate::qemu_sources::apply_facts(&mut meta, &h.get());
+    }
     meta.ended_at_wall = Some(rfc3339_from_ns(end_stamp.t_wall_ns));
     meta.result = Some(ResultMeta {
         end_reason: end_reason.as_str().into(),

@@ -2,3 +2,5 @@
 //! its virtio-serial stream.
 
 pub mod guest;
+pub mod line;
+pub mod reader;
