@@ -49,7 +49,10 @@ fn main() -> anyhow::Result<()> {
             demo::run(duration)
         }
         Command::Vm { command } => {
-            if !matches!(command, vm::VmCommand::Stop { .. } | vm::VmCommand::Status { .. }) {
+            if !matches!(
+                command,
+                vm::VmCommand::Stop { .. } | vm::VmCommand::Status { .. }
+            ) {
                 setup::vm()?;
             }
             vm::run(command)

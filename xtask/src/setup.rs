@@ -78,8 +78,9 @@ pub fn vm() -> anyhow::Result<()> {
     eprintln!("setup: installing QEMU {QEMU_VERSION} from bookworm-backports");
     let changed = write_if_different(BACKPORTS_SOURCES, BACKPORTS_SOURCES_TEXT)?
         | write_if_different(BACKPORTS_PIN, BACKPORTS_PIN_TEXT)?;
-    if changed || output("apt-cache", &["policy", "qemu-system-x86"])
-        .is_none_or(|p| !p.contains(&format!(":{QEMU_VERSION}")))
+    if changed
+        || output("apt-cache", &["policy", "qemu-system-x86"])
+            .is_none_or(|p| !p.contains(&format!(":{QEMU_VERSION}")))
     {
         apt(&["update"])?;
     }

@@ -113,7 +113,11 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<()> {
         }
         VmCommand::Build => {
             let a = build_assets()?;
-            println!("KERNEL={}\nINITRD={}", a.kernel.display(), a.initrd.display());
+            println!(
+                "KERNEL={}\nINITRD={}",
+                a.kernel.display(),
+                a.initrd.display()
+            );
             Ok(())
         }
     }
@@ -157,11 +161,15 @@ fn fetch_and_extract(pkg: &str) -> anyhow::Result<PathBuf> {
     let debs = vm_dir().join("debs");
     std::fs::create_dir_all(&debs)?;
     let find = || -> Option<PathBuf> {
-        std::fs::read_dir(&debs).ok()?.flatten().map(|e| e.path()).find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{pkg}_")) && n.ends_with(".deb"))
-        })
+        std::fs::read_dir(&debs)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{pkg}_")) && n.ends_with(".deb"))
+            })
     };
     let deb = match find() {
         Some(d) => d,
@@ -288,7 +296,8 @@ impl Cpio {
     fn entry(&mut self, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)) {
         self.ino += 1;
         let namesize = name.len() + 1;
-        let header = format!(
+        let header =
+            format!(
             "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
             self.ino, mode, 0, 0, 1, 0, data.len(), 0, 0, rdev.0, rdev.1, namesize, 0
         );
@@ -374,7 +383,16 @@ pub fn build_assets() -> anyhow::Result<Assets> {
         out: Vec::new(),
         ino: 0,
     };
-    for d in ["bin", "dev", "etc", "proc", "sys", "tmp", "lib", "lib/modules"] {
+    for d in [
+        "bin",
+        "dev",
+        "etc",
+        "proc",
+        "sys",
+        "tmp",
+        "lib",
+        "lib/modules",
+    ] {
         c.dir(d);
     }
     c.entry("dev/console", 0o020600, &[], (5, 1));
@@ -537,22 +555,67 @@ fn boot(
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-name", "cis490-vm,debug-threads=on"])
         .args(["-machine", "q35", "-accel", accel, "-cpu", "max"])
-        .args(["-smp", &opts.smp.to_string(), "-m", &opts.mem_mib.to_string()])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
-        .args(["-chardev", &format!("socket,id=con,path={},server=on,wait=off,logfile={}", p("console.sock"), p("console.log"))])
+        .args([
+            "-smp",
+            &opts.smp.to_string(),
+            "-m",
+            &opts.mem_mib.to_string(),
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args([
+            "-chardev",
+            &format!(
+                "socket,id=con,path={},server=on,wait=off,logfile={}",
+                p("console.sock"),
+                p("console.log")
+            ),
+        ])
         .args(["-serial", "chardev:con"])
-        .args(["-qmp", &format!("unix:{},server=on,wait=off", p("qmp.sock"))])
-        .args(["-qmp", &format!("unix:{},server=on,wait=off", p("qmp2.sock"))])
-        .args(["-chardev", &format!("socket,id=ga,path={},server=on,wait=off", p("ga.sock"))])
+        .args([
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", p("qmp.sock")),
+        ])
+        .args([
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", p("qmp2.sock")),
+        ])
+        .args([
+            "-chardev",
+            &format!("socket,id=ga,path={},server=on,wait=off", p("ga.sock")),
+        ])
         .args(["-device", "virtio-serial-pci,id=vser0"])
-        .args(["-device", &format!("virtserialport,bus=vser0.0,chardev=ga,name={AGENT_PORT_NAME},id=gaport")])
+        .args([
+            "-device",
+            &format!("virtserialport,bus=vser0.0,chardev=ga,name={AGENT_PORT_NAME},id=gaport"),
+        ])
         // O_DIRECT + native AIO: host /proc/<qemu>/io then tracks guest disk I/O 1:1.
-        .args(["-blockdev", &format!("driver=file,filename={},node-name=disk0-file,cache.direct=on,aio=native", disk.display())])
+        .args([
+            "-blockdev",
+            &format!(
+                "driver=file,filename={},node-name=disk0-file,cache.direct=on,aio=native",
+                disk.display()
+            ),
+        ])
         .args(["-blockdev", "driver=qcow2,file=disk0-file,node-name=disk0"])
         .args(["-device", "virtio-blk-pci,drive=disk0,id=vblk0"])
         .args(["-netdev", "user,id=net0,restrict=on"])
-        .args(["-device", "virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:00:00:01,romfile="])
-        .args(["-pidfile", &p("qemu.pid"), "-daemonize", "-D", &p("qemu.log")])
+        .args([
+            "-device",
+            "virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:00:00:01,romfile=",
+        ])
+        .args([
+            "-pidfile",
+            &p("qemu.pid"),
+            "-daemonize",
+            "-D",
+            &p("qemu.log"),
+        ])
         .arg("-kernel")
         .arg(&assets.kernel)
         .arg("-initrd")
@@ -573,7 +636,8 @@ fn boot(
             console_tail(dir)
         );
     }
-    let pid = running_pid(dir).with_context(|| format!("QEMU left no live pid\n{}", console_tail(dir)))?;
+    let pid = running_pid(dir)
+        .with_context(|| format!("QEMU left no live pid\n{}", console_tail(dir)))?;
     let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
     // The agent's first line proves kernel, modules, port naming and agent all work.
     let deadline = started + timeout;

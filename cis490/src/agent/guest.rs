@@ -43,7 +43,10 @@ pub fn run(cfg: &AgentConfig) -> std::io::Result<()> {
             match OpenOptions::new().read(true).write(true).open(&cfg.port) {
                 Ok(f) => port = Some(f),
                 Err(e) => {
-                    eprintln!("cis490 agent: opening {}: {e}; retrying", cfg.port.display());
+                    eprintln!(
+                        "cis490 agent: opening {}: {e}; retrying",
+                        cfg.port.display()
+                    );
                     std::thread::sleep(Duration::from_millis(500));
                     continue;
                 }

@@ -199,7 +199,12 @@ mod tests {
         let mut seqs = Vec::new();
         for line in text.lines() {
             let a = check(line.as_bytes()).unwrap();
-            let get = |n: &str| a.fields.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+            let get = |n: &str| {
+                a.fields
+                    .iter()
+                    .find(|(k, _)| k == n)
+                    .map(|(_, v)| v.clone())
+            };
             match get("guest_seq") {
                 Some(Value::U64(s)) => seqs.push(s),
                 other => panic!("guest_seq {other:?}"),

@@ -126,10 +126,16 @@ impl BackgroundSource for AgentReader {
         let rejects = rejects_map(s);
         let total: u64 = rejects.values().filter_map(|v| v.as_u64()).sum();
         let mut extra = Map::new();
-        extra.insert("socket".into(), self.cfg.socket.display().to_string().into());
+        extra.insert(
+            "socket".into(),
+            self.cfg.socket.display().to_string().into(),
+        );
         extra.insert("connects".into(), s.connects.load(Ordering::Relaxed).into());
         extra.insert("bytes_read".into(), s.bytes.load(Ordering::Relaxed).into());
-        extra.insert("stale_count".into(), s.stale_count.load(Ordering::Relaxed).into());
+        extra.insert(
+            "stale_count".into(),
+            s.stale_count.load(Ordering::Relaxed).into(),
+        );
         extra.insert("rejected_lines".into(), total.into());
         extra.insert("rejects".into(), rejects.into());
         extra.insert(
@@ -246,10 +252,7 @@ impl Worker {
                 }
                 if !stale && last_line.elapsed() > STALE_AFTER {
                     stale = true;
-                    self.mark_stale(&format!(
-                        "no agent line for {} s",
-                        STALE_AFTER.as_secs()
-                    ));
+                    self.mark_stale(&format!("no agent line for {} s", STALE_AFTER.as_secs()));
                 }
                 self.report_rejects(false);
                 if let Err(e) = self.writer.flush_if_due() {

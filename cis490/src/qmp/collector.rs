@@ -144,12 +144,21 @@ impl BackgroundSource for QmpSource {
         };
         let s = &self.shared;
         let mut extra = Map::new();
-        extra.insert("socket".into(), self.cfg.socket.display().to_string().into());
+        extra.insert(
+            "socket".into(),
+            self.cfg.socket.display().to_string().into(),
+        );
         extra.insert("rate_hz".into(), self.cfg.rate_hz.into());
         extra.insert("connects".into(), s.connects.load(Ordering::Relaxed).into());
-        extra.insert("stale_count".into(), s.stale_count.load(Ordering::Relaxed).into());
+        extra.insert(
+            "stale_count".into(),
+            s.stale_count.load(Ordering::Relaxed).into(),
+        );
         extra.insert("polls".into(), s.polls.load(Ordering::Relaxed).into());
-        extra.insert("polls_missed".into(), s.polls_missed.load(Ordering::Relaxed).into());
+        extra.insert(
+            "polls_missed".into(),
+            s.polls_missed.load(Ordering::Relaxed).into(),
+        );
         extra.insert("qmp_events".into(), s.events.load(Ordering::Relaxed).into());
         extra.insert(
             "stats_targets".into(),
@@ -377,7 +386,11 @@ impl Worker {
                    "stats_vm_count": self.schemas.stat_count("vm"),
                    "stats_vcpu_count": self.schemas.stat_count("vcpu")}),
         );
-        *self.shared.stats_targets.lock().unwrap_or_else(|p| p.into_inner()) = targets;
+        *self
+            .shared
+            .stats_targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = targets;
         self.by_qom = facts
             .vcpus
             .iter()

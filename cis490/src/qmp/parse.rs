@@ -13,8 +13,8 @@
 use std::collections::HashMap;
 
 use qapi::qmp::{
-    BlockStats, CpuInfoFast, MemoryInfo, NameInfo, StatsResult, StatsSchema, StatsType,
-    StatsValue, StatusInfo, VersionInfo,
+    BlockStats, CpuInfoFast, MemoryInfo, NameInfo, StatsResult, StatsSchema, StatsType, StatsValue,
+    StatusInfo, VersionInfo,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value as Json;
@@ -24,10 +24,23 @@ use crate::row::{FieldName, Value};
 /// One line received on a QMP socket.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
-    Greeting { version: Option<String> },
-    Return { id: Option<Json>, value: Json },
-    Error { id: Option<Json>, class: String, desc: String },
-    Event { name: String, data: Json, timestamp_us: Option<u64> },
+    Greeting {
+        version: Option<String>,
+    },
+    Return {
+        id: Option<Json>,
+        value: Json,
+    },
+    Error {
+        id: Option<Json>,
+        class: String,
+        desc: String,
+    },
+    Event {
+        name: String,
+        data: Json,
+        timestamp_us: Option<u64>,
+    },
 }
 
 pub fn parse_message(line: &str) -> Result<Message, String> {
@@ -37,7 +50,9 @@ pub fn parse_message(line: &str) -> Result<Message, String> {
     };
     if let Some(g) = o.get("QMP") {
         return Ok(Message::Greeting {
-            version: g.get("version").and_then(|v| version_string(v.clone()).ok()),
+            version: g
+                .get("version")
+                .and_then(|v| version_string(v.clone()).ok()),
         });
     }
     let id = o.remove("id");
@@ -45,7 +60,12 @@ pub fn parse_message(line: &str) -> Result<Message, String> {
         return Ok(Message::Return { id, value });
     }
     if let Some(err) = o.get("error") {
-        let s = |k: &str| err.get(k).and_then(Json::as_str).unwrap_or_default().to_owned();
+        let s = |k: &str| {
+            err.get(k)
+                .and_then(Json::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
         return Ok(Message::Error {
             id,
             class: s("class"),
@@ -148,8 +168,7 @@ pub fn vcpus(v: Json) -> Result<Vec<VcpuInfo>, String> {
             | CpuInfoFast::xtensa(b)
             | CpuInfoFast::xtensaeb(b) => b,
         };
-        let (Ok(index), Ok(tid)) = (u32::try_from(b.cpu_index), u32::try_from(b.thread_id))
-        else {
+        let (Ok(index), Ok(tid)) = (u32::try_from(b.cpu_index), u32::try_from(b.thread_id)) else {
             return Err(format!(
                 "query-cpus-fast: cpu-index {} / thread-id {} out of range",
                 b.cpu_index, b.thread_id
@@ -380,6 +399,245 @@ pub fn block_rows(v: Json) -> Result<Vec<BlockRow>, String> {
 mod tests {
     use super::*;
 
+    fn fixture(name: &str) -> String {
+        let path = format!(
+            "{}/../tests/data/qemu-10.0.2/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    /// The `return` of a captured reply, checking that it echoes its request's id.
+    fn ret(name: &str) -> Json {
+        let req: Json = serde_json::from_str(&fixture(&format!("{name}.request.json"))).unwrap();
+        match parse_message(fixture(&format!("{name}.json")).trim()).unwrap() {
+            Message::Return { id, value } => {
+                assert_eq!(id.as_ref(), req.get("id"), "{name}: id echoed");
+                value
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+
+    fn field<'a>(f: &'a [(FieldName, Value)], n: &str) -> &'a Value {
+        &f.iter()
+            .find(|(k, _)| k == n)
+            .unwrap_or_else(|| panic!("no {n}"))
+            .1
+    }
+
+    #[test]
+    fn greeting_and_capabilities() {
+        for acc in ["kvm", "tcg"] {
+            let g = parse_message(fixture(&format!("{acc}/greeting.json")).trim()).unwrap();
+            assert_eq!(
+                g,
+                Message::Greeting {
+                    version: Some("10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)".into())
+                }
+            );
+            assert_eq!(
+                ret(&format!("{acc}/qmp_capabilities")),
+                serde_json::json!({})
+            );
+        }
+    }
+
+    #[test]
+    fn version_name_memory_status() {
+        for acc in ["kvm", "tcg"] {
+            assert_eq!(
+                version_string(ret(&format!("{acc}/query-version"))).unwrap(),
+                "10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)"
+            );
+            assert_eq!(
+                ram_mib(ret(&format!("{acc}/query-memory-size-summary"))).unwrap(),
+                256
+            );
+            let mut f = Vec::new();
+            status_fields(ret(&format!("{acc}/query-status")), &mut f).unwrap();
+            assert!(matches!(field(&f, "running"), Value::Bool(_)));
+            assert!(matches!(field(&f, "run_status"), Value::Str(s) if !s.is_empty()));
+        }
+        assert_eq!(
+            vm_name(ret("tcg/query-name")).unwrap().as_deref(),
+            Some("cis490-vm1")
+        );
+    }
+
+    #[test]
+    fn cpus_fast_gives_host_thread_ids_not_topology_ids() {
+        let c = vcpus(ret("tcg/query-cpus-fast")).unwrap();
+        assert_eq!(
+            c,
+            vec![
+                VcpuInfo {
+                    index: 0,
+                    tid: 6846,
+                    qom_path: "/machine/unattached/device[0]".into()
+                },
+                VcpuInfo {
+                    index: 1,
+                    tid: 6847,
+                    qom_path: "/machine/unattached/device[2]".into()
+                },
+            ]
+        );
+        let k = vcpus(ret("kvm/query-cpus-fast")).unwrap();
+        assert_eq!(
+            k.iter().map(|c| c.tid).collect::<Vec<_>>(),
+            vec![6350, 6351]
+        );
+    }
+
+    #[test]
+    fn schemas_decide_which_targets_are_polled() {
+        let kvm = Schemas::parse(ret("kvm/query-stats-schemas")).unwrap();
+        assert!(kvm.has("vm") && kvm.has("vcpu"));
+        assert_eq!(kvm.stat_count("vm"), 16);
+        assert_eq!(kvm.stat_count("vcpu"), 47);
+        let hist = &kvm.by_target["vcpu"]["kvm"]["halt_wait_hist"];
+        assert!(hist.histogram);
+        assert!(!kvm.by_target["vcpu"]["kvm"]["guest_mode"].histogram);
+        // Under TCG only cryptodev has a schema: vm/vcpu stats are not polled.
+        let tcg = Schemas::parse(ret("tcg/query-stats-schemas")).unwrap();
+        assert!(!tcg.has("vm") && !tcg.has("vcpu"));
+        let kvm_only = Schemas::parse(ret("kvm/query-stats-schemas.kvm")).unwrap();
+        assert_eq!(kvm_only.stat_count("vcpu"), 47);
+    }
+
+    #[test]
+    fn vm_stats_one_row_without_qom_path() {
+        for name in ["kvm/query-stats.vm", "kvm/query-stats.vm.kvm"] {
+            let rows = stats_rows(ret(name)).unwrap();
+            assert_eq!(rows.len(), 1, "{name}");
+            assert_eq!(rows[0].qom_path, None);
+            assert_eq!(rows[0].fields.len(), 16);
+            assert!(rows[0].fields.iter().all(|(k, _)| k.starts_with("kvm_")));
+        }
+    }
+
+    #[test]
+    fn vcpu_stats_with_booleans_and_summarized_histograms() {
+        let rows = stats_rows(ret("kvm/query-stats.vcpu")).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            rows[0].qom_path.as_deref(),
+            Some("/machine/unattached/device[0]")
+        );
+        let f = &rows[1].fields;
+        // 44 scalars/booleans + 3 histograms x 2 columns.
+        assert_eq!(f.len(), 47 + 3);
+        assert_eq!(field(f, "kvm_guest_mode"), &Value::Bool(false));
+        assert_eq!(field(f, "kvm_blocking"), &Value::Bool(true));
+        assert_eq!(field(f, "kvm_insn_emulation"), &Value::U64(947));
+        assert_eq!(field(f, "kvm_halt_wait_hist_count"), &Value::U64(3));
+        match field(f, "kvm_halt_wait_hist_buckets") {
+            Value::Str(s) => {
+                assert_eq!(s.split(',').count(), 32);
+                assert!(s.starts_with("0,0,1,1,0"));
+            }
+            v => panic!("{v:?}"),
+        }
+        for name in [
+            "kvm/query-stats.vcpu.kvm",
+            "kvm/query-stats.vcpu.kvm.vcpu0",
+            "kvm/query-stats.vcpu.kvm.names",
+        ] {
+            let rows = stats_rows(ret(name)).unwrap();
+            assert!(!rows.is_empty(), "{name}");
+            assert!(rows.iter().all(|r| r.qom_path.is_some()), "{name}");
+        }
+        let names = stats_rows(ret("kvm/query-stats.vcpu.kvm.names")).unwrap();
+        assert_eq!(
+            field(&names[0].fields, "kvm_halt_wait_ns"),
+            &Value::U64(33947889834)
+        );
+    }
+
+    #[test]
+    fn tcg_stats_are_empty_not_an_error() {
+        for name in [
+            "tcg/query-stats.vm",
+            "tcg/query-stats.vcpu",
+            "kvm/query-stats.cryptodev",
+        ] {
+            assert!(stats_rows(ret(name)).unwrap().is_empty(), "{name}");
+        }
+    }
+
+    #[test]
+    fn blockstats_with_blockdev_naming() {
+        let rows = block_rows(ret("tcg/query-blockstats")).unwrap();
+        assert_eq!(rows.len(), 1);
+        let f = &rows[0].fields;
+        assert_eq!(rows[0].device, "vblk0");
+        assert_eq!(field(f, "node_name"), &Value::Str("disk0".into()));
+        // The lab's dd: 32 MiB written and 32 MiB (+ the boot probe) read, O_DIRECT.
+        assert_eq!(field(f, "write_bytes"), &Value::U64(33554432));
+        assert_eq!(field(f, "read_bytes"), &Value::U64(33559040));
+        assert_eq!(field(f, "write_ops"), &Value::U64(32));
+        let kvm = block_rows(ret("kvm/query-blockstats")).unwrap();
+        assert_eq!(kvm[0].device, "vblk0");
+        // query-nodes=true lists nodes by node-name only.
+        let nodes = block_rows(ret("tcg/query-blockstats.nodes")).unwrap();
+        let names: Vec<_> = nodes.iter().map(|r| r.device.as_str()).collect();
+        assert_eq!(names, vec!["disk0-file", "disk0"]);
+    }
+
+    #[test]
+    fn error_replies_of_both_captures() {
+        for acc in ["kvm", "tcg"] {
+            let m = parse_message(fixture(&format!("{acc}/error.unknown-command.json")).trim())
+                .unwrap();
+            assert!(
+                matches!(m, Message::Error { ref class, .. } if class == "CommandNotFound"),
+                "{m:?}"
+            );
+            let m = parse_message(fixture(&format!("{acc}/error.bad-stats-target.json")).trim())
+                .unwrap();
+            assert!(
+                matches!(m, Message::Error { ref class, ref desc, .. }
+                if class == "GenericError" && desc.contains("nonsense")),
+                "{m:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn boot_events_and_replies_interleaved() {
+        let text = fixture("tcg/events.boot.jsonl");
+        let mut names = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            match parse_message(line).unwrap() {
+                Message::Event {
+                    name,
+                    data,
+                    timestamp_us,
+                } => {
+                    assert!(timestamp_us.unwrap() > 1_700_000_000_000_000);
+                    if name == "VSERPORT_CHANGE" {
+                        assert_eq!(data["id"], "gaport");
+                        assert_eq!(data["open"], true);
+                    }
+                    names.push(name);
+                }
+                Message::Return { .. } | Message::Greeting { .. } => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            names,
+            vec![
+                "NIC_RX_FILTER_CHANGED",
+                "NIC_RX_FILTER_CHANGED",
+                "VSERPORT_CHANGE",
+                "STOP",
+                "RESUME"
+            ]
+        );
+    }
+
     #[test]
     fn error_and_event_shapes() {
         let m = parse_message(
@@ -394,10 +652,9 @@ mod tests {
                 desc: "nope".into()
             }
         );
-        let m = parse_message(
-            r#"{"timestamp": {"seconds": -1, "microseconds": -1}, "event": "STOP"}"#,
-        )
-        .unwrap();
+        let m =
+            parse_message(r#"{"timestamp": {"seconds": -1, "microseconds": -1}, "event": "STOP"}"#)
+                .unwrap();
         assert_eq!(
             m,
             Message::Event {
@@ -419,7 +676,10 @@ mod tests {
 
     #[test]
     fn column_names_are_sanitized() {
-        assert_eq!(column(&["cryptodev", "asym-sign-bytes"]), "cryptodev_asym_sign_bytes");
+        assert_eq!(
+            column(&["cryptodev", "asym-sign-bytes"]),
+            "cryptodev_asym_sign_bytes"
+        );
         assert_eq!(column(&["kvm", "x\"y\n"]), "kvm_x_y_");
     }
 }

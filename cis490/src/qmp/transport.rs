@@ -67,9 +67,7 @@ impl QmpConn {
         let deadline = Instant::now() + timeout;
         let stream = UnixStream::connect(path)
             .map_err(|e| transport(format!("connect {}: {e}", path.display())))?;
-        stream
-            .set_write_timeout(Some(timeout))
-            .map_err(transport)?;
+        stream.set_write_timeout(Some(timeout)).map_err(transport)?;
         let mut c = QmpConn {
             stream,
             buf: Vec::with_capacity(16 * 1024),
@@ -84,7 +82,11 @@ impl QmpConn {
                     break;
                 }
                 Some(_) => return Err(transport("first message is not the QMP greeting")),
-                None => return Err(transport("no QMP greeting (socket busy with another client?)")),
+                None => {
+                    return Err(transport(
+                        "no QMP greeting (socket busy with another client?)",
+                    ))
+                }
             }
         }
         c.execute_until("qmp_capabilities", None, deadline)?;
@@ -142,7 +144,10 @@ impl QmpConn {
                     data,
                     timestamp_us,
                 }),
-                Message::Return { id: Some(Json::String(r)), value } if r == id => return Ok(value),
+                Message::Return {
+                    id: Some(Json::String(r)),
+                    value,
+                } if r == id => return Ok(value),
                 Message::Error {
                     id: Some(Json::String(r)),
                     class,
