@@ -40,9 +40,12 @@ fn hostile_agent_input_is_bounded_counted_and_survived() {
         s.write_all(good(2).as_bytes()).unwrap();
         s.write_all(b"{\"seq\":\"\xff\xfe\xfd\"}\n").unwrap();
         s.write_all(b"{\"seq\":3,\"x\":\"a\0b\"}\n").unwrap();
-        s.write_all(format!("{}{}\n", "[".repeat(10_000), "]".repeat(10_000)).as_bytes()).unwrap();
-        s.write_all(format!("{}1{}\n", "{\"a\":".repeat(10_000), "}".repeat(10_000)).as_bytes()).unwrap();
-        s.write_all(b"[1,2,3]\n\"just a string\"\n{\"unterminated\":\n").unwrap();
+        s.write_all(format!("{}{}\n", "[".repeat(10_000), "]".repeat(10_000)).as_bytes())
+            .unwrap();
+        s.write_all(format!("{}1{}\n", "{\"a\":".repeat(10_000), "}".repeat(10_000)).as_bytes())
+            .unwrap();
+        s.write_all(b"[1,2,3]\n\"just a string\"\n{\"unterminated\":\n")
+            .unwrap();
         s.write_all(good(4).as_bytes()).unwrap();
         // Flood: 100 000 lines/s for 2 s, in batches of 1 000 every 10 ms.
         let start = Instant::now();
@@ -88,8 +91,17 @@ fn hostile_agent_input_is_bounded_counted_and_survived() {
     let child = spawn_trace(
         &root,
         &[
-            "--qemu-pid", &pid, "--duration", "10", "--rate-hz", "20", "--backend", "proc",
-            "--no-qmp", "--agent", sock.to_str().unwrap(),
+            "--qemu-pid",
+            &pid,
+            "--duration",
+            "10",
+            "--rate-hz",
+            "20",
+            "--backend",
+            "proc",
+            "--no-qmp",
+            "--agent",
+            sock.to_str().unwrap(),
         ],
     );
     let cis_pid = child.id();
@@ -105,27 +117,57 @@ fn hostile_agent_input_is_bounded_counted_and_survived() {
     let (ok, dir, stderr) = wait_trace(child, Duration::from_secs(60));
     let peak_kb = watcher.join().unwrap();
     assert!(ok, "trace failed: {stderr}");
-    assert!(server_done.load(Ordering::SeqCst), "fake agent did not finish");
+    assert!(
+        server_done.load(Ordering::SeqCst),
+        "fake agent did not finish"
+    );
     drop(server);
 
     assert!(dir.join("done.marker").exists());
     let meta = read_json(&dir.join("meta.json"));
     let agent = source_meta(&meta, "agent");
     let rejects = &agent["rejects"];
-    eprintln!("agent meta: {agent}\npeak VmHWM {peak_kb} KiB, flood lines sent {}", flood_lines.load(Ordering::SeqCst));
-    for reason in ["too_long", "invalid_utf8", "nul", "too_deep", "not_object", "invalid_json", "partial_line"] {
-        assert!(rejects[reason].as_u64().unwrap() >= 1, "no {reason} reject counted: {rejects}");
+    eprintln!(
+        "agent meta: {agent}\npeak VmHWM {peak_kb} KiB, flood lines sent {}",
+        flood_lines.load(Ordering::SeqCst)
+    );
+    for reason in [
+        "too_long",
+        "invalid_utf8",
+        "nul",
+        "too_deep",
+        "not_object",
+        "invalid_json",
+        "partial_line",
+    ] {
+        assert!(
+            rejects[reason].as_u64().unwrap() >= 1,
+            "no {reason} reject counted: {rejects}"
+        );
     }
     assert_eq!(rejects["too_deep"], 2);
     assert!(rejects["not_object"].as_u64().unwrap() >= 2);
     // The flood is limited to ~1000 lines/s: most of 200 000 lines are dropped unparsed.
-    assert!(rejects["rate_limited"].as_u64().unwrap() > 100_000, "{rejects}");
-    assert!(agent["connects"].as_u64().unwrap() >= 2, "reader did not reconnect: {agent}");
+    assert!(
+        rejects["rate_limited"].as_u64().unwrap() > 100_000,
+        "{rejects}"
+    );
+    assert!(
+        agent["connects"].as_u64().unwrap() >= 2,
+        "reader did not reconnect: {agent}"
+    );
 
     let rows = read_jsonl(&dir.join("telemetry-agent.jsonl"));
-    let seqs: Vec<u64> = rows.iter().filter_map(|r| r["guest_seq"].as_u64()).collect();
+    let seqs: Vec<u64> = rows
+        .iter()
+        .filter_map(|r| r["guest_seq"].as_u64())
+        .collect();
     for want in [1, 2, 4, 1000, 1009, 2000, 2009] {
-        assert!(seqs.contains(&want), "good line {want} missing; got {} rows", seqs.len());
+        assert!(
+            seqs.contains(&want),
+            "good line {want} missing; got {} rows",
+            seqs.len()
+        );
     }
     assert!(!seqs.contains(&3) && !seqs.contains(&99));
     assert!(rows.len() < 5000, "flood not bounded: {} rows", rows.len());
@@ -133,14 +175,22 @@ fn hostile_agent_input_is_bounded_counted_and_survived() {
     for r in &rows {
         assert_eq!(r["source"], "agent");
         assert_eq!(r["available_in_deployment"], true);
-        assert!(r.as_object().unwrap().values().all(|v| !v.is_object() && !v.is_array()));
+        assert!(r
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|v| !v.is_object() && !v.is_array()));
     }
 
     // Rejects are reported as events, at most about one per second.
     let events = read_jsonl(&dir.join("events.jsonl"));
     let rej = events_named(&events, "agent_rejects");
     assert!(!rej.is_empty());
-    assert!(rej.len() <= 14, "{} agent_rejects events in 10 s", rej.len());
+    assert!(
+        rej.len() <= 14,
+        "{} agent_rejects events in 10 s",
+        rej.len()
+    );
     assert!(!events_named(&events, "source_stale").is_empty());
 
     // Fixed memory: a reader that buffered the 10 MiB line (and parsed it) would need
@@ -152,6 +202,9 @@ fn hostile_agent_input_is_bounded_counted_and_survived() {
     let scheduled = result["ticks_scheduled"].as_u64().unwrap();
     let missed = result["ticks_missed"].as_u64().unwrap();
     assert!(scheduled >= 150, "{result}");
-    assert!(missed * 10 <= scheduled, "host sampler missed {missed} of {scheduled} ticks");
+    assert!(
+        missed * 10 <= scheduled,
+        "host sampler missed {missed} of {scheduled} ticks"
+    );
     assert!(source_meta(&meta, "proc")["rows"].as_u64().unwrap() > 0);
 }

@@ -176,11 +176,13 @@ impl TestVm {
         use std::io::Write;
         let mut s = std::os::unix::net::UnixStream::connect(self.get("CONSOLE"))
             .expect("connect console socket");
-        s.write_all(format!("{cmd}\n").as_bytes()).expect("write console");
+        s.write_all(format!("{cmd}\n").as_bytes())
+            .expect("write console");
         let log = PathBuf::from(self.get("CONSOLE_LOG"));
         let t = Instant::now();
         loop {
-            let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
+            let text =
+                String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
             if text.contains(marker) {
                 return text;
             }

@@ -37,8 +37,13 @@ fn reply(cmd: &str, id: &Value) -> String {
 }
 
 fn stats_reply(target: &str, id: &Value) -> String {
-    let file = if target == "vm" { "kvm/query-stats.vm.json" } else { "kvm/query-stats.vcpu.json" };
-    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(fixture(file)).unwrap()).unwrap();
+    let file = if target == "vm" {
+        "kvm/query-stats.vm.json"
+    } else {
+        "kvm/query-stats.vcpu.json"
+    };
+    let mut v: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(file)).unwrap()).unwrap();
     v["id"] = id.clone();
     format!("{v}\n")
 }
@@ -48,7 +53,9 @@ fn stats_reply(target: &str, id: &Value) -> String {
 fn serve(s: UnixStream, polls: &AtomicU64, stall_after: Option<u64>, stall_for: Duration) {
     let mut w = s.try_clone().unwrap();
     let greeting = std::fs::read_to_string(fixture("tcg/greeting.json")).unwrap();
-    if w.write_all(format!("{}\n", greeting.trim()).as_bytes()).is_err() {
+    if w.write_all(format!("{}\n", greeting.trim()).as_bytes())
+        .is_err()
+    {
         return;
     }
     for line in BufReader::new(s).lines() {
@@ -81,7 +88,9 @@ fn serve(s: UnixStream, polls: &AtomicU64, stall_after: Option<u64>, stall_for: 
 }
 
 fn t_of(rows: &[Value]) -> Vec<u64> {
-    rows.iter().map(|r| r["t_mono_ns"].as_u64().unwrap()).collect()
+    rows.iter()
+        .map(|r| r["t_mono_ns"].as_u64().unwrap())
+        .collect()
 }
 
 #[test]
@@ -118,8 +127,21 @@ fn stalled_then_closed_then_returning_qmp_server() {
     let root = tmp.path().join("data");
     let child = spawn_trace(
         &root,
-        &["--qemu-pid", &pid, "--duration", "12", "--rate-hz", "20", "--backend", "proc",
-          "--no-agent", "--qmp", sock.to_str().unwrap(), "--qmp-rate-hz", "10"],
+        &[
+            "--qemu-pid",
+            &pid,
+            "--duration",
+            "12",
+            "--rate-hz",
+            "20",
+            "--backend",
+            "proc",
+            "--no-agent",
+            "--qmp",
+            sock.to_str().unwrap(),
+            "--qmp-rate-hz",
+            "10",
+        ],
     );
     let (ok, dir, stderr) = wait_trace(child, Duration::from_secs(60));
     assert!(ok, "trace failed: {stderr}");
@@ -152,14 +174,25 @@ fn stalled_then_closed_then_returning_qmp_server() {
     assert!(!recovered.is_empty(), "qmp never recovered");
     let stale_t = stale[0]["t_mono_ns"].as_u64().unwrap();
     let recovered_t = recovered.last().unwrap()["t_mono_ns"].as_u64().unwrap();
-    assert!(recovered_t > stale_t + 2_000_000_000, "stale {stale_t} recovered {recovered_t}");
-    assert!(events_named(&events, "qmp_event").iter().any(|e| e["qmp_event"] == "STOP"));
+    assert!(
+        recovered_t > stale_t + 2_000_000_000,
+        "stale {stale_t} recovered {recovered_t}"
+    );
+    assert!(events_named(&events, "qmp_event")
+        .iter()
+        .any(|e| e["qmp_event"] == "STOP"));
 
     // Rows before the stall and after the recovery; vm, vcpu and block kinds.
     let rows = read_jsonl(&dir.join("telemetry-qmp.jsonl"));
     let ts = t_of(&rows);
-    assert!(ts.iter().any(|&t| t < stale_t), "no qmp rows before the stall");
-    assert!(ts.iter().any(|&t| t > recovered_t), "no qmp rows after recovery");
+    assert!(
+        ts.iter().any(|&t| t < stale_t),
+        "no qmp rows before the stall"
+    );
+    assert!(
+        ts.iter().any(|&t| t > recovered_t),
+        "no qmp rows after recovery"
+    );
     assert!(ts.windows(2).all(|w| w[0] <= w[1]), "t_mono_ns decreased");
     let kinds = |k: &str| rows.iter().filter(|r| r["kind"] == k).count();
     assert!(kinds("vm") > 0 && kinds("vcpu") > 0 && kinds("block") > 0);
@@ -179,8 +212,14 @@ fn stalled_then_closed_then_returning_qmp_server() {
             t > stale_t.saturating_sub(3_000_000_000) && t < recovered_t
         })
         .count();
-    assert!(during > 20, "only {during} proc rows while QMP was stalled/gone");
+    assert!(
+        during > 20,
+        "only {during} proc rows while QMP was stalled/gone"
+    );
     let scheduled = meta["result"]["ticks_scheduled"].as_u64().unwrap();
     let missed = meta["result"]["ticks_missed"].as_u64().unwrap();
-    assert!(missed * 10 <= scheduled, "host sampler missed {missed} of {scheduled}");
+    assert!(
+        missed * 10 <= scheduled,
+        "host sampler missed {missed} of {scheduled}"
+    );
 }

@@ -15,7 +15,10 @@ fn trace_real_vm_with_all_sources_until_qemu_is_killed() {
     let root = tmp.path().join("data");
     let started = Instant::now();
     // No --qmp/--agent: both sockets are found in QEMU's command line.
-    let child = spawn_trace(&root, &["--qemu-pid", &qemu_pid.to_string(), "--rate-hz", "10"]);
+    let child = spawn_trace(
+        &root,
+        &["--qemu-pid", &qemu_pid.to_string(), "--rate-hz", "10"],
+    );
 
     std::thread::sleep(Duration::from_secs(3));
     // The guest writes DD_MIB MiB with O_DIRECT to its virtio disk.
@@ -31,10 +34,18 @@ fn trace_real_vm_with_all_sources_until_qemu_is_killed() {
     assert_eq!(unsafe { libc::kill(qemu_pid as i32, libc::SIGKILL) }, 0);
     let (ok, dir, stderr) = wait_trace(child, Duration::from_secs(30));
     assert!(ok, "trace failed: {stderr}");
-    assert!(dir.join("done.marker").exists(), "no done.marker in {}", dir.display());
+    assert!(
+        dir.join("done.marker").exists(),
+        "no done.marker in {}",
+        dir.display()
+    );
 
     let meta = read_json(&dir.join("meta.json"));
-    assert_eq!(meta["result"]["end_reason"], "target_exit", "{}", meta["result"]);
+    assert_eq!(
+        meta["result"]["end_reason"], "target_exit",
+        "{}",
+        meta["result"]
+    );
     let events = read_jsonl(&dir.join("events.jsonl"));
     assert_eq!(events_named(&events, "target_exit").len(), 1);
     assert!(meta["host_fingerprint"]["qemu_version"]
@@ -50,9 +61,15 @@ fn trace_real_vm_with_all_sources_until_qemu_is_killed() {
     let proc_rows = read_jsonl(&dir.join("telemetry-proc.jsonl"));
     for t in &threads {
         let (idx, tid) = (t["index"].as_u64().unwrap(), t["tid"].as_u64().unwrap());
-        let rows: Vec<_> = proc_rows.iter().filter(|r| r["tid"].as_u64() == Some(tid)).collect();
+        let rows: Vec<_> = proc_rows
+            .iter()
+            .filter(|r| r["tid"].as_u64() == Some(tid))
+            .collect();
         assert!(!rows.is_empty(), "no proc rows for vCPU thread {tid}");
-        assert!(rows[0]["comm"].as_str().unwrap().starts_with(&format!("CPU {idx}/")));
+        assert!(rows[0]["comm"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("CPU {idx}/")));
         assert!(
             rows.iter().any(|r| r["vcpu"].as_u64() == Some(idx)),
             "proc rows of tid {tid} never got vcpu {idx}"
@@ -61,7 +78,9 @@ fn trace_real_vm_with_all_sources_until_qemu_is_killed() {
 
     // QMP: run state rows, and the guest's dd in the virtio disk's blockstats.
     let qmp = read_jsonl(&dir.join("telemetry-qmp.jsonl"));
-    assert!(qmp.iter().any(|r| r["kind"] == "vm" && r["run_status"] == "running"));
+    assert!(qmp
+        .iter()
+        .any(|r| r["kind"] == "vm" && r["run_status"] == "running"));
     let wr: Vec<u64> = qmp
         .iter()
         .filter(|r| r["kind"] == "block" && r["device"] == "vblk0")
@@ -69,23 +88,40 @@ fn trace_real_vm_with_all_sources_until_qemu_is_killed() {
         .collect();
     assert!(wr.len() > 10, "{} block rows", wr.len());
     let grown = wr.last().unwrap() - wr.first().unwrap();
-    assert!(grown >= DD_MIB << 20, "vblk0 write_bytes grew by {grown} only");
-    assert!(wr.windows(2).all(|w| w[0] <= w[1]), "write_bytes not cumulative");
+    assert!(
+        grown >= DD_MIB << 20,
+        "vblk0 write_bytes grew by {grown} only"
+    );
+    assert!(
+        wr.windows(2).all(|w| w[0] <= w[1]),
+        "write_bytes not cumulative"
+    );
 
     // Agent: rows with increasing guest seq, and the guest saw its own dd too.
     let agent = read_jsonl(&dir.join("telemetry-agent.jsonl"));
     assert!(agent.len() > 20, "{} agent rows", agent.len());
-    let seqs: Vec<u64> = agent.iter().map(|r| r["guest_seq"].as_u64().unwrap()).collect();
-    assert!(seqs.windows(2).all(|w| w[1] > w[0]), "guest seq not increasing: {seqs:?}");
+    let seqs: Vec<u64> = agent
+        .iter()
+        .map(|r| r["guest_seq"].as_u64().unwrap())
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[1] > w[0]),
+        "guest seq not increasing: {seqs:?}"
+    );
     let gw: Vec<u64> = agent
         .iter()
         .filter_map(|r| r["guest_disk_vda_write_bytes"].as_u64())
         .collect();
     assert!(gw.last().unwrap() - gw.first().unwrap() >= DD_MIB << 20);
-    assert!(agent.iter().all(|r| r["guest_t_guest_ns"].is_u64() && r["guest_mono_ns"].is_u64()));
+    assert!(agent
+        .iter()
+        .all(|r| r["guest_t_guest_ns"].is_u64() && r["guest_mono_ns"].is_u64()));
 
     for name in ["proc", "qmp", "agent"] {
-        assert!(source_meta(&meta, name)["rows"].as_u64().unwrap() > 0, "{name}");
+        assert!(
+            source_meta(&meta, name)["rows"].as_u64().unwrap() > 0,
+            "{name}"
+        );
     }
     // VSERPORT_CHANGE etc. arrive as qmp_event; not guaranteed in this window, so only
     // check that the QMP connection itself was announced.

@@ -75,18 +75,13 @@ impl QmpConn {
             greeting_version: None,
             events: Vec::new(),
         };
-        loop {
-            match c.read_message(deadline)? {
-                Some(Message::Greeting { version }) => {
-                    c.greeting_version = version;
-                    break;
-                }
-                Some(_) => return Err(transport("first message is not the QMP greeting")),
-                None => {
-                    return Err(transport(
-                        "no QMP greeting (socket busy with another client?)",
-                    ))
-                }
+        match c.read_message(deadline)? {
+            Some(Message::Greeting { version }) => c.greeting_version = version,
+            Some(_) => return Err(transport("first message is not the QMP greeting")),
+            None => {
+                return Err(transport(
+                    "no QMP greeting (socket busy with another client?)",
+                ))
             }
         }
         c.execute_until("qmp_capabilities", None, deadline)?;
