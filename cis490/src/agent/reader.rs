@@ -13,7 +13,6 @@
 //! first line after a connect (written while no host listened) stays recognizable.
 
 use std::io::Read;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -182,7 +181,7 @@ impl Worker {
         let mut stale = false;
         let mut fatal = None;
         'outer: while !self.stop.load(Ordering::SeqCst) {
-            let mut stream = match UnixStream::connect(&self.cfg.socket) {
+            let mut stream = match crate::qmp::transport::connect_unix(&self.cfg.socket) {
                 Ok(s) => s,
                 Err(e) => {
                     self.shared.errors.fetch_add(1, Ordering::Relaxed);

@@ -65,7 +65,7 @@ impl QmpConn {
     /// Connect, read the greeting, and enter command mode, all within `timeout`.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
         let deadline = Instant::now() + timeout;
-        let stream = UnixStream::connect(path)
+        let stream = connect_unix(path)
             .map_err(|e| transport(format!("connect {}: {e}", path.display())))?;
         stream.set_write_timeout(Some(timeout)).map_err(transport)?;
         let mut c = QmpConn {
@@ -216,5 +216,146 @@ impl QmpConn {
                 Err(e) => return Err(transport(format!("QMP read: {e}"))),
             }
         }
+    }
+}
+
+/// Connect to a Unix stream socket without ever blocking: a peer whose listen backlog is
+/// full (a QEMU main loop that stopped accepting) gives an error instead of a hang.
+pub fn connect_unix(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data; zeroed is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain socket(2); the fd is owned by the UnixStream right after.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket nothing else owns.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
+    let rc = unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixListener;
+
+    /// A scripted server: greeting, then for each request the closure's answer lines.
+    fn server(
+        script: impl Fn(&str, usize) -> Vec<u8> + Send + 'static,
+    ) -> (tempfile::TempDir, PathBufGuard) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut w = s.try_clone().unwrap();
+            w.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}, \"package\": \"\"}, \"capabilities\": [\"oob\"]}}\n").unwrap();
+            for (i, line) in BufReader::new(s).lines().enumerate() {
+                let line = line.unwrap();
+                let id = serde_json::from_str::<Json>(&line).unwrap()["id"].to_string();
+                if w.write_all(&script(&id, i)).is_err() {
+                    return;
+                }
+            }
+        });
+        (dir, PathBufGuard(path))
+    }
+
+    struct PathBufGuard(std::path::PathBuf);
+
+    #[test]
+    fn events_and_stray_replies_are_sorted_out_by_id() {
+        let (_d, p) = server(|id, i| {
+            match i {
+            0 => format!("{{\"return\": {{}}, \"id\": {id}}}\n").into_bytes(),
+            _ => format!(
+                "{{\"timestamp\": {{\"seconds\": 1, \"microseconds\": 2}}, \"event\": \"RESUME\"}}\n\
+                 {{\"return\": 99, \"id\": \"someone-else\"}}\n{{\"return\": {{\"ok\": 1}}, \"id\": {id}}}\n"
+            )
+            .into_bytes(),
+        }
+        });
+        let mut c = QmpConn::connect(&p.0, Duration::from_secs(5)).unwrap();
+        assert_eq!(c.greeting_version.as_deref(), Some("10.0.2"));
+        let v = c
+            .execute("query-status", None, Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(v["ok"], 1);
+        assert_eq!(c.events.len(), 1);
+        assert_eq!(c.events[0].name, "RESUME");
+        assert_eq!(c.events[0].timestamp_us, Some(1_000_002));
+    }
+
+    #[test]
+    fn command_errors_keep_the_connection_garbage_and_stalls_do_not() {
+        let (_d, p) = server(|id, i| {
+            match i {
+            0 => format!("{{\"return\": {{}}, \"id\": {id}}}\n").into_bytes(),
+            1 => format!("{{\"id\": {id}, \"error\": {{\"class\": \"CommandNotFound\", \"desc\": \"no\"}}}}\n").into_bytes(),
+            2 => b"this is not json\n".to_vec(),
+            _ => Vec::new(),
+        }
+        });
+        let mut c = QmpConn::connect(&p.0, Duration::from_secs(5)).unwrap();
+        let e = c.execute("nope", None, Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(e, QmpError::Command { ref class, .. } if class == "CommandNotFound"));
+        let e = c
+            .execute("query-status", None, Duration::from_secs(5))
+            .unwrap_err();
+        assert!(
+            matches!(e, QmpError::Transport(ref m) if m.contains("bad QMP line")),
+            "{e}"
+        );
+        // Silence: the deadline holds.
+        let t = Instant::now();
+        let e = c
+            .execute("query-status", None, Duration::from_millis(300))
+            .unwrap_err();
+        assert!(
+            matches!(e, QmpError::Transport(ref m) if m.contains("no reply in time")),
+            "{e}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_socket_that_never_greets_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mute.sock");
+        let _l = UnixListener::bind(&path).unwrap();
+        let t = Instant::now();
+        let e = QmpConn::connect(&path, Duration::from_millis(300))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("no QMP greeting"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(2));
+        assert!(connect_unix(&dir.path().join("absent.sock")).is_err());
     }
 }
