@@ -86,6 +86,21 @@ pub struct StartOpts {
     pub timeout_s: u64,
 }
 
+impl Default for StartOpts {
+    /// The same defaults as the command line (for `xtask demo` and other callers).
+    fn default() -> Self {
+        Self {
+            run_dir: None,
+            smp: 2,
+            mem_mib: 256,
+            disk_mib: 64,
+            accel: "auto".into(),
+            agent_rate_hz: 10,
+            timeout_s: 60,
+        }
+    }
+}
+
 pub fn run(cmd: VmCommand) -> anyhow::Result<()> {
     match cmd {
         VmCommand::Start { opts } => {

@@ -99,6 +99,9 @@ pub fn snapshot(root: &Path, seq: u64, clk_tck: u64, out: &mut String) {
     format_loadavg(loadavg.trim(), out);
     format_meminfo(&read("proc/meminfo"), out);
     format_stat(&read("proc/stat"), clk_tck, out);
+    if let Some(n) = count_processes(&root.join("proc")) {
+        let _ = write!(out, ",\"processes_count\":{n}");
+    }
     format_net_dev(&read("proc/net/dev"), out);
     format_diskstats(&read("proc/diskstats"), out);
     out.push('}');
@@ -191,6 +194,20 @@ pub fn format_stat(text: &str, clk_tck: u64, out: &mut String) {
     }
 }
 
+/// Live processes (thread groups): the numeric directories of /proc.
+pub fn count_processes(proc_dir: &Path) -> Option<u64> {
+    let n = std::fs::read_dir(proc_dir)
+        .ok()?
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .count();
+    Some(n as u64)
+}
+
 /// Interface and disk names become part of column names: keep them to a safe alphabet.
 fn name_ok(name: &str) -> bool {
     !name.is_empty()
@@ -274,6 +291,7 @@ mod tests {
         assert!(o["meminfo_total_kb"].as_u64().unwrap() > 0);
         assert!(o["cpu_user_ns"].as_u64().is_some());
         assert!(o["threads_count"].as_u64().unwrap() > 0);
+        assert!(o["processes_count"].as_u64().unwrap() > 0);
         assert!(o.values().all(|v| !v.is_object() && !v.is_array()));
     }
 
