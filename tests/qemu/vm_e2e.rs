@@ -21,6 +21,21 @@ fn trace_real_vm_with_all_sources_until_qemu_is_killed() {
     );
 
     std::thread::sleep(Duration::from_secs(3));
+    // QMP's start facts are in meta.json while the capture runs (not only at the end).
+    let live_dir = std::fs::read_dir(root.join("episodes"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let live_meta = read_json(&live_dir.join("meta.json"));
+    assert!(live_meta["result"].is_null(), "capture already ended");
+    assert!(
+        live_meta["host_fingerprint"]["qemu_version"].is_string(),
+        "start meta.json lacks QMP facts: {}",
+        live_meta["host_fingerprint"]
+    );
+    assert_eq!(live_meta["vm"]["vcpu_threads"].as_array().unwrap().len(), 2);
     // The guest writes DD_MIB MiB with O_DIRECT to its virtio disk.
     vm.console_run(
         &format!("dd if=/dev/zero of=/dev/vda bs=1M count={DD_MIB} oflag=direct && echo DD-$((40+2))-DONE"),

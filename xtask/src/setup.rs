@@ -10,6 +10,28 @@ pub fn all() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The in-guest agent is a static musl build of cis490 (no C dependencies, so Rust's
+/// self-contained musl target suffices; no musl-gcc needed).
+fn musl_target() -> anyhow::Result<()> {
+    const T: &str = "x86_64-unknown-linux-musl";
+    let installed = output("rustup", &["target", "list", "--installed"]);
+    match installed {
+        Some(list) if list.lines().any(|l| l.trim() == T) => Ok(()),
+        Some(_) => {
+            let status = Command::new("rustup")
+                .args(["target", "add", T])
+                .status()
+                .context("running rustup")?;
+            if !status.success() {
+                bail!("rustup target add {T} failed: {status}");
+            }
+            Ok(())
+        }
+        // No rustup: trust the toolchain (a missing target fails the agent build clearly).
+        None => Ok(()),
+    }
+}
+
 /// QEMU 10.0.2 comes from bookworm-backports; everything else stays on bookworm.
 const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/cis490-bookworm-backports.sources";
 const BACKPORTS_SOURCES_TEXT: &str = "\
@@ -69,6 +91,7 @@ fn apt(args: &[&str]) -> anyhow::Result<()> {
 /// The test VM's host side: qemu-system-x86 and qemu-utils 10.0.2 from bookworm-backports.
 /// The guest's kernel and busybox are fetched (not installed) by `xtask vm` into target/.
 pub fn vm() -> anyhow::Result<()> {
+    musl_target()?;
     if has_version("qemu-system-x86_64", QEMU_VERSION) && has_version("qemu-img", QEMU_VERSION) {
         return Ok(());
     }

@@ -158,6 +158,14 @@ fn sh(cmd: &mut Command) -> anyhow::Result<String> {
 
 /// The current cloud kernel package, from the meta-package's dependency.
 fn kernel_package() -> anyhow::Result<String> {
+    // Stale or missing apt lists (a fresh machine, an old cache): update once and retry.
+    kernel_package_once().or_else(|_| {
+        sh(Command::new("apt-get").args(["-q", "update"]))?;
+        kernel_package_once()
+    })
+}
+
+fn kernel_package_once() -> anyhow::Result<String> {
     let deps = sh(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]))?;
     deps.lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
@@ -190,9 +198,16 @@ fn fetch_and_extract(pkg: &str) -> anyhow::Result<PathBuf> {
         Some(d) => d,
         None => {
             eprintln!("vm: apt-get download {pkg}");
-            sh(Command::new("apt-get")
-                .args(["-q", "-o", "APT::Sandbox::User=root", "download", pkg])
-                .current_dir(&debs))?;
+            let download = || {
+                sh(Command::new("apt-get")
+                    .args(["-q", "-o", "APT::Sandbox::User=root", "download", pkg])
+                    .current_dir(&debs))
+            };
+            if download().is_err() {
+                // A 404 from outdated lists: refresh them once.
+                sh(Command::new("apt-get").args(["-q", "update"]))?;
+                download()?;
+            }
             find().with_context(|| format!("apt-get download {pkg} left no .deb"))?
         }
     };
