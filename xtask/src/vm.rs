@@ -358,19 +358,17 @@ impl Cpio {
 fn agent_binary() -> PathBuf {
     target_dir()
         .join(MUSL_TARGET)
-        .join("release")
+        .join("guest-agent")
         .join("cis490")
 }
 
-/// Build the static agent. Release without debug info: it is what a deployment would
+/// Build the static agent (profile `guest-agent`: release without debug info): it is what a deployment would
 /// run in the guest, and a small initramfs boots faster under TCG.
 fn build_agent() -> anyhow::Result<PathBuf> {
     util::run(
         Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--locked", "--release", "--target", MUSL_TARGET])
-            .args(["-p", "cis490", "--bin", "cis490"])
-            .env("CARGO_PROFILE_RELEASE_DEBUG", "0")
-            .env("CARGO_PROFILE_RELEASE_STRIP", "symbols"),
+            .args(["build", "--locked", "--profile", "guest-agent"])
+            .args(["--target", MUSL_TARGET, "-p", "cis490", "--bin", "cis490"]),
     )?;
     Ok(agent_binary())
 }
