@@ -84,6 +84,9 @@ pub struct StartOpts {
     /// Seconds to wait for the agent's first line.
     #[arg(long, default_value_t = 60)]
     pub timeout_s: u64,
+    /// Extra guest kernel command-line words (e.g. "loglevel=7" to see the boot).
+    #[arg(long, default_value = "")]
+    pub append: String,
 }
 
 impl Default for StartOpts {
@@ -97,6 +100,7 @@ impl Default for StartOpts {
             accel: "auto".into(),
             agent_rate_hz: 10,
             timeout_s: 60,
+            append: String::new(),
         }
     }
 }
@@ -115,6 +119,7 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<()> {
             let dir = run_dir.unwrap_or_else(default_run_dir);
             match running_pid(&dir) {
                 Some(pid) => {
+                    println!("RUNNING=1");
                     for (k, v) in describe(&dir, pid) {
                         println!("{k}={v}");
                     }
@@ -651,8 +656,8 @@ fn boot(
         .args([
             "-append",
             &format!(
-                "console=ttyS0 quiet panic=-1 cis490.agent_rate_hz={}",
-                opts.agent_rate_hz
+                "console=ttyS0 quiet panic=-1 cis490.agent_rate_hz={} {}",
+                opts.agent_rate_hz, opts.append
             ),
         ]);
     let out = cmd.output().context("starting qemu-system-x86_64")?;
