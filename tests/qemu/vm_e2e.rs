@@ -7,10 +7,36 @@ use cis490_tests::qemu_harness::*;
 
 const DD_MIB: u64 = 8;
 
+/// Connect to the agent socket, read `n` complete lines, hang up; their guest seqs.
+fn agent_lines(sock: &str, n: usize) -> Vec<u64> {
+    use std::io::BufRead;
+    let s = std::os::unix::net::UnixStream::connect(sock).expect("connect agent socket");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut seqs = Vec::new();
+    for line in std::io::BufReader::new(s).lines() {
+        let line = line.expect("agent line");
+        // A line cut by the previous hang-up can arrive first: skip what is not JSON.
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            seqs.push(v["seq"].as_u64().expect("seq"));
+        }
+        if seqs.len() == n {
+            break;
+        }
+    }
+    seqs
+}
+
 #[test]
 fn trace_real_vm_with_all_sources_until_qemu_is_killed() {
     let tmp = tempfile::tempdir().unwrap();
     let vm = TestVm::start(&tmp.path().join("vm"));
+    // The in-guest agent survives hosts that come and go: read, hang up, come back.
+    let first = agent_lines(vm.get("AGENT"), 2);
+    let again = agent_lines(vm.get("AGENT"), 2);
+    assert!(
+        again.last().unwrap() > first.last().unwrap(),
+        "agent did not go on after the host left: {first:?} then {again:?}"
+    );
     let qemu_pid = vm.pid();
     let root = tmp.path().join("data");
     let started = Instant::now();
