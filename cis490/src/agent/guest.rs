@@ -35,6 +35,7 @@ pub fn run(cfg: &AgentConfig) -> std::io::Result<()> {
     let mut line = String::with_capacity(4096);
     let mut next = clock::mono_raw_ns();
     let mut port: Option<std::fs::File> = None;
+    let mut files = ProcFiles::new(&cfg.proc_root);
     loop {
         if cfg.max_lines.is_some_and(|m| seq >= m) {
             return Ok(());
@@ -53,7 +54,7 @@ pub fn run(cfg: &AgentConfig) -> std::io::Result<()> {
             }
         }
         line.clear();
-        snapshot(&cfg.proc_root, seq, clk_tck, &mut line);
+        files.snapshot(seq, clk_tck, &mut line);
         line.push('\n');
         let f = port.as_mut().expect("opened above");
         // Blocks while no host is connected: that is the "wait for the host" behaviour.
@@ -85,26 +86,73 @@ fn clk_tck() -> u64 {
     }
 }
 
-/// Build one line (without the newline) from the files under `root` (normally `/`).
-pub fn snapshot(root: &Path, seq: u64, clk_tck: u64, out: &mut String) {
-    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_default();
-    let mono = clock::mono_raw_ns();
-    let _ = write!(
-        out,
-        "{{\"seq\":{seq},\"t_guest_ns\":{},\"mono_ns\":{mono},\"uptime_s\":{:.2}",
-        clock::wall_ns(),
-        mono as f64 / 1e9
-    );
-    let loadavg = read("proc/loadavg");
-    format_loadavg(loadavg.trim(), out);
-    format_meminfo(&read("proc/meminfo"), out);
-    format_stat(&read("proc/stat"), clk_tck, out);
-    if let Some(n) = count_processes(&root.join("proc")) {
-        let _ = write!(out, ",\"processes_count\":{n}");
+/// The /proc files read every tick, kept open and re-read from offset 0: a tick then
+/// costs no path lookups or opens, only the kernel generating the files (the agent runs
+/// in the guest at 10 Hz; its cost counts).
+pub struct ProcFiles {
+    root: PathBuf,
+    files: [Option<std::fs::File>; 5],
+    bufs: [String; 5],
+}
+
+const FILES: [&str; 5] = [
+    "proc/loadavg",
+    "proc/meminfo",
+    "proc/stat",
+    "proc/net/dev",
+    "proc/diskstats",
+];
+
+impl ProcFiles {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_owned(),
+            files: Default::default(),
+            bufs: Default::default(),
+        }
     }
-    format_net_dev(&read("proc/net/dev"), out);
-    format_diskstats(&read("proc/diskstats"), out);
-    out.push('}');
+
+    fn refresh(&mut self, i: usize) {
+        use std::io::{Read, Seek, SeekFrom};
+        self.bufs[i].clear();
+        if self.files[i].is_none() {
+            self.files[i] = std::fs::File::open(self.root.join(FILES[i])).ok();
+        }
+        let ok = match self.files[i].as_mut() {
+            Some(f) => {
+                f.seek(SeekFrom::Start(0)).is_ok() && f.read_to_string(&mut self.bufs[i]).is_ok()
+            }
+            None => false,
+        };
+        if !ok {
+            // Reopen next tick (e.g. /proc/net/dev after a namespace change).
+            self.files[i] = None;
+            self.bufs[i].clear();
+        }
+    }
+
+    /// Build one line (without the newline).
+    pub fn snapshot(&mut self, seq: u64, clk_tck: u64, out: &mut String) {
+        for i in 0..FILES.len() {
+            self.refresh(i);
+        }
+        let mono = clock::mono_raw_ns();
+        let _ = write!(
+            out,
+            "{{\"seq\":{seq},\"t_guest_ns\":{},\"mono_ns\":{mono},\"uptime_s\":{:.2}",
+            clock::wall_ns(),
+            mono as f64 / 1e9
+        );
+        format_loadavg(self.bufs[0].trim(), out);
+        format_meminfo(&self.bufs[1], out);
+        format_stat(&self.bufs[2], clk_tck, out);
+        if let Some(n) = count_processes(&self.root.join("proc")) {
+            let _ = write!(out, ",\"processes_count\":{n}");
+        }
+        format_net_dev(&self.bufs[3], out);
+        format_diskstats(&self.bufs[4], out);
+        out.push('}');
+    }
 }
 
 fn push_str(out: &mut String, key: &str, value: &str) {
@@ -282,7 +330,11 @@ mod tests {
     #[test]
     fn a_snapshot_of_this_machine_is_one_flat_json_object() {
         let mut s = String::new();
-        snapshot(Path::new("/"), 7, 100, &mut s);
+        let mut files = ProcFiles::new(Path::new("/"));
+        files.snapshot(6, 100, &mut s);
+        // Re-reading the kept-open files gives fresh, complete values.
+        s.clear();
+        files.snapshot(7, 100, &mut s);
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
         let o = v.as_object().unwrap();
         assert_eq!(o["seq"], 7);
