@@ -133,6 +133,9 @@ impl EventLog {
     /// Append `{t_mono_ns, t_wall_ns, event, ...fields}`. A write failure is remembered
     /// (the episode then ends as `error`) rather than propagated into every caller.
     pub fn emit(&self, event: &str, fields: Value) {
+        // Stamped under the lock: with several threads emitting (sampler, QMP, agent),
+        // stamping first could write a later stamp before an earlier one.
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let stamp = self.clock.stamp();
         let mut obj = Map::new();
         obj.insert("t_mono_ns".into(), stamp.t_mono_ns.into());
@@ -141,7 +144,6 @@ impl EventLog {
         if let Value::Object(extra) = fields {
             obj.extend(extra);
         }
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let res = match inner.writer.as_mut() {
             Some(w) => w.write_value(&Value::Object(obj)).and_then(|()| w.flush()),
             None => return,
