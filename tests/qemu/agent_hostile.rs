@@ -124,6 +124,9 @@ fn hostile_agent_input_is_bounded_counted_and_survived() {
     drop(server);
 
     assert!(dir.join("done.marker").exists());
+    assert_mono_non_decreasing(&dir, "events.jsonl");
+    assert_mono_non_decreasing(&dir, "telemetry-agent.jsonl");
+    assert_mono_non_decreasing(&dir, "telemetry-proc.jsonl");
     let meta = read_json(&dir.join("meta.json"));
     let agent = source_meta(&meta, "agent");
     let rejects = &agent["rejects"];

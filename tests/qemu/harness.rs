@@ -203,3 +203,20 @@ impl Drop for TestVm {
             .status();
     }
 }
+
+/// The contract: `t_mono_ns` never decreases within a file.
+pub fn assert_mono_non_decreasing(dir: &Path, file: &str) {
+    let rows = read_jsonl(&dir.join(file));
+    let t: Vec<u64> = rows
+        .iter()
+        .map(|r| r["t_mono_ns"].as_u64().unwrap())
+        .collect();
+    if let Some(i) = t.windows(2).position(|w| w[1] < w[0]) {
+        panic!(
+            "{file}: t_mono_ns decreases at line {}: {} then {}",
+            i + 2,
+            t[i],
+            t[i + 1]
+        );
+    }
+}

@@ -147,6 +147,9 @@ fn stalled_then_closed_then_returning_qmp_server() {
     assert!(ok, "trace failed: {stderr}");
     let _ = server.join();
     assert!(dir.join("done.marker").exists());
+    assert_mono_non_decreasing(&dir, "events.jsonl");
+    assert_mono_non_decreasing(&dir, "telemetry-qmp.jsonl");
+    assert_mono_non_decreasing(&dir, "telemetry-proc.jsonl");
 
     let meta = read_json(&dir.join("meta.json"));
     assert_eq!(meta["result"]["end_reason"], "duration");

@@ -80,6 +80,14 @@ fn trace_real_vm_with_all_sources_until_qemu_is_killed() {
         "no done.marker in {}",
         dir.display()
     );
+    for f in [
+        "events.jsonl",
+        "telemetry-qmp.jsonl",
+        "telemetry-agent.jsonl",
+        "telemetry-proc.jsonl",
+    ] {
+        assert_mono_non_decreasing(&dir, f);
+    }
 
     let meta = read_json(&dir.join("meta.json"));
     assert_eq!(
