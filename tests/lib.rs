@@ -136,3 +136,6 @@ pub fn send_signal(pid: u32, sig: i32) {
     let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
     assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
 }
+/// Helpers for the QMP / guest-agent / test-VM tests.
+#[path = "qemu/harness.rs"]
+pub mod qemu_harness;

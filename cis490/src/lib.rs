@@ -4,6 +4,7 @@
 //! ([`row::Row`]) stamped on one clock pair ([`clock::EpisodeClock`]) into an episode
 //! directory whose layout is the contract in docs/data-model.md.
 
+pub mod agent;
 pub mod backend;
 pub mod clock;
 pub mod collector;
@@ -13,6 +14,9 @@ pub mod jsonl;
 pub mod labels;
 pub mod ls;
 pub mod procfs;
+pub mod qemu_args;
+pub mod qemu_sources;
+pub mod qmp;
 pub mod report;
 pub mod row;
 pub mod sampler;

@@ -57,6 +57,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// In-guest agent: stream guest stats as JSON lines to a virtio-serial port.
+    Agent {
+        /// The virtio-serial port to write to.
+        #[arg(long, default_value = cis490::agent::guest::DEFAULT_PORT)]
+        port: PathBuf,
+        /// Lines per second.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        rate_hz: u32,
+    },
 }
 
 #[derive(clap::Args)]
@@ -93,6 +102,23 @@ struct TraceArgs {
     /// No live status line on stderr (it is shown only when stderr is a terminal).
     #[arg(long, short)]
     quiet: bool,
+    /// QMP Unix socket (default: found in the QEMU command line: -qmp unix:… or -chardev
+    /// socket + -mon mode=control). Each QMP socket serves one client: give cis490 its own.
+    #[arg(long)]
+    qmp: Option<PathBuf>,
+    /// QMP polling rate (query-stats, query-blockstats, query-status), 1..=100 Hz.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100))]
+    qmp_rate_hz: u32,
+    /// Do not use QMP.
+    #[arg(long, conflicts_with = "qmp")]
+    no_qmp: bool,
+    /// Guest agent chardev socket (default: the socket chardev behind the
+    /// `cis490.guest.agent` virtserialport in the QEMU command line).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// Do not read the guest agent.
+    #[arg(long, conflicts_with = "agent")]
+    no_agent: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -132,6 +158,16 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             output,
         } => cmd_report(&episode_dir, output),
         Command::Ls { data_root, json } => cmd_ls(&data_root, json),
+        Command::Agent { port, rate_hz } => {
+            let cfg = cis490::agent::guest::AgentConfig {
+                port,
+                rate_hz,
+                proc_root: "/".into(),
+                max_lines: None,
+            };
+            cis490::agent::guest::run(&cfg).map_err(|e| Error::io("agent", e))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Mark {
             episode_dir,
             phase,
@@ -182,6 +218,13 @@ fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
         compression: args.compress,
         realtime: args.realtime,
         status_line: !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        qemu: cis490::qemu_sources::QemuSourceOptions {
+            qmp: args.qmp,
+            qmp_rate_hz: args.qmp_rate_hz,
+            no_qmp: args.no_qmp,
+            agent: args.agent,
+            no_agent: args.no_agent,
+        },
     };
     let result = trace::run(cfg, stop)?;
     let code = match &result.error {

@@ -35,6 +35,8 @@ pub struct TraceConfig {
     pub realtime: bool,
     /// Redraw a status line on stderr while capturing (the caller checks for a TTY).
     pub status_line: bool,
+    /// The QMP and guest-agent sources.
+    pub qemu: crate::qemu_sources::QemuSourceOptions,
 }
 
 pub struct TraceResult {
@@ -158,7 +160,15 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
 
     // Sources on their own threads (QMP, guest agent) start here; they share the clock
     // and event log but never the sampler's thread.
-    let background: Vec<Box<dyn BackgroundSource>> = Vec::new();
+    let ctx = crate::collector::SourceContext {
+        dir: dir.clone(),
+        clock,
+        events: events.clone(),
+        vcpus: vcpus.clone(),
+        stop: stop.clone(),
+    };
+    let started = crate::qemu_sources::start(&cfg.qemu, cfg.pid, &meta.vm.qemu_cmdline, &ctx)?;
+    let background: Vec<Box<dyn BackgroundSource>> = started.background;
 
     let live = Arc::new(crate::status::LiveStats::new(
         slots.iter().map(|s| s.collector.source()),
@@ -182,6 +192,18 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
             (sampler, outcome)
         })
         .map_err(|e| Error::io("spawning sampler thread", e))?;
+    // QMP's start facts (version, vCPU threads, RAM) go into meta.json as soon as they
+    // are known; the sampler is already running, and a slow QMP is not waited for long
+    // (the end write catches up).
+    if let Some(h) = &started.qmp_facts {
+        let facts = h.wait(Duration::from_secs(1));
+        if facts.ready {
+            crate::qemu_sources::apply_facts(&mut meta, &facts);
+            if let Err(e) = episode::write_json_atomic(&dir, episode::META, &meta) {
+                tracing::warn!("rewriting meta.json with QMP facts: {e}");
+            }
+        }
+    }
     if cfg.status_line {
         crate::status::run_until(
             || handle.is_finished(),
@@ -207,8 +229,11 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     let pid_alive_at_end = sampler.target.alive();
     let (mut sources, mut stats, mut close_err) = Sampler::close_streams(sampler.slots);
     for b in background {
-        events.emit("source_stopped", json!({"source": b.source()}));
         let (source_meta, file_stats) = b.finish();
+        events.emit(
+            "source_stopped",
+            json!({"source": source_meta.name, "rows": source_meta.rows}),
+        );
         match file_stats {
             Ok(s) => stats.push(s),
             Err(e) => {
@@ -276,6 +301,9 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         end_reason
     };
 
+    if let Some(h) = &started.qmp_facts {
+        crate::qemu_sources::apply_facts(&mut meta, &h.get());
+    }
     meta.ended_at_wall = Some(rfc3339_from_ns(end_stamp.t_wall_ns));
     meta.result = Some(ResultMeta {
         end_reason: end_reason.as_str().into(),

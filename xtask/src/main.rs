@@ -8,6 +8,7 @@ mod bench;
 mod demo;
 mod setup;
 mod util;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +35,11 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// The test VM: start | stop | status | build.
+    Vm {
+        #[command(subcommand)]
+        command: vm::VmCommand,
+    },
     /// Set up, build, and run every test (the command CI runs).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -53,9 +59,20 @@ fn main() -> anyhow::Result<()> {
             setup::all()?;
             bench::run(quick)
         }
+        Command::Vm { command } => {
+            if !matches!(
+                command,
+                vm::VmCommand::Stop { .. } | vm::VmCommand::Status { .. }
+            ) {
+                setup::vm()?;
+            }
+            vm::run(command)
+        }
         Command::Test { cargo_test_args } => {
             setup::all()?;
             util::cargo(&["build", "--locked", "--workspace", "--bins"])?;
+            // The guest kernel + initramfs (with the static agent) the VM tests boot.
+            vm::build_assets()?;
             let mut args = vec!["test", "--locked", "--workspace", "--"];
             // One test at a time: the integration tests trace real busy processes and a
             // real VM on a 2-core machine, and several at once would starve each other's

@@ -1,0 +1,6 @@
+//! The guest agent: the in-guest writer (`cis490 agent`) and the host-side reader of
+//! its virtio-serial stream.
+
+pub mod guest;
+pub mod line;
+pub mod reader;

@@ -1,0 +1,133 @@
+//! Starting the QEMU-facing background sources (`qmp`, `agent`) of a capture, and
+//! copying what QMP learned into meta.json.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::agent::reader::{AgentReader, AgentReaderConfig};
+use crate::collector::{BackgroundSource, SourceContext};
+use crate::episode::meta::{Meta, VcpuThread};
+use crate::qemu_args;
+use crate::qmp::{FactsHandle, QmpConfig, QmpFacts, QmpSource};
+
+#[derive(Debug, Clone)]
+pub struct QemuSourceOptions {
+    /// QMP socket; None = autodetect from the QEMU command line.
+    pub qmp: Option<PathBuf>,
+    pub qmp_rate_hz: u32,
+    pub no_qmp: bool,
+    /// Agent chardev socket; None = autodetect.
+    pub agent: Option<PathBuf>,
+    pub no_agent: bool,
+}
+
+impl Default for QemuSourceOptions {
+    fn default() -> Self {
+        Self {
+            qmp: None,
+            qmp_rate_hz: 10,
+            no_qmp: false,
+            agent: None,
+            no_agent: false,
+        }
+    }
+}
+
+pub struct Started {
+    pub background: Vec<Box<dyn BackgroundSource>>,
+    pub qmp_facts: Option<FactsHandle>,
+}
+
+/// Start what can be started. A source whose socket is neither given nor found in the
+/// command line is skipped with a `source_skipped` event; a given socket that does not
+/// answer yet is kept trying (the source is marked stale meanwhile).
+pub fn start(
+    opts: &QemuSourceOptions,
+    pid: u32,
+    cmdline: &[String],
+    ctx: &SourceContext,
+) -> Result<Started, crate::Error> {
+    let mut background: Vec<Box<dyn BackgroundSource>> = Vec::new();
+    let mut qmp_facts = None;
+    if !opts.no_qmp {
+        let found = opts
+            .qmp
+            .clone()
+            .or_else(|| qemu_args::qmp_socket(cmdline).map(|p| qemu_args::resolve(pid, p)));
+        match found {
+            Some(socket) => {
+                ctx.events.emit(
+                    "source_started",
+                    json!({"source": "qmp", "socket": socket, "rate_hz": opts.qmp_rate_hz,
+                           "autodetected": opts.qmp.is_none()}),
+                );
+                let src = QmpSource::start(
+                    QmpConfig {
+                        socket,
+                        rate_hz: opts.qmp_rate_hz,
+                        // Generous: a loaded host can delay QEMU's main loop for a while.
+                        command_timeout: Duration::from_secs(2),
+                    },
+                    ctx,
+                )?;
+                qmp_facts = Some(src.facts_handle());
+                background.push(Box::new(src));
+            }
+            None => ctx.events.emit(
+                "source_skipped",
+                json!({"source": "qmp", "reason": "no --qmp and no QMP unix socket in the QEMU command line"}),
+            ),
+        }
+    }
+    if !opts.no_agent {
+        let found = opts
+            .agent
+            .clone()
+            .or_else(|| qemu_args::agent_socket(cmdline).map(|p| qemu_args::resolve(pid, p)));
+        match found {
+            Some(socket) => {
+                ctx.events.emit(
+                    "source_started",
+                    json!({"source": "agent", "socket": socket, "autodetected": opts.agent.is_none()}),
+                );
+                background.push(Box::new(AgentReader::start(
+                    AgentReaderConfig { socket },
+                    ctx,
+                )?));
+            }
+            None => ctx.events.emit(
+                "source_skipped",
+                json!({"source": "agent", "reason": format!(
+                    "no --agent and no socket chardev behind a {} virtserialport in the QEMU command line",
+                    qemu_args::AGENT_PORT_NAME)}),
+            ),
+        }
+    }
+    Ok(Started {
+        background,
+        qmp_facts,
+    })
+}
+
+/// Copy QMP's facts into meta (only what QMP actually answered).
+pub fn apply_facts(meta: &mut Meta, f: &QmpFacts) {
+    if f.qemu_version.is_some() {
+        meta.host_fingerprint.qemu_version = f.qemu_version.clone();
+    }
+    if !f.vcpus.is_empty() {
+        meta.vm.vcpus = Some(f.vcpus.len() as u32);
+        meta.vm.vcpu_threads = f
+            .vcpus
+            .iter()
+            .map(|c| VcpuThread {
+                index: c.index,
+                tid: c.tid,
+            })
+            .collect();
+    }
+    if f.ram_mib.is_some() {
+        meta.vm.ram_mib = f.ram_mib;
+    }
+}
