@@ -32,8 +32,8 @@ fn read_clock(id: libc::clockid_t) -> u64 {
 /// interrupted the sleep, so the caller can look at its stop flag.
 pub fn sleep_until_mono(deadline_raw_ns: u64) -> bool {
     let ts = libc::timespec {
-        tv_sec: (deadline_raw_ns / 1_000_000_000) as libc::time_t,
-        tv_nsec: (deadline_raw_ns % 1_000_000_000) as libc::c_long,
+        tv_sec: (deadline_raw_ns / 1_000_000_000) as _,
+        tv_nsec: (deadline_raw_ns % 1_000_000_000) as _,
     };
     // SAFETY: `ts` is a valid timespec; the remaining-time pointer may be null with TIMER_ABSTIME.
     let rc = unsafe {

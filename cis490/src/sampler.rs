@@ -260,7 +260,9 @@ fn tune_sampler_thread(realtime: bool, events: &EventLog) {
     // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
     if realtime {
-        let param = libc::sched_param { sched_priority: 10 };
+        // SAFETY: sched_param is plain data; musl's has extra fields, so start from zero.
+        let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
+        param.sched_priority = 10;
         // SAFETY: sets this thread's own scheduling policy with a valid param.
         let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
         if rc == 0 {

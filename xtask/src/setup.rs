@@ -10,9 +10,13 @@ pub fn all() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The in-guest agent is a static musl build of cis490 (no C dependencies, so Rust's
-/// self-contained musl target suffices; no musl-gcc needed).
+/// The in-guest agent is a static musl build of cis490. Rust's musl target brings its own
+/// libc, but C code in dependencies (zstd-sys) needs musl-gcc: Debian's musl-tools.
 fn musl_target() -> anyhow::Result<()> {
+    if output("x86_64-linux-musl-gcc", &["--version"]).is_none() {
+        eprintln!("setup: installing musl-tools (musl-gcc for C code in the static agent build)");
+        apt_install(&["musl-tools"])?;
+    }
     const T: &str = "x86_64-unknown-linux-musl";
     let installed = output("rustup", &["target", "list", "--installed"]);
     match installed {
@@ -74,6 +78,18 @@ fn write_if_different(path: &str, text: &str) -> anyhow::Result<bool> {
     }
     std::fs::write(path, text).with_context(|| format!("writing {path}"))?;
     Ok(true)
+}
+
+/// `apt-get install` with the package lists refreshed first when the install fails
+/// (a fresh machine's lists may be missing or stale).
+pub fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend_from_slice(pkgs);
+    if apt(&args).is_ok() {
+        return Ok(());
+    }
+    apt(&["update"])?;
+    apt(&args)
 }
 
 fn apt(args: &[&str]) -> anyhow::Result<()> {
