@@ -5,8 +5,10 @@
 //! directory whose layout is the contract in docs/data-model.md.
 
 pub mod backend;
+pub mod bpf;
 pub mod clock;
 pub mod collector;
+pub mod doctor;
 pub mod episode;
 pub mod error;
 pub mod jsonl;

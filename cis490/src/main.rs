@@ -36,6 +36,8 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Check whether the BPF backend works on this machine and what `--backend auto` picks.
+    Doctor,
 }
 
 #[derive(clap::Args)]
@@ -62,6 +64,14 @@ struct TraceArgs {
     /// (and optionally baseline_seconds, infected_seconds, dormant_seconds) for meta.json.
     #[arg(long)]
     meta: Option<PathBuf>,
+    /// Network interface of the VM for the `net` source (repeatable); default: QEMU's
+    /// tap interfaces, detected from its command line and file descriptors.
+    #[arg(long = "net-if", value_name = "NAME")]
+    net_if: Vec<String>,
+    /// Record each BPF program's run count and run time (kernel BPF statistics, on only
+    /// for the capture) in meta.json's result.
+    #[arg(long)]
+    bpf_stats: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -95,6 +105,11 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode, Error> {
     match cli.command {
         Command::Trace(args) => cmd_trace(args),
+        Command::Doctor => {
+            let (checks, verdict) = cis490::doctor::run();
+            print!("{}", cis490::doctor::render(&checks, &verdict));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Mark {
             episode_dir,
             phase,
@@ -142,6 +157,8 @@ fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
         episode_id: args.episode_id,
         backend: args.backend,
         user_meta,
+        net_ifs: args.net_if,
+        bpf_stats: args.bpf_stats,
     };
     let result = trace::run(cfg, stop)?;
     let code = match &result.error {
