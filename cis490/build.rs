@@ -34,11 +34,13 @@ fn main() -> anyhow::Result<()> {
         } else {
             "is missing"
         };
-        anyhow::bail!(
-            "\n\n  bpf-linker at {} {what}.\n  Run `cargo xtask setup` (installs rust-src for nightly and bpf-linker \
-             matched to its LLVM into target/tools), then build again.\n",
+        // A plain message and exit(1): no backtrace burying the one line that matters.
+        eprintln!(
+            "\nerror: bpf-linker at {} {what}.\n  Run `cargo xtask setup` (installs rust-src for nightly \
+             and bpf-linker matched to its LLVM into target/tools), then build again.\n",
             linker.display()
         );
+        std::process::exit(1);
     }
     // The nested cargo build of the BPF crate finds the linker through PATH.
     let path = std::env::var_os("PATH").unwrap_or_default();
