@@ -24,7 +24,9 @@ pub const FLAG_EXITED: u32 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SchedStats {
-    /// Time on CPU, summed at every switch-out of the thread.
+    /// Time on CPU as the scheduler accounts it (sum of sched_stat_runtime deltas, i.e.
+    /// the increments of the task's sum_exec_runtime, the first field of
+    /// /proc/<pid>/task/<tid>/schedstat; steal time is not included).
     pub on_cpu_ns: u64,
     /// Switch-outs while blocking (the kernel's nvcsw).
     pub voluntary_switches: u64,
@@ -43,18 +45,6 @@ pub struct SchedStats {
     pub enqueued_at_ns: u64,
     pub flags: u32,
     pub _pad: u32,
-}
-
-/// What runs on one CPU now (per-CPU array `ON_CPU`, index 0): the tid switched in last
-/// and when. It lets a switch-out account the slice of a thread that was not yet known
-/// at its switch-in (a thread created after attach), and lets user space add the running
-/// slice of a thread that has not been switched out for a long time.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct OnCpu {
-    pub tid: u32,
-    pub _pad: u32,
-    pub since_ns: u64,
 }
 
 /// Per-thread I/O counters (map `IO`, key = tid). Cumulative since attach.
@@ -127,6 +117,8 @@ pub struct Offsets {
     pub wakeup_pid: u32,
     pub migrate_pid: u32,
     pub fork_child_pid: u32,
+    pub runtime_pid: u32,
+    pub runtime_runtime: u32,
     /// `ret` of syscalls:sys_exit_*.
     pub sys_exit_ret: u32,
     pub blk_bytes: u32,
@@ -148,6 +140,8 @@ impl Offsets {
         wakeup_pid: 24,
         migrate_pid: 12,
         fork_child_pid: 20,
+        runtime_pid: 12,
+        runtime_runtime: 16,
         sys_exit_ret: 16,
         blk_bytes: 28,
         blk_rwbs: 34,
@@ -179,7 +173,6 @@ pub const fn is_involuntary(prev_state: u64) -> bool {
 mod pod {
     // SAFETY: plain-old-data: repr(C), Copy, integer fields with explicit padding.
     unsafe impl aya::Pod for super::SchedStats {}
-    unsafe impl aya::Pod for super::OnCpu {}
     unsafe impl aya::Pod for super::IoStats {}
     unsafe impl aya::Pod for super::NetStats {}
     unsafe impl aya::Pod for super::IfName {}

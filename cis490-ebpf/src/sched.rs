@@ -11,21 +11,15 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::bpf_ktime_get_ns,
     macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray},
+    maps::HashMap,
     programs::TracePointContext,
 };
-use cis490_common::{is_involuntary, OnCpu, SchedStats, FLAG_CONFIRMED, FLAG_EXITED, MAX_THREADS};
+use cis490_common::{is_involuntary, SchedStats, FLAG_CONFIRMED, FLAG_EXITED, MAX_THREADS};
 
 use crate::globals::{add, current, offsets, target_tgid};
 
 #[map]
 static SCHED: HashMap<u32, SchedStats> = HashMap::with_max_entries(MAX_THREADS, 0);
-
-/// Per CPU: which tid was switched in last, and when (for every task, not only the
-/// target's: a thread created after attach is only known to be the target's at its
-/// first switch-out, and its first slice must count too).
-#[map]
-static ON_CPU: PerCpuArray<OnCpu> = PerCpuArray::with_max_entries(1, 0);
 
 const ZERO: SchedStats = SchedStats {
     on_cpu_ns: 0,
@@ -65,23 +59,12 @@ fn try_switch(ctx: &TracePointContext) -> Result<(), i32> {
     let next = unsafe { ctx.read_at::<u32>(off.switch_next_pid as usize)? };
     let now = unsafe { bpf_ktime_get_ns() };
 
-    // This CPU's slot: the previous switch-in, replaced by this one.
-    let slot = ON_CPU.get_ptr_mut(0).ok_or(0)?;
-    let (slot_tid, since) = unsafe { ((*slot).tid, (*slot).since_ns) };
-    unsafe {
-        (*slot).tid = next;
-        (*slot).since_ns = now;
-    }
-
     let (tgid, _) = current();
     if prev != 0 {
         if tgid == target_tgid() {
             if let Some(st) = entry_or_insert(prev, FLAG_CONFIRMED) {
                 unsafe {
                     (*st).flags |= FLAG_CONFIRMED;
-                    if slot_tid == prev && since != 0 && now > since {
-                        (*st).on_cpu_ns += now - since;
-                    }
                     if is_involuntary(prev_state) {
                         (*st).involuntary_switches += 1;
                         // Still runnable: it waits on a run queue from now on.
@@ -117,6 +100,24 @@ fn try_switch(ctx: &TracePointContext) -> Result<(), i32> {
         }
     }
     Ok(())
+}
+
+/// The scheduler charging run time to a task (update_curr): exactly the increments of
+/// its sum_exec_runtime, so on_cpu_ns is the same quantity as /proc's schedstat (steal
+/// time excluded). It can fire on another CPU than the task's, hence the lookup by pid,
+/// not `current`; it runs under the task's run-queue lock, like sched_switch.
+#[tracepoint]
+pub fn cis490_sched_runtime(ctx: TracePointContext) -> u32 {
+    let off = offsets();
+    let Ok(tid) = (unsafe { ctx.read_at::<u32>(off.runtime_pid as usize) }) else {
+        return 0;
+    };
+    if let Some(st) = SCHED.get_ptr_mut(tid) {
+        if let Ok(rt) = unsafe { ctx.read_at::<u64>(off.runtime_runtime as usize) } {
+            unsafe { (*st).on_cpu_ns += rt };
+        }
+    }
+    0
 }
 
 #[tracepoint]

@@ -90,9 +90,8 @@ fn nightly_info() -> anyhow::Result<Nightly> {
     let host = field("host:")?;
     let llvm = field("LLVM version:")?;
     let llvm_major = llvm.split('.').next().unwrap_or_default().to_owned();
-    let sysroot = PathBuf::from(
-        output(clean("rustc").args(["+nightly", "--print", "sysroot"]))?.trim(),
-    );
+    let sysroot =
+        PathBuf::from(output(clean("rustc").args(["+nightly", "--print", "sysroot"]))?.trim());
     Ok(Nightly {
         sysroot,
         release,
@@ -131,10 +130,7 @@ fn llvm_dylib(n: &Nightly) -> anyhow::Result<String> {
     // Fall back to whatever libLLVM-<major>-*.so the toolchain ships.
     for e in std::fs::read_dir(&lib).with_context(|| format!("listing {}", lib.display()))? {
         let name = e?.file_name().to_string_lossy().into_owned();
-        if let Some(stem) = name
-            .strip_prefix("lib")
-            .and_then(|s| s.strip_suffix(".so"))
-        {
+        if let Some(stem) = name.strip_prefix("lib").and_then(|s| s.strip_suffix(".so")) {
             if stem.starts_with(&format!("LLVM-{}", n.llvm_major)) {
                 return Ok(stem.to_owned());
             }
@@ -169,7 +165,13 @@ fn ensure_bpf_linker(n: &Nightly) -> anyhow::Result<()> {
     util::run(
         clean("cargo")
             .env("RUSTFLAGS", rustflags)
-            .args(["+nightly", "install", "bpf-linker@0.13.0", "--locked", "--force"])
+            .args([
+                "+nightly",
+                "install",
+                "bpf-linker@0.13.0",
+                "--locked",
+                "--force",
+            ])
             .args(["--no-default-features", "--features", &features])
             .args(["--target", &n.host])
             .arg("--root")

@@ -67,7 +67,7 @@ impl Collector for IoCollector {
             }
         }
         let now = clock::mono_raw_ns();
-        let update = self.table.update(&self.entries, &|_| None, now);
+        let update = self.table.update(&self.entries, now);
         // Threads the sched side removed: their final values were read just now; the
         // table retires them when they are gone from the map next tick.
         for tid in self.session.take_retired() {

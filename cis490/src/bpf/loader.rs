@@ -8,9 +8,7 @@ use std::os::fd::OwnedFd;
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
-use cis490_common::{
-    IfName, IoStats, NetIf, NetStats, OnCpu, SchedStats, FLAG_CONFIRMED, MAX_NET_IFS,
-};
+use cis490_common::{IfName, IoStats, NetIf, NetStats, SchedStats, FLAG_CONFIRMED, MAX_NET_IFS};
 
 use super::tracefs;
 
@@ -20,6 +18,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ci
 /// A program and the tracepoints it is attached to.
 const SCHED_PROGRAMS: &[(&str, &str, &str)] = &[
     ("cis490_sched_switch", "sched", "sched_switch"),
+    ("cis490_sched_runtime", "sched", "sched_stat_runtime"),
     ("cis490_sched_wakeup", "sched", "sched_wakeup"),
     ("cis490_sched_wakeup", "sched", "sched_wakeup_new"),
     ("cis490_sched_migrate", "sched", "sched_migrate_task"),
@@ -38,7 +37,6 @@ pub struct NetIfSpec {
 pub struct Loaded {
     pub ebpf: Ebpf,
     pub sched: HashMap<MapData, u32, SchedStats>,
-    pub on_cpu: PerCpuArray<MapData, OnCpu>,
     pub io: HashMap<MapData, u32, IoStats>,
     /// Present when interfaces were given.
     pub net: Option<PerCpuArray<MapData, NetStats>>,
@@ -175,8 +173,10 @@ pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, 
                 .map_err(|e| format!("seeding thread {tid}: {}", flatten(&e)))?;
         }
     }
-    let on_cpu = take(&mut ebpf, "ON_CPU")?;
     let io = take(&mut ebpf, "IO")?;
+    // Kept until the programs are loaded: closing a map's last fd before the program that
+    // uses it is loaded makes the load fail ("fd is not pointing to valid bpf_map").
+    let mut ifs_map = None;
     let net = if net_ifs.is_empty() {
         None
     } else {
@@ -191,6 +191,7 @@ pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, 
             ifs.insert(key, val, 0)
                 .map_err(|e| format!("configuring interface {}: {}", spec.name, flatten(&e)))?;
         }
+        ifs_map = Some(ifs);
         Some(take(&mut ebpf, "NET")?)
     };
 
@@ -230,10 +231,10 @@ pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, 
         programs.extend(["cis490_net_dev_xmit", "cis490_netif_receive_skb"]);
     }
     programs.dedup();
+    drop(ifs_map);
     Ok(Loaded {
         ebpf,
         sched,
-        on_cpu,
         io,
         net,
         programs,
@@ -250,8 +251,8 @@ mod tests {
         assert_eq!(missing_caps(1 << CAP_SYS_ADMIN), None);
         assert_eq!(missing_caps((1 << CAP_BPF) | (1 << CAP_PERFMON)), None);
         let m = missing_caps(1 << CAP_BPF).unwrap();
-        assert!(m.contains("CAP_PERFMON") && !m.contains("CAP_BPF+"), "{m}");
+        assert!(m.starts_with("missing capability CAP_PERFMON ("), "{m}");
         let m = missing_caps(0).unwrap();
-        assert!(m.contains("CAP_BPF+CAP_PERFMON"), "{m}");
+        assert!(m.starts_with("missing capability CAP_BPF+CAP_PERFMON ("), "{m}");
     }
 }

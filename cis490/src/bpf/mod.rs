@@ -75,7 +75,6 @@ pub fn start(
         Box::new(sched::SchedCollector::new(
             pid,
             loaded.sched,
-            loaded.on_cpu,
             session.clone(),
             vcpus.clone(),
         )),

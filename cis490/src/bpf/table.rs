@@ -127,15 +127,9 @@ impl ThreadTable {
         }
     }
 
-    /// `entries`: (tid, counters, flags, confirmed) read from the map now; `extra`: values
-    /// to add to a thread's counters (sched: the slice it is running right now);
+    /// `entries`: (tid, counters, flags, confirmed) read from the map now;
     /// `now_ns`: CLOCK_MONOTONIC now.
-    pub fn update(
-        &mut self,
-        entries: &[(u32, Vec<u64>, u32, bool)],
-        extra: &dyn Fn(u32) -> Option<Vec<u64>>,
-        now_ns: u64,
-    ) -> Update {
+    pub fn update(&mut self, entries: &[(u32, Vec<u64>, u32, bool)], now_ns: u64) -> Update {
         let mut out = Update::default();
         // Threads that left the map without us removing them (a candidate that was not the
         // target's, or an entry removed by the io side): retire what they reported.
@@ -153,17 +147,11 @@ impl ThreadTable {
             if !confirmed {
                 continue;
             }
-            let mut now_values = values.clone();
-            if let Some(add) = extra(*tid) {
-                for (v, a) in now_values.iter_mut().zip(add) {
-                    *v += a;
-                }
-            }
             let t = self.threads.entry(*tid).or_insert_with(|| Thread {
                 reported: vec![0; self.width],
                 exited_since_ns: None,
             });
-            for (r, v) in t.reported.iter_mut().zip(&now_values) {
+            for (r, v) in t.reported.iter_mut().zip(values) {
                 *r = (*r).max(*v);
             }
             if flags & FLAG_EXITED != 0 {
@@ -199,17 +187,16 @@ mod tests {
     const X: u32 = FLAG_CONFIRMED | FLAG_EXITED;
 
     #[test]
-    fn rows_per_thread_and_total_with_running_slice() {
+    fn rows_per_thread_and_total() {
         let mut t = ThreadTable::new(2);
         let u = t.update(
             &[e(10, &[100, 1], C), e(11, &[50, 2], C), e(12, &[7, 7], 0)],
-            &|tid| (tid == 11).then(|| vec![5, 0]),
             0,
         );
-        assert_eq!(u.threads, vec![(10, vec![100, 1]), (11, vec![55, 2])]);
+        assert_eq!(u.threads, vec![(10, vec![100, 1]), (11, vec![50, 2])]);
         assert_eq!(
             u.total,
-            vec![155, 3],
+            vec![150, 3],
             "unconfirmed candidates are not counted"
         );
         assert!(u.remove.is_empty());
@@ -218,33 +205,23 @@ mod tests {
     #[test]
     fn counters_never_go_back_and_exited_threads_stay_in_total() {
         let mut t = ThreadTable::new(1);
-        let none = |_: u32| None;
-        // The running-slice estimate made the reported value 120 ...
-        t.update(
-            &[e(1, &[100], C), e(2, &[10], C)],
-            &|tid| (tid == 1).then(|| vec![20]),
-            0,
-        );
-        // ... then the map says 110 (read before the switch-out): stays 120.
-        let u = t.update(&[e(1, &[110], C), e(2, &[10], C)], &none, 1);
+        t.update(&[e(1, &[120], C), e(2, &[10], C)], 0);
+        // A smaller value (an entry re-created under the same tid) never lowers a row.
+        let u = t.update(&[e(1, &[110], C), e(2, &[10], C)], 1);
         assert_eq!(u.threads[0], (1, vec![120]));
         // Thread 2 exits: kept until the grace period is over, then removed.
-        let u = t.update(&[e(1, &[130], C), e(2, &[15], X)], &none, 10);
+        let u = t.update(&[e(1, &[130], C), e(2, &[15], X)], 10);
         assert!(u.remove.is_empty());
         assert_eq!(u.total, vec![145]);
-        let u = t.update(
-            &[e(1, &[130], C), e(2, &[16], X)],
-            &none,
-            10 + EXIT_GRACE_NS,
-        );
+        let u = t.update(&[e(1, &[130], C), e(2, &[16], X)], 10 + EXIT_GRACE_NS);
         assert_eq!(u.remove, vec![2]);
         assert_eq!(u.threads, vec![(1, vec![130])]);
         assert_eq!(u.total, vec![146]);
         // Gone from the map next tick: the total keeps it.
-        let u = t.update(&[e(1, &[131], C)], &none, 20 + EXIT_GRACE_NS);
+        let u = t.update(&[e(1, &[131], C)], 20 + EXIT_GRACE_NS);
         assert_eq!(u.total, vec![147]);
         // A thread vanishing without an exit flag is retired too, never subtracted.
-        let u = t.update(&[], &none, 30 + EXIT_GRACE_NS);
+        let u = t.update(&[], 30 + EXIT_GRACE_NS);
         assert_eq!(u.total, vec![147]);
         assert!(u.threads.is_empty());
     }

@@ -12,6 +12,7 @@ const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
 /// attached when there are interfaces to watch.
 pub const SCHED_TRACEPOINTS: &[(&str, &str)] = &[
     ("sched", "sched_switch"),
+    ("sched", "sched_stat_runtime"),
     ("sched", "sched_wakeup"),
     ("sched", "sched_wakeup_new"),
     ("sched", "sched_migrate_task"),
@@ -170,6 +171,9 @@ pub fn offsets(root: &Path, with_net: bool) -> Result<Offsets, String> {
     let fk = format(root, "sched", "sched_process_fork")?;
     o.fork_child_pid = field(&fk, "sched:sched_process_fork", "child_pid", 4)?;
     format(root, "sched", "sched_process_exit")?;
+    let rt = format(root, "sched", "sched_stat_runtime")?;
+    o.runtime_pid = field(&rt, "sched:sched_stat_runtime", "pid", 4)?;
+    o.runtime_runtime = field(&rt, "sched:sched_stat_runtime", "runtime", 8)?;
     for s in READ_SYSCALLS.iter().chain(WRITE_SYSCALLS) {
         let tp = format!("sys_exit_{s}");
         let f = format(root, "syscalls", &tp)?;
