@@ -520,8 +520,9 @@ impl Veth {
             (vec!["ip", "netns", "exec", ns.as_str()], peer.as_str()),
         ] {
             let mut a: Vec<&str> = pre.clone();
-            let key = format!("net.ipv6.conf.{ifn}.disable_ipv6=1");
-            a.extend(["sysctl", "-qw", &key]);
+            // /proc/sys/net is per network namespace: `ip netns exec` writes the peer's.
+            let cmd = format!("echo 1 > /proc/sys/net/ipv6/conf/{ifn}/disable_ipv6");
+            a.extend(["sh", "-c", &cmd]);
             sh(&a);
         }
         sh(&["ip", "addr", "add", &host_ip, "dev", &host_if]);

@@ -179,3 +179,37 @@ mod pod {
     unsafe impl aya::Pod for super::NetIf {}
     unsafe impl aya::Pod for super::Offsets {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn switch_state_classification() {
+        assert!(is_involuntary(0), "yield: still running");
+        assert!(is_involuntary(0x100), "preempted (TASK_REPORT_MAX)");
+        assert!(!is_involuntary(0x1), "S: interruptible sleep");
+        assert!(!is_involuntary(0x2), "D: uninterruptible sleep");
+        assert!(!is_involuntary(0x80), "I: idle kthread");
+    }
+
+    #[test]
+    fn interface_names_are_nul_padded_and_bounded() {
+        let n = IfName::new("tap0").unwrap();
+        assert_eq!(&n.0[..5], b"tap0\0");
+        assert!(n.0[4..].iter().all(|&b| b == 0));
+        assert!(IfName::new("fifteen-chars-x").is_some());
+        assert!(IfName::new("sixteen-chars-xx").is_none());
+        assert!(IfName::new("").is_none());
+        assert!(IfName::new("a\0b").is_none());
+    }
+
+    #[test]
+    fn map_types_have_the_layout_the_kernel_side_writes() {
+        assert_eq!(core::mem::size_of::<SchedStats>(), 8 * 8 + 8);
+        assert_eq!(core::mem::size_of::<IoStats>(), 8 * 8);
+        assert_eq!(core::mem::size_of::<NetStats>(), 4 * 8);
+        assert_eq!(core::mem::size_of::<NetIf>(), 8);
+        assert_eq!(core::mem::size_of::<Offsets>(), 16 * 4);
+    }
+}

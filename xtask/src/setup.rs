@@ -21,7 +21,25 @@ pub fn bpf() -> anyhow::Result<()> {
     ensure_rust_src(&nightly)?;
     ensure_bpf_linker(&nightly)?;
     ensure_tracefs();
-    Ok(())
+    ensure_test_tools()
+}
+
+/// The BPF tests build a veth pair in a network namespace (`ip`, from iproute2) and drop
+/// capabilities (`setpriv`, from util-linux, always present on Debian).
+fn ensure_test_tools() -> anyhow::Result<()> {
+    let have_ip = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+        .iter()
+        .any(|p| Path::new(p).exists());
+    if have_ip {
+        return Ok(());
+    }
+    eprintln!("setup: installing iproute2 (for the network-namespace tests)");
+    util::run(Command::new("apt-get").args([
+        "install",
+        "-y",
+        "--no-install-recommends",
+        "iproute2",
+    ]))
 }
 
 /// What `rustc +nightly -vV` and `--print sysroot` say.

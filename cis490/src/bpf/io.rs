@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use aya::maps::{HashMap, MapData};
 use cis490_common::IoStats;
 
 use super::table::{Counters, ThreadTable};
@@ -17,7 +16,7 @@ pub const SOURCE: &str = "bpf-io";
 
 pub struct IoCollector {
     pid: u32,
-    map: HashMap<MapData, u32, IoStats>,
+    map: super::batch::HashDrain<IoStats>,
     session: Arc<Session>,
     table: ThreadTable,
     comms: Comms,
@@ -28,7 +27,7 @@ pub struct IoCollector {
 impl IoCollector {
     pub fn new(
         pid: u32,
-        map: HashMap<MapData, u32, IoStats>,
+        map: super::batch::HashDrain<IoStats>,
         session: Arc<Session>,
         vcpus: VcpuMap,
     ) -> Self {
@@ -60,18 +59,20 @@ impl Collector for IoCollector {
         out: &mut TickOutput,
     ) -> Result<(), Error> {
         self.entries.clear();
-        for item in self.map.iter() {
-            match item {
-                Ok((tid, v)) => self.entries.push((tid, v.values(), 0, true)),
-                Err(e) => out.problem(format!("reading map IO: {e}")),
-            }
+        if let Err(e) = self.map.read() {
+            out.problem(e);
         }
+        self.entries.extend(
+            self.map
+                .entries()
+                .map(|(tid, v)| (tid, v.values(), 0, true)),
+        );
         let now = clock::mono_raw_ns();
         let update = self.table.update(&self.entries, now);
         // Threads the sched side removed: their final values were read just now; the
         // table retires them when they are gone from the map next tick.
         for tid in self.session.take_retired() {
-            let _ = self.map.remove(&tid);
+            self.map.remove(tid);
             self.comms.forget(tid);
         }
         let stamp = clock.stamp();

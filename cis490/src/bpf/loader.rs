@@ -8,8 +8,11 @@ use std::os::fd::OwnedFd;
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
-use cis490_common::{IfName, IoStats, NetIf, NetStats, SchedStats, FLAG_CONFIRMED, MAX_NET_IFS};
+use cis490_common::{
+    IfName, IoStats, NetIf, NetStats, SchedStats, FLAG_CONFIRMED, MAX_NET_IFS, MAX_THREADS,
+};
 
+use super::batch::HashDrain;
 use super::tracefs;
 
 /// The object built by build.rs from the `cis490-ebpf` crate.
@@ -36,8 +39,8 @@ pub struct NetIfSpec {
 /// Everything loaded for one capture. Dropping it detaches and unloads the programs.
 pub struct Loaded {
     pub ebpf: Ebpf,
-    pub sched: HashMap<MapData, u32, SchedStats>,
-    pub io: HashMap<MapData, u32, IoStats>,
+    pub sched: HashDrain<SchedStats>,
+    pub io: HashDrain<IoStats>,
     /// Present when interfaces were given.
     pub net: Option<PerCpuArray<MapData, NetStats>>,
     /// Names of the loaded programs (for run-time statistics).
@@ -129,6 +132,13 @@ where
     T::try_from(m).map_err(|e| format!("map {name}: {e}"))
 }
 
+fn drain<V: Copy + Default>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashDrain<V>, String> {
+    let m = ebpf
+        .take_map(name)
+        .ok_or_else(|| format!("map {name} missing from the embedded object"))?;
+    HashDrain::new(m, name, MAX_THREADS as usize)
+}
+
 /// Load the programs filtered to `pid`, seed its current threads, and attach everything.
 pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, String> {
     if let Some(why) = missing_caps(effective_caps()) {
@@ -153,7 +163,7 @@ pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, 
         .load(OBJECT)
         .map_err(|e| format!("loading the BPF object: {}", flatten(&e)))?;
 
-    let mut sched: HashMap<MapData, u32, SchedStats> = take(&mut ebpf, "SCHED")?;
+    let mut sched = drain(&mut ebpf, "SCHED")?;
     // Seed the threads that exist now; ones created later come through sched_process_fork
     // or their first switch-out.
     let task_dir = format!("/proc/{pid}/task");
@@ -169,11 +179,11 @@ pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, 
                 ..Default::default()
             };
             sched
-                .insert(tid, v, 0)
-                .map_err(|e| format!("seeding thread {tid}: {}", flatten(&e)))?;
+                .insert(tid, &v)
+                .map_err(|e| format!("seeding thread {tid}: {e}"))?;
         }
     }
-    let io = take(&mut ebpf, "IO")?;
+    let io = drain(&mut ebpf, "IO")?;
     // Kept until the programs are loaded: closing a map's last fd before the program that
     // uses it is loaded makes the load fail ("fd is not pointing to valid bpf_map").
     let mut ifs_map = None;
@@ -253,6 +263,9 @@ mod tests {
         let m = missing_caps(1 << CAP_BPF).unwrap();
         assert!(m.starts_with("missing capability CAP_PERFMON ("), "{m}");
         let m = missing_caps(0).unwrap();
-        assert!(m.starts_with("missing capability CAP_BPF+CAP_PERFMON ("), "{m}");
+        assert!(
+            m.starts_with("missing capability CAP_BPF+CAP_PERFMON ("),
+            "{m}"
+        );
     }
 }

@@ -9,6 +9,7 @@
 //! - `net`: the `net` source (BPF or sysfs) and tap autodetection
 //! - `stats`: per-program run count / run time for `--bpf-stats`
 
+pub mod batch;
 pub mod io;
 pub mod loader;
 pub mod net;

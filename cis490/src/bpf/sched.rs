@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use aya::maps::{HashMap, MapData};
 use cis490_common::SchedStats;
 
 use super::table::{Counters, ThreadTable};
@@ -17,7 +16,7 @@ pub const SOURCE: &str = "bpf-sched";
 
 pub struct SchedCollector {
     pid: u32,
-    map: HashMap<MapData, u32, SchedStats>,
+    map: super::batch::HashDrain<SchedStats>,
     session: Arc<Session>,
     table: ThreadTable,
     comms: Comms,
@@ -28,7 +27,7 @@ pub struct SchedCollector {
 impl SchedCollector {
     pub fn new(
         pid: u32,
-        map: HashMap<MapData, u32, SchedStats>,
+        map: super::batch::HashDrain<SchedStats>,
         session: Arc<Session>,
         vcpus: VcpuMap,
     ) -> Self {
@@ -60,17 +59,18 @@ impl Collector for SchedCollector {
         out: &mut TickOutput,
     ) -> Result<(), Error> {
         self.entries.clear();
-        for item in self.map.iter() {
-            match item {
-                Ok((tid, v)) => self.entries.push((tid, v.values(), v.flags, v.confirmed())),
-                // An entry removed while iterating: it is read again next tick or retired.
-                Err(e) => out.problem(format!("reading map SCHED: {e}")),
-            }
+        if let Err(e) = self.map.read() {
+            out.problem(e);
         }
+        self.entries.extend(
+            self.map
+                .entries()
+                .map(|(tid, v)| (tid, v.values(), v.flags, v.confirmed())),
+        );
         let now = clock::mono_raw_ns();
         let update = self.table.update(&self.entries, now);
         for tid in &update.remove {
-            let _ = self.map.remove(tid);
+            self.map.remove(*tid);
             self.comms.forget(*tid);
         }
         self.session.retire(&update.remove);
