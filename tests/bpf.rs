@@ -178,7 +178,7 @@ fn u(v: &Value, k: &str) -> u64 {
         .unwrap_or_else(|| panic!("{k} missing in {v}"))
 }
 
-fn thread_rows<'a>(rows: &'a [Value], tid: u32) -> Vec<&'a Value> {
+fn thread_rows(rows: &[Value], tid: u32) -> Vec<&Value> {
     rows.iter().filter(|r| r["tid"] == tid).collect()
 }
 

@@ -130,3 +130,49 @@ pub fn select_with(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(ifs: &[&str]) -> BackendOptions {
+        BackendOptions {
+            net_ifs: ifs.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn net_if_names_are_validated_and_deduplicated() {
+        let got = net_interfaces(1, &opts(&["tap0", "tap1", "tap0"])).unwrap();
+        assert_eq!(got, vec!["tap0", "tap1"]);
+        for bad in ["", "sixteen-chars-xx", "a/b"] {
+            let e = net_interfaces(1, &opts(&[bad])).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{e}");
+        }
+    }
+
+    #[test]
+    fn taps_are_autodetected_from_the_cmdline_without_net_if() {
+        let o = BackendOptions {
+            cmdline: vec!["qemu".into(), "-netdev".into(), "tap,id=n,ifname=tapX".into()],
+            ..Default::default()
+        };
+        // A pid with no fds to read: only the command line counts.
+        let got = net_interfaces(i32::MAX as u32 - 3, &o).unwrap();
+        assert_eq!(got, vec!["tapX"]);
+    }
+
+    #[test]
+    fn proc_backend_adds_sysfs_net_only_with_interfaces() {
+        let v = VcpuMap::default();
+        let me = std::process::id();
+        let s = select_with(BackendChoice::Proc, me, &v, &opts(&[])).unwrap();
+        assert_eq!(s.used, "proc");
+        assert_eq!(s.collectors.len(), 1);
+        let s = select_with(BackendChoice::Proc, me, &v, &opts(&["lo"])).unwrap();
+        let names: Vec<_> = s.collectors.iter().map(|c| c.source()).collect();
+        assert_eq!(names, vec!["proc", "net"]);
+        assert!(s.fallback_reason.is_none());
+    }
+}
