@@ -155,7 +155,11 @@ mod tests {
     #[test]
     fn taps_are_autodetected_from_the_cmdline_without_net_if() {
         let o = BackendOptions {
-            cmdline: vec!["qemu".into(), "-netdev".into(), "tap,id=n,ifname=tapX".into()],
+            cmdline: vec![
+                "qemu".into(),
+                "-netdev".into(),
+                "tap,id=n,ifname=tapX".into(),
+            ],
             ..Default::default()
         };
         // A pid with no fds to read: only the command line counts.

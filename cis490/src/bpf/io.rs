@@ -75,8 +75,17 @@ impl Collector for IoCollector {
             self.map.remove(tid);
             self.comms.forget(tid);
         }
+        // Threads without I/O so far have no map entry: they get a row of zeros.
+        let mut threads = update.threads;
+        let zeros = vec![0u64; IoStats::NAMES.len()];
+        for tid in self.session.live() {
+            if threads.binary_search_by_key(&tid, |(t, _)| *t).is_err() {
+                threads.push((tid, zeros.clone()));
+            }
+        }
+        threads.sort_unstable_by_key(|(t, _)| *t);
         let stamp = clock.stamp();
-        for (tid, values) in &update.threads {
+        for (tid, values) in &threads {
             let mut row = Row::new(stamp, SOURCE, false);
             row.seq = Some(tick.seq);
             row.thread_columns = true;

@@ -31,6 +31,9 @@ pub struct Session {
     programs: Vec<&'static str>,
     _stats_fd: Option<std::os::fd::OwnedFd>,
     retired: Mutex<Vec<u32>>,
+    /// The live threads the sched side reported this tick (it runs first), so the io
+    /// side writes a row for every thread, also those that have done no I/O yet.
+    live: Mutex<Vec<u32>>,
 }
 
 impl Session {
@@ -39,6 +42,16 @@ impl Session {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend_from_slice(tids);
+    }
+
+    fn set_live(&self, tids: impl Iterator<Item = u32>) {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.clear();
+        live.extend(tids);
+    }
+
+    fn live(&self) -> Vec<u32> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn take_retired(&self) -> Vec<u32> {
@@ -71,6 +84,7 @@ pub fn start(
         programs: loaded.programs,
         _stats_fd: loaded.stats_fd,
         retired: Mutex::new(Vec::new()),
+        live: Mutex::new(Vec::new()),
     });
     let mut collectors: Vec<Box<dyn Collector>> = vec![
         Box::new(sched::SchedCollector::new(

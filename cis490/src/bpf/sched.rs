@@ -74,6 +74,8 @@ impl Collector for SchedCollector {
             self.comms.forget(*tid);
         }
         self.session.retire(&update.remove);
+        self.session
+            .set_live(update.threads.iter().map(|(tid, _)| *tid));
 
         let stamp = clock.stamp();
         for (tid, values) in &update.threads {
