@@ -661,6 +661,8 @@ fn net_counts_match_the_interface_statistics() {
 fn bpf_stats_are_recorded_in_meta() {
     let mut target = Target::start(&["spin", "1"]);
     target.line();
+    let sysctl = || std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap();
+    let before = sysctl();
     let cap = Capture::start(
         target.pid(),
         &["--backend", "bpf", "--duration", "1", "--bpf-stats"],
@@ -673,4 +675,43 @@ fn bpf_stats_are_recorded_in_meta() {
     assert!(u(sw, "run_cnt") > 0, "{progs}");
     assert!(u(sw, "run_time_ns") > 0, "{progs}");
     assert!(progs["cis490_sys_exit_write"].is_object());
+    // Statistics were on only while the capture held them.
+    assert_eq!(sysctl(), before);
+}
+
+#[test]
+fn doctor_reports_what_auto_picks() {
+    let out = Command::new(cis490()).arg("doctor").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "privileges",
+        "bpf() syscall",
+        "BTF",
+        "tracefs",
+        "sched:sched_switch",
+        "kernel version",
+    ] {
+        assert!(
+            text.contains(line),
+            "doctor does not mention {line}:\n{text}"
+        );
+    }
+    assert!(text.contains("--backend auto would use: bpf"), "{text}");
+    assert!(!text.contains("MISSING"), "{text}");
+
+    let out = Command::new("setpriv")
+        .args([
+            "--inh-caps=-all",
+            "--bounding-set=-bpf,-perfmon,-sys_admin",
+            "--",
+        ])
+        .arg(cis490())
+        .arg("doctor")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("MISSING  privileges"), "{text}");
+    assert!(text.contains("fix: "), "{text}");
+    assert!(text.contains("--backend auto would use: proc"), "{text}");
 }
