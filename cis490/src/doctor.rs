@@ -85,11 +85,12 @@ pub fn run() -> (Vec<Check>, String) {
     out.push(check(
         missing.is_none(),
         "privileges",
-        format!("euid {euid}, CapEff {caps:#x}"),
-        format!(
-            "{}; run as root or grant CAP_BPF,CAP_PERFMON (setcap cap_bpf,cap_perfmon+ep cis490)",
-            missing.clone().unwrap_or_default()
-        ),
+        match &missing {
+            None => format!("euid {euid}, CapEff {caps:#x}"),
+            Some(why) => format!("euid {euid}, CapEff {caps:#x}: {why}"),
+        },
+        "run as root, or grant the binary CAP_BPF and CAP_PERFMON \
+         (setcap cap_bpf,cap_perfmon,cap_sys_admin+ep $(command -v cis490); CAP_SYS_ADMIN only to mount tracefs)",
     ));
     let sys = bpf_syscall();
     out.push(check(
