@@ -78,11 +78,13 @@ impl Collector for IoCollector {
         // Threads without I/O so far have no map entry: they get a row of zeros.
         let mut threads = update.threads;
         let zeros = vec![0u64; IoStats::NAMES.len()];
-        for tid in self.session.live() {
-            if threads.binary_search_by_key(&tid, |(t, _)| *t).is_err() {
-                threads.push((tid, zeros.clone()));
-            }
-        }
+        let missing: Vec<u32> = self
+            .session
+            .live()
+            .into_iter()
+            .filter(|tid| threads.binary_search_by_key(tid, |(t, _)| *t).is_err())
+            .collect();
+        threads.extend(missing.into_iter().map(|tid| (tid, zeros.clone())));
         threads.sort_unstable_by_key(|(t, _)| *t);
         let stamp = clock.stamp();
         for (tid, values) in &threads {
