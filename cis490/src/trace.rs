@@ -285,8 +285,9 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
                 .insert("bpf_programs".into(), session.program_stats());
         }
     }
-    // Detach the programs now rather than after the closing writes.
-    drop(bpf_session);
+    // The programs stay attached until `bpf_session` drops at the end of this function,
+    // after the episode is complete: detaching waits for an RCU grace period per
+    // tracepoint (~1 s in total), which should not delay done.marker.
     meta.sources = sources;
     let trusted = error.is_none();
     if let Err(e) = episode::finish(&dir, &meta, stats, trusted) {
