@@ -715,3 +715,29 @@ fn doctor_reports_what_auto_picks() {
     assert!(text.contains("fix: "), "{text}");
     assert!(text.contains("--backend auto would use: proc"), "{text}");
 }
+
+#[test]
+fn tap_is_autodetected_from_the_target_fds() {
+    let name = format!("c490t{}", std::process::id() % 100000);
+    let mut target = Target::start(&["tap", &name]);
+    assert_eq!(target.line(), "ready");
+    // No --net-if: the tap comes from the `iff:` line of the target's tun fd.
+    let cap = Capture::start(target.pid(), &["--backend", "bpf", "--duration", "1"]);
+    let (out, data) = cap.finish();
+    let dir = single_episode(data.path());
+    assert_complete_bpf(&dir, &out);
+    let net = rows(&dir, "telemetry-net.jsonl");
+    assert!(!net.is_empty());
+    assert!(
+        net.iter().all(|r| r["ifname"] == name.as_str()),
+        "{:?}",
+        net[0]
+    );
+    let events = std::fs::read_to_string(dir.join("events.jsonl")).unwrap();
+    let sel: Value = events
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["event"] == "backend_selected")
+        .unwrap();
+    assert_eq!(sel["net_interfaces"], serde_json::json!([name]));
+}

@@ -8,6 +8,8 @@
 //!   late            waits for "go", then starts 2 threads that spin 0.6 s and exit;
 //!                   prints "late <t1> <t2>" when they are joined
 //!   udp-echo ADDR   echoes UDP datagrams on ADDR (used inside a network namespace)
+//!   tap NAME        creates tap interface NAME on /dev/net/tun and holds its fd, as QEMU
+//!                   does with `-netdev tap,fd=N`; prints "ready"; runs until stdin closes
 
 use std::io::{BufRead, Write};
 use std::os::fd::AsRawFd;
@@ -139,6 +141,36 @@ fn do_io(path: &str, bufs: &mut Bufs) -> String {
     format!("done {} {wb} {wo} {rb} {ro}", tid())
 }
 
+/// Open /dev/net/tun and attach it to a new tap interface `name` (TUNSETIFF).
+fn open_tap(name: &str) -> std::fs::File {
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    const IFF_TAP: libc::c_short = 0x0002;
+    const IFF_NO_PI: libc::c_short = 0x1000;
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .expect("open /dev/net/tun");
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: IFF_TAP | IFF_NO_PI,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF with a correctly laid out struct ifreq.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
+    if rc < 0 {
+        panic!("TUNSETIFF {name}: {}", std::io::Error::last_os_error());
+    }
+    f
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
@@ -197,6 +229,11 @@ fn main() {
                     .collect();
                 say(&format!("late {}", tids.join(" ")));
             }
+            while wait_line().is_some() {}
+        }
+        Some("tap") => {
+            let _fd = open_tap(&args[2]);
+            say("ready");
             while wait_line().is_some() {}
         }
         Some("udp-echo") => {
