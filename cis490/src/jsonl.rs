@@ -3,6 +3,11 @@
 //! Lines are buffered (bounded: at most `BUF_LIMIT` bytes before a write), the sha256,
 //! byte and line counts are kept incrementally so closing a multi-GiB stream does not
 //! re-read it, and `flush_if_due` pushes the buffer to the kernel at least once a second.
+//!
+//! With [`Compression::Zstd`] the stream is a zstd frame (`.jsonl.zst`, read directly by
+//! DuckDB and pandas); each flush ends a zstd block, so a capture killed hard still leaves
+//! a prefix that streaming decoders read. The manifest then lists the compressed file's
+//! size and sha256, and its `lines` count is the number of JSON lines inside.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -27,13 +32,71 @@ pub struct FileStats {
     pub sha256: String,
 }
 
+/// How telemetry streams are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Compression {
+    #[default]
+    None,
+    Zstd,
+}
+
+impl Compression {
+    /// The file name for a stream `base` (`telemetry-x.jsonl`).
+    pub fn file_name(self, base: &str) -> String {
+        match self {
+            Compression::None => base.to_owned(),
+            Compression::Zstd => format!("{base}.zst"),
+        }
+    }
+}
+
+/// The file plus what the manifest needs about the bytes that reach it.
+struct Hashed {
+    file: File,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl Write for Hashed {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(data)?;
+        self.hasher.update(&data[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+enum Sink {
+    Plain(Hashed),
+    Zstd(zstd::stream::write::Encoder<'static, Hashed>),
+}
+
+impl Sink {
+    fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Plain(h) => h.write_all(data),
+            // Each flush ends a zstd block, so what is on disk is always decodable.
+            Sink::Zstd(z) => z.write_all(data).and_then(|()| z.flush()),
+        }
+    }
+
+    fn finish(self) -> std::io::Result<Hashed> {
+        match self {
+            Sink::Plain(h) => Ok(h),
+            Sink::Zstd(z) => z.finish(),
+        }
+    }
+}
+
 pub struct JsonlWriter {
     name: String,
     path: PathBuf,
-    file: File,
+    sink: Option<Sink>,
     buf: Vec<u8>,
-    hasher: Sha256,
-    bytes: u64,
     lines: u64,
     last_flush: Instant,
 }
@@ -41,19 +104,35 @@ pub struct JsonlWriter {
 impl JsonlWriter {
     /// Create `dir/name`; an existing file is an error (episodes are never overwritten).
     pub fn create(dir: &Path, name: &str) -> Result<Self, Error> {
-        let path = dir.join(name);
+        Self::create_with(dir, name, Compression::None)
+    }
+
+    /// Create `dir/name` (plus `.zst` when compressed).
+    pub fn create_with(dir: &Path, name: &str, compression: Compression) -> Result<Self, Error> {
+        let name = compression.file_name(name);
+        let path = dir.join(&name);
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&path)
             .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-        Ok(Self {
-            name: name.to_owned(),
-            path,
+        let hashed = Hashed {
             file,
-            buf: Vec::with_capacity(BUF_LIMIT),
             hasher: Sha256::new(),
             bytes: 0,
+        };
+        let sink = match compression {
+            Compression::None => Sink::Plain(hashed),
+            Compression::Zstd => Sink::Zstd(
+                zstd::stream::write::Encoder::new(hashed, 3)
+                    .map_err(|e| Error::io(format!("starting zstd for {}", path.display()), e))?,
+            ),
+        };
+        Ok(Self {
+            name,
+            path,
+            sink: Some(sink),
+            buf: Vec::with_capacity(BUF_LIMIT),
             lines: 0,
             last_flush: Instant::now(),
         })
@@ -83,10 +162,7 @@ impl JsonlWriter {
         self.spill_if_full()
     }
 
-    fn account(&mut self, start: usize) {
-        let line = &self.buf[start..];
-        self.hasher.update(line);
-        self.bytes += line.len() as u64;
+    fn account(&mut self, _start: usize) {
         self.lines += 1;
     }
 
@@ -110,7 +186,10 @@ impl JsonlWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let res = self.file.write_all(&self.buf);
+        let res = match self.sink.as_mut() {
+            Some(sink) => sink.write_all(&self.buf),
+            None => Ok(()),
+        };
         // Whatever happened, never keep growing the buffer: on a full disk the lines that
         // did not fit are lost (and the manifest would then disagree), so the caller must
         // end the episode as `error`.
@@ -121,14 +200,19 @@ impl JsonlWriter {
     /// Flush, fsync and return the manifest entry.
     pub fn close(mut self) -> Result<FileStats, Error> {
         self.flush()?;
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))?;
+        let sink = self
+            .sink
+            .take()
+            .ok_or_else(|| Error::Other("stream closed twice".into()))?;
+        let hashed = sink
+            .finish()
+            .and_then(|h| h.file.sync_all().map(|()| h))
+            .map_err(|e| Error::io(format!("closing {}", self.path.display()), e))?;
         Ok(FileStats {
             name: self.name,
-            bytes: self.bytes,
+            bytes: hashed.bytes,
             lines: self.lines,
-            sha256: hex(&self.hasher.finalize()),
+            sha256: hex(&hashed.hasher.finalize()),
         })
     }
 }
@@ -140,6 +224,20 @@ pub fn hex(bytes: &[u8]) -> String {
         write!(s, "{b:02x}").expect("write to String");
     }
     s
+}
+
+/// Open a stream for reading line by line, decoding it when it is a `.zst` file.
+/// A zstd frame cut short by a hard kill reads as an error after its last whole block.
+pub fn open_stream(path: &Path) -> std::io::Result<Box<dyn std::io::BufRead>> {
+    let file = File::open(path)?;
+    if path.extension().is_some_and(|e| e == "zst") {
+        Ok(Box::new(std::io::BufReader::with_capacity(
+            1 << 16,
+            zstd::stream::read::Decoder::new(file)?,
+        )))
+    } else {
+        Ok(Box::new(std::io::BufReader::with_capacity(1 << 16, file)))
+    }
 }
 
 /// sha256/size/lines of a file already on disk (meta.json, or a re-check by `validate`).
@@ -183,6 +281,45 @@ mod tests {
         let on_disk = stats_of_file(&dir.path().join("telemetry-proc.jsonl")).unwrap();
         assert_eq!(stats, on_disk);
         assert_eq!(stats.lines, 5001);
+    }
+
+    #[test]
+    fn zstd_stream_decodes_to_the_rows_and_stats_describe_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = JsonlWriter::create_with(dir.path(), "telemetry-proc.jsonl", Compression::Zstd)
+            .unwrap();
+        let mut plain = Vec::new();
+        for i in 0..3000u64 {
+            let mut row = Row::new(
+                Stamp {
+                    t_mono_ns: i,
+                    t_wall_ns: i,
+                },
+                "proc",
+                false,
+            );
+            row.push("on_cpu_ns", i * 3);
+            row.write_json_line(&mut plain);
+            w.write_row(&row).unwrap();
+            if i == 1000 {
+                w.flush().unwrap();
+            }
+        }
+        let stats = w.close().unwrap();
+        assert_eq!(stats.name, "telemetry-proc.jsonl.zst");
+        let path = dir.path().join(&stats.name);
+        let on_disk = stats_of_file(&path).unwrap();
+        assert_eq!(
+            (stats.bytes, &stats.sha256),
+            (on_disk.bytes, &on_disk.sha256)
+        );
+        assert_eq!(stats.lines, 3000);
+        let decoded = zstd::stream::decode_all(std::fs::File::open(&path).unwrap()).unwrap();
+        assert_eq!(decoded, plain);
+        assert!(
+            stats.bytes * 5 < plain.len() as u64,
+            "compression should pay off on rows"
+        );
     }
 
     #[test]

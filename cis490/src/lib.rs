@@ -13,10 +13,14 @@ pub mod episode;
 pub mod error;
 pub mod jsonl;
 pub mod labels;
+pub mod ls;
 pub mod procfs;
+pub mod report;
 pub mod row;
 pub mod sampler;
+pub mod status;
 pub mod target;
 pub mod trace;
+pub mod validate;
 
 pub use error::{Error, Result};

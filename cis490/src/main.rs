@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use cis490::backend::BackendChoice;
 use cis490::episode::meta::UserMeta;
+use cis490::jsonl::Compression;
 use cis490::labels::{self, Phase};
 use cis490::trace::{self, TraceConfig};
 use cis490::Error;
@@ -38,6 +39,26 @@ enum Command {
     },
     /// Check whether the BPF backend works on this machine and what `--backend auto` picks.
     Doctor,
+    /// Check episode directories against the output contract; exit 0 only if all pass.
+    Validate {
+        #[arg(required = true)]
+        episode_dirs: Vec<PathBuf>,
+    },
+    /// Plot an episode (stacked panels on one time axis) and print a per-phase summary.
+    Report {
+        episode_dir: PathBuf,
+        /// Output file, .png or .svg (default: <episode_dir>.report.png next to the episode).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// List the episodes under a data root, newest first.
+    Ls {
+        #[arg(default_value = "./data")]
+        data_root: PathBuf,
+        /// One JSON array for scripts.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -72,6 +93,13 @@ struct TraceArgs {
     /// for the capture) in meta.json's result.
     #[arg(long)]
     bpf_stats: bool,
+    /// Store telemetry streams compressed (`zstd`: telemetry-*.jsonl.zst, read directly by
+    /// DuckDB and pandas); useful for long 1 kHz captures.
+    #[arg(long, value_enum, default_value_t = Compression::None)]
+    compress: Compression,
+    /// No live status line on stderr (it is shown only when stderr is a terminal).
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -110,6 +138,12 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             print!("{}", cis490::doctor::render(&checks, &verdict));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Validate { episode_dirs } => Ok(cmd_validate(&episode_dirs)),
+        Command::Report {
+            episode_dir,
+            output,
+        } => cmd_report(&episode_dir, output),
+        Command::Ls { data_root, json } => cmd_ls(&data_root, json),
         Command::Mark {
             episode_dir,
             phase,
@@ -159,6 +193,8 @@ fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
         user_meta,
         net_ifs: args.net_if,
         bpf_stats: args.bpf_stats,
+        compression: args.compress,
+        status_line: !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let result = trace::run(cfg, stop)?;
     let code = match &result.error {
@@ -171,4 +207,47 @@ fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
     tracing::info!(end_reason = result.end_reason.as_str(), "episode closed");
     println!("{}", result.dir.display());
     Ok(code)
+}
+
+fn cmd_validate(dirs: &[PathBuf]) -> ExitCode {
+    let mut all_pass = true;
+    for dir in dirs {
+        let report = cis490::validate::validate_dir(dir);
+        for p in &report.problems {
+            println!("{}: {p}", dir.display());
+        }
+        let verdict = report.verdict();
+        all_pass &= verdict == cis490::validate::Verdict::Pass;
+        println!(
+            "{}: {} ({} problems)",
+            dir.display(),
+            verdict.as_str(),
+            report.problems.len()
+        );
+    }
+    if all_pass {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn cmd_report(dir: &std::path::Path, output: Option<PathBuf>) -> Result<ExitCode, Error> {
+    let out = cis490::report::run(dir, output)?;
+    print!("{}", out.summary);
+    println!("{}", out.path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_ls(root: &std::path::Path, json: bool) -> Result<ExitCode, Error> {
+    let episodes = cis490::ls::list(root)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&episodes).map_err(Error::Json)?
+        );
+    } else {
+        print!("{}", cis490::ls::format_table(&episodes));
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -16,7 +16,7 @@ use crate::collector::{Collector, Tick, TickOutput};
 use crate::episode::meta::SourceMeta;
 use crate::episode::{telemetry_file, EventLog};
 use crate::error::Error;
-use crate::jsonl::{FileStats, JsonlWriter};
+use crate::jsonl::{Compression, FileStats, JsonlWriter};
 use crate::target::Target;
 
 /// A collector with its stream and its counts.
@@ -29,8 +29,13 @@ pub struct Slot {
 }
 
 impl Slot {
-    pub fn new(collector: Box<dyn Collector>, dir: &std::path::Path) -> Result<Self, Error> {
-        let writer = JsonlWriter::create(dir, &telemetry_file(collector.source()))?;
+    pub fn new(
+        collector: Box<dyn Collector>,
+        dir: &std::path::Path,
+        compression: Compression,
+    ) -> Result<Self, Error> {
+        let writer =
+            JsonlWriter::create_with(dir, &telemetry_file(collector.source()), compression)?;
         Ok(Self {
             collector,
             writer,
@@ -61,6 +66,8 @@ impl EndReason {
 }
 
 pub struct Outcome {
+    /// How late each sampled tick woke up (ns after its deadline).
+    pub lateness: LatenessHistogram,
     pub end_reason: EndReason,
     pub error: Option<Error>,
     pub ticks_scheduled: u64,
@@ -75,6 +82,8 @@ pub struct Sampler {
     pub events: EventLog,
     pub stop: Arc<AtomicBool>,
     pub target: Target,
+    /// Progress counters for the live status line (slot order).
+    pub live: Option<Arc<crate::status::LiveStats>>,
 }
 
 impl Sampler {
@@ -82,9 +91,12 @@ impl Sampler {
         let mut seq: u64 = 0;
         let mut missed: u64 = 0;
         let mut out = TickOutput::default();
+        let mut lateness = LatenessHistogram::default();
         let (end_reason, error) = loop {
             let due = seq * self.interval_ns;
-            if self.duration_ns.is_some_and(|d| due >= d) {
+            if let Some(d) = self.duration_ns.filter(|&d| due >= d) {
+                // Close at the requested duration, not at the last tick before it.
+                clock::sleep_until_mono(self.clock.mono_origin_ns + d);
                 break (EndReason::Duration, None);
             }
             // A signal interrupts the sleep only if it lands on this thread; otherwise the
@@ -116,9 +128,13 @@ impl Sampler {
                     );
                 }
                 missed += next - seq;
+                if let Some(live) = &self.live {
+                    live.missed(next - seq);
+                }
                 seq = next;
                 continue;
             }
+            lateness.record(now.saturating_sub(due));
             if !self.target.alive() {
                 self.events
                     .emit("target_exit", json!({"pid": self.target.pid()}));
@@ -140,6 +156,7 @@ impl Sampler {
             seq += 1;
         };
         Outcome {
+            lateness,
             end_reason,
             error,
             ticks_scheduled: seq,
@@ -148,13 +165,22 @@ impl Sampler {
     }
 
     fn sample_all(&mut self, tick: Tick, out: &mut TickOutput) -> Result<(), Error> {
-        for slot in &mut self.slots {
+        for (i, slot) in self.slots.iter_mut().enumerate() {
             out.clear();
             let res = slot.collector.collect(tick, &self.clock, out);
             for row in &out.rows {
                 slot.writer.write_row(row)?;
             }
             slot.rows += out.rows.len() as u64;
+            if let Some(live) = &self.live {
+                let last = out.rows.last().map(|r| r.stamp.t_mono_ns);
+                live.record(
+                    i,
+                    out.rows.len(),
+                    last,
+                    out.problems.len() + usize::from(res.is_err()),
+                );
+            }
             for problem in &out.problems {
                 slot.errors += 1;
                 self.events.emit(
@@ -164,7 +190,12 @@ impl Sampler {
             }
             if let Err(e) = res {
                 // The target exiting mid-tick shows up here first; that is not a source error.
-                if !self.target.alive() {
+                // Its threads vanish from /proc a moment before the pidfd reports the exit,
+                // so give an exit in progress a short while to complete.
+                if self
+                    .target
+                    .exits_within(std::time::Duration::from_millis(100))
+                {
                     continue;
                 }
                 slot.errors += 1;
@@ -215,5 +246,78 @@ impl Sampler {
             }
         }
         (metas, stats, first_err)
+    }
+}
+
+/// Wake-up lateness of sampled ticks: 1 µs buckets up to 100 ms, then one overflow
+/// bucket, plus the exact maximum. Fixed size (400 KiB) whatever the capture length.
+pub struct LatenessHistogram {
+    buckets: Vec<u32>,
+    overflow: u64,
+    count: u64,
+    max_ns: u64,
+}
+
+const LATENESS_BUCKETS: usize = 100_000;
+
+impl Default for LatenessHistogram {
+    fn default() -> Self {
+        Self {
+            buckets: vec![0; LATENESS_BUCKETS],
+            overflow: 0,
+            count: 0,
+            max_ns: 0,
+        }
+    }
+}
+
+impl LatenessHistogram {
+    pub fn record(&mut self, late_ns: u64) {
+        self.count += 1;
+        self.max_ns = self.max_ns.max(late_ns);
+        match self.buckets.get_mut((late_ns / 1000) as usize) {
+            Some(b) => *b = b.saturating_add(1),
+            None => self.overflow += 1,
+        }
+    }
+
+    /// The q-quantile (0..=1) in ns, to 1 µs (the upper edge of its bucket).
+    pub fn quantile_ns(&self, q: f64) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = ((q * self.count as f64).ceil() as u64).max(1);
+        let mut seen = 0u64;
+        for (i, &n) in self.buckets.iter().enumerate() {
+            seen += u64::from(n);
+            if seen >= rank {
+                return Some(((i as u64 + 1) * 1000).min(self.max_ns));
+            }
+        }
+        Some(self.max_ns)
+    }
+
+    /// `{count, p50_ns, p99_ns, max_ns}` for meta.result.tick_lateness.
+    pub fn summary(&self) -> serde_json::Value {
+        json!({"count": self.count, "p50_ns": self.quantile_ns(0.5), "p99_ns": self.quantile_ns(0.99), "max_ns": self.max_ns})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lateness_quantiles() {
+        let mut h = LatenessHistogram::default();
+        assert_eq!(h.quantile_ns(0.5), None);
+        for i in 0..100u64 {
+            h.record(i * 1000 + 500);
+        }
+        h.record(5_000_000_000);
+        assert_eq!(h.quantile_ns(0.5), Some(51_000));
+        assert_eq!(h.quantile_ns(0.99), Some(100_000));
+        assert_eq!(h.quantile_ns(1.0), Some(5_000_000_000));
+        assert_eq!(h.summary()["max_ns"], 5_000_000_000u64);
     }
 }

@@ -40,14 +40,20 @@ impl Target {
 
     /// False once the process has exited (a zombie counts as exited).
     pub fn alive(&self) -> bool {
+        !self.exits_within(std::time::Duration::ZERO)
+    }
+
+    /// True if the process has exited or exits within `limit` (poll on the pidfd).
+    pub fn exits_within(&self, limit: std::time::Duration) -> bool {
         let mut pfd = libc::pollfd {
             fd: self.pidfd.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: one valid pollfd, zero timeout.
-        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-        !(n > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP) != 0)
+        let ms = limit.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        n > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP) != 0
     }
 
     /// The target's command line (NUL-separated in /proc), for meta.vm.qemu_cmdline.

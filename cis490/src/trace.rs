@@ -17,6 +17,7 @@ use crate::episode::meta::{
 };
 use crate::episode::{self, EventLog};
 use crate::error::Error;
+use crate::jsonl::Compression;
 use crate::labels::{ControlServer, Labels};
 use crate::sampler::{EndReason, Sampler, Slot};
 use crate::target::Target;
@@ -34,6 +35,9 @@ pub struct TraceConfig {
     pub net_ifs: Vec<String>,
     /// `--bpf-stats`: record each BPF program's run count and run time in meta.result.
     pub bpf_stats: bool,
+    pub compression: Compression,
+    /// Redraw a status line on stderr while capturing (the caller checks for a TTY).
+    pub status_line: bool,
 }
 
 pub struct TraceResult {
@@ -158,13 +162,16 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     let mut slots = Vec::new();
     for c in selected.collectors {
         events.emit("source_started", json!({"source": c.source()}));
-        slots.push(Slot::new(c, &dir)?);
+        slots.push(Slot::new(c, &dir, cfg.compression)?);
     }
 
     // Sources on their own threads (QMP, guest agent) start here; they share the clock
     // and event log but never the sampler's thread.
     let background: Vec<Box<dyn BackgroundSource>> = Vec::new();
 
+    let live = Arc::new(crate::status::LiveStats::new(
+        slots.iter().map(|s| s.collector.source()),
+    ));
     let mut sampler = Sampler {
         interval_ns,
         duration_ns: cfg.duration.map(|d| d.as_nanos() as u64),
@@ -173,6 +180,7 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         events: events.clone(),
         stop,
         target,
+        live: Some(live.clone()),
     };
     tracing::info!(episode = %dir.display(), rate_hz = cfg.rate_hz, backend = selected.used, "capture started");
     let handle = std::thread::Builder::new()
@@ -182,6 +190,16 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
             (sampler, outcome)
         })
         .map_err(|e| Error::io("spawning sampler thread", e))?;
+    if cfg.status_line {
+        crate::status::run_until(
+            || handle.is_finished(),
+            &live,
+            &labels,
+            &dir,
+            clock,
+            interval_ns,
+        );
+    }
     let (sampler, outcome) = handle
         .join()
         .map_err(|_| Error::Other("sampler thread panicked".into()))?;
@@ -276,7 +294,9 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         ticks_missed: outcome.ticks_missed,
         rows_total: sources.iter().map(|s| s.rows).sum(),
         error: error.as_ref().map(|e| e.to_string()),
-        extra: Default::default(),
+        extra: [("tick_lateness".to_owned(), outcome.lateness.summary())]
+            .into_iter()
+            .collect(),
     });
     if let (Some(session), Some(result)) = (&bpf_session, meta.result.as_mut()) {
         if cfg.bpf_stats {

@@ -4,6 +4,7 @@
 //! demo   traces a bundled target for a few seconds and prints the episode and a summary
 //! test   builds everything and runs the whole test suite (what CI runs)
 
+mod bench;
 mod demo;
 mod setup;
 mod util;
@@ -27,6 +28,12 @@ enum Command {
         #[arg(long, default_value_t = 5.0)]
         duration: f64,
     },
+    /// Measure overhead, timing and cost side by side; writes BENCHMARKS.md.
+    Bench {
+        /// Shorter runs (fewer rounds, 10 s timing) for a quick look.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Set up, build, and run every test (the command CI runs).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -42,15 +49,19 @@ fn main() -> anyhow::Result<()> {
             setup::all()?;
             demo::run(duration)
         }
+        Command::Bench { quick } => {
+            setup::all()?;
+            bench::run(quick)
+        }
         Command::Test { cargo_test_args } => {
             setup::all()?;
             util::cargo(&["build", "--locked", "--workspace", "--bins"])?;
-            let mut args = vec!["test", "--locked", "--workspace"];
-            let extra: Vec<&str> = cargo_test_args.iter().map(String::as_str).collect();
-            if !extra.is_empty() {
-                args.push("--");
-                args.extend(extra);
-            }
+            let mut args = vec!["test", "--locked", "--workspace", "--"];
+            // One test at a time: the integration tests trace real busy processes and a
+            // real VM on a 2-core machine, and several at once would starve each other's
+            // samplers (and then, truthfully, miss ticks).
+            args.push("--test-threads=1");
+            args.extend(cargo_test_args.iter().map(String::as_str));
             util::cargo(&args)
         }
     }

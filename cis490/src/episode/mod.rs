@@ -53,28 +53,6 @@ pub fn create_dir(data_root: &Path, id: &str) -> Result<PathBuf, Error> {
     Ok(fs::canonicalize(&dir).unwrap_or(dir))
 }
 
-/// Fail early, before any sampling, when the data root cannot take files.
-pub fn check_writable(data_root: &Path) -> Result<(), Error> {
-    let episodes = data_root.join("episodes");
-    fs::create_dir_all(&episodes).map_err(|e| {
-        Error::Usage(format!(
-            "data root {} is not writable: {e}",
-            data_root.display()
-        ))
-    })?;
-    let probe = episodes.join(format!(".write-probe-{}", std::process::id()));
-    File::create(&probe)
-        .and_then(|mut f| f.write_all(b"probe"))
-        .map_err(|e| {
-            Error::Usage(format!(
-                "data root {} is not writable: {e}",
-                data_root.display()
-            ))
-        })?;
-    let _ = fs::remove_file(probe);
-    Ok(())
-}
-
 /// Write `value` as pretty JSON to `dir/name` atomically: temp file, fsync, rename, fsync dir.
 pub fn write_json_atomic<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), Error> {
     let tmp = dir.join(format!(".{name}.tmp"));
@@ -133,6 +111,9 @@ impl EventLog {
     /// Append `{t_mono_ns, t_wall_ns, event, ...fields}`. A write failure is remembered
     /// (the episode then ends as `error`) rather than propagated into every caller.
     pub fn emit(&self, event: &str, fields: Value) {
+        // Stamp under the lock: events come from several threads, and a stamp taken
+        // before waiting for the lock could land after a later one.
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let stamp = self.clock.stamp();
         let mut obj = Map::new();
         obj.insert("t_mono_ns".into(), stamp.t_mono_ns.into());
@@ -141,7 +122,6 @@ impl EventLog {
         if let Value::Object(extra) = fields {
             obj.extend(extra);
         }
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let res = match inner.writer.as_mut() {
             Some(w) => w.write_value(&Value::Object(obj)).and_then(|()| w.flush()),
             None => return,

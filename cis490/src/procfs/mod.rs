@@ -383,3 +383,131 @@ fn push_thread_sched(row: &mut Row, sched: &Option<SchedStat>, status: &Option<S
             status.and_then(|s| s.involuntary_switches),
         );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIX: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/data/qemu-10.0.2/tcg/proc"
+    );
+
+    /// A fake /proc with the real QEMU snapshot as pid 6842.
+    fn fake_proc() -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        let pid_dir = root.path().join("6842");
+        std::fs::create_dir_all(pid_dir.join("task")).unwrap();
+        for f in ["stat", "io", "status", "schedstat"] {
+            std::fs::copy(format!("{FIX}/{f}"), pid_dir.join(f)).unwrap();
+        }
+        for tid in ["6842", "6843", "6845", "6846", "6847"] {
+            let d = pid_dir.join("task").join(tid);
+            std::fs::create_dir_all(&d).unwrap();
+            for f in ["stat", "io", "status", "schedstat"] {
+                std::fs::copy(format!("{FIX}/task/{tid}/{f}"), d.join(f)).unwrap();
+            }
+        }
+        root
+    }
+
+    fn collect(c: &mut ProcCollector, seq: u64) -> TickOutput {
+        let mut out = TickOutput::default();
+        c.collect(
+            Tick {
+                seq,
+                scheduled_ns: 0,
+            },
+            &EpisodeClock::start(),
+            &mut out,
+        )
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn real_snapshot_gives_thread_rows_vcpu_column_and_a_total() {
+        let root = fake_proc();
+        let vcpus = VcpuMap::default();
+        vcpus.set([(6846, 0), (6847, 1)].into_iter().collect());
+        let mut c = ProcCollector::with_root(6842, root.path(), vcpus);
+        let out = collect(&mut c, 0);
+        assert!(out.problems.is_empty(), "{:?}", out.problems);
+        assert_eq!(out.rows.len(), 6);
+        let cpu1 = out
+            .rows
+            .iter()
+            .find(|r| r.comm.as_deref() == Some("CPU 1/TCG"))
+            .unwrap();
+        assert_eq!((cpu1.tid, cpu1.vcpu), (Some(6847), Some(1)));
+        let total = out.rows.last().unwrap();
+        assert_eq!(total.tid, None);
+        assert_eq!(total.get("num_threads"), Some(&Value::U64(5)));
+        // The total is the sum of the threads' schedstat on-CPU times.
+        let sum: u64 = out.rows[..5]
+            .iter()
+            .map(|r| match r.get("on_cpu_ns") {
+                Some(Value::U64(v)) => *v,
+                other => panic!("{other:?}"),
+            })
+            .sum();
+        assert_eq!(total.get("on_cpu_ns"), Some(&Value::U64(sum)));
+        assert_eq!(total.get("write_bytes"), Some(&Value::U64(33701888)));
+    }
+
+    #[test]
+    fn missing_io_file_gives_null_fields_and_one_problem() {
+        let root = fake_proc();
+        std::fs::remove_file(root.path().join("6842/task/6846/io")).unwrap();
+        let mut c = ProcCollector::with_root(6842, root.path(), VcpuMap::default());
+        let first = collect(&mut c, 0);
+        assert_eq!(first.problems.len(), 1, "{:?}", first.problems);
+        assert!(first.problems[0].contains("tid 6846") && first.problems[0].contains("io"));
+        let row = first.rows.iter().find(|r| r.tid == Some(6846)).unwrap();
+        assert_eq!(row.get("read_bytes"), Some(&Value::Null));
+        assert!(
+            matches!(row.get("on_cpu_ns"), Some(Value::U64(_))),
+            "other files still read"
+        );
+        let second = collect(&mut c, 1);
+        assert!(second.problems.is_empty(), "reported once, not every tick");
+    }
+
+    #[test]
+    fn malformed_and_empty_files_degrade_to_nulls() {
+        let root = fake_proc();
+        std::fs::write(root.path().join("6842/task/6845/schedstat"), b"").unwrap();
+        std::fs::write(
+            root.path().join("6842/task/6845/status"),
+            b"garbage without colons\n",
+        )
+        .unwrap();
+        let mut c = ProcCollector::with_root(6842, root.path(), VcpuMap::default());
+        let out = collect(&mut c, 0);
+        let row = out.rows.iter().find(|r| r.tid == Some(6845)).unwrap();
+        assert_eq!(row.get("on_cpu_ns"), Some(&Value::Null));
+        assert_eq!(row.get("voluntary_switches"), Some(&Value::Null));
+        assert_eq!(out.problems.len(), 2, "{:?}", out.problems);
+    }
+
+    #[test]
+    fn vanished_thread_keeps_its_time_in_the_total() {
+        let root = fake_proc();
+        let mut c = ProcCollector::with_root(6842, root.path(), VcpuMap::default());
+        let total = |out: &TickOutput| out.rows.last().unwrap().get("on_cpu_ns").cloned();
+        let before = total(&collect(&mut c, 0));
+        std::fs::remove_dir_all(root.path().join("6842/task/6847")).unwrap();
+        let out = collect(&mut c, 1);
+        assert_eq!(out.rows.len(), 5);
+        assert_eq!(
+            total(&out),
+            before,
+            "the exited thread's time stays counted"
+        );
+        // A stat file that turns into garbage (a task being torn down) drops the thread.
+        std::fs::write(root.path().join("6842/task/6846/stat"), b"").unwrap();
+        let out = collect(&mut c, 2);
+        assert_eq!(out.rows.len(), 4);
+        assert_eq!(total(&out), before);
+    }
+}

@@ -1,0 +1,801 @@
+//! `cargo xtask bench [--quick]`: overhead, timing and cost figures, each measured side
+//! by side in one run (alternating A/B, repeated), written to BENCHMARKS.md.
+//!
+//! CPU is measured from the tracer's own threads' schedstat (ns resolution) over a
+//! window that starts after a warm-up, so one-off start-up work (bpftrace compiling its
+//! program, BPF verification) does not count as steady-state overhead.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+use crate::util::{self, root};
+
+struct Plan {
+    rounds: usize,
+    warmup: Duration,
+    window: Duration,
+    workload_secs: f64,
+    timing_secs: f64,
+}
+
+const RATES: [u32; 3] = [10, 100, 1000];
+
+fn release_bin(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    target.join("release").join(name)
+}
+
+fn seed_script() -> PathBuf {
+    root().join("../shared/baselines/seed_proc_qemu.py")
+}
+
+/// Sum of on-CPU ns over every thread of `pid` (ns-resolution CPU use of a process).
+fn process_cpu_ns(pid: u32) -> u64 {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    rd.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("schedstat")).ok())
+        .filter_map(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+fn vm_hwm_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on a child we started and have not reaped.
+    unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+}
+
+/// The bundled target, started and waited for.
+struct Target(Child);
+
+impl Target {
+    fn start(args: &[&str]) -> anyhow::Result<Target> {
+        let mut child = Command::new(release_bin("cis490-testload"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting cis490-testload")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().expect("piped")).read_line(&mut line)?;
+        if !line.starts_with("READY") {
+            bail!("testload said {line:?}");
+        }
+        Ok(Target(child))
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Wait for a `--exit-after` run and return its WORK figure.
+    fn work(mut self) -> anyhow::Result<u64> {
+        let mut out = String::new();
+        std::io::Read::read_to_string(self.0.stdout.as_mut().expect("piped"), &mut out)?;
+        self.0.wait()?;
+        out.lines()
+            .find_map(|l| l.strip_prefix("WORK ").and_then(|v| v.trim().parse().ok()))
+            .context("no WORK line")
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Tool {
+    Bpf,
+    Proc,
+    Seed,
+    Bpftrace,
+}
+
+impl Tool {
+    fn label(self) -> &'static str {
+        match self {
+            Tool::Bpf => "cis490 bpf",
+            Tool::Proc => "cis490 proc",
+            Tool::Seed => "seed /proc (Python)",
+            Tool::Bpftrace => "bpftrace",
+        }
+    }
+}
+
+/// One tracer run against `pid`; returns (CPU share of one core over the window, peak RSS KiB,
+/// episode dir for cis490 runs).
+fn run_tool(
+    tool: Tool,
+    pid: u32,
+    rate: u32,
+    plan: &Plan,
+    scratch: &Path,
+    extra: &[&str],
+) -> anyhow::Result<(f64, Option<u64>, Option<PathBuf>)> {
+    let mut cmd = match tool {
+        Tool::Bpf | Tool::Proc => {
+            let mut c = Command::new(release_bin("cis490"));
+            c.args([
+                "trace",
+                "--qemu-pid",
+                &pid.to_string(),
+                "--rate-hz",
+                &rate.to_string(),
+                "--backend",
+            ])
+            .arg(if tool == Tool::Bpf { "bpf" } else { "proc" })
+            .arg("--data-root")
+            .arg(scratch)
+            .args(extra)
+            .env("CIS490_LOG", "warn");
+            c
+        }
+        Tool::Seed => {
+            let mut c = Command::new("python3");
+            let secs = (plan.warmup + plan.window).as_secs_f64() + 5.0;
+            c.arg(seed_script())
+                .args([
+                    pid.to_string(),
+                    format!("{secs}"),
+                    format!("{}", (1000 / rate).max(1)),
+                ])
+                .arg(scratch.join("seed.jsonl"));
+            c
+        }
+        Tool::Bpftrace => {
+            let mut c = Command::new("bpftrace");
+            c.arg("-e").arg(bpftrace_program(pid, rate));
+            c
+        }
+    };
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", tool.label()))?;
+    // Drain stdout so a chatty tool (bpftrace printing maps) never blocks on a full pipe.
+    let stdout = child.stdout.take().expect("piped");
+    let drain = std::thread::spawn(move || {
+        let mut last = String::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            last = line;
+        }
+        last
+    });
+    std::thread::sleep(plan.warmup);
+    if let Ok(Some(status)) = child.try_wait() {
+        bail!("{} exited during warm-up: {status}", tool.label());
+    }
+    let c0 = process_cpu_ns(child.id());
+    let t0 = Instant::now();
+    std::thread::sleep(plan.window);
+    let c1 = process_cpu_ns(child.id());
+    let elapsed = t0.elapsed().as_secs_f64();
+    let hwm = vm_hwm_kb(child.id());
+    // cis490 and bpftrace close cleanly on SIGINT; the seed's Python would wait forever
+    // for its non-daemon sampling thread after KeyboardInterrupt, so it gets SIGTERM.
+    signal(
+        &child,
+        if tool == Tool::Seed {
+            libc::SIGTERM
+        } else {
+            libc::SIGINT
+        },
+    );
+    let status = wait_bounded(&mut child, Duration::from_secs(20))?;
+    let last = drain.join().unwrap_or_default();
+    if matches!(tool, Tool::Bpf | Tool::Proc) && !status.success() {
+        bail!("{} failed: {status}", tool.label());
+    }
+    let episode = matches!(tool, Tool::Bpf | Tool::Proc).then(|| PathBuf::from(last.trim()));
+    Ok(((c1.saturating_sub(c0)) as f64 / 1e9 / elapsed, hwm, episode))
+}
+
+/// bpftrace doing what cis490's sched program does for on-CPU time: per-thread on-CPU
+/// ns for one tgid, aggregated in kernel, printed at the sampling rate.
+fn wait_bounded(child: &mut Child, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            bail!(
+                "process {} did not exit within {limit:?} of being stopped",
+                child.id()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn bpftrace_program(pid: u32, rate: u32) -> String {
+    let ms = (1000 / rate).max(1);
+    format!(
+        "tracepoint:sched:sched_switch {{ if (pid == {pid}) {{ $s = @start[tid]; if ($s) {{ @oncpu[tid] = @oncpu[tid] + (nsecs - $s); }} @known[tid] = 1; }} if (@known[args->next_pid]) {{ @start[args->next_pid] = nsecs; }} }} interval:ms:{ms} {{ print(@oncpu); }}"
+    )
+}
+
+fn stats(xs: &[f64]) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let med = if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    (med, v[0], v[v.len() - 1])
+}
+
+fn fmt_med(xs: &[f64], scale: f64, unit: &str) -> String {
+    if xs.is_empty() {
+        return "n/a".into();
+    }
+    let (m, lo, hi) = stats(xs);
+    format!(
+        "{:.3}{unit} [{:.3}–{:.3}]",
+        m * scale,
+        lo * scale,
+        hi * scale
+    )
+}
+
+fn read_meta(dir: &Path) -> anyhow::Result<Value> {
+    Ok(serde_json::from_slice(
+        &std::fs::read(dir.join("meta.json"))
+            .with_context(|| format!("{}/meta.json", dir.display()))?,
+    )?)
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+pub fn run(quick: bool) -> anyhow::Result<()> {
+    let plan = if quick {
+        Plan {
+            rounds: 2,
+            warmup: Duration::from_millis(1500),
+            window: Duration::from_secs(2),
+            workload_secs: 2.0,
+            timing_secs: 10.0,
+        }
+    } else {
+        Plan {
+            rounds: 3,
+            warmup: Duration::from_millis(2000),
+            window: Duration::from_secs(5),
+            workload_secs: 4.0,
+            timing_secs: 60.0,
+        }
+    };
+    util::cargo(&["build", "--release", "--locked", "--workspace", "--bins"])?;
+    if !have("bpftrace") {
+        // Best effort: the bpftrace column is skipped with a note when it cannot be had.
+        let _ = Command::new("apt-get")
+            .args(["install", "-y", "-qq", "bpftrace"])
+            .stdout(Stdio::null())
+            .status();
+    }
+    let scratch = tempfile_dir()?;
+    let mut notes: Vec<String> = Vec::new();
+    let mut md = String::new();
+    let started = Instant::now();
+
+    // Which tracers can run here.
+    let mut tools = vec![Tool::Bpf, Tool::Proc, Tool::Seed, Tool::Bpftrace];
+    {
+        let probe = Target::start(&["--spin", "0", "--switch", "1"])?;
+        let out = Command::new(release_bin("cis490"))
+            .args([
+                "trace",
+                "--qemu-pid",
+                &probe.pid().to_string(),
+                "--duration",
+                "0.3",
+                "--backend",
+                "bpf",
+                "--data-root",
+            ])
+            .arg(&scratch)
+            .output()?;
+        if !out.status.success() {
+            notes.push(format!(
+                "cis490 bpf column skipped: {}",
+                String::from_utf8_lossy(&out.stderr)
+                    .trim()
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            ));
+            tools.retain(|t| *t != Tool::Bpf);
+        }
+    }
+    if !seed_script().exists() {
+        notes.push(format!(
+            "seed column skipped: {} is absent",
+            seed_script().display()
+        ));
+        tools.retain(|t| *t != Tool::Seed);
+    }
+    if !have("bpftrace") {
+        notes.push(
+            "bpftrace column skipped: bpftrace is not installed and could not be installed".into(),
+        );
+        tools.retain(|t| *t != Tool::Bpftrace);
+    }
+
+    // 1 + 5: tracer CPU, peak RSS and output volume against an 8-thread target.
+    eprintln!(
+        "bench: tracer CPU at {RATES:?} Hz, tools {tools:?}, {} rounds",
+        plan.rounds
+    );
+    let target = Target::start(&["--spin", "2", "--switch", "4", "--pingpong", "1"])?;
+    let mut cpu: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); tools.len()]; RATES.len()];
+    let mut rss_1k: Vec<f64> = Vec::new();
+    let mut volume: Vec<(u32, &'static str, f64, u64)> = Vec::new();
+    for (ri, &rate) in RATES.iter().enumerate() {
+        for round in 0..plan.rounds {
+            for k in 0..tools.len() {
+                // Rotate the order each round so no tool always runs first or last.
+                let ti = (k + round) % tools.len();
+                let (share, hwm, episode) =
+                    run_tool(tools[ti], target.pid(), rate, &plan, &scratch, &[])?;
+                cpu[ri][ti].push(share);
+                if rate == 1000 && matches!(tools[ti], Tool::Bpf | Tool::Proc) {
+                    if let Some(h) = hwm {
+                        rss_1k.push(h as f64);
+                    }
+                }
+                if let Some(ep) = episode.filter(|_| round == 0) {
+                    let secs = read_meta(&ep)?["result"]["duration_observed_s"]
+                        .as_f64()
+                        .unwrap_or(1.0);
+                    volume.push((rate, tools[ti].label(), dir_bytes(&ep) as f64 / secs, 0));
+                }
+            }
+        }
+    }
+    // Output volume with --compress zstd at 1 kHz for the ratio.
+    let host_tool = if tools.contains(&Tool::Bpf) {
+        Tool::Bpf
+    } else {
+        Tool::Proc
+    };
+    let (_, _, zep) = run_tool(
+        host_tool,
+        target.pid(),
+        1000,
+        &plan,
+        &scratch,
+        &["--compress", "zstd"],
+    )?;
+    let zstd_rate = zep.as_ref().map(|ep| {
+        let secs = read_meta(ep)
+            .ok()
+            .and_then(|m| m["result"]["duration_observed_s"].as_f64())
+            .unwrap_or(1.0);
+        dir_bytes(ep) as f64 / secs
+    });
+    drop(target);
+
+    let seed_idx = tools.iter().position(|t| *t == Tool::Seed);
+    writeln!(
+        md,
+        "## 1. Tracer CPU (share of one core, steady state) — 8-thread target\n"
+    )?;
+    writeln!(md, "Target: `cis490-testload --spin 2 --switch 4 --pingpong 1` (2 busy, 4 sleeping 1 ms at a time, 2 ping-pong threads). CPU = the tracer's own threads' schedstat over a {:.0} s window after a {:.1} s warm-up; median [min–max] of {} alternating rounds.\n", plan.window.as_secs_f64(), plan.warmup.as_secs_f64(), plan.rounds)?;
+    write!(md, "| rate |")?;
+    for t in &tools {
+        write!(md, " {} |", t.label())?;
+    }
+    if seed_idx.is_some() {
+        write!(md, " cis490 bpf ÷ seed | cis490 proc ÷ seed |")?;
+    }
+    writeln!(md)?;
+    writeln!(
+        md,
+        "|---|{}{}",
+        "---|".repeat(tools.len()),
+        if seed_idx.is_some() { "---|---|" } else { "" }
+    )?;
+    for (ri, rate) in RATES.iter().enumerate() {
+        write!(md, "| {rate} Hz |")?;
+        for ti in 0..tools.len() {
+            write!(md, " {} |", fmt_med(&cpu[ri][ti], 100.0, " %"))?;
+        }
+        if let Some(si) = seed_idx {
+            let seed = stats(&cpu[ri][si]).0;
+            for want in [Tool::Bpf, Tool::Proc] {
+                match tools.iter().position(|t| *t == want) {
+                    Some(ti) => write!(md, " 1/{:.1} |", seed / stats(&cpu[ri][ti]).0)?,
+                    None => write!(md, " n/a |")?,
+                }
+            }
+        }
+        writeln!(md)?;
+    }
+    writeln!(
+        md,
+        "\nGoals: bpf at 1 kHz ≤ 1/20 of the seed; proc at 1 kHz ≤ 1/5 of the seed.\n"
+    )?;
+
+    writeln!(md, "## 5. Peak RSS and output volume\n")?;
+    writeln!(
+        md,
+        "- Peak RSS (VmHWM) of `cis490 trace` at 1 kHz: {} (goal ≤ 16 MiB).",
+        fmt_med(&rss_1k, 1.0 / 1024.0, " MiB")
+    )?;
+    for (rate, label, bps, _) in &volume {
+        writeln!(
+            md,
+            "- Output volume, {label} at {rate} Hz: {:.1} KiB/s ({:.1} MiB per hour).",
+            bps / 1024.0,
+            bps * 3600.0 / 1048576.0
+        )?;
+    }
+    if let (Some(z), Some(plain)) = (
+        zstd_rate,
+        volume
+            .iter()
+            .find(|v| v.0 == 1000 && v.1 == host_tool.label())
+            .map(|v| v.2),
+    ) {
+        writeln!(md, "- With `--compress zstd`, {} at 1 kHz: {:.1} KiB/s ({:.1} MiB per hour), {:.1}× smaller.", host_tool.label(), z / 1024.0, z * 3600.0 / 1048576.0, plain / z)?;
+    }
+    writeln!(md)?;
+
+    // 2: in-kernel cost per event.
+    writeln!(md, "## 2. In-kernel cost per BPF program event\n")?;
+    if tools.contains(&Tool::Bpf) {
+        let target = Target::start(&[
+            "--spin",
+            "0",
+            "--switch",
+            "0",
+            "--pingpong",
+            "2",
+            "--iobusy",
+            "1",
+        ])?;
+        let (_, _, ep) = run_tool(
+            Tool::Bpf,
+            target.pid(),
+            100,
+            &plan,
+            &scratch,
+            &["--bpf-stats"],
+        )?;
+        drop(target);
+        let meta = read_meta(ep.as_ref().context("bpf episode")?)?;
+        let progs = &meta["result"]["bpf_programs"];
+        writeln!(md, "Load: 2 ping-pong pairs + 1 busy syscall-I/O thread, kernel BPF stats on (`--bpf-stats`).\n")?;
+        writeln!(
+            md,
+            "| program | run count | run time | ns per event |\n|---|---|---|---|"
+        )?;
+        let entries: Vec<(String, Value)> = match progs {
+            Value::Object(m) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Value::Array(a) => a
+                .iter()
+                .map(|v| (v["name"].as_str().unwrap_or("?").to_owned(), v.clone()))
+                .collect(),
+            _ => Vec::new(),
+        };
+        for (name, v) in entries {
+            let cnt = v["run_cnt"].as_u64().unwrap_or(0);
+            let ns = v["run_time_ns"].as_u64().unwrap_or(0);
+            writeln!(
+                md,
+                "| {name} | {cnt} | {ns} ns | {:.0} |",
+                if cnt > 0 {
+                    ns as f64 / cnt as f64
+                } else {
+                    f64::NAN
+                }
+            )?;
+        }
+        writeln!(md, "\nGoal: ≤ 150 ns per sched_switch event.\n")?;
+    } else {
+        writeln!(
+            md,
+            "Not measured: the BPF backend is unavailable here (see notes).\n"
+        )?;
+    }
+
+    // 3: slowdown of the traced workload.
+    writeln!(md, "## 3. Slowdown of the traced workload\n")?;
+    writeln!(md, "Each run: the target runs {:.0} s and reports work done; untraced and traced runs interleaved, {} rounds. Ratio = traced ÷ untraced throughput (median of per-round ratios).\n", plan.workload_secs, plan.rounds)?;
+    let mut variants: Vec<(&str, Option<(Tool, u32)>)> = vec![("untraced", None)];
+    if tools.contains(&Tool::Bpf) {
+        variants.push(("bpf 10 Hz", Some((Tool::Bpf, 10))));
+        variants.push(("bpf 1 kHz", Some((Tool::Bpf, 1000))));
+    }
+    variants.push(("proc 1 kHz", Some((Tool::Proc, 1000))));
+    writeln!(
+        md,
+        "| workload | {} |\n|---|{}",
+        variants[1..]
+            .iter()
+            .map(|v| v.0)
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---|".repeat(variants.len() - 1)
+    )?;
+    for (wname, wargs) in [
+        (
+            "context-switch heavy (4 ping-pong pairs)",
+            vec!["--spin", "0", "--switch", "0", "--pingpong", "4"],
+        ),
+        (
+            "syscall-I/O heavy (2 busy write/pread threads)",
+            vec!["--spin", "0", "--switch", "0", "--iobusy", "2"],
+        ),
+    ] {
+        let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+        for round in 0..plan.rounds {
+            let mut base = 0.0;
+            for k in 0..variants.len() {
+                let vi = if round % 2 == 0 {
+                    k
+                } else {
+                    (variants.len() - k) % variants.len()
+                };
+                let secs = format!("{}", plan.workload_secs);
+                let mut args = wargs.clone();
+                args.extend(["--exit-after", secs.as_str()]);
+                let target = Target::start(&args)?;
+                let tracer = match variants[vi].1 {
+                    Some((tool, rate)) => Some(
+                        Command::new(release_bin("cis490"))
+                            .args([
+                                "trace",
+                                "--qemu-pid",
+                                &target.pid().to_string(),
+                                "--rate-hz",
+                                &rate.to_string(),
+                                "--backend",
+                            ])
+                            .arg(if tool == Tool::Bpf { "bpf" } else { "proc" })
+                            .arg("--data-root")
+                            .arg(&scratch)
+                            .env("CIS490_LOG", "error")
+                            .stdout(Stdio::null())
+                            .spawn()?,
+                    ),
+                    None => None,
+                };
+                let work = target.work()? as f64;
+                if let Some(mut t) = tracer {
+                    let _ = t.wait();
+                }
+                if vi == 0 {
+                    base = work;
+                }
+                ratios[vi].push(work);
+            }
+            // Per-round ratios against this round's untraced run.
+            for r in ratios.iter_mut().skip(1) {
+                if let Some(last) = r.last_mut() {
+                    *last /= base;
+                }
+            }
+        }
+        write!(md, "| {wname} |")?;
+        for r in &ratios[1..] {
+            let (m, lo, hi) = stats(r);
+            write!(
+                md,
+                " {:.1} % [{:.1}–{:.1}] |",
+                m * 100.0,
+                lo * 100.0,
+                hi * 100.0
+            )?;
+        }
+        writeln!(md)?;
+    }
+    writeln!(
+        md,
+        "\nGoal: ≥ 98 % of untraced throughput with bpf at 1 kHz.\n"
+    )?;
+
+    // 4: 1 kHz timing.
+    writeln!(md, "## 4. 1 kHz timing\n")?;
+    writeln!(md, "`cis490 trace --backend {} --rate-hz 1000` for {:.0} s against `cis490-testload --spin 0 --switch 8`; |actual − scheduled| is the sampler's wake-up lateness (meta.result.tick_lateness).\n", if host_tool == Tool::Bpf { "bpf" } else { "proc" }, plan.timing_secs)?;
+    writeln!(
+        md,
+        "| condition | p50 | p99 | max | ticks missed / scheduled |\n|---|---|---|---|---|"
+    )?;
+    for (cond, busy) in [("idle machine", false), ("other core fully busy", true)] {
+        let target = Target::start(&["--spin", "0", "--switch", "8"])?;
+        let hog = if busy {
+            Some(Target::start(&["--spin", "1", "--switch", "0"])?)
+        } else {
+            None
+        };
+        let out = Command::new(release_bin("cis490"))
+            .args([
+                "trace",
+                "--qemu-pid",
+                &target.pid().to_string(),
+                "--rate-hz",
+                "1000",
+                "--duration",
+                &plan.timing_secs.to_string(),
+                "--backend",
+            ])
+            .arg(if host_tool == Tool::Bpf {
+                "bpf"
+            } else {
+                "proc"
+            })
+            .arg("--data-root")
+            .arg(&scratch)
+            .env("CIS490_LOG", "error")
+            .output()?;
+        drop(hog);
+        let ep = PathBuf::from(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .last()
+                .unwrap_or("")
+                .trim(),
+        );
+        let meta = read_meta(&ep)?;
+        let r = &meta["result"];
+        let l = &r["tick_lateness"];
+        let us = |v: &Value| {
+            v.as_f64()
+                .map_or("n/a".into(), |x| format!("{:.1} µs", x / 1000.0))
+        };
+        writeln!(
+            md,
+            "| {cond} | {} | {} | {} | {} / {} |",
+            us(&l["p50_ns"]),
+            us(&l["p99_ns"]),
+            us(&l["max_ns"]),
+            r["ticks_missed"],
+            r["ticks_scheduled"]
+        )?;
+    }
+    writeln!(
+        md,
+        "\nGoal: p99 ≤ 100 µs and 0 missed ticks over 60 s on the idle machine.\n"
+    )?;
+
+    writeln!(
+        md,
+        "## 6. Guest agent cost\n\nNot measured by this run yet (needs the test VM; see notes).\n"
+    )?;
+
+    let mut header = String::new();
+    writeln!(header, "# cis490 benchmarks\n")?;
+    writeln!(
+        header,
+        "- command: `cargo xtask bench{}` (took {:.0} s)",
+        if quick { " --quick" } else { "" },
+        started.elapsed().as_secs_f64()
+    )?;
+    writeln!(
+        header,
+        "- date: {}",
+        String::from_utf8_lossy(
+            &Command::new("date")
+                .arg("-u")
+                .arg("+%Y-%m-%dT%H:%M:%SZ")
+                .output()?
+                .stdout
+        )
+        .trim()
+    )?;
+    writeln!(
+        header,
+        "- machine: {} × {}, {}",
+        nproc(),
+        cpu_model(),
+        mem_total()
+    )?;
+    writeln!(
+        header,
+        "- kernel: {}",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    )?;
+    writeln!(header, "- binaries: release build of this commit; every comparison is taken in the same run, alternating.\n")?;
+    if !notes.is_empty() {
+        writeln!(header, "Notes:")?;
+        for n in &notes {
+            writeln!(header, "- {n}")?;
+        }
+        writeln!(header)?;
+    }
+    let text = header + &md;
+    std::fs::write(root().join("BENCHMARKS.md"), &text)?;
+    print!("{text}");
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("cis490-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn nproc() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn mem_total() -> String {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|k| k.parse::<u64>().ok())
+                    .map_or(String::new(), |k| {
+                        format!("{:.0} GiB RAM", k as f64 / 1048576.0)
+                    })
+            })
+        })
+        .unwrap_or_default()
+}
