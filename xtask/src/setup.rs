@@ -34,6 +34,7 @@ fn ensure_test_tools() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("setup: installing iproute2 (for the network-namespace tests)");
+    util::run(Command::new("apt-get").args(["update", "-qq"]))?;
     util::run(Command::new("apt-get").args([
         "install",
         "-y",
