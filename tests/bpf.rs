@@ -741,3 +741,32 @@ fn tap_is_autodetected_from_the_target_fds() {
         .unwrap();
     assert_eq!(sel["net_interfaces"], serde_json::json!([name]));
 }
+
+#[test]
+fn sigint_ends_a_bpf_capture_cleanly_and_stats_are_switched_off() {
+    let mut target = Target::start(&["spin", "1"]);
+    target.line();
+    let sysctl = || std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap();
+    let before = sysctl();
+    let cap = Capture::start(
+        target.pid(),
+        &["--backend", "bpf", "--bpf-stats", "--rate-hz", "50"],
+    );
+    cap.wait_rows("telemetry-bpf-sched.jsonl");
+    // (The sysctl shows only what was written to it; BPF_ENABLE_STATS turns the counting
+    // on without touching it, and run_cnt > 0 below shows it was on.)
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(cap.child.id() as i32, libc::SIGINT) };
+    let (out, data) = cap.finish();
+    let dir = single_episode(data.path());
+    assert_complete_bpf(&dir, &out);
+    let m = meta(&dir);
+    assert_eq!(m["result"]["end_reason"], "signal");
+    assert!(
+        m["result"]["bpf_programs"]["cis490_sched_switch"]["run_cnt"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert_eq!(sysctl(), before);
+}
