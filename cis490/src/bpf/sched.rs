@@ -22,7 +22,13 @@ pub struct SchedCollector {
     comms: Comms,
     vcpus: VcpuMap,
     entries: Vec<(u32, Vec<u64>, u32, bool)>,
+    last_liveness_ns: u64,
 }
+
+/// How often threads are checked against /proc/<pid>/task: a thread that exited without
+/// its sched_process_exit being seen (it ended between the seeding of the map and the
+/// attach) would otherwise be reported forever.
+const LIVENESS_EVERY_NS: u64 = 1_000_000_000;
 
 impl SchedCollector {
     pub fn new(
@@ -39,6 +45,7 @@ impl SchedCollector {
             comms: Comms::new(pid),
             vcpus,
             entries: Vec::new(),
+            last_liveness_ns: 0,
         }
     }
 }
@@ -73,7 +80,20 @@ impl Collector for SchedCollector {
             self.map.remove(*tid);
             self.comms.forget(*tid);
         }
-        self.session.retire(&update.remove);
+        let mut gone = update.remove.clone();
+        if now.saturating_sub(self.last_liveness_ns) >= LIVENESS_EVERY_NS {
+            self.last_liveness_ns = now;
+            for (tid, _) in &update.threads {
+                let dir = format!("/proc/{}/task/{tid}", self.pid);
+                if !std::path::Path::new(&dir).exists() && !update.remove.contains(tid) {
+                    // Gone from the map next tick: the table then keeps its last values in
+                    // the process total.
+                    self.map.remove(*tid);
+                    gone.push(*tid);
+                }
+            }
+        }
+        self.session.retire(&gone);
         self.session
             .set_live(update.threads.iter().map(|(tid, _)| *tid));
 
