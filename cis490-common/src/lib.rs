@@ -1,5 +1,215 @@
 //! Types shared by the cis490 BPF programs and the user-space loader.
 //!
 //! Everything here is `#[repr(C)]`, `Copy` and free of pointers, because the same bytes
-//! are written by the kernel side into BPF maps and read back by user space.
+//! are written by the kernel side into BPF maps and read back by user space. Every field
+//! is a `u64` or `u32` with explicit padding, so both sides agree on the layout.
 #![no_std]
+
+/// Bounds of the maps. QEMU has a few dozen threads; this leaves room for thread churn
+/// between two drains (exited entries are removed by user space).
+pub const MAX_THREADS: u32 = 8192;
+/// Interfaces watched by the net programs (`--net-if`, autodetected taps).
+pub const MAX_NET_IFS: u32 = 16;
+/// Linux IFNAMSIZ: interface names including the NUL.
+pub const IFNAMSIZ: usize = 16;
+
+/// `SchedStats::flags`: the thread is known to belong to the target (its tgid was seen
+/// by `bpf_get_current_pid_tgid`, or user space seeded it from /proc/<pid>/task).
+pub const FLAG_CONFIRMED: u32 = 1;
+/// `SchedStats::flags`: sched_process_exit fired for the thread; its counters are final
+/// once its last switch-out has happened, and user space removes the entry later.
+pub const FLAG_EXITED: u32 = 2;
+
+/// Per-thread scheduler counters (map `SCHED`, key = tid). Cumulative since attach.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedStats {
+    /// Time on CPU as the scheduler accounts it (sum of sched_stat_runtime deltas, i.e.
+    /// the increments of the task's sum_exec_runtime, the first field of
+    /// /proc/<pid>/task/<tid>/schedstat; steal time is not included).
+    pub on_cpu_ns: u64,
+    /// Switch-outs while blocking (the kernel's nvcsw).
+    pub voluntary_switches: u64,
+    /// Switch-outs while still runnable: preempted or yielded (the kernel's nivcsw).
+    pub involuntary_switches: u64,
+    /// sched_wakeup / sched_wakeup_new of the thread.
+    pub wakeups: u64,
+    /// Time from becoming runnable (wakeup or preemption) to the next switch-in.
+    pub runqueue_wait_ns: u64,
+    /// Number of such waits that ended in a switch-in.
+    pub runqueue_waits: u64,
+    /// sched_migrate_task of the thread.
+    pub migrations: u64,
+    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC) when the thread became runnable; 0 when it is
+    /// not waiting on a run queue.
+    pub enqueued_at_ns: u64,
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Per-thread I/O counters (map `IO`, key = tid). Cumulative since attach.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoStats {
+    /// Sum of positive return values of read, pread64, readv, preadv, preadv2.
+    pub read_bytes: u64,
+    pub read_ops: u64,
+    /// Sum of positive return values of write, pwrite64, writev, pwritev, pwritev2.
+    pub write_bytes: u64,
+    pub write_ops: u64,
+    /// Block requests issued (block_rq_issue) while a thread of the target was current.
+    pub blk_read_bytes: u64,
+    pub blk_read_ops: u64,
+    pub blk_write_bytes: u64,
+    pub blk_write_ops: u64,
+}
+
+/// Per-interface packet counters (per-CPU array `NET`, index = interface slot), from the
+/// interface's own point of view: rx = received by the host on it (for a tap: sent by
+/// the guest), tx = transmitted on it (for a tap: towards the guest).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetStats {
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+}
+
+/// Value of map `NET_IFS`: the interface's slot in `NET`, and the link-layer header
+/// length netif_receive_skb's `len` lacks (eth_type_trans has pulled it by then, but the
+/// interface's rx_bytes include it): 14 for Ethernet (taps, veth), 0 for L3 tun devices.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetIf {
+    pub slot: u32,
+    pub rx_header_len: u32,
+}
+
+/// Key of map `NET_IFS` (interface name → slot): the name NUL-padded to IFNAMSIZ.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IfName(pub [u8; IFNAMSIZ]);
+
+impl IfName {
+    /// `None` when the name does not fit (an interface name is at most 15 bytes).
+    pub fn new(name: &str) -> Option<Self> {
+        let b = name.as_bytes();
+        if b.is_empty() || b.len() >= IFNAMSIZ || b.contains(&0) {
+            return None;
+        }
+        let mut out = [0u8; IFNAMSIZ];
+        out[..b.len()].copy_from_slice(b);
+        Some(Self(out))
+    }
+}
+
+/// Byte offsets of the tracepoint fields the programs read, taken by user space from
+/// tracefs `events/<category>/<name>/format` at load time (they differ between kernel
+/// versions: sched_process_fork's child_pid moved when comm became __data_loc), and set
+/// as the read-only global `OFFSETS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offsets {
+    pub switch_prev_pid: u32,
+    pub switch_prev_state: u32,
+    pub switch_next_pid: u32,
+    pub wakeup_pid: u32,
+    pub migrate_pid: u32,
+    pub fork_child_pid: u32,
+    pub runtime_pid: u32,
+    pub runtime_runtime: u32,
+    /// `ret` of syscalls:sys_exit_*.
+    pub sys_exit_ret: u32,
+    pub blk_bytes: u32,
+    pub blk_rwbs: u32,
+    pub xmit_len: u32,
+    pub xmit_rc: u32,
+    /// __data_loc of the device name.
+    pub xmit_name: u32,
+    pub recv_len: u32,
+    pub recv_name: u32,
+}
+
+impl Offsets {
+    /// The layout of Linux 6.18 x86_64 (the kernel side's initial value).
+    pub const LINUX_6_18: Offsets = Offsets {
+        switch_prev_pid: 24,
+        switch_prev_state: 32,
+        switch_next_pid: 56,
+        wakeup_pid: 24,
+        migrate_pid: 12,
+        fork_child_pid: 20,
+        runtime_pid: 12,
+        runtime_runtime: 16,
+        sys_exit_ret: 16,
+        blk_bytes: 28,
+        blk_rwbs: 34,
+        xmit_len: 16,
+        xmit_rc: 20,
+        xmit_name: 24,
+        recv_len: 16,
+        recv_name: 20,
+    };
+}
+
+impl Default for Offsets {
+    fn default() -> Self {
+        Self::LINUX_6_18
+    }
+}
+
+/// sched_switch reports a preempted task with this bit set in prev_state
+/// (TASK_REPORT_MAX, since Linux 4.14); a blocking task has one of the lower state bits
+/// (TASK_IDLE kthreads 0x80), a task switched out while still running (yield) has 0.
+pub const PREEMPT_STATE_MIN: u64 = 0x100;
+
+/// Whether a switch-out with this `prev_state` counts as involuntary (the kernel's nivcsw).
+pub const fn is_involuntary(prev_state: u64) -> bool {
+    prev_state == 0 || prev_state >= PREEMPT_STATE_MIN
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain-old-data: repr(C), Copy, integer fields with explicit padding.
+    unsafe impl aya::Pod for super::SchedStats {}
+    unsafe impl aya::Pod for super::IoStats {}
+    unsafe impl aya::Pod for super::NetStats {}
+    unsafe impl aya::Pod for super::IfName {}
+    unsafe impl aya::Pod for super::NetIf {}
+    unsafe impl aya::Pod for super::Offsets {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn switch_state_classification() {
+        assert!(is_involuntary(0), "yield: still running");
+        assert!(is_involuntary(0x100), "preempted (TASK_REPORT_MAX)");
+        assert!(!is_involuntary(0x1), "S: interruptible sleep");
+        assert!(!is_involuntary(0x2), "D: uninterruptible sleep");
+        assert!(!is_involuntary(0x80), "I: idle kthread");
+    }
+
+    #[test]
+    fn interface_names_are_nul_padded_and_bounded() {
+        let n = IfName::new("tap0").unwrap();
+        assert_eq!(&n.0[..5], b"tap0\0");
+        assert!(n.0[4..].iter().all(|&b| b == 0));
+        assert!(IfName::new("fifteen-chars-x").is_some());
+        assert!(IfName::new("sixteen-chars-xx").is_none());
+        assert!(IfName::new("").is_none());
+        assert!(IfName::new("a\0b").is_none());
+    }
+
+    #[test]
+    fn map_types_have_the_layout_the_kernel_side_writes() {
+        assert_eq!(core::mem::size_of::<SchedStats>(), 8 * 8 + 8);
+        assert_eq!(core::mem::size_of::<IoStats>(), 8 * 8);
+        assert_eq!(core::mem::size_of::<NetStats>(), 4 * 8);
+        assert_eq!(core::mem::size_of::<NetIf>(), 8);
+        assert_eq!(core::mem::size_of::<Offsets>(), 16 * 4);
+    }
+}

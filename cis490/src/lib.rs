@@ -6,8 +6,10 @@
 
 pub mod agent;
 pub mod backend;
+pub mod bpf;
 pub mod clock;
 pub mod collector;
+pub mod doctor;
 pub mod episode;
 pub mod error;
 pub mod jsonl;

@@ -37,6 +37,8 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Check whether the BPF backend works on this machine and what `--backend auto` picks.
+    Doctor,
     /// Check episode directories against the output contract; exit 0 only if all pass.
     Validate {
         #[arg(required = true)]
@@ -92,6 +94,14 @@ struct TraceArgs {
     /// (and optionally baseline_seconds, infected_seconds, dormant_seconds) for meta.json.
     #[arg(long)]
     meta: Option<PathBuf>,
+    /// Network interface of the VM for the `net` source (repeatable); default: QEMU's
+    /// tap interfaces, detected from its command line and file descriptors.
+    #[arg(long = "net-if", value_name = "NAME")]
+    net_if: Vec<String>,
+    /// Record each BPF program's run count and run time (kernel BPF statistics, on only
+    /// for the capture) in meta.json's result.
+    #[arg(long)]
+    bpf_stats: bool,
     /// Store telemetry streams compressed (`zstd`: telemetry-*.jsonl.zst, read directly by
     /// DuckDB and pandas); useful for long 1 kHz captures.
     #[arg(long, value_enum, default_value_t = Compression::None)]
@@ -152,6 +162,11 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode, Error> {
     match cli.command {
         Command::Trace(args) => cmd_trace(args),
+        Command::Doctor => {
+            let (checks, verdict) = cis490::doctor::run();
+            print!("{}", cis490::doctor::render(&checks, &verdict));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Validate { episode_dirs } => Ok(cmd_validate(&episode_dirs)),
         Command::Report {
             episode_dir,
@@ -215,6 +230,8 @@ fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
         episode_id: args.episode_id,
         backend: args.backend,
         user_meta,
+        net_ifs: args.net_if,
+        bpf_stats: args.bpf_stats,
         compression: args.compress,
         realtime: args.realtime,
         status_line: !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),

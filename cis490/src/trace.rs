@@ -31,6 +31,10 @@ pub struct TraceConfig {
     pub episode_id: Option<String>,
     pub backend: BackendChoice,
     pub user_meta: UserMeta,
+    /// `--net-if` (empty: autodetect the target's taps).
+    pub net_ifs: Vec<String>,
+    /// `--bpf-stats`: record each BPF program's run count and run time in meta.result.
+    pub bpf_stats: bool,
     pub compression: Compression,
     pub realtime: bool,
     /// Redraw a status line on stderr while capturing (the caller checks for a TTY).
@@ -80,7 +84,13 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     };
     let target = Target::open(cfg.pid)?;
     let vcpus = VcpuMap::default();
-    let selected = backend::select(cfg.backend, cfg.pid, &vcpus)?;
+    let backend_opts = backend::BackendOptions {
+        net_ifs: cfg.net_ifs.clone(),
+        bpf_stats: cfg.bpf_stats,
+        cmdline: target.cmdline(),
+    };
+    let mut selected = backend::select_with(cfg.backend, cfg.pid, &vcpus, &backend_opts)?;
+    let bpf_session = selected.session.take();
     let dir = episode::create_dir(&cfg.data_root, &id)?;
 
     let clock = EpisodeClock::start();
@@ -144,7 +154,7 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     events.emit(
         "backend_selected",
         json!({"requested": cfg.backend.as_str(), "used": selected.used, "reason": selected.reason,
-               "fallback_reason": selected.fallback_reason}),
+               "fallback_reason": selected.fallback_reason, "net_interfaces": selected.net_ifs}),
     );
     if let Some(why) = &selected.fallback_reason {
         tracing::warn!("BPF unavailable ({why}); falling back to /proc");
@@ -318,6 +328,16 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
             .into_iter()
             .collect(),
     });
+    if let (Some(session), Some(result)) = (&bpf_session, meta.result.as_mut()) {
+        if cfg.bpf_stats {
+            result
+                .extra
+                .insert("bpf_programs".into(), session.program_stats());
+        }
+    }
+    // The programs stay attached until `bpf_session` drops at the end of this function,
+    // after the episode is complete: detaching waits for an RCU grace period per
+    // tracepoint (~1 s in total), which should not delay done.marker.
     meta.sources = sources;
     let trusted = error.is_none();
     if let Err(e) = episode::finish(&dir, &meta, stats, trusted) {

@@ -80,16 +80,32 @@ fn trace_real_vm_with_all_sources_until_qemu_is_killed() {
         "no done.marker in {}",
         dir.display()
     );
+    let meta = read_json(&dir.join("meta.json"));
+    // The host backend is whatever auto picked: BPF where it loads (CI is root), else /proc.
+    let host = if meta["backend"]["used"] == "bpf" {
+        "bpf-sched"
+    } else {
+        "proc"
+    };
+    let host_file = format!("telemetry-{host}.jsonl");
     for f in [
         "events.jsonl",
         "telemetry-qmp.jsonl",
         "telemetry-agent.jsonl",
-        "telemetry-proc.jsonl",
+        host_file.as_str(),
     ] {
         assert_mono_non_decreasing(&dir, f);
     }
-
-    let meta = read_json(&dir.join("meta.json"));
+    let v = std::process::Command::new(cis490_tests::bin("cis490"))
+        .arg("validate")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        v.status.success(),
+        "cis490 validate: {}",
+        String::from_utf8_lossy(&v.stdout)
+    );
     assert_eq!(
         meta["result"]["end_reason"], "target_exit",
         "{}",
@@ -107,21 +123,21 @@ fn trace_real_vm_with_all_sources_until_qemu_is_killed() {
     // vCPU threads from query-cpus-fast, and the host rows carry the vcpu column.
     let threads = meta["vm"]["vcpu_threads"].as_array().unwrap().clone();
     assert_eq!(threads.len(), 2);
-    let proc_rows = read_jsonl(&dir.join("telemetry-proc.jsonl"));
+    let proc_rows = read_jsonl(&dir.join(&host_file));
     for t in &threads {
         let (idx, tid) = (t["index"].as_u64().unwrap(), t["tid"].as_u64().unwrap());
         let rows: Vec<_> = proc_rows
             .iter()
             .filter(|r| r["tid"].as_u64() == Some(tid))
             .collect();
-        assert!(!rows.is_empty(), "no proc rows for vCPU thread {tid}");
+        assert!(!rows.is_empty(), "no {host} rows for vCPU thread {tid}");
         assert!(rows[0]["comm"]
             .as_str()
             .unwrap()
             .starts_with(&format!("CPU {idx}/")));
         assert!(
             rows.iter().any(|r| r["vcpu"].as_u64() == Some(idx)),
-            "proc rows of tid {tid} never got vcpu {idx}"
+            "{host} rows of tid {tid} never got vcpu {idx}"
         );
     }
 
@@ -166,7 +182,7 @@ fn trace_real_vm_with_all_sources_until_qemu_is_killed() {
         .iter()
         .all(|r| r["guest_t_guest_ns"].is_u64() && r["guest_mono_ns"].is_u64()));
 
-    for name in ["proc", "qmp", "agent"] {
+    for name in [host, "qmp", "agent"] {
         assert!(
             source_meta(&meta, name)["rows"].as_u64().unwrap() > 0,
             "{name}"

@@ -1,14 +1,10 @@
-//! `cargo xtask setup`: everything a fresh machine needs, each step idempotent.
+//! Set-up for the test VM and the static guest agent: musl target and musl-gcc, QEMU
+//! 10.0.2 from bookworm-backports.
 
 use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context};
-
-pub fn all() -> anyhow::Result<()> {
-    vm()?;
-    Ok(())
-}
 
 /// The in-guest agent is a static musl build of cis490. Rust's musl target brings its own
 /// libc, but C code in dependencies (zstd-sys) needs musl-gcc: Debian's musl-tools.
@@ -82,7 +78,7 @@ fn write_if_different(path: &str, text: &str) -> anyhow::Result<bool> {
 
 /// `apt-get install` with the package lists refreshed first when the install fails
 /// (a fresh machine's lists may be missing or stale).
-pub fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
+fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
     let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
     args.extend_from_slice(pkgs);
     if apt(&args).is_ok() {

@@ -1,0 +1,270 @@
+//! tracefs: where it is, mounting it when it is not, and the field offsets of the
+//! tracepoints the programs read (parsed from `events/<category>/<name>/format`).
+
+use std::path::{Path, PathBuf};
+
+use cis490_common::Offsets;
+
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
+
+/// Every tracepoint the programs attach to, as (category, name). The net ones are only
+/// attached when there are interfaces to watch.
+pub const SCHED_TRACEPOINTS: &[(&str, &str)] = &[
+    ("sched", "sched_switch"),
+    ("sched", "sched_stat_runtime"),
+    ("sched", "sched_wakeup"),
+    ("sched", "sched_wakeup_new"),
+    ("sched", "sched_migrate_task"),
+    ("sched", "sched_process_fork"),
+    ("sched", "sched_process_exit"),
+];
+pub const READ_SYSCALLS: &[&str] = &["read", "pread64", "readv", "preadv", "preadv2"];
+pub const WRITE_SYSCALLS: &[&str] = &["write", "pwrite64", "writev", "pwritev", "pwritev2"];
+pub const BLOCK_TRACEPOINT: (&str, &str) = ("block", "block_rq_issue");
+pub const NET_TRACEPOINTS: &[(&str, &str)] =
+    &[("net", "net_dev_xmit"), ("net", "netif_receive_skb")];
+
+/// All tracepoints used, for `cis490 doctor`.
+pub fn all_tracepoints() -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = SCHED_TRACEPOINTS
+        .iter()
+        .map(|(c, n)| (c.to_string(), n.to_string()))
+        .collect();
+    for s in READ_SYSCALLS.iter().chain(WRITE_SYSCALLS) {
+        v.push(("syscalls".into(), format!("sys_exit_{s}")));
+    }
+    v.push((BLOCK_TRACEPOINT.0.into(), BLOCK_TRACEPOINT.1.into()));
+    for (c, n) in NET_TRACEPOINTS {
+        v.push((c.to_string(), n.to_string()));
+    }
+    v
+}
+
+/// The mounted tracefs, if any (the debugfs location counts too).
+pub fn find() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    for line in mounts.lines() {
+        let mut parts = line.split_whitespace();
+        let (_, Some(dir), Some(fstype)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if fstype == "tracefs" && (dir == TRACEFS || dir == DEBUGFS_TRACING) {
+            return Some(PathBuf::from(dir));
+        }
+    }
+    None
+}
+
+/// The mounted tracefs, mounting it at /sys/kernel/tracing first if needed. `Err` is the
+/// exact cause, for `backend.fallback_reason`.
+pub fn ensure_mounted() -> Result<PathBuf, String> {
+    if let Some(p) = find() {
+        return Ok(p);
+    }
+    let src = c"nodev";
+    let target = c"/sys/kernel/tracing";
+    let fstype = c"tracefs";
+    // SAFETY: NUL-terminated strings, no data argument.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!(
+            "tracefs is not mounted and `mount -t tracefs nodev {TRACEFS}` failed: {e} \
+             (needs CAP_SYS_ADMIN; or mount it once as root)"
+        ));
+    }
+    Ok(PathBuf::from(TRACEFS))
+}
+
+/// One `field:` line of a format file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field {
+    pub name: String,
+    pub offset: u32,
+    pub size: u32,
+}
+
+/// Parse a tracepoint `format` file into its fields.
+pub fn parse_format(text: &str) -> Vec<Field> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        let Some(rest) = line.strip_prefix("field:") else {
+            continue;
+        };
+        let mut decl = None;
+        let mut offset = None;
+        let mut size = None;
+        for part in rest.split(';') {
+            let part = part.trim();
+            if let Some(v) = part.strip_prefix("offset:") {
+                offset = v.trim().parse().ok();
+            } else if let Some(v) = part.strip_prefix("size:") {
+                size = v.trim().parse().ok();
+            } else if decl.is_none() && !part.is_empty() {
+                decl = Some(part.to_owned());
+            }
+        }
+        let (Some(decl), Some(offset), Some(size)) = (decl, offset, size) else {
+            continue;
+        };
+        // "char prev_comm[16]" → "prev_comm"; "__data_loc char[] name" → "name".
+        let last = decl.split_whitespace().last().unwrap_or("");
+        let name = last.split('[').next().unwrap_or("").to_owned();
+        out.push(Field { name, offset, size });
+    }
+    out
+}
+
+/// Read and parse `events/<category>/<name>/format`; `Err` says which tracepoint is missing.
+pub fn format(root: &Path, category: &str, name: &str) -> Result<Vec<Field>, String> {
+    let path = root.join("events").join(category).join(name).join("format");
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "tracepoint {category}:{name} unavailable ({}: {e})",
+            path.display()
+        )
+    })?;
+    Ok(parse_format(&text))
+}
+
+fn field(fields: &[Field], tp: &str, name: &str, size: u32) -> Result<u32, String> {
+    let f = fields
+        .iter()
+        .find(|f| f.name == name)
+        .ok_or_else(|| format!("tracepoint {tp} has no field `{name}`"))?;
+    if f.size != size {
+        return Err(format!(
+            "tracepoint {tp} field `{name}` has size {} (expected {size})",
+            f.size
+        ));
+    }
+    Ok(f.offset)
+}
+
+/// The offsets of every field the programs read, from the running kernel's formats.
+/// `with_net`: whether the net tracepoints are needed.
+pub fn offsets(root: &Path, with_net: bool) -> Result<Offsets, String> {
+    let mut o = Offsets::LINUX_6_18;
+    let sw = format(root, "sched", "sched_switch")?;
+    o.switch_prev_pid = field(&sw, "sched:sched_switch", "prev_pid", 4)?;
+    o.switch_prev_state = field(&sw, "sched:sched_switch", "prev_state", 8)?;
+    o.switch_next_pid = field(&sw, "sched:sched_switch", "next_pid", 4)?;
+    let wk = format(root, "sched", "sched_wakeup")?;
+    o.wakeup_pid = field(&wk, "sched:sched_wakeup", "pid", 4)?;
+    // sched_wakeup_new shares sched_wakeup's template; check it exists and agrees.
+    let wn = format(root, "sched", "sched_wakeup_new")?;
+    if field(&wn, "sched:sched_wakeup_new", "pid", 4)? != o.wakeup_pid {
+        return Err("sched_wakeup_new and sched_wakeup disagree on the offset of pid".into());
+    }
+    let mg = format(root, "sched", "sched_migrate_task")?;
+    o.migrate_pid = field(&mg, "sched:sched_migrate_task", "pid", 4)?;
+    let fk = format(root, "sched", "sched_process_fork")?;
+    o.fork_child_pid = field(&fk, "sched:sched_process_fork", "child_pid", 4)?;
+    format(root, "sched", "sched_process_exit")?;
+    let rt = format(root, "sched", "sched_stat_runtime")?;
+    o.runtime_pid = field(&rt, "sched:sched_stat_runtime", "pid", 4)?;
+    o.runtime_runtime = field(&rt, "sched:sched_stat_runtime", "runtime", 8)?;
+    for s in READ_SYSCALLS.iter().chain(WRITE_SYSCALLS) {
+        let tp = format!("sys_exit_{s}");
+        let f = format(root, "syscalls", &tp)?;
+        let off = field(&f, &format!("syscalls:{tp}"), "ret", 8)?;
+        if off != o.sys_exit_ret && s != &READ_SYSCALLS[0] {
+            return Err(format!(
+                "syscalls:{tp} has `ret` at {off}, not {}",
+                o.sys_exit_ret
+            ));
+        }
+        o.sys_exit_ret = off;
+    }
+    let bl = format(root, BLOCK_TRACEPOINT.0, BLOCK_TRACEPOINT.1)?;
+    o.blk_bytes = field(&bl, "block:block_rq_issue", "bytes", 4)?;
+    let rwbs = bl
+        .iter()
+        .find(|f| f.name == "rwbs")
+        .ok_or("tracepoint block:block_rq_issue has no field `rwbs`")?;
+    o.blk_rwbs = rwbs.offset;
+    if with_net {
+        let x = format(root, "net", "net_dev_xmit")?;
+        o.xmit_len = field(&x, "net:net_dev_xmit", "len", 4)?;
+        o.xmit_rc = field(&x, "net:net_dev_xmit", "rc", 4)?;
+        o.xmit_name = field(&x, "net:net_dev_xmit", "name", 4)?;
+        let r = format(root, "net", "netif_receive_skb")?;
+        o.recv_len = field(&r, "net:netif_receive_skb", "len", 4)?;
+        o.recv_name = field(&r, "net:netif_receive_skb", "name", 4)?;
+    }
+    Ok(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SWITCH: &str = "name: sched_switch
+ID: 330
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
+\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:char prev_comm[16];\toffset:8;\tsize:16;\tsigned:0;
+\tfield:pid_t prev_pid;\toffset:24;\tsize:4;\tsigned:1;
+\tfield:int prev_prio;\toffset:28;\tsize:4;\tsigned:1;
+\tfield:long prev_state;\toffset:32;\tsize:8;\tsigned:1;
+\tfield:char next_comm[16];\toffset:40;\tsize:16;\tsigned:0;
+\tfield:pid_t next_pid;\toffset:56;\tsize:4;\tsigned:1;
+\tfield:int next_prio;\toffset:60;\tsize:4;\tsigned:1;
+
+print fmt: \"prev_comm=%s\"
+";
+
+    #[test]
+    fn parses_sched_switch_format() {
+        let f = parse_format(SWITCH);
+        let get = |n: &str| f.iter().find(|x| x.name == n).cloned().unwrap();
+        assert_eq!(get("prev_pid").offset, 24);
+        assert_eq!(get("prev_state").size, 8);
+        assert_eq!(get("next_pid").offset, 56);
+        assert_eq!(get("prev_comm").size, 16);
+        assert_eq!(get("common_pid").offset, 4);
+        assert_eq!(field(&f, "t", "next_pid", 4), Ok(56));
+        assert!(field(&f, "t", "next_pid", 8).unwrap_err().contains("size"));
+        assert!(field(&f, "t", "child_pid", 4)
+            .unwrap_err()
+            .contains("child_pid"));
+    }
+
+    #[test]
+    fn parses_data_loc_fields() {
+        let f = parse_format(
+            "\tfield:__data_loc char[] name;\toffset:24;\tsize:4;\tsigned:0;\n\
+             \tfield:int rc;\toffset:20;\tsize:4;\tsigned:1;\n",
+        );
+        assert_eq!(
+            f[0],
+            Field {
+                name: "name".into(),
+                offset: 24,
+                size: 4
+            }
+        );
+        assert_eq!(f[1].name, "rc");
+    }
+
+    #[test]
+    fn missing_tracepoint_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = format(dir.path(), "sched", "sched_switch").unwrap_err();
+        assert!(e.contains("sched:sched_switch"), "{e}");
+    }
+}
