@@ -1,15 +1,20 @@
-//! `cargo xtask demo`: the main job on a built-in target. Starts the bundled
-//! multi-threaded workload, traces it, prints the episode path and a one-screen summary.
+//! `cargo xtask demo`: the main job on a built-in target. Boots the test VM (a real QEMU
+//! guest running the cis490 agent), traces it with every source while walking through
+//! the phases, validates the episode, prints a one-screen summary and the episode path,
+//! and draws the report next to it. Where the VM cannot start, the bundled multi-threaded
+//! workload is traced instead, and the demo says so.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::Value;
 
 use crate::util::{self, root};
+use crate::vm;
 
 fn target_bin(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -20,47 +25,136 @@ fn target_bin(name: &str) -> PathBuf {
 
 pub fn run(duration: f64) -> anyhow::Result<()> {
     util::cargo(&["build", "--locked", "--workspace", "--bins"])?;
-    let mut load = Command::new(target_bin("cis490-testload"))
-        .args(["--spin", "2", "--switch", "2", "--io", "1"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the bundled target")?;
-    let mut ready = String::new();
-    BufReader::new(load.stdout.take().expect("piped")).read_line(&mut ready)?;
-    eprintln!(
-        "demo target: cis490-testload pid {} (2 busy, 2 sleeping, 1 I/O thread)",
-        load.id()
-    );
-    let out = Command::new(target_bin("cis490"))
+    let opts = vm::StartOpts {
+        run_dir: Some(vm::default_run_dir().with_file_name("demo")),
+        ..Default::default()
+    };
+    let run_dir = opts.run_dir.clone().expect("set above");
+    let _ = vm::stop(&run_dir);
+    let dir = match vm::start(&opts) {
+        Ok(kv) => {
+            let pid = kv
+                .iter()
+                .find(|(k, _)| *k == "PID")
+                .map(|(_, v)| v.clone())
+                .context("vm start gave no PID")?;
+            eprintln!("demo target: the test VM, QEMU pid {pid} (QMP and agent sockets found from its command line)");
+            let res = trace(&pid, duration);
+            let _ = vm::stop(&run_dir);
+            res?
+        }
+        Err(e) => {
+            eprintln!("demo: the test VM did not start ({e:#}); tracing the bundled multi-threaded target instead");
+            let mut load = Command::new(target_bin("cis490-testload"))
+                .args(["--spin", "2", "--switch", "2", "--io", "1"])
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("starting the bundled target")?;
+            let mut ready = String::new();
+            BufReader::new(load.stdout.take().expect("piped")).read_line(&mut ready)?;
+            eprintln!(
+                "demo target: cis490-testload pid {} (2 busy, 2 sleeping, 1 I/O thread)",
+                load.id()
+            );
+            let res = trace(&load.id().to_string(), duration);
+            let _ = load.kill();
+            let _ = load.wait();
+            res?
+        }
+    };
+    let validate = Command::new(target_bin("cis490"))
+        .arg("validate")
+        .arg(&dir)
+        .output()?;
+    summary(&dir)?;
+    print!("{}", String::from_utf8_lossy(&validate.stdout));
+    // The picture goes next to the episode; its per-phase table is `cis490 report DIR`.
+    let report = Command::new(target_bin("cis490"))
+        .arg("report")
+        .arg(&dir)
+        .stderr(Stdio::inherit())
+        .output()?;
+    if let Some(png) = String::from_utf8_lossy(&report.stdout)
+        .lines()
+        .rev()
+        .find(|l| l.ends_with(".png"))
+    {
+        println!(
+            "report    {png}  (per-phase table: cis490 report {})",
+            dir.display()
+        );
+    }
+    println!("{}", dir.display());
+    if !validate.status.success() {
+        bail!("the demo episode did not validate");
+    }
+    Ok(())
+}
+
+/// `cis490 trace` for `duration` s, marking `armed` at a third and `infecting` at two
+/// thirds, as a researcher would while driving the VM.
+fn trace(pid: &str, duration: f64) -> anyhow::Result<PathBuf> {
+    let episodes = root().join("data").join("episodes");
+    let before = list_dirs(&episodes);
+    let child = Command::new(target_bin("cis490"))
         .args([
             "trace",
             "--qemu-pid",
-            &load.id().to_string(),
+            pid,
             "--duration",
             &duration.to_string(),
             "--rate-hz",
             "10",
+            "-q",
         ])
         .current_dir(root())
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .output()
+        .spawn()
         .context("running cis490 trace")?;
-    let _ = load.kill();
-    let _ = load.wait();
+    let start = Instant::now();
+    let mut dir = None;
+    while dir.is_none() && start.elapsed().as_secs_f64() < duration {
+        dir = list_dirs(&episodes)
+            .into_iter()
+            .find(|d| !before.contains(d) && d.join("control.sock").exists());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Some(d) = &dir {
+        for (at, phase) in [
+            (duration / 3.0, "armed"),
+            (duration * 2.0 / 3.0, "infecting"),
+        ] {
+            let wait = at - start.elapsed().as_secs_f64();
+            if wait > 0.0 {
+                std::thread::sleep(Duration::from_secs_f64(wait));
+            }
+            let _ = Command::new(target_bin("cis490"))
+                .arg("mark")
+                .arg(d)
+                .args(["--phase", phase, "--reason", "demo"])
+                .stdout(Stdio::null())
+                .status();
+        }
+    }
+    let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!("cis490 trace failed: {}", out.status);
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let dir = PathBuf::from(
+    Ok(PathBuf::from(
         stdout
             .lines()
             .last()
             .context("no episode path printed")?
             .trim(),
-    );
-    summary(&dir)?;
-    println!("{}", dir.display());
-    Ok(())
+    ))
+}
+
+fn list_dirs(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
 }
 
 fn summary(dir: &Path) -> anyhow::Result<()> {

@@ -26,7 +26,7 @@ enum Command {
     /// Run the main job on a built-in target: trace it, print the episode path and a summary.
     Demo {
         /// Seconds to trace.
-        #[arg(long, default_value_t = 5.0)]
+        #[arg(long, default_value_t = 9.0)]
         duration: f64,
     },
     /// Measure overhead, timing and cost side by side; writes BENCHMARKS.md.
