@@ -91,16 +91,18 @@ fn clk_tck() -> u64 {
 /// in the guest at 10 Hz; its cost counts).
 pub struct ProcFiles {
     root: PathBuf,
-    files: [Option<std::fs::File>; 5],
-    bufs: [String; 5],
+    files: [Option<std::fs::File>; 6],
+    bufs: [String; 6],
 }
 
-const FILES: [&str; 5] = [
+const FILES: [&str; 6] = [
     "proc/loadavg",
     "proc/meminfo",
     "proc/stat",
     "proc/net/dev",
     "proc/diskstats",
+    // The agent's own on-CPU time, so its cost in the guest is part of every episode.
+    "proc/self/schedstat",
 ];
 
 impl ProcFiles {
@@ -151,6 +153,13 @@ impl ProcFiles {
         }
         format_net_dev(&self.bufs[3], out);
         format_diskstats(&self.bufs[4], out);
+        if let Some(ns) = self.bufs[5]
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            let _ = write!(out, ",\"agent_cpu_ns\":{ns}");
+        }
         out.push('}');
     }
 }
@@ -343,6 +352,10 @@ mod tests {
         assert!(o["meminfo_total_kb"].as_u64().unwrap() > 0);
         assert!(o["cpu_user_ns"].as_u64().is_some());
         assert!(o["threads_count"].as_u64().unwrap() > 0);
+        assert!(
+            o["agent_cpu_ns"].as_u64().unwrap() > 0,
+            "the agent's own CPU time"
+        );
         assert!(o["processes_count"].as_u64().unwrap() > 0);
         assert!(o.values().all(|v| !v.is_object() && !v.is_array()));
     }
