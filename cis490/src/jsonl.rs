@@ -92,6 +92,19 @@ impl Sink {
     }
 }
 
+impl FileStats {
+    /// The manifest entry of a stream that failed to close: its figures are unknown, and
+    /// `episode::finish` rebuilds them from the file on disk.
+    pub fn unknown(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            bytes: 0,
+            lines: 0,
+            sha256: String::new(),
+        }
+    }
+}
+
 pub struct JsonlWriter {
     name: String,
     path: PathBuf,

@@ -238,12 +238,7 @@ impl Sampler {
             match slot.writer.close() {
                 Ok(s) => stats.push(s),
                 Err(e) => {
-                    stats.push(FileStats {
-                        name: file,
-                        bytes: 0,
-                        lines: 0,
-                        sha256: String::new(),
-                    });
+                    stats.push(FileStats::unknown(file));
                     first_err.get_or_insert(e);
                 }
             }

@@ -248,12 +248,7 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
             Ok(s) => stats.push(s),
             Err(e) => {
                 // Listed anyway; the manifest is then rebuilt from what is on disk.
-                stats.push(crate::jsonl::FileStats {
-                    name: source_meta.file.clone(),
-                    bytes: 0,
-                    lines: 0,
-                    sha256: String::new(),
-                });
+                stats.push(crate::jsonl::FileStats::unknown(source_meta.file.clone()));
                 close_err.get_or_insert(e);
             }
         }
@@ -271,12 +266,7 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     match labels_close {
         Ok(s) => stats.push(s),
         Err(e) => {
-            stats.push(crate::jsonl::FileStats {
-                name: episode::LABELS.into(),
-                bytes: 0,
-                lines: 0,
-                sha256: String::new(),
-            });
+            stats.push(crate::jsonl::FileStats::unknown(episode::LABELS));
             error.get_or_insert(e);
         }
     }
@@ -296,12 +286,7 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     match events.close() {
         Ok(s) => stats.push(s),
         Err(e) => {
-            stats.push(crate::jsonl::FileStats {
-                name: episode::EVENTS.into(),
-                bytes: 0,
-                lines: 0,
-                sha256: String::new(),
-            });
+            stats.push(crate::jsonl::FileStats::unknown(episode::EVENTS));
             error.get_or_insert(e);
         }
     }
