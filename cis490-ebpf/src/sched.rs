@@ -52,16 +52,17 @@ pub fn cis490_sched_switch(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Runs on every context switch of the machine, so it does only what each case needs:
+/// prev_state and the clock are read only when a target thread is involved.
 fn try_switch(ctx: &TracePointContext) -> Result<(), i32> {
     let off = offsets();
     let prev = unsafe { ctx.read_at::<u32>(off.switch_prev_pid as usize)? };
-    let prev_state = unsafe { ctx.read_at::<u64>(off.switch_prev_state as usize)? };
     let next = unsafe { ctx.read_at::<u32>(off.switch_next_pid as usize)? };
-    let now = unsafe { bpf_ktime_get_ns() };
 
     let (tgid, _) = current();
     if prev != 0 {
         if tgid == target_tgid() {
+            let prev_state = unsafe { ctx.read_at::<u64>(off.switch_prev_state as usize)? };
             if let Some(st) = entry_or_insert(prev, FLAG_CONFIRMED) {
                 unsafe {
                     (*st).flags |= FLAG_CONFIRMED;
@@ -69,7 +70,7 @@ fn try_switch(ctx: &TracePointContext) -> Result<(), i32> {
                         (*st).involuntary_switches += 1;
                         // Still runnable: it waits on a run queue from now on.
                         if (*st).enqueued_at_ns == 0 {
-                            (*st).enqueued_at_ns = now;
+                            (*st).enqueued_at_ns = bpf_ktime_get_ns();
                         }
                     } else {
                         (*st).voluntary_switches += 1;
@@ -90,6 +91,7 @@ fn try_switch(ctx: &TracePointContext) -> Result<(), i32> {
             unsafe {
                 let enq = (*st).enqueued_at_ns;
                 if enq != 0 && (*st).flags & FLAG_EXITED == 0 {
+                    let now = bpf_ktime_get_ns();
                     if now > enq {
                         (*st).runqueue_wait_ns += now - enq;
                     }
@@ -148,6 +150,14 @@ pub fn cis490_sched_migrate(ctx: TracePointContext) -> u32 {
             unsafe { add(&raw mut (*st).migrations, 1) };
         }
     }
+    0
+}
+
+/// Does nothing: attached to sched_switch beside the real program when `--bpf-stats` is
+/// on, so the cost of dispatch and of the statistics themselves is measured in the same
+/// run and can be subtracted (the benchmark reports both).
+#[tracepoint]
+pub fn cis490_baseline_noop(_ctx: TracePointContext) -> u32 {
     0
 }
 

@@ -210,6 +210,11 @@ pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, 
         attach(&mut ebpf, prog, cat, name)?;
         programs.push(*prog);
     }
+    if bpf_stats {
+        // The in-kernel cost baseline: an empty program on the same tracepoint.
+        attach(&mut ebpf, "cis490_baseline_noop", "sched", "sched_switch")?;
+        programs.push("cis490_baseline_noop");
+    }
     for s in tracefs::READ_SYSCALLS {
         attach(
             &mut ebpf,
