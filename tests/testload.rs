@@ -174,7 +174,7 @@ fn io_loop(stop: Arc<AtomicBool>, work: Arc<AtomicU64>, pause: Option<Duration>)
         }
         let _ = f.read_at(&mut back, (n % 256) * 4096);
         n += 1;
-        if n % 256 == 0 {
+        if n.is_multiple_of(256) {
             let _ = f.set_len(0);
             let _ = std::io::Seek::rewind(&mut f);
         }

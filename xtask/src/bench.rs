@@ -446,8 +446,8 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     )?;
     for (ri, rate) in RATES.iter().enumerate() {
         write!(md, "| {rate} Hz |")?;
-        for ti in 0..tools.len() {
-            write!(md, " {} |", fmt_med(&cpu[ri][ti], 100.0, " %"))?;
+        for shares in &cpu[ri] {
+            write!(md, " {} |", fmt_med(shares, 100.0, " %"))?;
         }
         if let Some(si) = seed_idx {
             let seed = stats(&cpu[ri][si]).0;
