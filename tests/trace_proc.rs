@@ -12,13 +12,27 @@ use cis490_tests::{
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-fn trace(pid: u32, data_root: &Path, extra: &[&str]) -> std::process::Output {
-    cis490()
-        .args(["trace", "--qemu-pid", &pid.to_string(), "--data-root"])
+fn trace_cmd(pid: u32, data_root: &Path, extra: &[&str]) -> Command {
+    let mut cmd = cis490();
+    cmd.args(["trace", "--qemu-pid", &pid.to_string(), "--data-root"])
         .arg(data_root)
-        .args(extra)
+        .args(extra);
+    cmd
+}
+
+fn trace(pid: u32, data_root: &Path, extra: &[&str]) -> std::process::Output {
+    trace_cmd(pid, data_root, extra)
         .output()
         .expect("run cis490 trace")
+}
+
+/// A capture running in the background, for tests that act on it while it runs.
+fn spawn_trace(pid: u32, data_root: &Path, extra: &[&str]) -> std::process::Child {
+    trace_cmd(pid, data_root, extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cis490 trace")
 }
 
 fn stderr(out: &std::process::Output) -> String {
@@ -304,22 +318,11 @@ fn threads_that_appear_mid_episode_are_picked_up_and_totals_never_decrease() {
 fn target_killed_mid_run_ends_with_target_exit() {
     let mut load = Load::start(&["--spin", "1", "--switch", "1"]);
     let root = tempfile::tempdir().unwrap();
-    let child = cis490()
-        .args([
-            "trace",
-            "--qemu-pid",
-            &load.pid().to_string(),
-            "--backend",
-            "proc",
-            "--rate-hz",
-            "100",
-            "--data-root",
-        ])
-        .arg(root.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_trace(
+        load.pid(),
+        root.path(),
+        &["--backend", "proc", "--rate-hz", "100"],
+    );
     std::thread::sleep(Duration::from_millis(1200));
     load.kill();
     let out = child.wait_with_output().unwrap();
@@ -340,20 +343,7 @@ fn target_killed_mid_run_ends_with_target_exit() {
 fn signal_ends_episode(sig: i32) {
     let load = Load::start(&["--spin", "1"]);
     let root = tempfile::tempdir().unwrap();
-    let child = cis490()
-        .args([
-            "trace",
-            "--qemu-pid",
-            &load.pid().to_string(),
-            "--backend",
-            "proc",
-            "--data-root",
-        ])
-        .arg(root.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_trace(load.pid(), root.path(), &["--backend", "proc"]);
     assert!(wait_for(Duration::from_secs(10), || episodes(root.path())
         .len()
         == 1));
@@ -392,22 +382,11 @@ fn mark(dir: &Path, args: &[&str]) -> std::process::Output {
 fn mark_round_trip_and_refusals() {
     let load = Load::start(&["--spin", "1"]);
     let root = tempfile::tempdir().unwrap();
-    let child = cis490()
-        .args([
-            "trace",
-            "--qemu-pid",
-            &load.pid().to_string(),
-            "--backend",
-            "proc",
-            "--duration",
-            "4",
-            "--data-root",
-        ])
-        .arg(root.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_trace(
+        load.pid(),
+        root.path(),
+        &["--backend", "proc", "--duration", "4"],
+    );
     assert!(wait_for(Duration::from_secs(10), || episodes(root.path())
         .first()
         .is_some_and(|d| d.join("control.sock").exists())));
@@ -543,7 +522,6 @@ fn one_khz_reports_missed_ticks_truthfully() {
 fn bad_arguments_are_usage_errors_before_anything_is_written() {
     let load = Load::start(&["--spin", "1"]);
     let root = tempfile::tempdir().unwrap();
-    let pid = load.pid().to_string();
     for rate in ["0", "1001", "abc"] {
         let out = trace(
             load.pid(),
@@ -564,18 +542,7 @@ fn bad_arguments_are_usage_errors_before_anything_is_written() {
     // A data root that cannot hold directories (it is a file): clear error, exit 2.
     let file_root = root.path().join("plain-file");
     std::fs::write(&file_root, b"x").unwrap();
-    let out = Command::new(cis490_tests::bin("cis490"))
-        .args([
-            "trace",
-            "--qemu-pid",
-            &pid,
-            "--duration",
-            "1",
-            "--data-root",
-        ])
-        .arg(&file_root)
-        .output()
-        .unwrap();
+    let out = trace(load.pid(), &file_root, &["--duration", "1"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("data root"), "{}", stderr(&out));
     assert!(episodes(root.path()).is_empty());
