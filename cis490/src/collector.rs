@@ -109,3 +109,17 @@ pub trait BackgroundSource: Send {
         Result<crate::jsonl::FileStats, Error>,
     );
 }
+
+/// End a background source's thread: raise its stop flag, join it, and return what it
+/// returned (its stream's manifest entry); a panic becomes an error naming the thread.
+pub fn stop_and_join(
+    stop: &std::sync::atomic::AtomicBool,
+    handle: Option<std::thread::JoinHandle<Result<crate::jsonl::FileStats, Error>>>,
+    thread: &str,
+) -> Result<crate::jsonl::FileStats, Error> {
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    match handle.map(std::thread::JoinHandle::join) {
+        Some(Ok(r)) => r,
+        _ => Err(Error::Other(format!("{thread} thread panicked"))),
+    }
+}

@@ -116,11 +116,7 @@ impl BackgroundSource for AgentReader {
     }
 
     fn finish(mut self: Box<Self>) -> (SourceMeta, Result<FileStats, Error>) {
-        self.stop.store(true, Ordering::SeqCst);
-        let stats = match self.handle.take().map(JoinHandle::join) {
-            Some(Ok(r)) => r,
-            _ => Err(Error::Other("agent reader thread panicked".into())),
-        };
+        let stats = crate::collector::stop_and_join(&self.stop, self.handle.take(), "agent reader");
         let s = &self.shared;
         let rejects = rejects_map(s);
         let total: u64 = rejects.values().filter_map(|v| v.as_u64()).sum();

@@ -137,11 +137,7 @@ impl BackgroundSource for QmpSource {
     }
 
     fn finish(mut self: Box<Self>) -> (SourceMeta, Result<FileStats, Error>) {
-        self.stop.store(true, Ordering::SeqCst);
-        let stats = match self.handle.take().map(JoinHandle::join) {
-            Some(Ok(r)) => r,
-            _ => Err(Error::Other("QMP thread panicked".into())),
-        };
+        let stats = crate::collector::stop_and_join(&self.stop, self.handle.take(), "QMP");
         let s = &self.shared;
         let mut extra = Map::new();
         extra.insert(
