@@ -48,12 +48,6 @@ pub struct Selected {
     pub net_ifs: Vec<String>,
 }
 
-/// Pick the host backend. `bpf` fails with the exact cause when BPF cannot be used;
-/// `auto` falls back to /proc and says why, so a capture never dies for lack of BPF.
-pub fn select(requested: BackendChoice, pid: u32, vcpus: &VcpuMap) -> Result<Selected, Error> {
-    select_with(requested, pid, vcpus, &BackendOptions::default())
-}
-
 /// The interfaces to watch: `--net-if` as given (validated), else the target's taps.
 pub fn net_interfaces(pid: u32, opts: &BackendOptions) -> Result<Vec<String>, Error> {
     if opts.net_ifs.is_empty() {
@@ -79,7 +73,9 @@ pub fn net_interfaces(pid: u32, opts: &BackendOptions) -> Result<Vec<String>, Er
     Ok(out)
 }
 
-pub fn select_with(
+/// Pick the host backend. `bpf` fails with the exact cause when BPF cannot be used;
+/// `auto` falls back to /proc and says why, so a capture never dies for lack of BPF.
+pub fn select(
     requested: BackendChoice,
     pid: u32,
     vcpus: &VcpuMap,
@@ -171,10 +167,10 @@ mod tests {
     fn proc_backend_adds_sysfs_net_only_with_interfaces() {
         let v = VcpuMap::default();
         let me = std::process::id();
-        let s = select_with(BackendChoice::Proc, me, &v, &opts(&[])).unwrap();
+        let s = select(BackendChoice::Proc, me, &v, &opts(&[])).unwrap();
         assert_eq!(s.used, "proc");
         assert_eq!(s.collectors.len(), 1);
-        let s = select_with(BackendChoice::Proc, me, &v, &opts(&["lo"])).unwrap();
+        let s = select(BackendChoice::Proc, me, &v, &opts(&["lo"])).unwrap();
         let names: Vec<_> = s.collectors.iter().map(|c| c.source()).collect();
         assert_eq!(names, vec!["proc", "net"]);
         assert!(s.fallback_reason.is_none());

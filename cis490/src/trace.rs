@@ -84,12 +84,13 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     };
     let target = Target::open(cfg.pid)?;
     let vcpus = VcpuMap::default();
+    let cmdline = target.cmdline();
     let backend_opts = backend::BackendOptions {
         net_ifs: cfg.net_ifs.clone(),
         bpf_stats: cfg.bpf_stats,
-        cmdline: target.cmdline(),
+        cmdline: cmdline.clone(),
     };
-    let mut selected = backend::select_with(cfg.backend, cfg.pid, &vcpus, &backend_opts)?;
+    let mut selected = backend::select(cfg.backend, cfg.pid, &vcpus, &backend_opts)?;
     let bpf_session = selected.session.take();
     let dir = episode::create_dir(&cfg.data_root, &id)?;
 
@@ -112,7 +113,7 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         host_fingerprint: host_fingerprint(),
         vm: Vm {
             target_pid: cfg.pid,
-            qemu_cmdline: target.cmdline(),
+            qemu_cmdline: cmdline,
             vcpus: None,
             ram_mib: None,
             vcpu_threads: Vec::new(),
