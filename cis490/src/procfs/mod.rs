@@ -98,7 +98,7 @@ impl ProcCollector {
         &mut self,
         dir: &Path,
         out: &mut TickOutput,
-        who: &str,
+        who: Who,
     ) -> Result<OpenFiles, std::io::Error> {
         let stat = File::open(dir.join("stat"))?;
         let mut optional = |name: &str| match File::open(dir.join(name)) {
@@ -118,6 +118,23 @@ impl ProcCollector {
             io: optional("io"),
             stat,
         })
+    }
+}
+
+/// Whose files are read: named only in problem messages, so nothing is formatted on the
+/// per-tick path.
+#[derive(Debug, Clone, Copy)]
+enum Who {
+    Thread(u32),
+    Process,
+}
+
+impl std::fmt::Display for Who {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Who::Thread(tid) => write!(f, "tid {tid}"),
+            Who::Process => f.write_str("process"),
+        }
     }
 }
 
@@ -153,7 +170,7 @@ struct Sample {
 fn read_sample(
     files: &OpenFiles,
     buf: &mut Vec<u8>,
-    who: &str,
+    who: Who,
     problems: &mut Vec<(String, String)>,
 ) -> Result<Sample, std::io::Error> {
     pread_all(&files.stat, buf)?;
@@ -187,7 +204,7 @@ fn read_sample(
 fn read_optional<T>(
     file: &Option<File>,
     buf: &mut Vec<u8>,
-    who: &str,
+    who: Who,
     name: &str,
     problems: &mut Vec<(String, String)>,
     parse: fn(&str) -> Result<T, Error>,
@@ -290,8 +307,7 @@ impl Collector for ProcCollector {
         let tids = std::mem::take(&mut self.seen_this_tick);
         for &tid in &tids {
             if !self.threads.contains_key(&tid) {
-                let who = format!("tid {tid}");
-                match self.open(&task_dir.join(tid.to_string()), out, &who) {
+                match self.open(&task_dir.join(tid.to_string()), out, Who::Thread(tid)) {
                     Ok(files) => {
                         self.threads.insert(
                             tid,
@@ -306,16 +322,16 @@ impl Collector for ProcCollector {
                 }
             }
             let state = self.threads.get_mut(&tid).expect("inserted above");
-            let who = format!("tid {tid}");
-            let sample = match read_sample(&state.files, &mut self.buf, &who, &mut problems) {
-                Ok(s) => s,
-                Err(_) => {
-                    // Exited after opening: account it now, it will not be listed again.
-                    let t = self.threads.remove(&tid).expect("present");
-                    self.exited.add(&t.last);
-                    continue;
-                }
-            };
+            let sample =
+                match read_sample(&state.files, &mut self.buf, Who::Thread(tid), &mut problems) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        // Exited after opening: account it now, it will not be listed again.
+                        let t = self.threads.remove(&tid).expect("present");
+                        self.exited.add(&t.last);
+                        continue;
+                    }
+                };
             let stamp = clock.stamp();
             state.last = totals_of(&sample);
             live.add(&state.last);
@@ -336,13 +352,13 @@ impl Collector for ProcCollector {
 
         // The process-total row.
         if self.process.is_none() {
-            match self.open(&pid_dir, out, "process") {
+            match self.open(&pid_dir, out, Who::Process) {
                 Ok(f) => self.process = Some(f),
                 Err(e) => return Err(Error::io(format!("opening {}/stat", pid_dir.display()), e)),
             }
         }
         let files = self.process.as_ref().expect("opened above");
-        let sample = read_sample(files, &mut self.buf, "process", &mut problems)
+        let sample = read_sample(files, &mut self.buf, Who::Process, &mut problems)
             .map_err(|e| Error::io(format!("reading {}/stat", pid_dir.display()), e))?;
         let stamp = clock.stamp();
         let mut total = live;
