@@ -296,7 +296,7 @@ fn have(cmd: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-pub fn run(quick: bool) -> anyhow::Result<()> {
+pub fn run(quick: bool, only: &[u32], out: Option<PathBuf>) -> anyhow::Result<()> {
     let plan = if quick {
         Plan {
             rounds: 2,
@@ -370,382 +370,400 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         tools.retain(|t| *t != Tool::Bpftrace);
     }
 
-    // 1 + 5: tracer CPU, peak RSS and output volume against an 8-thread target.
-    eprintln!(
-        "bench: tracer CPU at {RATES:?} Hz, tools {tools:?}, {} rounds",
-        plan.rounds
-    );
-    let target = Target::start(&["--spin", "2", "--switch", "4", "--pingpong", "1"])?;
-    let mut cpu: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); tools.len()]; RATES.len()];
-    let mut rss_1k: Vec<f64> = Vec::new();
-    let mut volume: Vec<(u32, &'static str, f64, u64)> = Vec::new();
-    for (ri, &rate) in RATES.iter().enumerate() {
-        for round in 0..plan.rounds {
-            for k in 0..tools.len() {
-                // Rotate the order each round so no tool always runs first or last.
-                let ti = (k + round) % tools.len();
-                let (share, hwm, episode) =
-                    run_tool(tools[ti], target.pid(), rate, &plan, &scratch, &[])?;
-                cpu[ri][ti].push(share);
-                if rate == 1000 && matches!(tools[ti], Tool::Bpf | Tool::Proc) {
-                    if let Some(h) = hwm {
-                        rss_1k.push(h as f64);
-                    }
-                }
-                if let Some(ep) = episode.filter(|_| round == 0) {
-                    let secs = read_meta(&ep)?["result"]["duration_observed_s"]
-                        .as_f64()
-                        .unwrap_or(1.0);
-                    volume.push((rate, tools[ti].label(), dir_bytes(&ep) as f64 / secs, 0));
-                }
-            }
-        }
-    }
-    // Output volume with --compress zstd at 1 kHz for the ratio.
     let host_tool = if tools.contains(&Tool::Bpf) {
         Tool::Bpf
     } else {
         Tool::Proc
     };
-    let (_, _, zep) = run_tool(
-        host_tool,
-        target.pid(),
-        1000,
-        &plan,
-        &scratch,
-        &["--compress", "zstd"],
-    )?;
-    let zstd_rate = zep.as_ref().map(|ep| {
-        let secs = read_meta(ep)
-            .ok()
-            .and_then(|m| m["result"]["duration_observed_s"].as_f64())
-            .unwrap_or(1.0);
-        dir_bytes(ep) as f64 / secs
-    });
-    drop(target);
-
-    let seed_idx = tools.iter().position(|t| *t == Tool::Seed);
-    writeln!(
-        md,
-        "## 1. Tracer CPU (share of one core, steady state) — 8-thread target\n"
-    )?;
-    writeln!(md, "Target: `cis490-testload --spin 2 --switch 4 --pingpong 1` (2 busy, 4 sleeping 1 ms at a time, 2 ping-pong threads). CPU = the tracer's own threads' schedstat over a {:.0} s window after a {:.1} s warm-up; median [min–max] of {} alternating rounds.\n", plan.window.as_secs_f64(), plan.warmup.as_secs_f64(), plan.rounds)?;
-    write!(md, "| rate |")?;
-    for t in &tools {
-        write!(md, " {} |", t.label())?;
-    }
-    if seed_idx.is_some() {
-        write!(md, " cis490 bpf ÷ seed | cis490 proc ÷ seed |")?;
-    }
-    writeln!(md)?;
-    writeln!(
-        md,
-        "|---|{}{}",
-        "---|".repeat(tools.len()),
-        if seed_idx.is_some() { "---|---|" } else { "" }
-    )?;
-    for (ri, rate) in RATES.iter().enumerate() {
-        write!(md, "| {rate} Hz |")?;
-        for shares in &cpu[ri] {
-            write!(md, " {} |", fmt_med(shares, 100.0, " %"))?;
-        }
-        if let Some(si) = seed_idx {
-            let seed = stats(&cpu[ri][si]).0;
-            for want in [Tool::Bpf, Tool::Proc] {
-                match tools.iter().position(|t| *t == want) {
-                    Some(ti) => write!(md, " 1/{:.1} |", seed / stats(&cpu[ri][ti]).0)?,
-                    None => write!(md, " n/a |")?,
+    let want = |n: u32| only.is_empty() || only.contains(&n);
+    if want(1) || want(5) {
+        // 1 + 5: tracer CPU, peak RSS and output volume against an 8-thread target.
+        eprintln!(
+            "bench: tracer CPU at {RATES:?} Hz, tools {tools:?}, {} rounds",
+            plan.rounds
+        );
+        let target = Target::start(&["--spin", "2", "--switch", "4", "--pingpong", "1"])?;
+        let mut cpu: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); tools.len()]; RATES.len()];
+        let mut rss_1k: Vec<f64> = Vec::new();
+        let mut volume: Vec<(u32, &'static str, f64, u64)> = Vec::new();
+        for (ri, &rate) in RATES.iter().enumerate() {
+            for round in 0..plan.rounds {
+                for k in 0..tools.len() {
+                    // Rotate the order each round so no tool always runs first or last.
+                    let ti = (k + round) % tools.len();
+                    let (share, hwm, episode) =
+                        run_tool(tools[ti], target.pid(), rate, &plan, &scratch, &[])?;
+                    cpu[ri][ti].push(share);
+                    if rate == 1000 && matches!(tools[ti], Tool::Bpf | Tool::Proc) {
+                        if let Some(h) = hwm {
+                            rss_1k.push(h as f64);
+                        }
+                    }
+                    if let Some(ep) = episode.filter(|_| round == 0) {
+                        let secs = read_meta(&ep)?["result"]["duration_observed_s"]
+                            .as_f64()
+                            .unwrap_or(1.0);
+                        volume.push((rate, tools[ti].label(), dir_bytes(&ep) as f64 / secs, 0));
+                    }
                 }
             }
         }
-        writeln!(md)?;
-    }
-    writeln!(
-        md,
-        "\nGoals: bpf at 1 kHz ≤ 1/20 of the seed; proc at 1 kHz ≤ 1/5 of the seed.\n"
-    )?;
-
-    writeln!(md, "## 5. Peak RSS and output volume\n")?;
-    writeln!(
-        md,
-        "- Peak RSS (VmHWM) of `cis490 trace` at 1 kHz: {} (goal ≤ 16 MiB).",
-        fmt_med(&rss_1k, 1.0 / 1024.0, " MiB")
-    )?;
-    for (rate, label, bps, _) in &volume {
-        writeln!(
-            md,
-            "- Output volume, {label} at {rate} Hz: {:.1} KiB/s ({:.1} MiB per hour).",
-            bps / 1024.0,
-            bps * 3600.0 / 1048576.0
-        )?;
-    }
-    if let (Some(z), Some(plain)) = (
-        zstd_rate,
-        volume
-            .iter()
-            .find(|v| v.0 == 1000 && v.1 == host_tool.label())
-            .map(|v| v.2),
-    ) {
-        writeln!(md, "- With `--compress zstd`, {} at 1 kHz: {:.1} KiB/s ({:.1} MiB per hour), {:.1}× smaller.", host_tool.label(), z / 1024.0, z * 3600.0 / 1048576.0, plain / z)?;
-    }
-    writeln!(md)?;
-
-    // 2: in-kernel cost per event.
-    writeln!(md, "## 2. In-kernel cost per BPF program event\n")?;
-    if tools.contains(&Tool::Bpf) {
-        let target = Target::start(&[
-            "--spin",
-            "0",
-            "--switch",
-            "0",
-            "--pingpong",
-            "2",
-            "--iobusy",
-            "1",
-        ])?;
-        let (_, _, ep) = run_tool(
-            Tool::Bpf,
+        // Output volume with --compress zstd at 1 kHz for the ratio.
+        let (_, _, zep) = run_tool(
+            host_tool,
             target.pid(),
-            100,
+            1000,
             &plan,
             &scratch,
-            &["--bpf-stats"],
+            &["--compress", "zstd"],
         )?;
+        let zstd_rate = zep.as_ref().map(|ep| {
+            let secs = read_meta(ep)
+                .ok()
+                .and_then(|m| m["result"]["duration_observed_s"].as_f64())
+                .unwrap_or(1.0);
+            dir_bytes(ep) as f64 / secs
+        });
         drop(target);
-        let meta = read_meta(ep.as_ref().context("bpf episode")?)?;
-        let progs = &meta["result"]["bpf_programs"];
-        writeln!(md, "Load: 2 ping-pong pairs + 1 busy syscall-I/O thread, kernel BPF stats on (`--bpf-stats`).\n")?;
+
+        let seed_idx = tools.iter().position(|t| *t == Tool::Seed);
         writeln!(
+            md,
+            "## 1. Tracer CPU (share of one core, steady state) — 8-thread target\n"
+        )?;
+        writeln!(md, "Target: `cis490-testload --spin 2 --switch 4 --pingpong 1` (2 busy, 4 sleeping 1 ms at a time, 2 ping-pong threads). CPU = the tracer's own threads' schedstat over a {:.0} s window after a {:.1} s warm-up; median [min–max] of {} alternating rounds.\n", plan.window.as_secs_f64(), plan.warmup.as_secs_f64(), plan.rounds)?;
+        write!(md, "| rate |")?;
+        for t in &tools {
+            write!(md, " {} |", t.label())?;
+        }
+        if seed_idx.is_some() {
+            write!(md, " cis490 bpf ÷ seed | cis490 proc ÷ seed |")?;
+        }
+        writeln!(md)?;
+        writeln!(
+            md,
+            "|---|{}{}",
+            "---|".repeat(tools.len()),
+            if seed_idx.is_some() { "---|---|" } else { "" }
+        )?;
+        for (ri, rate) in RATES.iter().enumerate() {
+            write!(md, "| {rate} Hz |")?;
+            for shares in &cpu[ri] {
+                write!(md, " {} |", fmt_med(shares, 100.0, " %"))?;
+            }
+            if let Some(si) = seed_idx {
+                let seed = stats(&cpu[ri][si]).0;
+                for want in [Tool::Bpf, Tool::Proc] {
+                    match tools.iter().position(|t| *t == want) {
+                        Some(ti) => write!(md, " 1/{:.1} |", seed / stats(&cpu[ri][ti]).0)?,
+                        None => write!(md, " n/a |")?,
+                    }
+                }
+            }
+            writeln!(md)?;
+        }
+        writeln!(
+            md,
+            "\nGoals: bpf at 1 kHz ≤ 1/20 of the seed; proc at 1 kHz ≤ 1/5 of the seed.\n"
+        )?;
+
+        writeln!(md, "## 5. Peak RSS and output volume\n")?;
+        writeln!(
+            md,
+            "- Peak RSS (VmHWM) of `cis490 trace` at 1 kHz: {} (goal ≤ 16 MiB).",
+            fmt_med(&rss_1k, 1.0 / 1024.0, " MiB")
+        )?;
+        for (rate, label, bps, _) in &volume {
+            writeln!(
+                md,
+                "- Output volume, {label} at {rate} Hz: {:.1} KiB/s ({:.1} MiB per hour).",
+                bps / 1024.0,
+                bps * 3600.0 / 1048576.0
+            )?;
+        }
+        if let (Some(z), Some(plain)) = (
+            zstd_rate,
+            volume
+                .iter()
+                .find(|v| v.0 == 1000 && v.1 == host_tool.label())
+                .map(|v| v.2),
+        ) {
+            writeln!(md, "- With `--compress zstd`, {} at 1 kHz: {:.1} KiB/s ({:.1} MiB per hour), {:.1}× smaller.", host_tool.label(), z / 1024.0, z * 3600.0 / 1048576.0, plain / z)?;
+        }
+        writeln!(md)?;
+    }
+    if want(2) {
+        // 2: in-kernel cost per event.
+        writeln!(md, "## 2. In-kernel cost per BPF program event\n")?;
+        if tools.contains(&Tool::Bpf) {
+            let target = Target::start(&[
+                "--spin",
+                "0",
+                "--switch",
+                "0",
+                "--pingpong",
+                "2",
+                "--iobusy",
+                "1",
+            ])?;
+            let (_, _, ep) = run_tool(
+                Tool::Bpf,
+                target.pid(),
+                100,
+                &plan,
+                &scratch,
+                &["--bpf-stats"],
+            )?;
+            drop(target);
+            let meta = read_meta(ep.as_ref().context("bpf episode")?)?;
+            let progs = &meta["result"]["bpf_programs"];
+            writeln!(md, "Load: 2 ping-pong pairs + 1 busy syscall-I/O thread, kernel BPF stats on (`--bpf-stats`).\n")?;
+            writeln!(
             md,
             "| program | run count | run time | ns per event | ns per event above the empty baseline |\n|---|---|---|---|---|"
         )?;
-        let entries: Vec<(String, Value)> = match progs {
-            Value::Object(m) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            Value::Array(a) => a
+            let entries: Vec<(String, Value)> = match progs {
+                Value::Object(m) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                Value::Array(a) => a
+                    .iter()
+                    .map(|v| (v["name"].as_str().unwrap_or("?").to_owned(), v.clone()))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            // cis490_baseline_noop is an empty program on sched_switch loaded in the same run:
+            // what dispatch and the statistics themselves cost on this machine.
+            let per = |v: &Value| {
+                let cnt = v["run_cnt"].as_u64().unwrap_or(0);
+                (cnt > 0).then(|| v["run_time_ns"].as_u64().unwrap_or(0) as f64 / cnt as f64)
+            };
+            let baseline = entries
                 .iter()
-                .map(|v| (v["name"].as_str().unwrap_or("?").to_owned(), v.clone()))
-                .collect(),
-            _ => Vec::new(),
-        };
-        // cis490_baseline_noop is an empty program on sched_switch loaded in the same run:
-        // what dispatch and the statistics themselves cost on this machine.
-        let per = |v: &Value| {
-            let cnt = v["run_cnt"].as_u64().unwrap_or(0);
-            (cnt > 0).then(|| v["run_time_ns"].as_u64().unwrap_or(0) as f64 / cnt as f64)
-        };
-        let baseline = entries
-            .iter()
-            .find(|(n, _)| n == "cis490_baseline_noop")
-            .and_then(|(_, v)| per(v));
-        for (name, v) in &entries {
-            let cnt = v["run_cnt"].as_u64().unwrap_or(0);
-            let ns = v["run_time_ns"].as_u64().unwrap_or(0);
-            let each = per(v);
+                .find(|(n, _)| n == "cis490_baseline_noop")
+                .and_then(|(_, v)| per(v));
+            for (name, v) in &entries {
+                let cnt = v["run_cnt"].as_u64().unwrap_or(0);
+                let ns = v["run_time_ns"].as_u64().unwrap_or(0);
+                let each = per(v);
+                writeln!(
+                    md,
+                    "| {name} | {cnt} | {ns} ns | {} | {} |",
+                    each.map_or("n/a".into(), |x| format!("{x:.0}")),
+                    match (each, baseline) {
+                        (Some(x), Some(b)) if name != "cis490_baseline_noop" =>
+                            format!("{:.0}", x - b),
+                        _ => "—".into(),
+                    }
+                )?;
+            }
+            writeln!(md, "\nGoal: ≤ 150 ns per sched_switch event. The baseline row is an empty program on the same tracepoint in the same run: in this nested VM, dispatch plus the kernel's run-time accounting (two clock reads per run) cost about that much on their own.\n")?;
+        } else {
             writeln!(
                 md,
-                "| {name} | {cnt} | {ns} ns | {} | {} |",
-                each.map_or("n/a".into(), |x| format!("{x:.0}")),
-                match (each, baseline) {
-                    (Some(x), Some(b)) if name != "cis490_baseline_noop" => format!("{:.0}", x - b),
-                    _ => "—".into(),
-                }
+                "Not measured: the BPF backend is unavailable here (see notes).\n"
             )?;
         }
-        writeln!(md, "\nGoal: ≤ 150 ns per sched_switch event. The baseline row is an empty program on the same tracepoint in the same run: in this nested VM, dispatch plus the kernel's run-time accounting (two clock reads per run) cost about that much on their own.\n")?;
-    } else {
+    }
+    if want(3) {
+        // 3: slowdown of the traced workload.
+        writeln!(md, "## 3. Slowdown of the traced workload\n")?;
+        writeln!(md, "Each run: the target runs {:.0} s and reports work done; untraced and traced runs interleaved, {} rounds. Ratio = traced ÷ untraced throughput (median of per-round ratios).\n", plan.workload_secs, plan.rounds)?;
+        let mut variants: Vec<(&str, Option<(Tool, u32)>)> = vec![("untraced", None)];
+        if tools.contains(&Tool::Bpf) {
+            variants.push(("bpf 10 Hz", Some((Tool::Bpf, 10))));
+            variants.push(("bpf 1 kHz", Some((Tool::Bpf, 1000))));
+        }
+        variants.push(("proc 1 kHz", Some((Tool::Proc, 1000))));
         writeln!(
             md,
-            "Not measured: the BPF backend is unavailable here (see notes).\n"
+            "| workload | {} |\n|---|{}",
+            variants[1..]
+                .iter()
+                .map(|v| v.0)
+                .collect::<Vec<_>>()
+                .join(" | "),
+            "---|".repeat(variants.len() - 1)
+        )?;
+        for (wname, wargs) in [
+            (
+                "context-switch heavy (4 ping-pong pairs)",
+                vec!["--spin", "0", "--switch", "0", "--pingpong", "4"],
+            ),
+            (
+                "syscall-I/O heavy (2 busy write/pread threads)",
+                vec!["--spin", "0", "--switch", "0", "--iobusy", "2"],
+            ),
+        ] {
+            let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+            for round in 0..plan.rounds {
+                let mut base = 0.0;
+                for k in 0..variants.len() {
+                    let vi = if round % 2 == 0 {
+                        k
+                    } else {
+                        (variants.len() - k) % variants.len()
+                    };
+                    let secs = format!("{}", plan.workload_secs);
+                    let mut args = wargs.clone();
+                    args.extend(["--exit-after", secs.as_str()]);
+                    let target = Target::start(&args)?;
+                    let tracer = match variants[vi].1 {
+                        Some((tool, rate)) => Some(
+                            Command::new(release_bin("cis490"))
+                                .args([
+                                    "trace",
+                                    "--qemu-pid",
+                                    &target.pid().to_string(),
+                                    "--rate-hz",
+                                    &rate.to_string(),
+                                    "--backend",
+                                ])
+                                .arg(if tool == Tool::Bpf { "bpf" } else { "proc" })
+                                .arg("--data-root")
+                                .arg(&scratch)
+                                .env("CIS490_LOG", "error")
+                                .stdout(Stdio::null())
+                                .spawn()?,
+                        ),
+                        None => None,
+                    };
+                    let work = target.work()? as f64;
+                    if let Some(mut t) = tracer {
+                        let _ = t.wait();
+                    }
+                    if vi == 0 {
+                        base = work;
+                    }
+                    ratios[vi].push(work);
+                }
+                // Per-round ratios against this round's untraced run.
+                for r in ratios.iter_mut().skip(1) {
+                    if let Some(last) = r.last_mut() {
+                        *last /= base;
+                    }
+                }
+            }
+            write!(md, "| {wname} |")?;
+            for r in &ratios[1..] {
+                let (m, lo, hi) = stats(r);
+                write!(
+                    md,
+                    " {:.1} % [{:.1}–{:.1}] |",
+                    m * 100.0,
+                    lo * 100.0,
+                    hi * 100.0
+                )?;
+            }
+            writeln!(md)?;
+        }
+        writeln!(
+            md,
+            "\nGoal: ≥ 98 % of untraced throughput with bpf at 1 kHz.\n"
         )?;
     }
-
-    // 3: slowdown of the traced workload.
-    writeln!(md, "## 3. Slowdown of the traced workload\n")?;
-    writeln!(md, "Each run: the target runs {:.0} s and reports work done; untraced and traced runs interleaved, {} rounds. Ratio = traced ÷ untraced throughput (median of per-round ratios).\n", plan.workload_secs, plan.rounds)?;
-    let mut variants: Vec<(&str, Option<(Tool, u32)>)> = vec![("untraced", None)];
-    if tools.contains(&Tool::Bpf) {
-        variants.push(("bpf 10 Hz", Some((Tool::Bpf, 10))));
-        variants.push(("bpf 1 kHz", Some((Tool::Bpf, 1000))));
-    }
-    variants.push(("proc 1 kHz", Some((Tool::Proc, 1000))));
-    writeln!(
-        md,
-        "| workload | {} |\n|---|{}",
-        variants[1..]
-            .iter()
-            .map(|v| v.0)
-            .collect::<Vec<_>>()
-            .join(" | "),
-        "---|".repeat(variants.len() - 1)
-    )?;
-    for (wname, wargs) in [
-        (
-            "context-switch heavy (4 ping-pong pairs)",
-            vec!["--spin", "0", "--switch", "0", "--pingpong", "4"],
-        ),
-        (
-            "syscall-I/O heavy (2 busy write/pread threads)",
-            vec!["--spin", "0", "--switch", "0", "--iobusy", "2"],
-        ),
-    ] {
-        let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
-        for round in 0..plan.rounds {
-            let mut base = 0.0;
-            for k in 0..variants.len() {
-                let vi = if round % 2 == 0 {
-                    k
-                } else {
-                    (variants.len() - k) % variants.len()
-                };
-                let secs = format!("{}", plan.workload_secs);
-                let mut args = wargs.clone();
-                args.extend(["--exit-after", secs.as_str()]);
-                let target = Target::start(&args)?;
-                let tracer = match variants[vi].1 {
-                    Some((tool, rate)) => Some(
-                        Command::new(release_bin("cis490"))
-                            .args([
-                                "trace",
-                                "--qemu-pid",
-                                &target.pid().to_string(),
-                                "--rate-hz",
-                                &rate.to_string(),
-                                "--backend",
-                            ])
-                            .arg(if tool == Tool::Bpf { "bpf" } else { "proc" })
-                            .arg("--data-root")
-                            .arg(&scratch)
-                            .env("CIS490_LOG", "error")
-                            .stdout(Stdio::null())
-                            .spawn()?,
-                    ),
-                    None => None,
-                };
-                let work = target.work()? as f64;
-                if let Some(mut t) = tracer {
-                    let _ = t.wait();
-                }
-                if vi == 0 {
-                    base = work;
-                }
-                ratios[vi].push(work);
-            }
-            // Per-round ratios against this round's untraced run.
-            for r in ratios.iter_mut().skip(1) {
-                if let Some(last) = r.last_mut() {
-                    *last /= base;
-                }
-            }
-        }
-        write!(md, "| {wname} |")?;
-        for r in &ratios[1..] {
-            let (m, lo, hi) = stats(r);
-            write!(
-                md,
-                " {:.1} % [{:.1}–{:.1}] |",
-                m * 100.0,
-                lo * 100.0,
-                hi * 100.0
-            )?;
-        }
-        writeln!(md)?;
-    }
-    writeln!(
-        md,
-        "\nGoal: ≥ 98 % of untraced throughput with bpf at 1 kHz.\n"
-    )?;
-
-    // 4: 1 kHz timing.
-    writeln!(md, "## 4. 1 kHz timing\n")?;
-    writeln!(md, "`cis490 trace --backend {} --rate-hz 1000` for {:.0} s against `cis490-testload --spin 0 --switch 8`; |actual − scheduled| is the sampler's wake-up lateness (meta.result.tick_lateness).\n", if host_tool == Tool::Bpf { "bpf" } else { "proc" }, plan.timing_secs)?;
-    writeln!(
+    if want(4) {
+        // 4: 1 kHz timing.
+        writeln!(md, "## 4. 1 kHz timing\n")?;
+        writeln!(md, "`cis490 trace --backend {} --rate-hz 1000` for {:.0} s against `cis490-testload --spin 0 --switch 8`; |actual − scheduled| is the sampler's wake-up lateness (meta.result.tick_lateness).\n", if host_tool == Tool::Bpf { "bpf" } else { "proc" }, plan.timing_secs)?;
+        writeln!(
         md,
         "| condition | sampler | p50 | p99 | max | ticks missed / scheduled |\n|---|---|---|---|---|---|"
     )?;
-    for (cond, busy, realtime) in [
-        ("idle machine", false, false),
-        ("idle machine", false, true),
-        ("other core fully busy", true, false),
-        ("other core fully busy", true, true),
-    ] {
-        let target = Target::start(&["--spin", "0", "--switch", "8"])?;
-        let hog = if busy {
-            Some(Target::start(&["--spin", "1", "--switch", "0"])?)
-        } else {
-            None
-        };
-        let out = Command::new(release_bin("cis490"))
-            .args([
-                "trace",
-                "--qemu-pid",
-                &target.pid().to_string(),
-                "--rate-hz",
-                "1000",
-                "--duration",
-                &plan.timing_secs.to_string(),
-                "--backend",
-            ])
-            .arg(if host_tool == Tool::Bpf {
-                "bpf"
+        for (cond, busy, realtime) in [
+            ("idle machine", false, false),
+            ("idle machine", false, true),
+            ("other core fully busy", true, false),
+            ("other core fully busy", true, true),
+        ] {
+            let target = Target::start(&["--spin", "0", "--switch", "8"])?;
+            let hog = if busy {
+                Some(Target::start(&["--spin", "1", "--switch", "0"])?)
             } else {
-                "proc"
-            })
-            .arg("--data-root")
-            .arg(&scratch)
-            .args(if realtime {
-                &["--realtime"][..]
-            } else {
-                &[][..]
-            })
-            .env("CIS490_LOG", "error")
-            .output()?;
-        drop(hog);
-        let ep = PathBuf::from(
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .last()
-                .unwrap_or("")
-                .trim(),
-        );
-        let meta = read_meta(&ep)?;
-        let r = &meta["result"];
-        let l = &r["tick_lateness"];
-        let us = |v: &Value| {
-            v.as_f64()
-                .map_or("n/a".into(), |x| format!("{:.1} µs", x / 1000.0))
-        };
+                None
+            };
+            let out = Command::new(release_bin("cis490"))
+                .args([
+                    "trace",
+                    "--qemu-pid",
+                    &target.pid().to_string(),
+                    "--rate-hz",
+                    "1000",
+                    "--duration",
+                    &plan.timing_secs.to_string(),
+                    "--backend",
+                ])
+                .arg(if host_tool == Tool::Bpf {
+                    "bpf"
+                } else {
+                    "proc"
+                })
+                .arg("--data-root")
+                .arg(&scratch)
+                .args(if realtime {
+                    &["--realtime"][..]
+                } else {
+                    &[][..]
+                })
+                .env("CIS490_LOG", "error")
+                .output()?;
+            drop(hog);
+            let ep = PathBuf::from(
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+                    .trim(),
+            );
+            let meta = read_meta(&ep)?;
+            let r = &meta["result"];
+            let l = &r["tick_lateness"];
+            let us = |v: &Value| {
+                v.as_f64()
+                    .map_or("n/a".into(), |x| format!("{:.1} µs", x / 1000.0))
+            };
+            writeln!(
+                md,
+                "| {cond} | {} | {} | {} | {} | {} / {} |",
+                if realtime {
+                    "--realtime (SCHED_FIFO)"
+                } else {
+                    "default"
+                },
+                us(&l["p50_ns"]),
+                us(&l["p99_ns"]),
+                us(&l["max_ns"]),
+                r["ticks_missed"],
+                r["ticks_scheduled"]
+            )?;
+        }
         writeln!(
             md,
-            "| {cond} | {} | {} | {} | {} | {} / {} |",
-            if realtime {
-                "--realtime (SCHED_FIFO)"
-            } else {
-                "default"
-            },
-            us(&l["p50_ns"]),
-            us(&l["p99_ns"]),
-            us(&l["max_ns"]),
-            r["ticks_missed"],
-            r["ticks_scheduled"]
+            "\nGoal: p99 ≤ 100 µs and 0 missed ticks over 60 s on the idle machine.\n"
         )?;
     }
-    writeln!(
-        md,
-        "\nGoal: p99 ≤ 100 µs and 0 missed ticks over 60 s on the idle machine.\n"
-    )?;
-
-    writeln!(md, "## 6. Guest agent cost\n")?;
-    match agent_cost(&plan, &scratch) {
-        Ok(text) => md.push_str(&text),
-        Err(e) => writeln!(md, "Not measured: {e:#}\n")?,
+    if want(6) {
+        writeln!(md, "## 6. Guest agent cost\n")?;
+        match agent_cost(&plan, &scratch) {
+            Ok(text) => md.push_str(&text),
+            Err(e) => writeln!(md, "Not measured: {e:#}\n")?,
+        }
     }
-
     let mut header = String::new();
     writeln!(header, "# cis490 benchmarks\n")?;
     writeln!(
         header,
-        "- command: `cargo xtask bench{}` (took {:.0} s)",
+        "- command: `cargo xtask bench{}{}` (took {:.0} s)",
         if quick { " --quick" } else { "" },
+        if only.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " --only {}",
+                only.iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        },
         started.elapsed().as_secs_f64()
     )?;
     writeln!(
@@ -783,7 +801,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         writeln!(header)?;
     }
     let text = header + &md;
-    std::fs::write(root().join("BENCHMARKS.md"), &text)?;
+    std::fs::write(out.unwrap_or_else(|| root().join("BENCHMARKS.md")), &text)?;
     print!("{text}");
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(())

@@ -34,6 +34,13 @@ enum Command {
         /// Shorter runs (fewer rounds, 10 s timing) for a quick look.
         #[arg(long)]
         quick: bool,
+        /// Run only these sections (comma-separated numbers 1-6; 1 and 5 share their
+        /// runs). Default: all.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<u32>,
+        /// Write the report here instead of BENCHMARKS.md (for partial or trial runs).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
     },
     /// The test VM: start | stop | status | build.
     Vm {
@@ -55,9 +62,9 @@ fn main() -> anyhow::Result<()> {
             setup::all()?;
             demo::run(duration)
         }
-        Command::Bench { quick } => {
+        Command::Bench { quick, only, out } => {
             setup::all()?;
-            bench::run(quick)
+            bench::run(quick, &only, out)
         }
         Command::Vm { command } => {
             if !matches!(
