@@ -171,6 +171,24 @@ fn assert_complete_bpf(dir: &Path, out: &std::process::Output) {
     let m = meta(dir);
     assert_eq!(m["backend"]["used"], "bpf", "{}", m["backend"]);
     assert!(m["backend"]["fallback_reason"].is_null());
+    // The programs were loaded by the `__bpf-loader` helper process, which exited before
+    // sampling began: every count these tests check comes through the fds it handed over.
+    let events = rows(dir, "events.jsonl");
+    let sel = events
+        .iter()
+        .find(|e| e["event"] == "backend_selected")
+        .expect("backend_selected event");
+    let loader = &sel["bpf_loader"];
+    let pid = loader["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no bpf_loader report: {sel}"));
+    assert!(loader["peak_rss_kib"].as_u64().unwrap() > 0, "{loader}");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| !c.contains("__bpf-loader")),
+        "the loader process {pid} is still running"
+    );
 }
 
 fn u(v: &Value, k: &str) -> u64 {
@@ -343,10 +361,9 @@ fn read_write_bytes_are_exact() {
 fn threads_created_after_attach_are_counted_and_kept_in_the_total() {
     let mut target = Target::start(&["late"]);
     assert_eq!(target.line(), "ready");
-    let cap = Capture::start(
-        target.pid(),
-        &["--backend", "bpf", "--duration", "3", "--rate-hz", "50"],
-    );
+    // No --duration: the threads spin a fixed amount of CPU, which takes longer on a
+    // loaded machine; the capture is ended (SIGINT) once they have been joined.
+    let cap = Capture::start(target.pid(), &["--backend", "bpf", "--rate-hz", "50"]);
     cap.wait_rows("telemetry-bpf-sched.jsonl");
     target.send("go");
     let line = target.line();
@@ -355,6 +372,11 @@ fn threads_created_after_attach_are_counted_and_kept_in_the_total() {
         .skip(1)
         .map(|s| s.parse().unwrap())
         .collect();
+    // Long enough for their exit to be seen and their entries retired (EXIT_GRACE_NS,
+    // 200 ms) while the capture runs.
+    std::thread::sleep(Duration::from_millis(700));
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(cap.child.id() as i32, libc::SIGINT) };
     let (out, data) = cap.finish();
     let dir = single_episode(data.path());
     assert_complete_bpf(&dir, &out);
@@ -366,7 +388,8 @@ fn threads_created_after_attach_are_counted_and_kept_in_the_total() {
             .last()
             .unwrap_or_else(|| panic!("late thread {tid} never reported"));
         let on = u(last, "on_cpu_ns");
-        assert!(on > 50_000_000, "late thread {tid} on_cpu_ns {on}");
+        // Each spun 300 ms of its own CPU time, all of it after attach.
+        assert!(on >= 280_000_000, "late thread {tid} on_cpu_ns {on}");
         assert!(
             u(last, "wakeups") >= 1,
             "wakeup_new of {tid} not counted: {last}"

@@ -5,7 +5,8 @@
 //!   spin N          N threads spinning; prints "tids <t1> <t2> ..."; runs until stdin closes
 //!   io PATH         waits for "go", then one new thread does the I/O below on PATH and
 //!                   prints "done <tid> <write_bytes> <write_ops> <read_bytes> <read_ops>"
-//!   late            waits for "go", then starts 2 threads that spin 0.6 s and exit;
+//!   late            waits for "go", then starts 2 threads that spin 0.3 s of CPU each
+//!                   and exit;
 //!                   prints "late <t1> <t2>" when they are joined
 //!   udp-echo ADDR   echoes UDP datagrams on ADDR (used inside a network namespace)
 //!   tap NAME        creates tap interface NAME on /dev/net/tun and holds its fd, as QEMU
@@ -32,6 +33,25 @@ fn spin_for(d: Duration) {
     let end = Instant::now() + d;
     let mut x = 0u64;
     while Instant::now() < end {
+        x = std::hint::black_box(x.wrapping_add(1));
+    }
+}
+
+/// Spin until this thread has used `d` of CPU: unlike a wall-clock spin, it gets the same
+/// on-CPU time on a loaded machine, so thresholds on it hold under load.
+fn spin_cpu(d: Duration) {
+    let cpu_ns = || {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid clock id and out pointer.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
+    };
+    let end = cpu_ns() + d.as_nanos();
+    let mut x = 0u64;
+    while cpu_ns() < end {
         x = std::hint::black_box(x.wrapping_add(1));
     }
 }
@@ -218,7 +238,7 @@ fn main() {
                     .map(|_| {
                         std::thread::spawn(|| {
                             let t = tid();
-                            spin_for(Duration::from_millis(600));
+                            spin_cpu(Duration::from_millis(300));
                             t
                         })
                     })

@@ -59,6 +59,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Internal: load and attach the BPF programs, hand the fds to the capture on stdin
+    /// (see bpf/handoff.rs).
+    #[command(name = "__bpf-loader", hide = true)]
+    BpfLoader {
+        #[arg(long)]
+        pid: u32,
+        /// NAME:RX_HEADER_LEN
+        #[arg(long = "net-if")]
+        net_ifs: Vec<String>,
+        #[arg(long)]
+        bpf_stats: bool,
+    },
     /// In-guest agent: stream guest stats as JSON lines to a virtio-serial port.
     Agent {
         /// The virtio-serial port to write to.
@@ -173,6 +185,23 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             output,
         } => cmd_report(&episode_dir, output),
         Command::Ls { data_root, json } => cmd_ls(&data_root, json),
+        Command::BpfLoader {
+            pid,
+            net_ifs,
+            bpf_stats,
+        } => {
+            let specs: Result<Vec<_>, _> = net_ifs
+                .iter()
+                .map(|a| cis490::bpf::handoff::parse_net_if(a))
+                .collect();
+            match specs {
+                Ok(specs) => cis490::bpf::handoff::run_helper(pid, &specs, bpf_stats),
+                Err(e) => {
+                    eprintln!("cis490 __bpf-loader: {e}");
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
         Command::Agent { port, rate_hz } => {
             let cfg = cis490::agent::guest::AgentConfig {
                 port,

@@ -155,7 +155,8 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     events.emit(
         "backend_selected",
         json!({"requested": cfg.backend.as_str(), "used": selected.used, "reason": selected.reason,
-               "fallback_reason": selected.fallback_reason, "net_interfaces": selected.net_ifs}),
+               "fallback_reason": selected.fallback_reason, "net_interfaces": selected.net_ifs,
+               "bpf_loader": bpf_session.as_ref().and_then(|s| s.loader.clone())}),
     );
     if let Some(why) = &selected.fallback_reason {
         tracing::warn!("BPF unavailable ({why}); falling back to /proc");

@@ -58,6 +58,11 @@ impl<V: Copy + Default> HashDrain<V> {
         })
     }
 
+    /// The map's fd (handed from the loader process to the capture).
+    pub fn map_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.map.fd().as_fd()
+    }
+
     fn fd(&self) -> u32 {
         self.map.fd().as_fd().as_raw_fd() as u32
     }

@@ -10,6 +10,7 @@
 //! - `stats`: per-program run count / run time for `--bpf-stats`
 
 pub mod batch;
+pub mod handoff;
 pub mod io;
 pub mod loader;
 pub mod net;
@@ -23,13 +24,14 @@ use std::sync::{Arc, Mutex};
 
 use crate::collector::Collector;
 
-/// What the collectors of one capture share: the loaded object (dropping the last
-/// reference detaches everything) and the tids the sched side removed, which the io side
+/// What the collectors of one capture share: what keeps the programs attached (dropping
+/// the last reference detaches everything) and the tids the sched side removed, which the io side
 /// removes from its own map after reading their final values.
 pub struct Session {
-    ebpf: Mutex<aya::Ebpf>,
-    programs: Vec<&'static str>,
-    _stats_fd: Option<std::os::fd::OwnedFd>,
+    _keepalive: handoff::KeepAlive,
+    programs: Vec<(String, u32)>,
+    /// Set when the programs were loaded by the `cis490 __bpf-loader` helper process.
+    pub loader: Option<handoff::LoaderReport>,
     retired: Mutex<Vec<u32>>,
     /// The live threads the sched side reported this tick (it runs first), so the io
     /// side writes a row for every thread, also those that have done no I/O yet.
@@ -60,8 +62,7 @@ impl Session {
 
     /// Run count and run time per program (meaningful with `--bpf-stats`).
     pub fn program_stats(&self) -> serde_json::Value {
-        let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
-        stats::collect(&mut ebpf, &self.programs)
+        stats::collect(&self.programs)
     }
 }
 
@@ -78,11 +79,11 @@ pub fn start(
     net_ifs: &[loader::NetIfSpec],
     bpf_stats: bool,
 ) -> Result<Backend, String> {
-    let loaded = loader::load(pid, net_ifs, bpf_stats)?;
+    let loaded = handoff::load(pid, net_ifs, bpf_stats)?;
     let session = Arc::new(Session {
-        ebpf: Mutex::new(loaded.ebpf),
+        _keepalive: loaded.keepalive,
         programs: loaded.programs,
-        _stats_fd: loaded.stats_fd,
+        loader: loaded.loader,
         retired: Mutex::new(Vec::new()),
         live: Mutex::new(Vec::new()),
     });

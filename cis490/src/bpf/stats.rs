@@ -5,11 +5,21 @@
 
 use serde_json::{json, Map, Value};
 
-pub fn collect(ebpf: &mut aya::Ebpf, programs: &[&'static str]) -> Value {
+///
+/// Programs are found by kernel id among all loaded programs, because the capture holds
+/// no aya program objects when the loader process did the loading (see `handoff`).
+pub fn collect(programs: &[(String, u32)]) -> Value {
+    let mut infos: std::collections::HashMap<u32, aya::programs::ProgramInfo> =
+        std::collections::HashMap::new();
+    for info in aya::programs::loaded_programs().flatten() {
+        if programs.iter().any(|(_, id)| *id == info.id()) {
+            infos.insert(info.id(), info);
+        }
+    }
     let mut out = Map::new();
-    for name in programs {
-        let entry = match ebpf.program(name).map(|p| p.info()) {
-            Some(Ok(info)) => {
+    for (name, id) in programs {
+        let entry = match infos.get(id) {
+            Some(info) => {
                 let run_cnt = info.run_count();
                 let run_time_ns = info.run_time().as_nanos() as u64;
                 json!({
@@ -18,10 +28,9 @@ pub fn collect(ebpf: &mut aya::Ebpf, programs: &[&'static str]) -> Value {
                     "ns_per_run": if run_cnt > 0 { Value::from(run_time_ns as f64 / run_cnt as f64) } else { Value::Null },
                 })
             }
-            Some(Err(e)) => json!({"error": e.to_string()}),
             None => json!({"error": "program not loaded"}),
         };
-        out.insert((*name).to_owned(), entry);
+        out.insert(name.clone(), entry);
     }
     Value::Object(out)
 }
