@@ -171,15 +171,15 @@ impl Sampler {
         for (i, slot) in self.slots.iter_mut().enumerate() {
             out.clear();
             let res = slot.collector.collect(tick, &self.clock, out);
-            for row in &out.rows {
+            for row in out.rows() {
                 slot.writer.write_row(row)?;
             }
-            slot.rows += out.rows.len() as u64;
+            slot.rows += out.rows().len() as u64;
             if let Some(live) = &self.live {
-                let last = out.rows.last().map(|r| r.stamp.t_mono_ns);
+                let last = out.rows().last().map(|r| r.stamp.t_mono_ns);
                 live.record(
                     i,
-                    out.rows.len(),
+                    out.rows().len(),
                     last,
                     out.problems.len() + usize::from(res.is_err()),
                 );

@@ -3,11 +3,13 @@
 
 use crate::error::Error;
 
-/// The fields of `/proc/<pid>/stat` (or `task/<tid>/stat`) that cis490 records.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stat {
+/// The fields of `/proc/<pid>/stat` (or `task/<tid>/stat`) that cis490 records. `comm`
+/// borrows the text: the collector keeps its own copy and replaces it only when the
+/// name changes, so a 1 kHz capture does not allocate a name per thread per tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat<'a> {
     pub pid: u32,
-    pub comm: String,
+    pub comm: &'a str,
     pub state: char,
     pub minflt: u64,
     pub majflt: u64,
@@ -23,7 +25,7 @@ pub struct Stat {
 /// Parse a stat line. The comm field may hold spaces, parentheses and even newlines
 /// (`prctl(PR_SET_NAME)` accepts any bytes), so it is everything between the first `(`
 /// and the LAST `)`; the numeric fields follow that last `)`.
-pub fn parse_stat(text: &str) -> Result<Stat, Error> {
+pub fn parse_stat(text: &str) -> Result<Stat<'_>, Error> {
     let open = text
         .find('(')
         .ok_or_else(|| Error::parse("stat", "no '(' before comm"))?;
@@ -37,13 +39,22 @@ pub fn parse_stat(text: &str) -> Result<Stat, Error> {
         .trim()
         .parse::<u32>()
         .map_err(|e| Error::parse("stat", format!("pid: {e}")))?;
-    let comm = text[open + 1..close].to_owned();
-    // rest[i] is field i+3 in proc(5) numbering (state is field 3).
-    let rest: Vec<&str> = text[close + 1..].split_ascii_whitespace().collect();
-    if rest.len() < 22 {
+    let comm = &text[open + 1..close];
+    // rest[i] is field i+3 in proc(5) numbering (state is field 3); nothing past
+    // `processor` (rest[36]) is used. A fixed array, not a Vec: this runs per thread per tick.
+    let mut rest = [""; 37];
+    let mut fields = 0;
+    for (slot, word) in rest
+        .iter_mut()
+        .zip(text[close + 1..].split_ascii_whitespace())
+    {
+        *slot = word;
+        fields += 1;
+    }
+    if fields < 22 {
         return Err(Error::parse(
             "stat",
-            format!("{} fields after comm, need >= 22", rest.len()),
+            format!("{fields} fields after comm, need >= 22"),
         ));
     }
     let num = |i: usize, name: &'static str| -> Result<u64, Error> {
@@ -68,8 +79,13 @@ pub fn parse_stat(text: &str) -> Result<Stat, Error> {
         starttime_ticks: num(19, "starttime")?,
         vsize_bytes: num(20, "vsize")?,
         rss_pages: num(21, "rss")?,
-        processor: rest.get(36).and_then(|s| s.parse().ok()),
+        processor: (fields > 36).then(|| rest[36].parse().ok()).flatten(),
     })
+}
+
+/// A task directory entry's name as a thread id (`.`, `..` and anything else: `None`).
+pub fn tid_of(name: &[u8]) -> Option<u32> {
+    std::str::from_utf8(name).ok()?.parse().ok()
 }
 
 /// `/proc/<pid>/schedstat`: time on CPU, time waiting on a run queue, timeslices run.
@@ -190,7 +206,8 @@ mod tests {
 
     #[test]
     fn real_qemu_process_stat() {
-        let st = parse_stat(&fixture("tcg/proc/stat")).unwrap();
+        let text = fixture("tcg/proc/stat");
+        let st = parse_stat(&text).unwrap();
         assert_eq!(st.pid, 6842);
         assert_eq!(st.comm, "qemu-system-x86");
         assert_eq!(st.state, 'S');
@@ -202,17 +219,38 @@ mod tests {
     }
 
     #[test]
+    fn processor_is_optional_on_short_lines() {
+        // 22 fields after comm: enough for everything but `processor` (field 39).
+        let st =
+            parse_stat("7 (x) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21").unwrap();
+        assert_eq!(st.processor, None);
+        assert_eq!(st.rss_pages, 21);
+    }
+
+    #[test]
     fn real_qemu_thread_names_with_spaces_and_slashes() {
         for (tid, comm) in [
             (6845, "IO mon_iothread"),
             (6846, "CPU 0/TCG"),
             (6847, "CPU 1/TCG"),
         ] {
-            let st = parse_stat(&fixture(&format!("tcg/proc/task/{tid}/stat"))).unwrap();
-            assert_eq!((st.pid, st.comm.as_str()), (tid, comm));
+            let text = fixture(&format!("tcg/proc/task/{tid}/stat"));
+            let st = parse_stat(&text).unwrap();
+            assert_eq!((st.pid, st.comm), (tid, comm));
         }
-        let kvm = parse_stat(&fixture("kvm/proc/stat")).unwrap();
+        let text = fixture("kvm/proc/stat");
+        let kvm = parse_stat(&text).unwrap();
         assert_eq!(kvm.num_threads, 6);
+    }
+
+    #[test]
+    fn task_entries_to_tids() {
+        assert_eq!(tid_of(b"6842"), Some(6842));
+        assert_eq!(tid_of(b"."), None);
+        assert_eq!(tid_of(b".."), None);
+        assert_eq!(tid_of(b""), None);
+        assert_eq!(tid_of(b"12a"), None);
+        assert_eq!(tid_of(b"99999999999"), None);
     }
 
     #[test]
@@ -242,7 +280,8 @@ mod tests {
 
     #[test]
     fn hostile_comm_with_close_paren_open_paren() {
-        let st = parse_stat(&line_with_comm("a) (b) S 1 2", "R")).unwrap();
+        let text = line_with_comm("a) (b) S 1 2", "R");
+        let st = parse_stat(&text).unwrap();
         assert_eq!(st.comm, "a) (b) S 1 2");
         assert_eq!(st.state, 'R');
         assert_eq!(
@@ -253,16 +292,19 @@ mod tests {
 
     #[test]
     fn hostile_comm_with_newline_and_truncation() {
-        let st = parse_stat(&line_with_comm("x\ny", "S")).unwrap();
+        let text = line_with_comm("x\ny", "S");
+        let st = parse_stat(&text).unwrap();
         assert_eq!(st.comm, "x\ny");
         // The kernel truncates comm to 15 bytes; a truncated name is still just a name.
-        let st = parse_stat(&line_with_comm("CPU 12/KVMxxxxx", "S")).unwrap();
+        let text = line_with_comm("CPU 12/KVMxxxxx", "S");
+        let st = parse_stat(&text).unwrap();
         assert_eq!(st.comm.len(), 15);
     }
 
     #[test]
     fn zombie_stat_parses() {
-        let st = parse_stat(&line_with_comm("defunct", "Z")).unwrap();
+        let text = line_with_comm("defunct", "Z");
+        let st = parse_stat(&text).unwrap();
         assert_eq!(st.state, 'Z');
     }
 
