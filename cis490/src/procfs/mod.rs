@@ -262,7 +262,7 @@ fn read_optional<T>(
     who: Who,
     name: &str,
     problems: &mut Vec<(String, String)>,
-    parse: fn(&str) -> Result<T, Error>,
+    parse: fn(&[u8]) -> Result<T, Error>,
 ) -> Option<T> {
     let file = file.as_ref()?;
     let raw = match pread_whole(file, buf) {
@@ -275,7 +275,7 @@ fn read_optional<T>(
             return None;
         }
     };
-    match parse(&String::from_utf8_lossy(raw)) {
+    match parse(raw) {
         Ok(v) => Some(v),
         Err(e) => {
             problems.push((
