@@ -518,6 +518,81 @@ fn one_khz_reports_missed_ticks_truthfully() {
     assert!(seqs.iter().all(|&s| s < scheduled));
 }
 
+/// `meta.result.sampler.policy` and the `sampler_realtime` events of one short capture.
+fn sampler_policy(mut cmd: Command, pid: u32, rate: &str, extra: &[&str]) -> (String, Vec<Value>) {
+    let root = tempfile::tempdir().unwrap();
+    cmd.args(["trace", "--qemu-pid", &pid.to_string(), "--data-root"])
+        .arg(root.path())
+        .args(["--duration", "0.3", "--backend", "proc", "--rate-hz", rate])
+        .args(extra);
+    let out = cmd.output().expect("run cis490 trace");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dir = episode_dir_from(&out);
+    let meta = assert_complete_episode(&dir);
+    let events = read_jsonl(&dir.join("events.jsonl"))
+        .into_iter()
+        .filter(|e| e["event"] == "sampler_realtime")
+        .collect();
+    let policy = meta["result"]["sampler"]["policy"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    (policy, events)
+}
+
+#[test]
+fn sampler_is_sched_fifo_at_high_rates_unless_refused_or_opted_out() {
+    let load = Load::start(&["--spin", "0", "--switch", "1"]);
+    let pid = load.pid();
+    // As root: SCHED_FIFO from 100 Hz up by default, and on request at any rate.
+    let (policy, events) = sampler_policy(cis490(), pid, "1000", &[]);
+    assert_eq!(policy, "SCHED_FIFO");
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        (&events[0]["ok"], &events[0]["realtime"]),
+        (&Value::Bool(true), &Value::from("auto"))
+    );
+    let (policy, events) = sampler_policy(cis490(), pid, "100", &[]);
+    assert_eq!((policy.as_str(), events.len()), ("SCHED_FIFO", 1));
+    let (policy, events) = sampler_policy(cis490(), pid, "10", &[]);
+    assert_eq!((policy.as_str(), events.len()), ("SCHED_OTHER", 0));
+    let (policy, _) = sampler_policy(cis490(), pid, "10", &["--realtime"]);
+    assert_eq!(policy, "SCHED_FIFO");
+    let (policy, events) = sampler_policy(cis490(), pid, "1000", &["--no-realtime"]);
+    assert_eq!((policy.as_str(), events.len()), ("SCHED_OTHER", 0));
+    // Without CAP_SYS_NICE (and no RLIMIT_RTPRIO) the capture goes on at normal priority
+    // and says so.
+    let unprivileged = || {
+        let mut c = Command::new("prlimit");
+        c.args([
+            "--rtprio=0:0",
+            "--",
+            "setpriv",
+            "--inh-caps=-all",
+            "--bounding-set=-sys_nice",
+            "--",
+        ])
+        .arg(cis490_tests::bin("cis490"));
+        c
+    };
+    let (policy, events) = sampler_policy(unprivileged(), pid, "1000", &[]);
+    assert_eq!(policy, "SCHED_OTHER");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["ok"], false);
+    assert!(events[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("SCHED_FIFO refused"));
+    // Both flags at once is a usage error.
+    let root = tempfile::tempdir().unwrap();
+    let both = trace(
+        pid,
+        root.path(),
+        &["--duration", "0.3", "--realtime", "--no-realtime"],
+    );
+    assert_eq!(both.status.code(), Some(2));
+}
+
 #[test]
 fn bad_arguments_are_usage_errors_before_anything_is_written() {
     let load = Load::start(&["--spin", "1"]);

@@ -23,16 +23,47 @@ pub struct Tick {
 }
 
 /// Where a collector puts what it read during one tick. Reused across ticks so a tick
-/// allocates nothing once the vectors have grown to their working size.
+/// allocates nothing once it has grown to its working size: [`TickOutput::new_row`] hands
+/// out the rows of earlier ticks again, field lists and all.
 #[derive(Debug, Default)]
 pub struct TickOutput {
-    pub rows: Vec<Row>,
+    /// Rows `..len` are this tick's; the rest are kept for their allocations.
+    rows: Vec<Row>,
+    len: usize,
     pub problems: Vec<String>,
 }
 
 impl TickOutput {
+    /// Append a row built elsewhere.
     pub fn row(&mut self, row: Row) {
-        self.rows.push(row);
+        if self.len < self.rows.len() {
+            self.rows[self.len] = row;
+        } else {
+            self.rows.push(row);
+        }
+        self.len += 1;
+    }
+
+    /// Append a fresh row (as `Row::new`) and return it to be filled in.
+    pub fn new_row(
+        &mut self,
+        stamp: crate::clock::Stamp,
+        source: &'static str,
+        available_in_deployment: bool,
+    ) -> &mut Row {
+        if self.len < self.rows.len() {
+            self.rows[self.len].reset(stamp, source, available_in_deployment);
+        } else {
+            self.rows
+                .push(Row::new(stamp, source, available_in_deployment));
+        }
+        self.len += 1;
+        &mut self.rows[self.len - 1]
+    }
+
+    /// This tick's rows, in the order they were added.
+    pub fn rows(&self) -> &[Row] {
+        &self.rows[..self.len]
     }
 
     pub fn problem(&mut self, message: impl Into<String>) {
@@ -40,7 +71,7 @@ impl TickOutput {
     }
 
     pub fn clear(&mut self) {
-        self.rows.clear();
+        self.len = 0;
         self.problems.clear();
     }
 }

@@ -10,6 +10,7 @@ use cis490::backend::BackendChoice;
 use cis490::episode::meta::UserMeta;
 use cis490::jsonl::Compression;
 use cis490::labels::{self, Phase};
+use cis490::sampler::Realtime;
 use cis490::trace::{self, TraceConfig};
 use cis490::Error;
 
@@ -118,9 +119,13 @@ struct TraceArgs {
     /// DuckDB and pandas); useful for long 1 kHz captures.
     #[arg(long, value_enum, default_value_t = Compression::None)]
     compress: Compression,
-    /// Run the host sampler thread SCHED_FIFO (needs CAP_SYS_NICE) for tighter 1 kHz timing.
-    #[arg(long)]
+    /// Run the host sampler thread SCHED_FIFO (needs CAP_SYS_NICE) for tighter timing,
+    /// whatever the rate. Default: SCHED_FIFO from 100 Hz up when permitted.
+    #[arg(long, conflicts_with = "no_realtime")]
     realtime: bool,
+    /// Keep the host sampler thread at normal priority (SCHED_OTHER) at any rate.
+    #[arg(long)]
+    no_realtime: bool,
     /// No live status line on stderr (it is shown only when stderr is a terminal).
     #[arg(long, short)]
     quiet: bool,
@@ -262,7 +267,11 @@ fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
         net_ifs: args.net_if,
         bpf_stats: args.bpf_stats,
         compression: args.compress,
-        realtime: args.realtime,
+        realtime: match (args.realtime, args.no_realtime) {
+            (true, _) => Realtime::On,
+            (_, true) => Realtime::Off,
+            _ => Realtime::Auto,
+        },
         status_line: !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         qemu: cis490::qemu_sources::QemuSourceOptions {
             qmp: args.qmp,

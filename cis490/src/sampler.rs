@@ -68,6 +68,8 @@ impl EndReason {
 pub struct Outcome {
     /// How late each sampled tick woke up (ns after its deadline).
     pub lateness: LatenessHistogram,
+    /// The scheduling policy the sampler thread ran under.
+    pub policy: SamplerPolicy,
     pub end_reason: EndReason,
     pub error: Option<Error>,
     pub ticks_scheduled: u64,
@@ -75,8 +77,8 @@ pub struct Outcome {
 }
 
 pub struct Sampler {
-    /// Run the sampler thread SCHED_FIFO (opt-in: `--realtime`).
-    pub realtime: bool,
+    /// Whether to run the sampler thread SCHED_FIFO (`--realtime` / `--no-realtime`).
+    pub realtime: Realtime,
     pub interval_ns: u64,
     pub duration_ns: Option<u64>,
     pub clock: EpisodeClock,
@@ -90,7 +92,7 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn run(&mut self) -> Outcome {
-        tune_sampler_thread(self.realtime, &self.events);
+        let policy = tune_sampler_thread(self.realtime, self.interval_ns, &self.events);
         let mut seq: u64 = 0;
         let mut missed: u64 = 0;
         let mut out = TickOutput::default();
@@ -160,6 +162,7 @@ impl Sampler {
         };
         Outcome {
             lateness,
+            policy,
             end_reason,
             error,
             ticks_scheduled: seq,
@@ -171,15 +174,15 @@ impl Sampler {
         for (i, slot) in self.slots.iter_mut().enumerate() {
             out.clear();
             let res = slot.collector.collect(tick, &self.clock, out);
-            for row in &out.rows {
+            for row in out.rows() {
                 slot.writer.write_row(row)?;
             }
-            slot.rows += out.rows.len() as u64;
+            slot.rows += out.rows().len() as u64;
             if let Some(live) = &self.live {
-                let last = out.rows.last().map(|r| r.stamp.t_mono_ns);
+                let last = out.rows().last().map(|r| r.stamp.t_mono_ns);
                 live.record(
                     i,
-                    out.rows.len(),
+                    out.rows().len(),
                     last,
                     out.problems.len() + usize::from(res.is_err()),
                 );
@@ -247,29 +250,96 @@ impl Sampler {
     }
 }
 
-/// Make this (the sampler's) thread wake on time. The default timer slack of 50 µs
-/// would add up to 50 µs to every deadline, so it is set to 1 ns. With `realtime`,
-/// SCHED_FIFO priority 10 lets the sampler preempt busy vCPU threads at its deadlines;
-/// it needs CAP_SYS_NICE and is reported as an event either way.
-fn tune_sampler_thread(realtime: bool, events: &EventLog) {
-    // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
-    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
-    if realtime {
-        // SAFETY: sched_param is plain data; musl's has extra fields, so start from zero.
-        let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
-        param.sched_priority = 10;
-        // SAFETY: sets this thread's own scheduling policy with a valid param.
-        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
-        if rc == 0 {
-            events.emit(
-                "sampler_realtime",
-                json!({"ok": true, "policy": "SCHED_FIFO", "priority": 10}),
-            );
-        } else {
-            let e = std::io::Error::last_os_error();
-            events.emit("sampler_realtime", json!({"ok": false, "message": format!("SCHED_FIFO refused: {e}; sampling at normal priority")}));
+/// `--realtime` (on), `--no-realtime` (off), or neither (auto).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Realtime {
+    /// SCHED_FIFO at rates of [`AUTO_REALTIME_MIN_HZ`] and above, when permitted.
+    Auto,
+    On,
+    Off,
+}
+
+impl Realtime {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Realtime::Auto => "auto",
+            Realtime::On => "on",
+            Realtime::Off => "off",
         }
     }
+}
+
+/// From this rate up (a tick every 10 ms or less) `auto` asks for SCHED_FIFO. Under the
+/// default policy the sampler waits behind runnable threads (the target's own, or a
+/// build) for up to a few ms: measured at 1 kHz, 204 of 60 000 ticks missed on an idle
+/// machine versus 4 with SCHED_FIFO (BENCHMARKS.md, section 4). At 10 Hz such delays
+/// cost nothing.
+pub const AUTO_REALTIME_MIN_HZ: u64 = 100;
+
+/// SCHED_FIFO priority of the sampler: above normal threads, below the kernel's own
+/// (threaded IRQs run at 50).
+const SAMPLER_PRIORITY: i32 = 10;
+
+/// What the sampler thread ran under (`meta.result.sampler`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SamplerPolicy {
+    pub requested: Realtime,
+    pub fifo: bool,
+}
+
+impl SamplerPolicy {
+    pub fn summary(&self) -> serde_json::Value {
+        json!({
+            "policy": if self.fifo { "SCHED_FIFO" } else { "SCHED_OTHER" },
+            "priority": if self.fifo { SAMPLER_PRIORITY } else { 0 },
+            "realtime": self.requested.as_str(),
+        })
+    }
+}
+
+/// Make this (the sampler's) thread wake on time. The default timer slack of 50 µs
+/// would add up to 50 µs to every deadline, so it is set to 1 ns. SCHED_FIFO lets the
+/// sampler preempt busy threads at its deadlines; it needs CAP_SYS_NICE (or an
+/// RLIMIT_RTPRIO), and the outcome is an event whenever it was tried.
+fn tune_sampler_thread(realtime: Realtime, interval_ns: u64, events: &EventLog) -> SamplerPolicy {
+    // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
+    let want = match realtime {
+        Realtime::On => true,
+        Realtime::Off => false,
+        Realtime::Auto => interval_ns <= 1_000_000_000 / AUTO_REALTIME_MIN_HZ,
+    };
+    let mut policy = SamplerPolicy {
+        requested: realtime,
+        fifo: false,
+    };
+    if !want {
+        return policy;
+    }
+    // SAFETY: sched_param is plain data; musl's has extra fields, so start from zero.
+    let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
+    param.sched_priority = SAMPLER_PRIORITY;
+    // SAFETY: sets this thread's own scheduling policy with a valid param.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if rc == 0 {
+        policy.fifo = true;
+        events.emit(
+            "sampler_realtime",
+            json!({"ok": true, "policy": "SCHED_FIFO", "priority": SAMPLER_PRIORITY,
+                   "realtime": realtime.as_str()}),
+        );
+    } else {
+        let e = std::io::Error::last_os_error();
+        events.emit(
+            "sampler_realtime",
+            json!({"ok": false, "realtime": realtime.as_str(),
+                   "message": format!("SCHED_FIFO refused: {e}; sampling at normal priority")}),
+        );
+        if realtime == Realtime::On {
+            tracing::warn!("--realtime: SCHED_FIFO refused ({e}); sampling at normal priority");
+        }
+    }
+    policy
 }
 
 /// Wake-up lateness of sampled ticks: 1 µs buckets up to 100 ms, then one overflow

@@ -36,7 +36,7 @@ pub struct TraceConfig {
     /// `--bpf-stats`: record each BPF program's run count and run time in meta.result.
     pub bpf_stats: bool,
     pub compression: Compression,
-    pub realtime: bool,
+    pub realtime: crate::sampler::Realtime,
     /// Redraw a status line on stderr while capturing (the caller checks for a TTY).
     pub status_line: bool,
     /// The QMP and guest-agent sources.
@@ -311,9 +311,12 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         ticks_missed: outcome.ticks_missed,
         rows_total: sources.iter().map(|s| s.rows).sum(),
         error: error.as_ref().map(|e| e.to_string()),
-        extra: [("tick_lateness".to_owned(), outcome.lateness.summary())]
-            .into_iter()
-            .collect(),
+        extra: [
+            ("tick_lateness".to_owned(), outcome.lateness.summary()),
+            ("sampler".to_owned(), outcome.policy.summary()),
+        ]
+        .into_iter()
+        .collect(),
     });
     if let (Some(session), Some(result)) = (&bpf_session, meta.result.as_mut()) {
         if cfg.bpf_stats {

@@ -216,6 +216,98 @@ fn run_tool(
     Ok(((c1.saturating_sub(c0)) as f64 / 1e9 / elapsed, hwm, episode))
 }
 
+/// What a thread that only sleeps to absolute 1 kHz deadlines achieves.
+struct Floor {
+    fifo: bool,
+    scheduled: u64,
+    missed: u64,
+    p50_ns: u64,
+    p99_ns: u64,
+    max_ns: u64,
+    cpu_ns: u64,
+}
+
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec for clock_gettime to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Sleep to 1 kHz absolute deadlines for `secs` on a fresh thread (timer slack 1 ns like
+/// the sampler, SCHED_FIFO 10 if `fifo` and permitted), skipping missed deadlines the
+/// way the sampler does.
+fn sleeper_floor(secs: f64, fifo: bool) -> Floor {
+    std::thread::spawn(move || {
+        // SAFETY: prctl and sched_setscheduler on this thread only, with valid arguments.
+        let fifo = unsafe {
+            libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
+            let mut param: libc::sched_param = std::mem::zeroed();
+            param.sched_priority = 10;
+            fifo && libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0
+        };
+        let interval = 1_000_000u64;
+        let ticks = (secs * 1000.0) as u64;
+        let origin = mono_ns() + interval;
+        let cpu0 = thread_cpu_ns();
+        let mut late = Vec::with_capacity(ticks as usize);
+        let (mut seq, mut missed) = (0u64, 0u64);
+        while seq < ticks {
+            let due = origin + seq * interval;
+            let ts = libc::timespec {
+                tv_sec: (due / 1_000_000_000) as _,
+                tv_nsec: (due % 1_000_000_000) as _,
+            };
+            // SAFETY: a valid timespec; no remaining-time pointer with TIMER_ABSTIME.
+            unsafe {
+                libc::clock_nanosleep(
+                    libc::CLOCK_MONOTONIC,
+                    libc::TIMER_ABSTIME,
+                    &ts,
+                    std::ptr::null_mut(),
+                )
+            };
+            let now = mono_ns();
+            if now > due + interval {
+                let next = ((now - origin) / interval + 1).min(ticks);
+                missed += next - seq;
+                seq = next;
+                continue;
+            }
+            late.push(now.saturating_sub(due));
+            seq += 1;
+        }
+        let cpu_ns = thread_cpu_ns().saturating_sub(cpu0);
+        late.sort_unstable();
+        let q = |p: f64| {
+            late.get(((p * late.len() as f64).ceil() as usize).saturating_sub(1))
+                .copied()
+                .unwrap_or(0)
+        };
+        Floor {
+            fifo,
+            scheduled: ticks,
+            missed,
+            p50_ns: q(0.5),
+            p99_ns: q(0.99),
+            max_ns: late.last().copied().unwrap_or(0),
+            cpu_ns,
+        }
+    })
+    .join()
+    .expect("sleeper thread")
+}
+
 /// bpftrace doing what cis490's sched program does for on-CPU time: per-thread on-CPU
 /// ns for one tgid, aggregated in kernel, printed at the sampling rate.
 fn wait_bounded(child: &mut Child, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
@@ -693,6 +785,7 @@ pub fn run(quick: bool, only: &[u32], out: Option<PathBuf>) -> anyhow::Result<()
         md,
         "| condition | sampler | p50 | p99 | max | ticks missed / scheduled |\n|---|---|---|---|---|---|"
     )?;
+        let mut floor_note = None;
         for (cond, busy, realtime) in [
             ("idle machine", false, false),
             ("idle machine", false, true),
@@ -724,9 +817,9 @@ pub fn run(quick: bool, only: &[u32], out: Option<PathBuf>) -> anyhow::Result<()
                 .arg("--data-root")
                 .arg(&scratch)
                 .args(if realtime {
-                    &["--realtime"][..]
-                } else {
                     &[][..]
+                } else {
+                    &["--no-realtime"][..]
                 })
                 .env("CIS490_LOG", "error")
                 .output()?;
@@ -749,9 +842,15 @@ pub fn run(quick: bool, only: &[u32], out: Option<PathBuf>) -> anyhow::Result<()
                 md,
                 "| {cond} | {} | {} | {} | {} | {} / {} |",
                 if realtime {
-                    "--realtime (SCHED_FIFO)"
+                    format!(
+                        "default ({})",
+                        r["sampler"]["policy"].as_str().unwrap_or("?")
+                    )
                 } else {
-                    "default"
+                    format!(
+                        "--no-realtime ({})",
+                        r["sampler"]["policy"].as_str().unwrap_or("?")
+                    )
                 },
                 us(&l["p50_ns"]),
                 us(&l["p99_ns"]),
@@ -759,6 +858,39 @@ pub fn run(quick: bool, only: &[u32], out: Option<PathBuf>) -> anyhow::Result<()
                 r["ticks_missed"],
                 r["ticks_scheduled"]
             )?;
+            if realtime {
+                // The floor: a thread that does nothing but sleep to the same deadlines.
+                for fifo in [false, true] {
+                    let hog = if busy {
+                        Some(Target::start(&["--spin", "1", "--switch", "0"])?)
+                    } else {
+                        None
+                    };
+                    let f = sleeper_floor(plan.timing_secs, fifo);
+                    drop(hog);
+                    let us = |ns: u64| format!("{:.1} µs", ns as f64 / 1000.0);
+                    writeln!(
+                        md,
+                        "| {cond} | bare 1 kHz sleeper, {} (floor) | {} | {} | {} | {} / {} |",
+                        if f.fifo { "SCHED_FIFO" } else { "SCHED_OTHER" },
+                        us(f.p50_ns),
+                        us(f.p99_ns),
+                        us(f.max_ns),
+                        f.missed,
+                        f.scheduled
+                    )?;
+                    if !busy && !fifo {
+                        floor_note = Some(format!(
+                            "The bare sleeper (a thread of `cargo xtask bench` that only calls clock_nanosleep(TIMER_ABSTIME) to the same deadlines, lateness counted like the sampler's: a tick more than one interval late is missed) used {:.2} % of one core, {:.1} µs of CPU per wake-up: what one 1 kHz wake-up costs on this machine, a floor for any tracer that wakes per tick.",
+                            f.cpu_ns as f64 / 1e9 / plan.timing_secs * 100.0,
+                            f.cpu_ns as f64 / 1e3 / f.scheduled.max(1) as f64
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(note) = floor_note {
+            writeln!(md, "\n{note}")?;
         }
         writeln!(
             md,

@@ -5,12 +5,11 @@ use std::sync::Arc;
 
 use cis490_common::IoStats;
 
-use super::table::{Counters, ThreadTable};
+use super::table::{Counters, Entry, ThreadTable, Values, MAX_WIDTH};
 use super::{Comms, Session};
 use crate::clock::{self, EpisodeClock};
 use crate::collector::{Collector, Tick, TickOutput, VcpuMap};
 use crate::error::Error;
-use crate::row::Row;
 
 pub const SOURCE: &str = "bpf-io";
 
@@ -21,7 +20,11 @@ pub struct IoCollector {
     table: ThreadTable,
     comms: Comms,
     vcpus: VcpuMap,
-    entries: Vec<(u32, Vec<u64>, u32, bool)>,
+    entries: Vec<Entry>,
+    /// This tick's rows: the table's threads plus live threads without I/O so far.
+    threads: Vec<(u32, Values)>,
+    live: Vec<u32>,
+    retired: Vec<u32>,
 }
 
 impl IoCollector {
@@ -35,10 +38,13 @@ impl IoCollector {
             pid,
             map,
             session,
-            table: ThreadTable::new(IoStats::NAMES.len()),
+            table: ThreadTable::new(),
             comms: Comms::new(pid),
             vcpus,
             entries: Vec::new(),
+            threads: Vec::new(),
+            live: Vec::new(),
+            retired: Vec::new(),
         }
     }
 }
@@ -62,51 +68,51 @@ impl Collector for IoCollector {
         if let Err(e) = self.map.read() {
             out.problem(e);
         }
-        self.entries.extend(
-            self.map
-                .entries()
-                .map(|(tid, v)| (tid, v.values(), 0, true)),
-        );
+        self.entries
+            .extend(self.map.entries().map(|(tid, v)| Entry::of(tid, v)));
         let now = clock::mono_raw_ns();
         let update = self.table.update(&self.entries, now);
         // Threads the sched side removed: their final values were read just now; the
         // table retires them when they are gone from the map next tick.
-        for tid in self.session.take_retired() {
+        self.session.take_retired(&mut self.retired);
+        for &tid in &self.retired {
             self.map.remove(tid);
             self.comms.forget(tid);
         }
         // Threads without I/O so far have no map entry: they get a row of zeros.
-        let mut threads = update.threads;
-        let zeros = vec![0u64; IoStats::NAMES.len()];
-        let missing: Vec<u32> = self
-            .session
-            .live()
-            .into_iter()
-            .filter(|tid| threads.binary_search_by_key(tid, |(t, _)| *t).is_err())
-            .collect();
-        threads.extend(missing.into_iter().map(|tid| (tid, zeros.clone())));
-        threads.sort_unstable_by_key(|(t, _)| *t);
+        self.session.live_into(&mut self.live);
+        self.threads.clear();
+        self.threads.extend_from_slice(&update.threads);
+        for &tid in &self.live {
+            if update
+                .threads
+                .binary_search_by_key(&tid, |(t, _)| *t)
+                .is_err()
+            {
+                self.threads.push((tid, [0; MAX_WIDTH]));
+            }
+        }
+        self.threads.sort_unstable_by_key(|(t, _)| *t);
         let stamp = clock.stamp();
-        for (tid, values) in &threads {
-            let mut row = Row::new(stamp, SOURCE, false);
+        let names = IoStats::NAMES;
+        for (tid, values) in &self.threads {
+            let row = out.new_row(stamp, SOURCE, false);
             row.seq = Some(tick.seq);
             row.thread_columns = true;
             row.tid = Some(*tid);
             row.comm = self.comms.get(*tid, now);
             row.vcpu = self.vcpus.get(*tid);
-            for (name, v) in IoStats::NAMES.iter().zip(values) {
+            for (name, v) in names.iter().zip(values) {
                 row.push(*name, *v);
             }
-            out.row(row);
         }
-        let mut row = Row::new(stamp, SOURCE, false);
+        let row = out.new_row(stamp, SOURCE, false);
         row.seq = Some(tick.seq);
         row.thread_columns = true;
         row.comm = self.comms.get(self.pid, now);
-        for (name, v) in IoStats::NAMES.iter().zip(&update.total) {
+        for (name, v) in names.iter().zip(&update.total) {
             row.push(*name, *v);
         }
-        out.row(row);
         Ok(())
     }
 }

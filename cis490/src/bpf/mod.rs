@@ -52,12 +52,16 @@ impl Session {
         live.extend(tids);
     }
 
-    fn live(&self) -> Vec<u32> {
-        self.live.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// Copy the live threads into `out` (a buffer the caller reuses every tick).
+    fn live_into(&self, out: &mut Vec<u32>) {
+        out.clear();
+        out.extend_from_slice(&self.live.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
-    fn take_retired(&self) -> Vec<u32> {
-        std::mem::take(&mut *self.retired.lock().unwrap_or_else(|p| p.into_inner()))
+    /// Move the retired tids into `out` (cleared first).
+    fn take_retired(&self, out: &mut Vec<u32>) {
+        out.clear();
+        out.append(&mut self.retired.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
     /// Run count and run time per program (meaningful with `--bpf-stats`).
@@ -116,10 +120,11 @@ pub fn start(
 }
 
 /// Thread names from /proc/<pid>/task/<tid>/comm, re-read at most once a second per
-/// thread (QEMU names its threads right after creating them).
+/// thread (QEMU names its threads right after creating them). Names are shared
+/// (`Arc<str>`) with the rows, so a row per thread per tick costs no string copy.
 pub(crate) struct Comms {
     pid: u32,
-    cache: HashMap<u32, (String, u64)>,
+    cache: HashMap<u32, (Arc<str>, u64)>,
 }
 
 const COMM_REFRESH_NS: u64 = 1_000_000_000;
@@ -132,7 +137,7 @@ impl Comms {
         }
     }
 
-    pub(crate) fn get(&mut self, tid: u32, now_ns: u64) -> Option<String> {
+    pub(crate) fn get(&mut self, tid: u32, now_ns: u64) -> Option<Arc<str>> {
         if let Some((name, at)) = self.cache.get(&tid) {
             if now_ns.saturating_sub(*at) < COMM_REFRESH_NS {
                 return Some(name.clone());
@@ -140,9 +145,16 @@ impl Comms {
         }
         match std::fs::read_to_string(format!("/proc/{}/task/{tid}/comm", self.pid)) {
             Ok(s) => {
-                let name = s.trim_end_matches('\n').to_owned();
-                self.cache.insert(tid, (name.clone(), now_ns));
-                Some(name)
+                let read = s.trim_end_matches('\n');
+                let entry = self
+                    .cache
+                    .entry(tid)
+                    .or_insert_with(|| (Arc::from(read), now_ns));
+                if &*entry.0 != read {
+                    entry.0 = Arc::from(read);
+                }
+                entry.1 = now_ns;
+                Some(entry.0.clone())
             }
             // Exited: keep the last name it had.
             Err(_) => self.cache.get(&tid).map(|(n, _)| n.clone()),

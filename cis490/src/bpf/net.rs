@@ -373,11 +373,11 @@ mod tests {
             &mut out,
         )
         .unwrap();
-        assert_eq!(out.rows.len(), 4);
-        assert_eq!(out.rows[0].get("rx_bytes"), Some(&Value::U64(100)));
-        assert_eq!(out.rows[0].get("tx_packets"), Some(&Value::U64(4)));
-        assert_eq!(out.rows[1].get("rx_bytes"), Some(&Value::Null));
-        assert!(out.rows[0].available_in_deployment);
+        assert_eq!(out.rows().len(), 4);
+        assert_eq!(out.rows()[0].get("rx_bytes"), Some(&Value::U64(100)));
+        assert_eq!(out.rows()[0].get("tx_packets"), Some(&Value::U64(4)));
+        assert_eq!(out.rows()[1].get("rx_bytes"), Some(&Value::Null));
+        assert!(out.rows()[0].available_in_deployment);
         assert_eq!(out.problems.len(), 1, "{:?}", out.problems);
     }
 }

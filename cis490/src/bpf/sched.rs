@@ -5,12 +5,11 @@ use std::sync::Arc;
 
 use cis490_common::SchedStats;
 
-use super::table::{Counters, ThreadTable};
+use super::table::{Counters, Entry, ThreadTable};
 use super::{Comms, Session};
 use crate::clock::{self, EpisodeClock};
 use crate::collector::{Collector, Tick, TickOutput, VcpuMap};
 use crate::error::Error;
-use crate::row::Row;
 
 pub const SOURCE: &str = "bpf-sched";
 
@@ -21,7 +20,8 @@ pub struct SchedCollector {
     table: ThreadTable,
     comms: Comms,
     vcpus: VcpuMap,
-    entries: Vec<(u32, Vec<u64>, u32, bool)>,
+    entries: Vec<Entry>,
+    gone: Vec<u32>,
     last_liveness_ns: u64,
 }
 
@@ -41,10 +41,11 @@ impl SchedCollector {
             pid,
             map,
             session,
-            table: ThreadTable::new(SchedStats::NAMES.len()),
+            table: ThreadTable::new(),
             comms: Comms::new(pid),
             vcpus,
             entries: Vec::new(),
+            gone: Vec::new(),
             last_liveness_ns: 0,
         }
     }
@@ -69,18 +70,16 @@ impl Collector for SchedCollector {
         if let Err(e) = self.map.read() {
             out.problem(e);
         }
-        self.entries.extend(
-            self.map
-                .entries()
-                .map(|(tid, v)| (tid, v.values(), v.flags, v.confirmed())),
-        );
+        self.entries
+            .extend(self.map.entries().map(|(tid, v)| Entry::of(tid, v)));
         let now = clock::mono_raw_ns();
         let update = self.table.update(&self.entries, now);
         for tid in &update.remove {
             self.map.remove(*tid);
             self.comms.forget(*tid);
         }
-        let mut gone = update.remove.clone();
+        self.gone.clear();
+        self.gone.extend_from_slice(&update.remove);
         if now.saturating_sub(self.last_liveness_ns) >= LIVENESS_EVERY_NS {
             self.last_liveness_ns = now;
             for (tid, _) in &update.threads {
@@ -89,35 +88,36 @@ impl Collector for SchedCollector {
                     // Gone from the map next tick: the table then keeps its last values in
                     // the process total.
                     self.map.remove(*tid);
-                    gone.push(*tid);
+                    self.gone.push(*tid);
                 }
             }
         }
-        self.session.retire(&gone);
+        if !self.gone.is_empty() {
+            self.session.retire(&self.gone);
+        }
         self.session
             .set_live(update.threads.iter().map(|(tid, _)| *tid));
 
         let stamp = clock.stamp();
+        let names = SchedStats::NAMES;
         for (tid, values) in &update.threads {
-            let mut row = Row::new(stamp, SOURCE, false);
+            let row = out.new_row(stamp, SOURCE, false);
             row.seq = Some(tick.seq);
             row.thread_columns = true;
             row.tid = Some(*tid);
             row.comm = self.comms.get(*tid, now);
             row.vcpu = self.vcpus.get(*tid);
-            for (name, v) in SchedStats::NAMES.iter().zip(values) {
+            for (name, v) in names.iter().zip(values) {
                 row.push(*name, *v);
             }
-            out.row(row);
         }
-        let mut row = Row::new(stamp, SOURCE, false);
+        let row = out.new_row(stamp, SOURCE, false);
         row.seq = Some(tick.seq);
         row.thread_columns = true;
         row.comm = self.comms.get(self.pid, now);
-        for (name, v) in SchedStats::NAMES.iter().zip(&update.total) {
+        for (name, v) in names.iter().zip(&update.total) {
             row.push(*name, *v);
         }
-        out.row(row);
         Ok(())
     }
 }

@@ -7,6 +7,10 @@
 //!   threads accumulate in `gone`,
 //! - exited entries are removed from the kernel map only after a grace period, once their
 //!   last switch-out has certainly been accounted.
+//!
+//! It runs on every tick (1000 times a second at 1 kHz), so counters are fixed-size
+//! arrays and the result is kept in buffers owned by the table: an update allocates
+//! nothing once the set of threads is stable.
 
 use std::collections::BTreeMap;
 
@@ -15,11 +19,17 @@ use cis490_common::{IoStats, SchedStats, FLAG_CONFIRMED, FLAG_EXITED};
 /// How long an entry flagged exited stays in the map before it is removed.
 pub const EXIT_GRACE_NS: u64 = 200_000_000;
 
+/// Room for the counters of any map value type (`IoStats` has the most, 8).
+pub const MAX_WIDTH: usize = 8;
+
+/// One entry's counters in [`Counters::NAMES`] order; slots past the type's width are 0.
+pub type Values = [u64; MAX_WIDTH];
+
 /// The counters of one map value type.
 pub trait Counters: Copy + Default {
-    /// Number of counter fields and their names, in output order.
+    /// Number of counter fields and their names, in output order (at most `MAX_WIDTH`).
     const NAMES: &'static [&'static str];
-    fn values(&self) -> Vec<u64>;
+    fn values(&self) -> Values;
     fn flags(&self) -> u32;
     /// Whether the entry is one of the target's threads (sched's fork candidates are not,
     /// until their first switch-out).
@@ -38,8 +48,8 @@ impl Counters for SchedStats {
         "runqueue_waits",
         "migrations",
     ];
-    fn values(&self) -> Vec<u64> {
-        vec![
+    fn values(&self) -> Values {
+        [
             self.on_cpu_ns,
             self.voluntary_switches,
             self.involuntary_switches,
@@ -47,6 +57,7 @@ impl Counters for SchedStats {
             self.runqueue_wait_ns,
             self.runqueue_waits,
             self.migrations,
+            0,
         ]
     }
     fn flags(&self) -> u32 {
@@ -69,8 +80,8 @@ impl Counters for IoStats {
         "blk_read_ops",
         "blk_write_ops",
     ];
-    fn values(&self) -> Vec<u64> {
-        vec![
+    fn values(&self) -> Values {
+        [
             self.read_bytes,
             self.write_bytes,
             self.read_ops,
@@ -86,93 +97,114 @@ impl Counters for IoStats {
     }
 }
 
+/// One map entry as read this tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub tid: u32,
+    pub values: Values,
+    pub flags: u32,
+    pub confirmed: bool,
+}
+
+impl Entry {
+    pub fn of<V: Counters>(tid: u32, v: &V) -> Self {
+        Self {
+            tid,
+            values: v.values(),
+            flags: v.flags(),
+            confirmed: v.confirmed(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Thread {
-    reported: Vec<u64>,
+    reported: Values,
     exited_since_ns: Option<u64>,
+    /// The update that last found the thread in the map.
+    seen: u64,
 }
 
 /// What one update decided.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Update {
     /// (tid, reported counters) of every live confirmed thread, by tid.
-    pub threads: Vec<(u32, Vec<u64>)>,
+    pub threads: Vec<(u32, Values)>,
     /// Process total: live threads plus every thread removed since attach.
-    pub total: Vec<u64>,
+    pub total: Values,
     /// Entries user space should now delete from the kernel map.
     pub remove: Vec<u32>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct ThreadTable {
-    width: usize,
     threads: BTreeMap<u32, Thread>,
-    gone: Vec<u64>,
+    gone: Values,
+    generation: u64,
+    out: Update,
+}
+
+fn add(into: &mut Values, v: &Values) {
+    for (s, x) in into.iter_mut().zip(v) {
+        *s += x;
+    }
 }
 
 impl ThreadTable {
-    pub fn new(width: usize) -> Self {
-        Self {
-            width,
-            threads: BTreeMap::new(),
-            gone: vec![0; width],
-        }
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    fn retire(&mut self, tid: u32) {
-        if let Some(t) = self.threads.remove(&tid) {
-            for (g, v) in self.gone.iter_mut().zip(&t.reported) {
-                *g += v;
-            }
-        }
-    }
-
-    /// `entries`: (tid, counters, flags, confirmed) read from the map now;
-    /// `now_ns`: CLOCK_MONOTONIC now.
-    pub fn update(&mut self, entries: &[(u32, Vec<u64>, u32, bool)], now_ns: u64) -> Update {
-        let mut out = Update::default();
-        // Threads that left the map without us removing them (a candidate that was not the
-        // target's, or an entry removed by the io side): retire what they reported.
-        let present: std::collections::HashSet<u32> = entries.iter().map(|e| e.0).collect();
-        let vanished: Vec<u32> = self
-            .threads
-            .keys()
-            .copied()
-            .filter(|t| !present.contains(t))
-            .collect();
-        for tid in vanished {
-            self.retire(tid);
-        }
-        for (tid, values, flags, confirmed) in entries {
-            if !confirmed {
+    /// `entries`: the map's entries read now; `now_ns`: CLOCK_MONOTONIC now. The result
+    /// stays valid until the next update.
+    pub fn update(&mut self, entries: &[Entry], now_ns: u64) -> &Update {
+        self.generation += 1;
+        let generation = self.generation;
+        let out = &mut self.out;
+        out.threads.clear();
+        out.remove.clear();
+        for e in entries {
+            if !e.confirmed {
+                // A candidate still in the map keeps a known thread (same tid) alive.
+                if let Some(t) = self.threads.get_mut(&e.tid) {
+                    t.seen = generation;
+                }
                 continue;
             }
-            let t = self.threads.entry(*tid).or_insert_with(|| Thread {
-                reported: vec![0; self.width],
+            let t = self.threads.entry(e.tid).or_insert_with(|| Thread {
+                reported: [0; MAX_WIDTH],
                 exited_since_ns: None,
+                seen: generation,
             });
-            for (r, v) in t.reported.iter_mut().zip(values) {
+            t.seen = generation;
+            for (r, v) in t.reported.iter_mut().zip(&e.values) {
                 *r = (*r).max(*v);
             }
-            if flags & FLAG_EXITED != 0 {
+            if e.flags & FLAG_EXITED != 0 {
                 let since = *t.exited_since_ns.get_or_insert(now_ns);
                 if now_ns.saturating_sub(since) >= EXIT_GRACE_NS {
-                    out.remove.push(*tid);
+                    out.remove.push(e.tid);
                 }
             }
         }
-        for tid in &out.remove {
-            self.retire(*tid);
-        }
-        let mut total = self.gone.clone();
-        for (tid, t) in &self.threads {
-            for (s, v) in total.iter_mut().zip(&t.reported) {
-                *s += v;
+        // Threads that left the map without us removing them (a candidate that was not the
+        // target's, or an entry removed by the io side), and those removed now: retire what
+        // they reported into the total.
+        let gone = &mut self.gone;
+        let remove = &out.remove;
+        self.threads.retain(|tid, t| {
+            let keep = t.seen == generation && !remove.contains(tid);
+            if !keep {
+                add(gone, &t.reported);
             }
-            out.threads.push((*tid, t.reported.clone()));
+            keep
+        });
+        out.total = *gone;
+        for (tid, t) in &self.threads {
+            add(&mut out.total, &t.reported);
+            out.threads.push((*tid, t.reported));
         }
-        out.total = total;
-        out
+        &self.out
     }
 }
 
@@ -180,23 +212,33 @@ impl ThreadTable {
 mod tests {
     use super::*;
 
-    fn e(tid: u32, v: &[u64], flags: u32) -> (u32, Vec<u64>, u32, bool) {
-        (tid, v.to_vec(), flags, flags & FLAG_CONFIRMED != 0)
+    fn v(x: &[u64]) -> Values {
+        let mut out = [0; MAX_WIDTH];
+        out[..x.len()].copy_from_slice(x);
+        out
+    }
+    fn e(tid: u32, x: &[u64], flags: u32) -> Entry {
+        Entry {
+            tid,
+            values: v(x),
+            flags,
+            confirmed: flags & FLAG_CONFIRMED != 0,
+        }
     }
     const C: u32 = FLAG_CONFIRMED;
     const X: u32 = FLAG_CONFIRMED | FLAG_EXITED;
 
     #[test]
     fn rows_per_thread_and_total() {
-        let mut t = ThreadTable::new(2);
+        let mut t = ThreadTable::new();
         let u = t.update(
             &[e(10, &[100, 1], C), e(11, &[50, 2], C), e(12, &[7, 7], 0)],
             0,
         );
-        assert_eq!(u.threads, vec![(10, vec![100, 1]), (11, vec![50, 2])]);
+        assert_eq!(u.threads, vec![(10, v(&[100, 1])), (11, v(&[50, 2]))]);
         assert_eq!(
             u.total,
-            vec![150, 3],
+            v(&[150, 3]),
             "unconfirmed candidates are not counted"
         );
         assert!(u.remove.is_empty());
@@ -204,25 +246,38 @@ mod tests {
 
     #[test]
     fn counters_never_go_back_and_exited_threads_stay_in_total() {
-        let mut t = ThreadTable::new(1);
+        let mut t = ThreadTable::new();
         t.update(&[e(1, &[120], C), e(2, &[10], C)], 0);
         // A smaller value (an entry re-created under the same tid) never lowers a row.
         let u = t.update(&[e(1, &[110], C), e(2, &[10], C)], 1);
-        assert_eq!(u.threads[0], (1, vec![120]));
+        assert_eq!(u.threads[0], (1, v(&[120])));
         // Thread 2 exits: kept until the grace period is over, then removed.
         let u = t.update(&[e(1, &[130], C), e(2, &[15], X)], 10);
         assert!(u.remove.is_empty());
-        assert_eq!(u.total, vec![145]);
+        assert_eq!(u.total, v(&[145]));
         let u = t.update(&[e(1, &[130], C), e(2, &[16], X)], 10 + EXIT_GRACE_NS);
         assert_eq!(u.remove, vec![2]);
-        assert_eq!(u.threads, vec![(1, vec![130])]);
-        assert_eq!(u.total, vec![146]);
+        assert_eq!(u.threads, vec![(1, v(&[130]))]);
+        assert_eq!(u.total, v(&[146]));
         // Gone from the map next tick: the total keeps it.
         let u = t.update(&[e(1, &[131], C)], 20 + EXIT_GRACE_NS);
-        assert_eq!(u.total, vec![147]);
+        assert_eq!(u.total, v(&[147]));
         // A thread vanishing without an exit flag is retired too, never subtracted.
         let u = t.update(&[], 30 + EXIT_GRACE_NS);
-        assert_eq!(u.total, vec![147]);
+        assert_eq!(u.total, v(&[147]));
         assert!(u.threads.is_empty());
+    }
+
+    #[test]
+    fn an_unconfirmed_entry_under_a_known_tid_keeps_the_thread() {
+        let mut t = ThreadTable::new();
+        t.update(&[e(5, &[40], C)], 0);
+        // The entry lost its flag (re-created as a fork candidate): the thread is still in
+        // the map, so it is not retired; it keeps its last values until confirmed again.
+        let u = t.update(&[e(5, &[1], 0)], 1);
+        assert_eq!(u.threads, vec![(5, v(&[40]))]);
+        assert_eq!(u.total, v(&[40]));
+        let u = t.update(&[e(5, &[45], C)], 2);
+        assert_eq!(u.threads, vec![(5, v(&[45]))]);
     }
 }

@@ -3,7 +3,10 @@
 //!
 //! File descriptors stay open between ticks and are re-read with `pread` at offset 0
 //! (procfs regenerates the text on every read from offset 0), so a 1 kHz capture does
-//! not pay open/close for every file of every thread.
+//! not pay open/close for every file of every thread. One `pread` per file and tick: a
+//! read into a buffer larger than the text returns all of it, so no second read is made
+//! just to see end-of-file. The task directory stays open too and is re-listed with
+//! `getdents64` into a reused buffer.
 
 pub mod parse;
 
@@ -11,6 +14,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::clock::EpisodeClock;
 use crate::collector::{Collector, Tick, TickOutput, VcpuMap};
@@ -53,19 +57,35 @@ struct OpenFiles {
 struct ThreadState {
     files: OpenFiles,
     last: ThreadTotals,
+    /// The name last read from stat, shared with the rows.
+    comm: Option<Arc<str>>,
 }
 
 pub struct ProcCollector {
-    pid: u32,
-    proc_root: PathBuf,
+    pid_dir: PathBuf,
+    task_dir: PathBuf,
+    /// `task_dir`, open for re-listing each tick.
+    task_fd: Option<File>,
     process: Option<OpenFiles>,
+    process_comm: Option<Arc<str>>,
     threads: BTreeMap<u32, ThreadState>,
     exited: ThreadTotals,
     vcpus: VcpuMap,
     /// Problems already reported, so a file that stays unreadable gives one event.
     reported: HashSet<String>,
-    buf: Vec<u8>,
+    bufs: Bufs,
+    dirents: Vec<u8>,
     seen_this_tick: Vec<u32>,
+}
+
+/// Read buffers reused every tick: `stat` keeps the stat text that a [`Sample`]'s comm
+/// borrows while `other` takes the remaining files in turn.
+#[derive(Default)]
+struct Bufs {
+    stat: Vec<u8>,
+    other: Vec<u8>,
+    /// A stat text that was not UTF-8 (a hostile comm), made valid.
+    lossy: String,
 }
 
 impl ProcCollector {
@@ -75,17 +95,41 @@ impl ProcCollector {
 
     /// `proc_root` is `/proc` except in tests.
     pub fn with_root(pid: u32, proc_root: &Path, vcpus: VcpuMap) -> Self {
+        let pid_dir = proc_root.join(pid.to_string());
         Self {
-            pid,
-            proc_root: proc_root.to_owned(),
+            task_dir: pid_dir.join("task"),
+            pid_dir,
+            task_fd: None,
             process: None,
+            process_comm: None,
             threads: BTreeMap::new(),
             exited: ThreadTotals::default(),
             vcpus,
             reported: HashSet::new(),
-            buf: Vec::with_capacity(4096),
+            bufs: Bufs::default(),
+            dirents: Vec::with_capacity(4096),
             seen_this_tick: Vec::new(),
         }
+    }
+
+    /// The task directory's numeric entries into `seen_this_tick`, sorted.
+    fn list_threads(&mut self) -> std::io::Result<()> {
+        use rustix::fs::{seek, RawDir, SeekFrom};
+        if self.task_fd.is_none() {
+            self.task_fd = Some(File::open(&self.task_dir)?);
+        }
+        let fd = self.task_fd.as_ref().expect("opened above");
+        seek(fd, SeekFrom::Start(0))?;
+        self.seen_this_tick.clear();
+        let mut dir = RawDir::new(fd, self.dirents.spare_capacity_mut());
+        while let Some(entry) = dir.next() {
+            let entry = entry?;
+            if let Some(tid) = parse::tid_of(entry.file_name().to_bytes()) {
+                self.seen_this_tick.push(tid);
+            }
+        }
+        self.seen_this_tick.sort_unstable();
+        Ok(())
     }
 
     fn report_once(&mut self, out: &mut TickOutput, key: String, message: String) {
@@ -138,28 +182,38 @@ impl std::fmt::Display for Who {
     }
 }
 
-/// Read a whole procfs file from offset 0 into `buf`.
-fn pread_all(file: &File, buf: &mut Vec<u8>) -> std::io::Result<()> {
-    buf.clear();
-    let mut off = 0usize;
+/// Read a whole procfs file from offset 0 with one `pread`. `buf` is kept at its full
+/// (initialized) length; the text is the returned prefix. procfs returns the whole text
+/// when it fits, so only a full buffer means "maybe more": it then doubles and reads again.
+fn pread_whole<'a>(file: &File, buf: &'a mut Vec<u8>) -> std::io::Result<&'a [u8]> {
+    if buf.is_empty() {
+        buf.resize(4096, 0);
+    }
     loop {
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(4096);
+        let n = file.read_at(buf, 0)?;
+        if n < buf.len() {
+            return Ok(&buf[..n]);
         }
-        let cap = buf.capacity();
-        buf.resize(cap, 0);
-        let n = file.read_at(&mut buf[off..], off as u64)?;
-        buf.truncate(off + n);
-        if n == 0 {
-            return Ok(());
+        let bigger = buf.len() * 2;
+        buf.resize(bigger, 0);
+    }
+}
+
+/// The bytes as text: borrowed when they are UTF-8 (always, but for hostile thread names),
+/// else a lossy copy in `lossy`.
+fn as_text<'a>(raw: &'a [u8], lossy: &'a mut String) -> &'a str {
+    match std::str::from_utf8(raw) {
+        Ok(s) => s,
+        Err(_) => {
+            *lossy = String::from_utf8_lossy(raw).into_owned();
+            lossy
         }
-        off += n;
     }
 }
 
 /// What one read of one thread (or the process) produced.
-struct Sample {
-    stat: Stat,
+struct Sample<'a> {
+    stat: Stat<'a>,
     sched: Option<SchedStat>,
     status: Option<Status>,
     io: Option<Io>,
@@ -167,18 +221,19 @@ struct Sample {
 
 /// Read and parse the open files. `Err` only when `stat` itself is gone or unparseable
 /// (the task exited); the other files degrade to `None` with a problem noted.
-fn read_sample(
+fn read_sample<'b>(
     files: &OpenFiles,
-    buf: &mut Vec<u8>,
+    bufs: &'b mut Bufs,
     who: Who,
     problems: &mut Vec<(String, String)>,
-) -> Result<Sample, std::io::Error> {
-    pread_all(&files.stat, buf)?;
-    let stat = parse::parse_stat(&String::from_utf8_lossy(buf))
+) -> Result<Sample<'b>, std::io::Error> {
+    let Bufs { stat, other, lossy } = bufs;
+    let text = as_text(pread_whole(&files.stat, stat)?, lossy);
+    let stat = parse::parse_stat(text)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
     let sched = read_optional(
         &files.schedstat,
-        buf,
+        other,
         who,
         "schedstat",
         problems,
@@ -186,13 +241,13 @@ fn read_sample(
     );
     let status = read_optional(
         &files.status,
-        buf,
+        other,
         who,
         "status",
         problems,
         parse::parse_status,
     );
-    let io = read_optional(&files.io, buf, who, "io", problems, parse::parse_io);
+    let io = read_optional(&files.io, other, who, "io", problems, parse::parse_io);
     Ok(Sample {
         stat,
         sched,
@@ -207,17 +262,20 @@ fn read_optional<T>(
     who: Who,
     name: &str,
     problems: &mut Vec<(String, String)>,
-    parse: fn(&str) -> Result<T, Error>,
+    parse: fn(&[u8]) -> Result<T, Error>,
 ) -> Option<T> {
     let file = file.as_ref()?;
-    if let Err(e) = pread_all(file, buf) {
-        problems.push((
-            format!("{who}/{name}"),
-            format!("{who}: reading {name}: {e}; its fields are null"),
-        ));
-        return None;
-    }
-    match parse(&String::from_utf8_lossy(buf)) {
+    let raw = match pread_whole(file, buf) {
+        Ok(raw) => raw,
+        Err(e) => {
+            problems.push((
+                format!("{who}/{name}"),
+                format!("{who}: reading {name}: {e}; its fields are null"),
+            ));
+            return None;
+        }
+    };
+    match parse(raw) {
         Ok(v) => Some(v),
         Err(e) => {
             problems.push((
@@ -229,7 +287,15 @@ fn read_optional<T>(
     }
 }
 
-fn totals_of(s: &Sample) -> ThreadTotals {
+/// Keep `cached` equal to `name`, allocating only when the name changed.
+fn shared_name(cached: &mut Option<Arc<str>>, name: &str) -> Arc<str> {
+    match cached {
+        Some(c) if **c == *name => c.clone(),
+        _ => cached.insert(Arc::from(name)).clone(),
+    }
+}
+
+fn totals_of(s: &Sample<'_>) -> ThreadTotals {
     ThreadTotals {
         on_cpu_ns: s.sched.map_or(0, |x| x.on_cpu_ns),
         runqueue_wait_ns: s.sched.map_or(0, |x| x.runqueue_wait_ns),
@@ -241,8 +307,8 @@ fn totals_of(s: &Sample) -> ThreadTotals {
 
 /// Fields shared by thread rows and the process row, in one fixed order so every row of
 /// the stream has the same columns.
-fn push_common(row: &mut Row, s: &Sample) {
-    row.push("state", Value::Str(s.stat.state.to_string()))
+fn push_common(row: &mut Row, s: &Sample<'_>) {
+    row.push("state", Value::Char(s.stat.state))
         .push("utime_ticks", s.stat.utime_ticks)
         .push("stime_ticks", s.stat.stime_ticks)
         .push("minflt", s.stat.minflt)
@@ -273,47 +339,37 @@ impl Collector for ProcCollector {
         clock: &EpisodeClock,
         out: &mut TickOutput,
     ) -> Result<(), Error> {
-        let pid_dir = self.proc_root.join(self.pid.to_string());
-        let task_dir = pid_dir.join("task");
-        let entries = std::fs::read_dir(&task_dir)
-            .map_err(|e| Error::io(format!("listing {}", task_dir.display()), e))?;
-        self.seen_this_tick.clear();
-        for entry in entries.flatten() {
-            if let Some(tid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<u32>().ok())
-            {
-                self.seen_this_tick.push(tid);
-            }
+        if let Err(e) = self.list_threads() {
+            // Closed so that a task directory that comes back is opened afresh.
+            self.task_fd = None;
+            return Err(Error::io(format!("listing {}", self.task_dir.display()), e));
         }
-        self.seen_this_tick.sort_unstable();
 
         // Threads that vanished since the last tick: keep their last counters in the total.
-        let gone: Vec<u32> = self
-            .threads
-            .keys()
-            .copied()
-            .filter(|tid| self.seen_this_tick.binary_search(tid).is_err())
-            .collect();
-        for tid in gone {
-            if let Some(t) = self.threads.remove(&tid) {
-                self.exited.add(&t.last);
+        let seen = &self.seen_this_tick;
+        let exited = &mut self.exited;
+        self.threads.retain(|tid, t| {
+            let keep = seen.binary_search(tid).is_ok();
+            if !keep {
+                exited.add(&t.last);
             }
-        }
+            keep
+        });
 
         let mut live = ThreadTotals::default();
         let mut problems = Vec::new();
         let tids = std::mem::take(&mut self.seen_this_tick);
         for &tid in &tids {
             if !self.threads.contains_key(&tid) {
-                match self.open(&task_dir.join(tid.to_string()), out, Who::Thread(tid)) {
+                let dir = self.task_dir.join(itoa::Buffer::new().format(tid));
+                match self.open(&dir, out, Who::Thread(tid)) {
                     Ok(files) => {
                         self.threads.insert(
                             tid,
                             ThreadState {
                                 files,
                                 last: ThreadTotals::default(),
+                                comm: None,
                             },
                         );
                     }
@@ -322,52 +378,58 @@ impl Collector for ProcCollector {
                 }
             }
             let state = self.threads.get_mut(&tid).expect("inserted above");
-            let sample =
-                match read_sample(&state.files, &mut self.buf, Who::Thread(tid), &mut problems) {
-                    Ok(s) => s,
-                    Err(_) => {
-                        // Exited after opening: account it now, it will not be listed again.
-                        let t = self.threads.remove(&tid).expect("present");
-                        self.exited.add(&t.last);
-                        continue;
-                    }
-                };
+            let sample = match read_sample(
+                &state.files,
+                &mut self.bufs,
+                Who::Thread(tid),
+                &mut problems,
+            ) {
+                Ok(s) => s,
+                Err(_) => {
+                    // Exited after opening: account it now, it will not be listed again.
+                    let t = self.threads.remove(&tid).expect("present");
+                    self.exited.add(&t.last);
+                    continue;
+                }
+            };
             let stamp = clock.stamp();
             state.last = totals_of(&sample);
             live.add(&state.last);
-            let mut row = Row::new(stamp, SOURCE, false);
+            let comm = shared_name(&mut state.comm, sample.stat.comm);
+            let row = out.new_row(stamp, SOURCE, false);
             row.seq = Some(tick.seq);
             row.thread_columns = true;
             row.tid = Some(tid);
             row.vcpu = self.vcpus.get(tid);
-            push_common(&mut row, &sample);
-            push_thread_sched(&mut row, &sample.sched, &sample.status);
+            row.comm = Some(comm);
+            push_common(row, &sample);
+            push_thread_sched(row, &sample.sched, &sample.status);
             row.push("rss_kb", Value::Null)
                 .push("vsize_bytes", Value::Null)
                 .push("num_threads", Value::Null);
-            row.comm = Some(sample.stat.comm);
-            out.row(row);
         }
         self.seen_this_tick = tids;
 
         // The process-total row.
         if self.process.is_none() {
+            let pid_dir = self.pid_dir.clone();
             match self.open(&pid_dir, out, Who::Process) {
                 Ok(f) => self.process = Some(f),
                 Err(e) => return Err(Error::io(format!("opening {}/stat", pid_dir.display()), e)),
             }
         }
         let files = self.process.as_ref().expect("opened above");
-        let sample = read_sample(files, &mut self.buf, Who::Process, &mut problems)
-            .map_err(|e| Error::io(format!("reading {}/stat", pid_dir.display()), e))?;
+        let sample = read_sample(files, &mut self.bufs, Who::Process, &mut problems)
+            .map_err(|e| Error::io(format!("reading {}/stat", self.pid_dir.display()), e))?;
         let stamp = clock.stamp();
         let mut total = live;
         total.add(&self.exited);
-        let mut row = Row::new(stamp, SOURCE, false);
+        let comm = shared_name(&mut self.process_comm, sample.stat.comm);
+        let row = out.new_row(stamp, SOURCE, false);
         row.seq = Some(tick.seq);
         row.thread_columns = true;
-        row.comm = Some(sample.stat.comm.clone());
-        push_common(&mut row, &sample);
+        row.comm = Some(comm);
+        push_common(row, &sample);
         row.push("on_cpu_ns", total.on_cpu_ns)
             .push("runqueue_wait_ns", total.runqueue_wait_ns)
             .push("timeslices_count", total.timeslices)
@@ -377,7 +439,6 @@ impl Collector for ProcCollector {
         row.push("rss_kb", status.rss_kb)
             .push("vsize_bytes", sample.stat.vsize_bytes)
             .push("num_threads", sample.stat.num_threads);
-        out.row(row);
 
         for (key, message) in problems {
             self.report_once(out, key, message);
@@ -449,18 +510,18 @@ mod tests {
         let mut c = ProcCollector::with_root(6842, root.path(), vcpus);
         let out = collect(&mut c, 0);
         assert!(out.problems.is_empty(), "{:?}", out.problems);
-        assert_eq!(out.rows.len(), 6);
+        assert_eq!(out.rows().len(), 6);
         let cpu1 = out
-            .rows
+            .rows()
             .iter()
             .find(|r| r.comm.as_deref() == Some("CPU 1/TCG"))
             .unwrap();
         assert_eq!((cpu1.tid, cpu1.vcpu), (Some(6847), Some(1)));
-        let total = out.rows.last().unwrap();
+        let total = out.rows().last().unwrap();
         assert_eq!(total.tid, None);
         assert_eq!(total.get("num_threads"), Some(&Value::U64(5)));
         // The total is the sum of the threads' schedstat on-CPU times.
-        let sum: u64 = out.rows[..5]
+        let sum: u64 = out.rows()[..5]
             .iter()
             .map(|r| match r.get("on_cpu_ns") {
                 Some(Value::U64(v)) => *v,
@@ -479,7 +540,7 @@ mod tests {
         let first = collect(&mut c, 0);
         assert_eq!(first.problems.len(), 1, "{:?}", first.problems);
         assert!(first.problems[0].contains("tid 6846") && first.problems[0].contains("io"));
-        let row = first.rows.iter().find(|r| r.tid == Some(6846)).unwrap();
+        let row = first.rows().iter().find(|r| r.tid == Some(6846)).unwrap();
         assert_eq!(row.get("read_bytes"), Some(&Value::Null));
         assert!(
             matches!(row.get("on_cpu_ns"), Some(Value::U64(_))),
@@ -500,7 +561,7 @@ mod tests {
         .unwrap();
         let mut c = ProcCollector::with_root(6842, root.path(), VcpuMap::default());
         let out = collect(&mut c, 0);
-        let row = out.rows.iter().find(|r| r.tid == Some(6845)).unwrap();
+        let row = out.rows().iter().find(|r| r.tid == Some(6845)).unwrap();
         assert_eq!(row.get("on_cpu_ns"), Some(&Value::Null));
         assert_eq!(row.get("voluntary_switches"), Some(&Value::Null));
         assert_eq!(out.problems.len(), 2, "{:?}", out.problems);
@@ -510,11 +571,11 @@ mod tests {
     fn vanished_thread_keeps_its_time_in_the_total() {
         let root = fake_proc();
         let mut c = ProcCollector::with_root(6842, root.path(), VcpuMap::default());
-        let total = |out: &TickOutput| out.rows.last().unwrap().get("on_cpu_ns").cloned();
+        let total = |out: &TickOutput| out.rows().last().unwrap().get("on_cpu_ns").cloned();
         let before = total(&collect(&mut c, 0));
         std::fs::remove_dir_all(root.path().join("6842/task/6847")).unwrap();
         let out = collect(&mut c, 1);
-        assert_eq!(out.rows.len(), 5);
+        assert_eq!(out.rows().len(), 5);
         assert_eq!(
             total(&out),
             before,
@@ -523,7 +584,7 @@ mod tests {
         // A stat file that turns into garbage (a task being torn down) drops the thread.
         std::fs::write(root.path().join("6842/task/6846/stat"), b"").unwrap();
         let out = collect(&mut c, 2);
-        assert_eq!(out.rows.len(), 4);
+        assert_eq!(out.rows().len(), 4);
         assert_eq!(total(&out), before);
     }
 }
