@@ -129,6 +129,12 @@ pub struct Offsets {
     pub xmit_name: u32,
     pub recv_len: u32,
     pub recv_name: u32,
+    /// Byte offset of `pid` in `struct task_struct` (`tgid` follows it: one 8-byte read
+    /// gives both), from the kernel's BTF. The sched programs are raw tracepoints whose
+    /// arguments are task pointers.
+    pub task_pid: u32,
+    /// Byte offset of `se.sum_exec_runtime` in `struct task_struct`.
+    pub task_sum_exec_runtime: u32,
 }
 
 impl Offsets {
@@ -150,6 +156,8 @@ impl Offsets {
         xmit_name: 24,
         recv_len: 16,
         recv_name: 20,
+        task_pid: 1264,
+        task_sum_exec_runtime: 232,
     };
 }
 
@@ -159,14 +167,14 @@ impl Default for Offsets {
     }
 }
 
-/// sched_switch reports a preempted task with this bit set in prev_state
-/// (TASK_REPORT_MAX, since Linux 4.14); a blocking task has one of the lower state bits
-/// (TASK_IDLE kthreads 0x80), a task switched out while still running (yield) has 0.
-pub const PREEMPT_STATE_MIN: u64 = 0x100;
-
-/// Whether a switch-out with this `prev_state` counts as involuntary (the kernel's nivcsw).
-pub const fn is_involuntary(prev_state: u64) -> bool {
-    prev_state == 0 || prev_state >= PREEMPT_STATE_MIN
+/// Whether a switch-out counts as involuntary (the kernel's nivcsw), from sched_switch's
+/// raw arguments: `preempt`, or a task still TASK_RUNNING (0) when it gave up the CPU
+/// (a yield). A blocking task has a sleeping state (TASK_INTERRUPTIBLE 1,
+/// TASK_UNINTERRUPTIBLE 2, TASK_IDLE kthreads 0x402, TASK_DEAD 0x80 at exit). This is the
+/// classic tracepoint's classification: it reports preempt as TASK_REPORT_MAX and
+/// TASK_RUNNING as 0.
+pub const fn is_involuntary(preempt: bool, prev_state: u32) -> bool {
+    preempt || prev_state == 0
 }
 
 #[cfg(feature = "user")]
@@ -186,11 +194,16 @@ mod tests {
 
     #[test]
     fn switch_state_classification() {
-        assert!(is_involuntary(0), "yield: still running");
-        assert!(is_involuntary(0x100), "preempted (TASK_REPORT_MAX)");
-        assert!(!is_involuntary(0x1), "S: interruptible sleep");
-        assert!(!is_involuntary(0x2), "D: uninterruptible sleep");
-        assert!(!is_involuntary(0x80), "I: idle kthread");
+        assert!(is_involuntary(false, 0), "yield: still running");
+        assert!(is_involuntary(true, 0), "preempted while running");
+        assert!(
+            is_involuntary(true, 0x1),
+            "preempted before it could block (the state is stale)"
+        );
+        assert!(!is_involuntary(false, 0x1), "S: interruptible sleep");
+        assert!(!is_involuntary(false, 0x2), "D: uninterruptible sleep");
+        assert!(!is_involuntary(false, 0x402), "I: idle kthread");
+        assert!(!is_involuntary(false, 0x80), "TASK_DEAD: the final switch-out");
     }
 
     #[test]
@@ -210,6 +223,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<IoStats>(), 8 * 8);
         assert_eq!(core::mem::size_of::<NetStats>(), 4 * 8);
         assert_eq!(core::mem::size_of::<NetIf>(), 8);
-        assert_eq!(core::mem::size_of::<Offsets>(), 16 * 4);
+        assert_eq!(core::mem::size_of::<Offsets>(), 18 * 4);
     }
 }
