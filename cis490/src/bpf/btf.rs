@@ -29,6 +29,9 @@ pub struct TaskLayout {
     /// `se.sum_exec_runtime`: the scheduler's on-CPU time of the task, the first field
     /// of /proc/<pid>/task/<tid>/schedstat.
     pub sum_exec_runtime: u32,
+    /// `sched_info.pcount`, followed by `sched_info.run_delay` (schedstat's third and
+    /// second fields), read together.
+    pub sched_info: u32,
 }
 
 /// A member of a struct: offset in bits and its type id.
@@ -75,7 +78,11 @@ fn tail_len(kind: u32, vlen: u32) -> Result<u64> {
         4 | 5 | 15 | 19 => 12 * vlen,
         // ENUM: btf_enum; FUNC_PROTO: btf_param.
         6 | 13 => 8 * vlen,
-        k => return Err(bad(format!("unknown type kind {k} (a BTF newer than this reader)"))),
+        k => {
+            return Err(bad(format!(
+                "unknown type kind {k} (a BTF newer than this reader)"
+            )))
+        }
     })
 }
 
@@ -166,7 +173,11 @@ pub fn find_members<R: Read + Seek>(r: R, wanted: &[(&str, &str)]) -> Result<Fou
             };
             if wanted.iter().any(|(s, m)| *s == sname && *m == mname) {
                 // With kind_flag the top 8 bits are a bitfield size, the rest the offset.
-                let bit_offset = if kind_flag { m_off & 0x00ff_ffff } else { m_off };
+                let bit_offset = if kind_flag {
+                    m_off & 0x00ff_ffff
+                } else {
+                    m_off
+                };
                 found.members.insert(
                     (sname.to_owned(), mname.to_owned()),
                     Member {
@@ -203,10 +214,13 @@ pub fn task_layout<R: Read + Seek>(r: R) -> Result<TaskLayout> {
             ("task_struct", "pid"),
             ("task_struct", "tgid"),
             ("task_struct", "se"),
+            ("task_struct", "sched_info"),
             ("sched_entity", "sum_exec_runtime"),
+            ("sched_info", "pcount"),
+            ("sched_info", "run_delay"),
         ],
     )?;
-    for s in ["task_struct", "sched_entity"] {
+    for s in ["task_struct", "sched_entity", "sched_info"] {
         if !found.structs.contains_key(s) {
             return Err(bad(format!("no struct {s}")));
         }
@@ -218,15 +232,29 @@ pub fn task_layout<R: Read + Seek>(r: R) -> Result<TaskLayout> {
             "task_struct.tgid at {tgid} does not follow pid at {pid}"
         )));
     }
-    let se = found.members[&("task_struct".to_owned(), "se".to_owned())];
-    if se.type_id != found.structs["sched_entity"] {
-        return Err(bad("task_struct.se is not a struct sched_entity"));
+    for (m, s) in [("se", "sched_entity"), ("sched_info", "sched_info")] {
+        let mem = found
+            .members
+            .get(&("task_struct".to_owned(), m.to_owned()))
+            .ok_or_else(|| bad(format!("struct task_struct has no member {m}")))?;
+        if mem.type_id != found.structs[s] {
+            return Err(bad(format!("task_struct.{m} is not a struct {s}")));
+        }
     }
     let se = byte_offset(&found, "task_struct", "se")?;
     let sum = byte_offset(&found, "sched_entity", "sum_exec_runtime")?;
+    let si = byte_offset(&found, "task_struct", "sched_info")?;
+    let pcount = byte_offset(&found, "sched_info", "pcount")?;
+    let run_delay = byte_offset(&found, "sched_info", "run_delay")?;
+    if run_delay != pcount + 8 {
+        return Err(bad(format!(
+            "sched_info.run_delay at {run_delay} does not follow pcount at {pcount}"
+        )));
+    }
     Ok(TaskLayout {
         pid,
         sum_exec_runtime: se + sum,
+        sched_info: si + pcount,
     })
 }
 
@@ -235,7 +263,9 @@ pub fn vmlinux_task_layout() -> Result<TaskLayout> {
     let path = Path::new(VMLINUX);
     let f = std::fs::File::open(path).map_err(|e| {
         Error::io(
-            format!("{VMLINUX} (kernel BTF, CONFIG_DEBUG_INFO_BTF, is needed for task_struct offsets)"),
+            format!(
+                "{VMLINUX} (kernel BTF, CONFIG_DEBUG_INFO_BTF, is needed for task_struct offsets)"
+            ),
             e,
         )
     })?;
@@ -314,14 +344,19 @@ mod tests {
         b.u32s(&[1, 1, 16]);
         b.ty("state", 6, 2, false, 4); // 7: enum
         b.u32s(&[0, 0, 0, 1]);
-        // 8: task_struct with a bitfield (kind_flag: offsets carry a bitfield size).
-        b.ty("task_struct", 4, 5, true, 4096);
+        b.ty("sched_info", 4, 3, false, 48); // 8
+        b.member("pcount", 2, 0);
+        b.member("run_delay", 2, 64);
+        b.member("last_arrival", 2, 128);
+        // 9: task_struct with a bitfield (kind_flag: offsets carry a bitfield size).
+        b.ty("task_struct", 4, 6, true, 4096);
         b.member("flags", 1, 3 << 24 | 64);
         b.member("se", se_type, 1024);
+        b.member("sched_info", 8, 8064);
         b.member("pid", 4, 10112);
         b.member("tgid", 4, tgid_bits);
         b.member("comm", 6, 12000);
-        b.ty("task_struct", 7, 0, false, 0); // 9: a FWD of the same name is no struct
+        b.ty("task_struct", 7, 0, false, 0); // 10: a FWD of the same name is no struct
         b.bytes()
     }
 
@@ -332,7 +367,8 @@ mod tests {
             l,
             TaskLayout {
                 pid: 1264,
-                sum_exec_runtime: 128 + 16
+                sum_exec_runtime: 128 + 16,
+                sched_info: 1008,
             }
         );
     }
@@ -367,6 +403,10 @@ mod tests {
     fn vmlinux_has_a_usable_task_struct() {
         let l = vmlinux_task_layout().unwrap();
         assert!(l.pid > 0 && l.pid < 16384, "{l:?}");
-        assert!(l.sum_exec_runtime > 0 && l.sum_exec_runtime < 16384, "{l:?}");
+        assert!(
+            l.sum_exec_runtime > 0 && l.sum_exec_runtime < 16384,
+            "{l:?}"
+        );
+        assert!(l.sched_info > 0 && l.sched_info < 16384, "{l:?}");
     }
 }

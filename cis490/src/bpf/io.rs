@@ -21,7 +21,7 @@ pub struct IoCollector {
     table: ThreadTable,
     comms: Comms,
     vcpus: VcpuMap,
-    entries: Vec<(u32, Vec<u64>, u32, bool)>,
+    entries: Vec<(u32, Vec<u64>, u32)>,
 }
 
 impl IoCollector {
@@ -62,11 +62,8 @@ impl Collector for IoCollector {
         if let Err(e) = self.map.read() {
             out.problem(e);
         }
-        self.entries.extend(
-            self.map
-                .entries()
-                .map(|(tid, v)| (tid, v.values(), 0, true)),
-        );
+        self.entries
+            .extend(self.map.entries().map(|(tid, v)| (tid, v.values(), 0)));
         let now = clock::mono_raw_ns();
         let update = self.table.update(&self.entries, now);
         // Threads the sched side removed: their final values were read just now; the

@@ -9,7 +9,7 @@ use aya::maps::{HashMap, MapData, PerCpuArray};
 use aya::programs::{RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use cis490_common::{
-    IfName, IoStats, NetIf, NetStats, SchedStats, FLAG_CONFIRMED, MAX_NET_IFS, MAX_THREADS,
+    parse_schedstat, IfName, IoStats, NetIf, NetStats, SchedStats, MAX_NET_IFS, MAX_THREADS,
 };
 
 use super::batch::HashDrain;
@@ -21,7 +21,6 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ci
 /// A raw-tracepoint program and the tracepoint it is attached to.
 const SCHED_PROGRAMS: &[(&str, &str)] = &[
     ("cis490_sched_switch", "sched_switch"),
-    ("cis490_sched_runtime", "sched_stat_runtime"),
     ("cis490_sched_wakeup", "sched_wakeup"),
     ("cis490_sched_wakeup", "sched_wakeup_new"),
     ("cis490_sched_migrate", "sched_migrate_task"),
@@ -155,6 +154,31 @@ fn drain<V: Copy + Default>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashD
     HashDrain::new(m, name, MAX_THREADS as usize)
 }
 
+/// Run once on every CPU this thread may use, so that a context switch happens on each
+/// of them after attach: a thread of the target that was on a CPU at attach (and may
+/// stay there for long on an idle machine, without any switch) is switched out, which
+/// brings its on-CPU time into the map, and in again, which starts its running slice.
+/// CPUs outside this process's affinity mask are not visited: a target thread running
+/// there is counted from its first switch after attach.
+fn visit_cpus() {
+    // SAFETY: cpu_set_t is plain data; sched_{get,set}affinity(0, …) act on this thread.
+    unsafe {
+        let mut orig: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut orig) != 0 {
+            return;
+        }
+        for cpu in 0..libc::CPU_SETSIZE as usize {
+            if libc::CPU_ISSET(cpu, &orig) {
+                let mut one: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut one);
+                // Returns once this thread runs on `cpu`.
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one);
+            }
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &orig);
+    }
+}
+
 /// Load the programs filtered to `pid`, seed its current threads, and attach everything.
 pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, String> {
     if let Some(why) = missing_caps(effective_caps()) {
@@ -167,6 +191,7 @@ pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, 
     let task = btf::vmlinux_task_layout().map_err(|e| e.to_string())?;
     offsets.task_pid = task.pid;
     offsets.task_sum_exec_runtime = task.sum_exec_runtime;
+    offsets.task_sched_info = task.sched_info;
     if net_ifs.len() > MAX_NET_IFS as usize {
         return Err(format!("at most {MAX_NET_IFS} interfaces can be watched"));
     }
@@ -185,24 +210,36 @@ pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, 
         .map_err(|e| format!("loading the BPF object: {}", flatten(&e)))?;
 
     let mut sched = drain(&mut ebpf, "SCHED")?;
-    // Seed the threads that exist now; ones created later come through sched_process_fork
-    // or their first switch.
+    // Seed the threads that exist now, with the scheduler's accounting as their base (the
+    // counters are since attach); ones created later come through sched_process_fork or
+    // their first switch.
     let task_dir = format!("/proc/{pid}/task");
     let tasks = std::fs::read_dir(&task_dir).map_err(|e| format!("listing {task_dir}: {e}"))?;
     for entry in tasks.flatten() {
-        if let Some(tid) = entry
+        let Some(tid) = entry
             .file_name()
             .to_str()
             .and_then(|s| s.parse::<u32>().ok())
-        {
-            let v = SchedStats {
-                flags: FLAG_CONFIRMED,
-                ..Default::default()
-            };
-            sched
-                .insert(tid, &v)
-                .map_err(|e| format!("seeding thread {tid}: {e}"))?;
-        }
+        else {
+            continue;
+        };
+        // A thread that exited meanwhile has no schedstat left: nothing to seed.
+        let Some((exec, run_delay, pcount)) =
+            std::fs::read_to_string(entry.path().join("schedstat"))
+                .ok()
+                .and_then(|s| parse_schedstat(&s))
+        else {
+            continue;
+        };
+        let v = SchedStats {
+            exec_base_ns: exec,
+            run_delay_base_ns: run_delay,
+            pcount_base: pcount,
+            ..Default::default()
+        };
+        sched
+            .insert(tid, &v)
+            .map_err(|e| format!("seeding thread {tid}: {e}"))?;
     }
     let io = drain(&mut ebpf, "IO")?;
     // Kept until the programs are loaded: closing a map's last fd before the program that
@@ -268,6 +305,7 @@ pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, 
     }
     programs.dedup();
     drop(ifs_map);
+    visit_cpus();
     Ok(Loaded {
         ebpf,
         sched,

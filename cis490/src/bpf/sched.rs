@@ -21,7 +21,7 @@ pub struct SchedCollector {
     table: ThreadTable,
     comms: Comms,
     vcpus: VcpuMap,
-    entries: Vec<(u32, Vec<u64>, u32, bool)>,
+    entries: Vec<(u32, Vec<u64>, u32)>,
     last_liveness_ns: u64,
 }
 
@@ -66,15 +66,19 @@ impl Collector for SchedCollector {
         out: &mut TickOutput,
     ) -> Result<(), Error> {
         self.entries.clear();
+        // Before the read: a thread on a CPU is then reported with its run time up to a
+        // moment the map already reflects (see `SchedStats::on_cpu_at`).
+        let now = clock::mono_raw_ns();
         if let Err(e) = self.map.read() {
             out.problem(e);
         }
-        self.entries.extend(
-            self.map
-                .entries()
-                .map(|(tid, v)| (tid, v.values(), v.flags, v.confirmed())),
-        );
-        let now = clock::mono_raw_ns();
+        self.entries.extend(self.map.entries().map(|(tid, v)| {
+            let v = SchedStats {
+                on_cpu_ns: v.on_cpu_at(now),
+                ..*v
+            };
+            (tid, v.values(), v.flags)
+        }));
         let update = self.table.update(&self.entries, now);
         for tid in &update.remove {
             self.map.remove(*tid);

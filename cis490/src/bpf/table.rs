@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use cis490_common::{IoStats, SchedStats, FLAG_CONFIRMED, FLAG_EXITED};
+use cis490_common::{IoStats, SchedStats, FLAG_EXITED};
 
 /// How long an entry flagged exited stays in the map before it is removed.
 pub const EXIT_GRACE_NS: u64 = 200_000_000;
@@ -21,11 +21,6 @@ pub trait Counters: Copy + Default {
     const NAMES: &'static [&'static str];
     fn values(&self) -> Vec<u64>;
     fn flags(&self) -> u32;
-    /// Whether the entry is one of the target's threads (sched's fork candidates are not,
-    /// until their first switch-out).
-    fn confirmed(&self) -> bool {
-        true
-    }
 }
 
 impl Counters for SchedStats {
@@ -51,9 +46,6 @@ impl Counters for SchedStats {
     }
     fn flags(&self) -> u32 {
         self.flags
-    }
-    fn confirmed(&self) -> bool {
-        self.flags & FLAG_CONFIRMED != 0
     }
 }
 
@@ -95,7 +87,7 @@ struct Thread {
 /// What one update decided.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Update {
-    /// (tid, reported counters) of every live confirmed thread, by tid.
+    /// (tid, reported counters) of every live thread, by tid.
     pub threads: Vec<(u32, Vec<u64>)>,
     /// Process total: live threads plus every thread removed since attach.
     pub total: Vec<u64>,
@@ -127,12 +119,12 @@ impl ThreadTable {
         }
     }
 
-    /// `entries`: (tid, counters, flags, confirmed) read from the map now;
+    /// `entries`: (tid, counters, flags) read from the map now;
     /// `now_ns`: CLOCK_MONOTONIC now.
-    pub fn update(&mut self, entries: &[(u32, Vec<u64>, u32, bool)], now_ns: u64) -> Update {
+    pub fn update(&mut self, entries: &[(u32, Vec<u64>, u32)], now_ns: u64) -> Update {
         let mut out = Update::default();
-        // Threads that left the map without us removing them (a candidate that was not the
-        // target's, or an entry removed by the io side): retire what they reported.
+        // Threads that left the map without us removing them (an entry removed after the
+        // liveness check, or by the io side): retire what they reported.
         let present: std::collections::HashSet<u32> = entries.iter().map(|e| e.0).collect();
         let vanished: Vec<u32> = self
             .threads
@@ -143,10 +135,7 @@ impl ThreadTable {
         for tid in vanished {
             self.retire(tid);
         }
-        for (tid, values, flags, confirmed) in entries {
-            if !confirmed {
-                continue;
-            }
+        for (tid, values, flags) in entries {
             let t = self.threads.entry(*tid).or_insert_with(|| Thread {
                 reported: vec![0; self.width],
                 exited_since_ns: None,
@@ -180,25 +169,18 @@ impl ThreadTable {
 mod tests {
     use super::*;
 
-    fn e(tid: u32, v: &[u64], flags: u32) -> (u32, Vec<u64>, u32, bool) {
-        (tid, v.to_vec(), flags, flags & FLAG_CONFIRMED != 0)
+    fn e(tid: u32, v: &[u64], flags: u32) -> (u32, Vec<u64>, u32) {
+        (tid, v.to_vec(), flags)
     }
-    const C: u32 = FLAG_CONFIRMED;
-    const X: u32 = FLAG_CONFIRMED | FLAG_EXITED;
+    const C: u32 = 0;
+    const X: u32 = FLAG_EXITED;
 
     #[test]
     fn rows_per_thread_and_total() {
         let mut t = ThreadTable::new(2);
-        let u = t.update(
-            &[e(10, &[100, 1], C), e(11, &[50, 2], C), e(12, &[7, 7], 0)],
-            0,
-        );
+        let u = t.update(&[e(10, &[100, 1], C), e(11, &[50, 2], C)], 0);
         assert_eq!(u.threads, vec![(10, vec![100, 1]), (11, vec![50, 2])]);
-        assert_eq!(
-            u.total,
-            vec![150, 3],
-            "unconfirmed candidates are not counted"
-        );
+        assert_eq!(u.total, vec![150, 3]);
         assert!(u.remove.is_empty());
     }
 
