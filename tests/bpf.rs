@@ -711,6 +711,8 @@ fn doctor_reports_what_auto_picks() {
         "privileges",
         "bpf() syscall",
         "BTF",
+        // The streaming BTF reader found the task_struct offsets the programs need.
+        "task_struct pid at",
         "tracefs",
         "sched:sched_switch",
         "kernel version",

@@ -6,27 +6,32 @@
 #![no_std]
 
 /// Bounds of the maps. QEMU has a few dozen threads; this leaves room for thread churn
-/// between two drains (exited entries are removed by user space).
-pub const MAX_THREADS: u32 = 8192;
+/// between two drains (exited entries are removed by user space). Not larger: the batched
+/// drain walks every bucket of the hash map, ~13 µs per map per tick at 8192 entries vs
+/// ~4.5 µs at 1024 (measured here), which at 1 kHz is most of the tracer's CPU.
+pub const MAX_THREADS: u32 = 1024;
 /// Interfaces watched by the net programs (`--net-if`, autodetected taps).
 pub const MAX_NET_IFS: u32 = 16;
 /// Linux IFNAMSIZ: interface names including the NUL.
 pub const IFNAMSIZ: usize = 16;
 
-/// `SchedStats::flags`: the thread is known to belong to the target (its tgid was seen
-/// by `bpf_get_current_pid_tgid`, or user space seeded it from /proc/<pid>/task).
-pub const FLAG_CONFIRMED: u32 = 1;
 /// `SchedStats::flags`: sched_process_exit fired for the thread; its counters are final
 /// once its last switch-out has happened, and user space removes the entry later.
 pub const FLAG_EXITED: u32 = 2;
 
 /// Per-thread scheduler counters (map `SCHED`, key = tid). Cumulative since attach.
+///
+/// on_cpu_ns, runqueue_wait_ns and runqueue_waits are the scheduler's own per-task
+/// accounting (`se.sum_exec_runtime`, `sched_info.run_delay`, `sched_info.pcount`: the
+/// three fields of /proc/<pid>/task/<tid>/schedstat) read from task_struct at each
+/// switch-out, minus their values when the thread was first seen (`*_base`). A thread on
+/// a CPU has run `now - running_since_ns` more than on_cpu_ns says: user space adds that
+/// at read time (see `SchedStats::on_cpu_at`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SchedStats {
-    /// Time on CPU as the scheduler accounts it (sum of sched_stat_runtime deltas, i.e.
-    /// the increments of the task's sum_exec_runtime, the first field of
-    /// /proc/<pid>/task/<tid>/schedstat; steal time is not included).
+    /// Time on CPU as the scheduler accounts it (steal time is not included), up to the
+    /// thread's last switch-out.
     pub on_cpu_ns: u64,
     /// Switch-outs while blocking (the kernel's nvcsw).
     pub voluntary_switches: u64,
@@ -34,17 +39,64 @@ pub struct SchedStats {
     pub involuntary_switches: u64,
     /// sched_wakeup / sched_wakeup_new of the thread.
     pub wakeups: u64,
-    /// Time from becoming runnable (wakeup or preemption) to the next switch-in.
+    /// Time spent runnable on a run queue waiting for a CPU (up to the last switch-in
+    /// before the thread's last switch-out).
     pub runqueue_wait_ns: u64,
-    /// Number of such waits that ended in a switch-in.
+    /// Number of times the thread was switched in (each ends a run-queue wait, possibly
+    /// of 0 ns).
     pub runqueue_waits: u64,
     /// sched_migrate_task of the thread.
     pub migrations: u64,
-    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC) when the thread became runnable; 0 when it is
-    /// not waiting on a run queue.
-    pub enqueued_at_ns: u64,
+    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC) of the thread's switch-in while it is on a
+    /// CPU; 0 while it is off CPU (and until its first switch-in after attach).
+    pub running_since_ns: u64,
+    pub exec_base_ns: u64,
+    pub run_delay_base_ns: u64,
+    pub pcount_base: u64,
     pub flags: u32,
     pub _pad: u32,
+}
+
+impl SchedStats {
+    /// All zero (`Default` is not const; the kernel side builds entries from this).
+    pub const ZERO: SchedStats = SchedStats {
+        on_cpu_ns: 0,
+        voluntary_switches: 0,
+        involuntary_switches: 0,
+        wakeups: 0,
+        runqueue_wait_ns: 0,
+        runqueue_waits: 0,
+        migrations: 0,
+        running_since_ns: 0,
+        exec_base_ns: 0,
+        run_delay_base_ns: 0,
+        pcount_base: 0,
+        flags: 0,
+        _pad: 0,
+    };
+
+    /// on_cpu_ns at CLOCK_MONOTONIC `now_ns`, counting the slice a thread on a CPU has run
+    /// since its switch-in. `now_ns` should be taken before the map is read: the value is
+    /// then never ahead of the thread's true run time (the slice runs to `now_ns` at most)
+    /// and catches up at the next read.
+    pub fn on_cpu_at(&self, now_ns: u64) -> u64 {
+        let running = if self.running_since_ns != 0 {
+            now_ns.saturating_sub(self.running_since_ns)
+        } else {
+            0
+        };
+        self.on_cpu_ns + running
+    }
+}
+
+/// The three fields of /proc/<pid>/task/<tid>/schedstat (the kernel's sum_exec_runtime,
+/// run_delay and pcount), the bases of a thread seeded by user space.
+pub fn parse_schedstat(text: &str) -> Option<(u64, u64, u64)> {
+    let mut it = text.split_whitespace().map(|v| v.parse::<u64>());
+    match (it.next(), it.next(), it.next()) {
+        (Some(Ok(a)), Some(Ok(b)), Some(Ok(c))) => Some((a, b, c)),
+        _ => None,
+    }
 }
 
 /// Per-thread I/O counters (map `IO`, key = tid). Cumulative since attach.
@@ -104,21 +156,13 @@ impl IfName {
     }
 }
 
-/// Byte offsets of the tracepoint fields the programs read, taken by user space from
-/// tracefs `events/<category>/<name>/format` at load time (they differ between kernel
-/// versions: sched_process_fork's child_pid moved when comm became __data_loc), and set
-/// as the read-only global `OFFSETS`.
+/// Byte offsets of the fields the programs read, set by user space at load time as the
+/// read-only global `OFFSETS`: tracepoint fields from tracefs
+/// `events/<category>/<name>/format`, task_struct fields from the kernel's BTF (both
+/// differ between kernel versions and configurations).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Offsets {
-    pub switch_prev_pid: u32,
-    pub switch_prev_state: u32,
-    pub switch_next_pid: u32,
-    pub wakeup_pid: u32,
-    pub migrate_pid: u32,
-    pub fork_child_pid: u32,
-    pub runtime_pid: u32,
-    pub runtime_runtime: u32,
     /// `ret` of syscalls:sys_exit_*.
     pub sys_exit_ret: u32,
     pub blk_bytes: u32,
@@ -129,19 +173,20 @@ pub struct Offsets {
     pub xmit_name: u32,
     pub recv_len: u32,
     pub recv_name: u32,
+    /// Byte offset of `pid` in `struct task_struct` (`tgid` follows it: one 8-byte read
+    /// gives both), from the kernel's BTF. The sched programs are raw tracepoints whose
+    /// arguments are task pointers.
+    pub task_pid: u32,
+    /// Byte offset of `se.sum_exec_runtime` in `struct task_struct`.
+    pub task_sum_exec_runtime: u32,
+    /// Byte offset of `sched_info.pcount` in `struct task_struct` (`run_delay` follows it:
+    /// one 16-byte read gives both).
+    pub task_sched_info: u32,
 }
 
 impl Offsets {
     /// The layout of Linux 6.18 x86_64 (the kernel side's initial value).
     pub const LINUX_6_18: Offsets = Offsets {
-        switch_prev_pid: 24,
-        switch_prev_state: 32,
-        switch_next_pid: 56,
-        wakeup_pid: 24,
-        migrate_pid: 12,
-        fork_child_pid: 20,
-        runtime_pid: 12,
-        runtime_runtime: 16,
         sys_exit_ret: 16,
         blk_bytes: 28,
         blk_rwbs: 34,
@@ -150,6 +195,9 @@ impl Offsets {
         xmit_name: 24,
         recv_len: 16,
         recv_name: 20,
+        task_pid: 1264,
+        task_sum_exec_runtime: 232,
+        task_sched_info: 1008,
     };
 }
 
@@ -159,14 +207,14 @@ impl Default for Offsets {
     }
 }
 
-/// sched_switch reports a preempted task with this bit set in prev_state
-/// (TASK_REPORT_MAX, since Linux 4.14); a blocking task has one of the lower state bits
-/// (TASK_IDLE kthreads 0x80), a task switched out while still running (yield) has 0.
-pub const PREEMPT_STATE_MIN: u64 = 0x100;
-
-/// Whether a switch-out with this `prev_state` counts as involuntary (the kernel's nivcsw).
-pub const fn is_involuntary(prev_state: u64) -> bool {
-    prev_state == 0 || prev_state >= PREEMPT_STATE_MIN
+/// Whether a switch-out counts as involuntary (the kernel's nivcsw), from sched_switch's
+/// raw arguments: `preempt`, or a task still TASK_RUNNING (0) when it gave up the CPU
+/// (a yield). A blocking task has a sleeping state (TASK_INTERRUPTIBLE 1,
+/// TASK_UNINTERRUPTIBLE 2, TASK_IDLE kthreads 0x402, TASK_DEAD 0x80 at exit). This is the
+/// classic tracepoint's classification: it reports preempt as TASK_REPORT_MAX and
+/// TASK_RUNNING as 0.
+pub const fn is_involuntary(preempt: bool, prev_state: u32) -> bool {
+    preempt || prev_state == 0
 }
 
 #[cfg(feature = "user")]
@@ -186,11 +234,45 @@ mod tests {
 
     #[test]
     fn switch_state_classification() {
-        assert!(is_involuntary(0), "yield: still running");
-        assert!(is_involuntary(0x100), "preempted (TASK_REPORT_MAX)");
-        assert!(!is_involuntary(0x1), "S: interruptible sleep");
-        assert!(!is_involuntary(0x2), "D: uninterruptible sleep");
-        assert!(!is_involuntary(0x80), "I: idle kthread");
+        assert!(is_involuntary(false, 0), "yield: still running");
+        assert!(is_involuntary(true, 0), "preempted while running");
+        assert!(
+            is_involuntary(true, 0x1),
+            "preempted before it could block (the state is stale)"
+        );
+        assert!(!is_involuntary(false, 0x1), "S: interruptible sleep");
+        assert!(!is_involuntary(false, 0x2), "D: uninterruptible sleep");
+        assert!(!is_involuntary(false, 0x402), "I: idle kthread");
+        assert!(
+            !is_involuntary(false, 0x80),
+            "TASK_DEAD: the final switch-out"
+        );
+    }
+
+    #[test]
+    fn on_cpu_adds_the_running_slice() {
+        let mut s = SchedStats {
+            on_cpu_ns: 1000,
+            ..Default::default()
+        };
+        assert_eq!(s.on_cpu_at(5000), 1000, "off CPU: nothing to add");
+        s.running_since_ns = 4000;
+        assert_eq!(s.on_cpu_at(4500), 1500);
+        assert_eq!(
+            s.on_cpu_at(3000),
+            1000,
+            "switched in after `now`: nothing yet"
+        );
+    }
+
+    #[test]
+    fn schedstat_has_three_counters() {
+        assert_eq!(
+            parse_schedstat("199938095 1130299253 654\n"),
+            Some((199938095, 1130299253, 654))
+        );
+        assert_eq!(parse_schedstat("1 2"), None);
+        assert_eq!(parse_schedstat("1 x 3"), None);
     }
 
     #[test]
@@ -206,10 +288,10 @@ mod tests {
 
     #[test]
     fn map_types_have_the_layout_the_kernel_side_writes() {
-        assert_eq!(core::mem::size_of::<SchedStats>(), 8 * 8 + 8);
+        assert_eq!(core::mem::size_of::<SchedStats>(), 11 * 8 + 8);
         assert_eq!(core::mem::size_of::<IoStats>(), 8 * 8);
         assert_eq!(core::mem::size_of::<NetStats>(), 4 * 8);
         assert_eq!(core::mem::size_of::<NetIf>(), 8);
-        assert_eq!(core::mem::size_of::<Offsets>(), 16 * 4);
+        assert_eq!(core::mem::size_of::<Offsets>(), 11 * 4);
     }
 }

@@ -22,6 +22,23 @@ pub fn offsets() -> Offsets {
     unsafe { core::ptr::read_volatile(&OFFSETS) }
 }
 
+/// Offsets of `task_struct` fields, each read alone (the programs on the scheduler's hot
+/// path load only the field they use; `offsets()` copies the whole struct).
+#[inline(always)]
+pub fn task_pid_offset() -> usize {
+    unsafe { core::ptr::read_volatile(&raw const OFFSETS.task_pid) as usize }
+}
+
+#[inline(always)]
+pub fn task_sum_exec_runtime_offset() -> usize {
+    unsafe { core::ptr::read_volatile(&raw const OFFSETS.task_sum_exec_runtime) as usize }
+}
+
+#[inline(always)]
+pub fn task_sched_info_offset() -> usize {
+    unsafe { core::ptr::read_volatile(&raw const OFFSETS.task_sched_info) as usize }
+}
+
 /// (tgid, tid) of the current task.
 #[inline(always)]
 pub fn current() -> (u32, u32) {

@@ -1,8 +1,6 @@
 //! `cis490 doctor`: one screen on whether the BPF backend works here, what `--backend
 //! auto` would pick, and how to fix what is missing.
 
-use std::path::Path;
-
 use crate::bpf::{loader, tracefs};
 
 pub struct Check {
@@ -99,12 +97,22 @@ pub fn run() -> (Vec<Check>, String) {
         sys.clone().err().unwrap_or_else(|| "creates maps".into()),
         "bpf() refused: needs CAP_BPF (or root) and a kernel with CONFIG_BPF_SYSCALL",
     ));
-    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    // The sched programs read task_struct fields at offsets taken from the kernel's BTF.
+    let btf = crate::bpf::btf::vmlinux_task_layout();
     out.push(check(
-        btf,
+        btf.is_ok(),
         "BTF",
-        if btf { "/sys/kernel/btf/vmlinux" } else { "no /sys/kernel/btf/vmlinux" },
-        "a kernel built with CONFIG_DEBUG_INFO_BTF (the programs need no CO-RE, but BTF is expected)",
+        match &btf {
+            Ok(l) => format!(
+                "{}: task_struct pid at {}, se.sum_exec_runtime at {}, sched_info at {}",
+                crate::bpf::btf::VMLINUX,
+                l.pid,
+                l.sum_exec_runtime,
+                l.sched_info
+            ),
+            Err(e) => e.to_string(),
+        },
+        "a kernel built with CONFIG_DEBUG_INFO_BTF (task_struct offsets for the sched programs)",
     ));
     let mounted = tracefs::find();
     let can_mount = missing.is_none();

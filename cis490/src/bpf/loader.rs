@@ -6,27 +6,26 @@
 use std::os::fd::OwnedFd;
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
-use aya::programs::TracePoint;
+use aya::programs::{RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use cis490_common::{
-    IfName, IoStats, NetIf, NetStats, SchedStats, FLAG_CONFIRMED, MAX_NET_IFS, MAX_THREADS,
+    parse_schedstat, IfName, IoStats, NetIf, NetStats, SchedStats, MAX_NET_IFS, MAX_THREADS,
 };
 
 use super::batch::HashDrain;
-use super::tracefs;
+use super::{btf, tracefs};
 
 /// The object built by build.rs from the `cis490-ebpf` crate.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cis490-probes"));
 
-/// A program and the tracepoints it is attached to.
-const SCHED_PROGRAMS: &[(&str, &str, &str)] = &[
-    ("cis490_sched_switch", "sched", "sched_switch"),
-    ("cis490_sched_runtime", "sched", "sched_stat_runtime"),
-    ("cis490_sched_wakeup", "sched", "sched_wakeup"),
-    ("cis490_sched_wakeup", "sched", "sched_wakeup_new"),
-    ("cis490_sched_migrate", "sched", "sched_migrate_task"),
-    ("cis490_sched_fork", "sched", "sched_process_fork"),
-    ("cis490_sched_exit", "sched", "sched_process_exit"),
+/// A raw-tracepoint program and the tracepoint it is attached to.
+const SCHED_PROGRAMS: &[(&str, &str)] = &[
+    ("cis490_sched_switch", "sched_switch"),
+    ("cis490_sched_wakeup", "sched_wakeup"),
+    ("cis490_sched_wakeup", "sched_wakeup_new"),
+    ("cis490_sched_migrate", "sched_migrate_task"),
+    ("cis490_sched_fork", "sched_process_fork"),
+    ("cis490_sched_exit", "sched_process_exit"),
 ];
 
 /// A watched interface: its name and the link-layer header length its rx path strips.
@@ -100,6 +99,22 @@ fn attach(ebpf: &mut Ebpf, prog: &str, category: &str, name: &str) -> Result<(),
     Ok(())
 }
 
+/// Attach a raw-tracepoint program (loaded on first use) to tracepoint `name`.
+fn attach_raw(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), String> {
+    let p: &mut RawTracePoint = ebpf
+        .program_mut(prog)
+        .ok_or_else(|| format!("program {prog} missing from the embedded object"))?
+        .try_into()
+        .map_err(|e| format!("program {prog}: {e}"))?;
+    if p.fd().is_err() {
+        p.load()
+            .map_err(|e| format!("loading program {prog}: {}", flatten(&e)))?;
+    }
+    p.attach(name)
+        .map_err(|e| format!("attaching {prog} to raw tracepoint {name}: {}", flatten(&e)))?;
+    Ok(())
+}
+
 /// An error and its sources on one line (the verifier log can be long: keep its tail).
 fn flatten(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -139,13 +154,44 @@ fn drain<V: Copy + Default>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashD
     HashDrain::new(m, name, MAX_THREADS as usize)
 }
 
+/// Run once on every CPU this thread may use, so that a context switch happens on each
+/// of them after attach: a thread of the target that was on a CPU at attach (and may
+/// stay there for long on an idle machine, without any switch) is switched out, which
+/// brings its on-CPU time into the map, and in again, which starts its running slice.
+/// CPUs outside this process's affinity mask are not visited: a target thread running
+/// there is counted from its first switch after attach.
+fn visit_cpus() {
+    // SAFETY: cpu_set_t is plain data; sched_{get,set}affinity(0, …) act on this thread.
+    unsafe {
+        let mut orig: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut orig) != 0 {
+            return;
+        }
+        for cpu in 0..libc::CPU_SETSIZE as usize {
+            if libc::CPU_ISSET(cpu, &orig) {
+                let mut one: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut one);
+                // Returns once this thread runs on `cpu`.
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one);
+            }
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &orig);
+    }
+}
+
 /// Load the programs filtered to `pid`, seed its current threads, and attach everything.
 pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, String> {
     if let Some(why) = missing_caps(effective_caps()) {
         return Err(why);
     }
     let root = tracefs::ensure_mounted()?;
-    let offsets = tracefs::offsets(&root, !net_ifs.is_empty())?;
+    let mut offsets = tracefs::offsets(&root, !net_ifs.is_empty())?;
+    // Read (streaming, a few KiB) before aya's loader parses the same BTF in full, so the
+    // two are never in memory together.
+    let task = btf::vmlinux_task_layout().map_err(|e| e.to_string())?;
+    offsets.task_pid = task.pid;
+    offsets.task_sum_exec_runtime = task.sum_exec_runtime;
+    offsets.task_sched_info = task.sched_info;
     if net_ifs.len() > MAX_NET_IFS as usize {
         return Err(format!("at most {MAX_NET_IFS} interfaces can be watched"));
     }
@@ -164,24 +210,36 @@ pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, 
         .map_err(|e| format!("loading the BPF object: {}", flatten(&e)))?;
 
     let mut sched = drain(&mut ebpf, "SCHED")?;
-    // Seed the threads that exist now; ones created later come through sched_process_fork
-    // or their first switch-out.
+    // Seed the threads that exist now, with the scheduler's accounting as their base (the
+    // counters are since attach); ones created later come through sched_process_fork or
+    // their first switch.
     let task_dir = format!("/proc/{pid}/task");
     let tasks = std::fs::read_dir(&task_dir).map_err(|e| format!("listing {task_dir}: {e}"))?;
     for entry in tasks.flatten() {
-        if let Some(tid) = entry
+        let Some(tid) = entry
             .file_name()
             .to_str()
             .and_then(|s| s.parse::<u32>().ok())
-        {
-            let v = SchedStats {
-                flags: FLAG_CONFIRMED,
-                ..Default::default()
-            };
-            sched
-                .insert(tid, &v)
-                .map_err(|e| format!("seeding thread {tid}: {e}"))?;
-        }
+        else {
+            continue;
+        };
+        // A thread that exited meanwhile has no schedstat left: nothing to seed.
+        let Some((exec, run_delay, pcount)) =
+            std::fs::read_to_string(entry.path().join("schedstat"))
+                .ok()
+                .and_then(|s| parse_schedstat(&s))
+        else {
+            continue;
+        };
+        let v = SchedStats {
+            exec_base_ns: exec,
+            run_delay_base_ns: run_delay,
+            pcount_base: pcount,
+            ..Default::default()
+        };
+        sched
+            .insert(tid, &v)
+            .map_err(|e| format!("seeding thread {tid}: {e}"))?;
     }
     let io = drain(&mut ebpf, "IO")?;
     // Kept until the programs are loaded: closing a map's last fd before the program that
@@ -206,13 +264,13 @@ pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, 
     };
 
     let mut programs = Vec::new();
-    for (prog, cat, name) in SCHED_PROGRAMS {
-        attach(&mut ebpf, prog, cat, name)?;
+    for (prog, name) in SCHED_PROGRAMS {
+        attach_raw(&mut ebpf, prog, name)?;
         programs.push(*prog);
     }
     if bpf_stats {
         // The in-kernel cost baseline: an empty program on the same tracepoint.
-        attach(&mut ebpf, "cis490_baseline_noop", "sched", "sched_switch")?;
+        attach_raw(&mut ebpf, "cis490_baseline_noop", "sched_switch")?;
         programs.push("cis490_baseline_noop");
     }
     for s in tracefs::READ_SYSCALLS {
@@ -247,6 +305,7 @@ pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, 
     }
     programs.dedup();
     drop(ifs_map);
+    visit_cpus();
     Ok(Loaded {
         ebpf,
         sched,

@@ -3,6 +3,7 @@
 //! the target in the kernel, drained by collectors on the sampler's tick.
 //!
 //! - `tracefs`: mount, tracepoint list, field offsets from format files (pure parts tested)
+//! - `btf`: task_struct field offsets from the kernel BTF (streaming reader)
 //! - `loader`: load with the target's tgid, seed its threads, attach
 //! - `table`: per-thread bookkeeping (monotone counters, exited threads kept in totals)
 //! - `sched`, `io`: the `bpf-sched` and `bpf-io` collectors
@@ -10,6 +11,7 @@
 //! - `stats`: per-program run count / run time for `--bpf-stats`
 
 pub mod batch;
+pub mod btf;
 pub mod handoff;
 pub mod io;
 pub mod loader;

@@ -67,12 +67,19 @@ impl Collector for SchedCollector {
         out: &mut TickOutput,
     ) -> Result<(), Error> {
         self.entries.clear();
+        // Before the read: a thread on a CPU is then reported with its run time up to a
+        // moment the map already reflects (see `SchedStats::on_cpu_at`).
+        let now = clock::mono_raw_ns();
         if let Err(e) = self.map.read() {
             out.problem(e);
         }
-        self.entries
-            .extend(self.map.entries().map(|(tid, v)| Entry::of(tid, v)));
-        let now = clock::mono_raw_ns();
+        self.entries.extend(self.map.entries().map(|(tid, v)| {
+            let v = SchedStats {
+                on_cpu_ns: v.on_cpu_at(now),
+                ..*v
+            };
+            Entry::of(tid, &v)
+        }));
         let update = self.table.update(&self.entries, now);
         for tid in &update.remove {
             self.map.remove(*tid);

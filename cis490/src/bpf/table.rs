@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use cis490_common::{IoStats, SchedStats, FLAG_CONFIRMED, FLAG_EXITED};
+use cis490_common::{IoStats, SchedStats, FLAG_EXITED};
 
 /// How long an entry flagged exited stays in the map before it is removed.
 pub const EXIT_GRACE_NS: u64 = 200_000_000;
@@ -31,11 +31,6 @@ pub trait Counters: Copy + Default {
     const NAMES: &'static [&'static str];
     fn values(&self) -> Values;
     fn flags(&self) -> u32;
-    /// Whether the entry is one of the target's threads (sched's fork candidates are not,
-    /// until their first switch-out).
-    fn confirmed(&self) -> bool {
-        true
-    }
 }
 
 impl Counters for SchedStats {
@@ -62,9 +57,6 @@ impl Counters for SchedStats {
     }
     fn flags(&self) -> u32 {
         self.flags
-    }
-    fn confirmed(&self) -> bool {
-        self.flags & FLAG_CONFIRMED != 0
     }
 }
 
@@ -103,7 +95,6 @@ pub struct Entry {
     pub tid: u32,
     pub values: Values,
     pub flags: u32,
-    pub confirmed: bool,
 }
 
 impl Entry {
@@ -112,7 +103,6 @@ impl Entry {
             tid,
             values: v.values(),
             flags: v.flags(),
-            confirmed: v.confirmed(),
         }
     }
 }
@@ -128,7 +118,7 @@ struct Thread {
 /// What one update decided.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Update {
-    /// (tid, reported counters) of every live confirmed thread, by tid.
+    /// (tid, reported counters) of every live thread, by tid.
     pub threads: Vec<(u32, Values)>,
     /// Process total: live threads plus every thread removed since attach.
     pub total: Values,
@@ -164,13 +154,6 @@ impl ThreadTable {
         out.threads.clear();
         out.remove.clear();
         for e in entries {
-            if !e.confirmed {
-                // A candidate still in the map keeps a known thread (same tid) alive.
-                if let Some(t) = self.threads.get_mut(&e.tid) {
-                    t.seen = generation;
-                }
-                continue;
-            }
             let t = self.threads.entry(e.tid).or_insert_with(|| Thread {
                 reported: [0; MAX_WIDTH],
                 exited_since_ns: None,
@@ -222,25 +205,17 @@ mod tests {
             tid,
             values: v(x),
             flags,
-            confirmed: flags & FLAG_CONFIRMED != 0,
         }
     }
-    const C: u32 = FLAG_CONFIRMED;
-    const X: u32 = FLAG_CONFIRMED | FLAG_EXITED;
+    const C: u32 = 0;
+    const X: u32 = FLAG_EXITED;
 
     #[test]
     fn rows_per_thread_and_total() {
         let mut t = ThreadTable::new();
-        let u = t.update(
-            &[e(10, &[100, 1], C), e(11, &[50, 2], C), e(12, &[7, 7], 0)],
-            0,
-        );
+        let u = t.update(&[e(10, &[100, 1], C), e(11, &[50, 2], C)], 0);
         assert_eq!(u.threads, vec![(10, v(&[100, 1])), (11, v(&[50, 2]))]);
-        assert_eq!(
-            u.total,
-            v(&[150, 3]),
-            "unconfirmed candidates are not counted"
-        );
+        assert_eq!(u.total, v(&[150, 3]));
         assert!(u.remove.is_empty());
     }
 
@@ -268,16 +243,4 @@ mod tests {
         assert!(u.threads.is_empty());
     }
 
-    #[test]
-    fn an_unconfirmed_entry_under_a_known_tid_keeps_the_thread() {
-        let mut t = ThreadTable::new();
-        t.update(&[e(5, &[40], C)], 0);
-        // The entry lost its flag (re-created as a fork candidate): the thread is still in
-        // the map, so it is not retired; it keeps its last values until confirmed again.
-        let u = t.update(&[e(5, &[1], 0)], 1);
-        assert_eq!(u.threads, vec![(5, v(&[40]))]);
-        assert_eq!(u.total, v(&[40]));
-        let u = t.update(&[e(5, &[45], C)], 2);
-        assert_eq!(u.threads, vec![(5, v(&[45]))]);
-    }
 }

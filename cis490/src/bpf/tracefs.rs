@@ -9,10 +9,10 @@ pub const TRACEFS: &str = "/sys/kernel/tracing";
 const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
 
 /// Every tracepoint the programs attach to, as (category, name). The net ones are only
-/// attached when there are interfaces to watch.
+/// attached when there are interfaces to watch. The sched ones are raw tracepoints,
+/// attached by name and read through their arguments: no format offsets.
 pub const SCHED_TRACEPOINTS: &[(&str, &str)] = &[
     ("sched", "sched_switch"),
-    ("sched", "sched_stat_runtime"),
     ("sched", "sched_wakeup"),
     ("sched", "sched_wakeup_new"),
     ("sched", "sched_migrate_task"),
@@ -151,29 +151,11 @@ fn field(fields: &[Field], tp: &str, name: &str, size: u32) -> Result<u32, Strin
     Ok(f.offset)
 }
 
-/// The offsets of every field the programs read, from the running kernel's formats.
+/// The offsets of every tracepoint field the programs read, from the running kernel's
+/// formats (the task_struct offsets come from BTF, see `btf`).
 /// `with_net`: whether the net tracepoints are needed.
 pub fn offsets(root: &Path, with_net: bool) -> Result<Offsets, String> {
     let mut o = Offsets::LINUX_6_18;
-    let sw = format(root, "sched", "sched_switch")?;
-    o.switch_prev_pid = field(&sw, "sched:sched_switch", "prev_pid", 4)?;
-    o.switch_prev_state = field(&sw, "sched:sched_switch", "prev_state", 8)?;
-    o.switch_next_pid = field(&sw, "sched:sched_switch", "next_pid", 4)?;
-    let wk = format(root, "sched", "sched_wakeup")?;
-    o.wakeup_pid = field(&wk, "sched:sched_wakeup", "pid", 4)?;
-    // sched_wakeup_new shares sched_wakeup's template; check it exists and agrees.
-    let wn = format(root, "sched", "sched_wakeup_new")?;
-    if field(&wn, "sched:sched_wakeup_new", "pid", 4)? != o.wakeup_pid {
-        return Err("sched_wakeup_new and sched_wakeup disagree on the offset of pid".into());
-    }
-    let mg = format(root, "sched", "sched_migrate_task")?;
-    o.migrate_pid = field(&mg, "sched:sched_migrate_task", "pid", 4)?;
-    let fk = format(root, "sched", "sched_process_fork")?;
-    o.fork_child_pid = field(&fk, "sched:sched_process_fork", "child_pid", 4)?;
-    format(root, "sched", "sched_process_exit")?;
-    let rt = format(root, "sched", "sched_stat_runtime")?;
-    o.runtime_pid = field(&rt, "sched:sched_stat_runtime", "pid", 4)?;
-    o.runtime_runtime = field(&rt, "sched:sched_stat_runtime", "runtime", 8)?;
     for s in READ_SYSCALLS.iter().chain(WRITE_SYSCALLS) {
         let tp = format!("sys_exit_{s}");
         let f = format(root, "syscalls", &tp)?;

@@ -1,0 +1,412 @@
+//! A small streaming reader of kernel BTF: the byte offsets of the few `task_struct`
+//! fields the raw-tracepoint programs read (Rust eBPF has no CO-RE relocations, so the
+//! loader passes them in the `OFFSETS` global).
+//!
+//! It never holds the type section in memory: the string section is scanned once for the
+//! wanted names, then the type records are streamed and only the wanted structs' members
+//! are decoded (about 64 KiB of buffer, where a full parse of vmlinux BTF takes ~15 MiB,
+//! and aya's loader does one of those itself a moment later).
+//!
+//! Format: Documentation/bpf/btf.rst (header, type section of `btf_type` records each
+//! followed by a kind-specific tail, string section of NUL-terminated names).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+
+const MAGIC: u16 = 0xeb9f;
+const KIND_STRUCT: u32 = 4;
+
+/// Byte offsets in `struct task_struct` of what the sched programs read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskLayout {
+    /// `pid` (the thread id); `tgid` follows it directly, so one 8-byte read gets both.
+    pub pid: u32,
+    /// `se.sum_exec_runtime`: the scheduler's on-CPU time of the task, the first field
+    /// of /proc/<pid>/task/<tid>/schedstat.
+    pub sum_exec_runtime: u32,
+    /// `sched_info.pcount`, followed by `sched_info.run_delay` (schedstat's third and
+    /// second fields), read together.
+    pub sched_info: u32,
+}
+
+/// A member of a struct: offset in bits and its type id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Member {
+    pub bit_offset: u32,
+    pub type_id: u32,
+}
+
+/// What [`find_members`] found: the type id of each wanted struct and the wanted members.
+#[derive(Debug, Default)]
+pub struct Found {
+    pub structs: HashMap<String, u32>,
+    pub members: HashMap<(String, String), Member>,
+}
+
+fn bad(detail: impl Into<String>) -> Error {
+    Error::parse("BTF", detail)
+}
+
+fn read_u32s<const N: usize>(r: &mut impl Read, what: &str) -> Result<[u32; N]> {
+    let mut b = [0u8; 64];
+    let b = &mut b[..N * 4];
+    r.read_exact(b)
+        .map_err(|e| bad(format!("truncated {what}: {e}")))?;
+    let mut out = [0u32; N];
+    for (i, c) in b.chunks_exact(4).enumerate() {
+        out[i] = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    }
+    Ok(out)
+}
+
+/// Size of the kind-specific data after a `btf_type` record.
+fn tail_len(kind: u32, vlen: u32) -> Result<u64> {
+    let vlen = u64::from(vlen);
+    Ok(match kind {
+        // INT, VAR, DECL_TAG: one u32.
+        1 | 14 | 17 => 4,
+        // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG.
+        2 | 7..=12 | 16 | 18 => 0,
+        // ARRAY: btf_array.
+        3 => 12,
+        // STRUCT, UNION: btf_member; DATASEC: btf_var_secinfo; ENUM64: btf_enum64.
+        4 | 5 | 15 | 19 => 12 * vlen,
+        // ENUM: btf_enum; FUNC_PROTO: btf_param.
+        6 | 13 => 8 * vlen,
+        k => {
+            return Err(bad(format!(
+                "unknown type kind {k} (a BTF newer than this reader)"
+            )))
+        }
+    })
+}
+
+/// Find `wanted` (struct name, member name) pairs in a BTF blob. Each wanted struct must
+/// exist once as a STRUCT; members not found are simply absent from the result.
+pub fn find_members<R: Read + Seek>(r: R, wanted: &[(&str, &str)]) -> Result<Found> {
+    let mut r = BufReader::with_capacity(64 * 1024, r);
+    let [magic_ver, hdr_len, type_off, type_len, str_off, str_len] =
+        read_u32s::<6>(&mut r, "header")?;
+    let magic = magic_ver as u16;
+    if magic != MAGIC {
+        return Err(bad(if magic.swap_bytes() == MAGIC {
+            "BTF of the other byte order".to_owned()
+        } else {
+            format!("bad magic {magic:#06x}")
+        }));
+    }
+    if hdr_len < 24 {
+        return Err(bad(format!("header length {hdr_len}")));
+    }
+    let base = u64::from(hdr_len);
+
+    // 1. String offsets of every wanted name (BTF deduplicates strings, but nothing
+    //    forbids duplicates, so keep all).
+    let mut names: HashMap<&str, Vec<u32>> = HashMap::new();
+    for (s, m) in wanted {
+        names.entry(s).or_default();
+        names.entry(m).or_default();
+    }
+    r.seek(SeekFrom::Start(base + u64::from(str_off)))
+        .map_err(|e| bad(format!("seeking to the strings: {e}")))?;
+    let mut strings = (&mut r).take(u64::from(str_len));
+    let mut pos = 0u32;
+    let mut buf = Vec::with_capacity(256);
+    loop {
+        buf.clear();
+        let n = strings
+            .read_until(0, &mut buf)
+            .map_err(|e| bad(format!("reading the strings: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        let s = buf.strip_suffix(&[0]).unwrap_or(&buf);
+        if let Ok(s) = std::str::from_utf8(s) {
+            if let Some(v) = names.get_mut(s) {
+                v.push(pos);
+            }
+        }
+        pos += n as u32;
+    }
+    if pos != str_len {
+        return Err(bad(format!("string section: {pos} of {str_len} bytes")));
+    }
+    let name_of = |off: u32| -> Option<&str> {
+        names
+            .iter()
+            .find(|(_, offs)| offs.contains(&off))
+            .map(|(n, _)| *n)
+    };
+
+    // 2. Stream the type records; decode members only of the wanted structs.
+    r.seek(SeekFrom::Start(base + u64::from(type_off)))
+        .map_err(|e| bad(format!("seeking to the types: {e}")))?;
+    let mut found = Found::default();
+    let mut done = 0u64;
+    let mut id = 0u32;
+    while done < u64::from(type_len) {
+        id += 1;
+        let [name_off, info, _size] = read_u32s::<3>(&mut r, "type record")?;
+        let kind = (info >> 24) & 0x1f;
+        let vlen = info & 0xffff;
+        let kind_flag = info >> 31 == 1;
+        let tail = tail_len(kind, vlen)?;
+        done += 12 + tail;
+        let sname = (kind == KIND_STRUCT).then(|| name_of(name_off)).flatten();
+        let Some(sname) = sname.filter(|n| wanted.iter().any(|(s, _)| s == n)) else {
+            r.seek_relative(tail as i64)
+                .map_err(|e| bad(format!("skipping type {id}: {e}")))?;
+            continue;
+        };
+        if found.structs.insert(sname.to_owned(), id).is_some() {
+            return Err(bad(format!("two structs named {sname}")));
+        }
+        for _ in 0..vlen {
+            let [m_name, m_type, m_off] = read_u32s::<3>(&mut r, "struct member")?;
+            let Some(mname) = name_of(m_name) else {
+                continue;
+            };
+            if wanted.iter().any(|(s, m)| *s == sname && *m == mname) {
+                // With kind_flag the top 8 bits are a bitfield size, the rest the offset.
+                let bit_offset = if kind_flag {
+                    m_off & 0x00ff_ffff
+                } else {
+                    m_off
+                };
+                found.members.insert(
+                    (sname.to_owned(), mname.to_owned()),
+                    Member {
+                        bit_offset,
+                        type_id: m_type,
+                    },
+                );
+            }
+        }
+    }
+    if done != u64::from(type_len) {
+        return Err(bad(format!("type section overruns its {type_len} bytes")));
+    }
+    Ok(found)
+}
+
+/// The byte offset of a member that must exist and be byte aligned.
+fn byte_offset(found: &Found, s: &str, m: &str) -> Result<u32> {
+    let mem = found
+        .members
+        .get(&(s.to_owned(), m.to_owned()))
+        .ok_or_else(|| bad(format!("struct {s} has no member {m}")))?;
+    if mem.bit_offset % 8 != 0 {
+        return Err(bad(format!("{s}.{m} is not byte aligned")));
+    }
+    Ok(mem.bit_offset / 8)
+}
+
+/// The `task_struct` layout from a BTF blob.
+pub fn task_layout<R: Read + Seek>(r: R) -> Result<TaskLayout> {
+    let found = find_members(
+        r,
+        &[
+            ("task_struct", "pid"),
+            ("task_struct", "tgid"),
+            ("task_struct", "se"),
+            ("task_struct", "sched_info"),
+            ("sched_entity", "sum_exec_runtime"),
+            ("sched_info", "pcount"),
+            ("sched_info", "run_delay"),
+        ],
+    )?;
+    for s in ["task_struct", "sched_entity", "sched_info"] {
+        if !found.structs.contains_key(s) {
+            return Err(bad(format!("no struct {s}")));
+        }
+    }
+    let pid = byte_offset(&found, "task_struct", "pid")?;
+    let tgid = byte_offset(&found, "task_struct", "tgid")?;
+    if tgid != pid + 4 {
+        return Err(bad(format!(
+            "task_struct.tgid at {tgid} does not follow pid at {pid}"
+        )));
+    }
+    for (m, s) in [("se", "sched_entity"), ("sched_info", "sched_info")] {
+        let mem = found
+            .members
+            .get(&("task_struct".to_owned(), m.to_owned()))
+            .ok_or_else(|| bad(format!("struct task_struct has no member {m}")))?;
+        if mem.type_id != found.structs[s] {
+            return Err(bad(format!("task_struct.{m} is not a struct {s}")));
+        }
+    }
+    let se = byte_offset(&found, "task_struct", "se")?;
+    let sum = byte_offset(&found, "sched_entity", "sum_exec_runtime")?;
+    let si = byte_offset(&found, "task_struct", "sched_info")?;
+    let pcount = byte_offset(&found, "sched_info", "pcount")?;
+    let run_delay = byte_offset(&found, "sched_info", "run_delay")?;
+    if run_delay != pcount + 8 {
+        return Err(bad(format!(
+            "sched_info.run_delay at {run_delay} does not follow pcount at {pcount}"
+        )));
+    }
+    Ok(TaskLayout {
+        pid,
+        sum_exec_runtime: se + sum,
+        sched_info: si + pcount,
+    })
+}
+
+/// The running kernel's `task_struct` layout, from /sys/kernel/btf/vmlinux.
+pub fn vmlinux_task_layout() -> Result<TaskLayout> {
+    let path = Path::new(VMLINUX);
+    let f = std::fs::File::open(path).map_err(|e| {
+        Error::io(
+            format!(
+                "{VMLINUX} (kernel BTF, CONFIG_DEBUG_INFO_BTF, is needed for task_struct offsets)"
+            ),
+            e,
+        )
+    })?;
+    task_layout(f).map_err(|e| Error::Other(format!("{VMLINUX}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    /// A hand-built BTF blob: strings, and type records appended by the helpers.
+    struct Blob {
+        types: Vec<u8>,
+        strings: Vec<u8>,
+    }
+
+    impl Blob {
+        fn new() -> Self {
+            Self {
+                types: Vec::new(),
+                strings: vec![0],
+            }
+        }
+        fn s(&mut self, name: &str) -> u32 {
+            let off = self.strings.len() as u32;
+            self.strings.extend_from_slice(name.as_bytes());
+            self.strings.push(0);
+            off
+        }
+        fn u32s(&mut self, v: &[u32]) {
+            for x in v {
+                self.types.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        fn ty(&mut self, name: &str, kind: u32, vlen: u32, kind_flag: bool, size: u32) {
+            let n = if name.is_empty() { 0 } else { self.s(name) };
+            self.u32s(&[n, (kind_flag as u32) << 31 | kind << 24 | vlen, size]);
+        }
+        fn member(&mut self, name: &str, type_id: u32, off: u32) {
+            let n = self.s(name);
+            self.u32s(&[n, type_id, off]);
+        }
+        fn bytes(&self) -> Vec<u8> {
+            let mut out = Vec::new();
+            for v in [
+                u32::from(MAGIC) | 1 << 16,
+                24,
+                0,
+                self.types.len() as u32,
+                self.types.len() as u32,
+                self.strings.len() as u32,
+            ] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            out.extend_from_slice(&self.types);
+            out.extend_from_slice(&self.strings);
+            out
+        }
+    }
+
+    /// A kernel-like layout with the kinds a reader must step over around the structs.
+    fn kernel_like(tgid_bits: u32, se_type: u32) -> Vec<u8> {
+        let mut b = Blob::new();
+        b.ty("int", 1, 0, false, 4); // 1
+        b.u32s(&[32]);
+        b.ty("long long unsigned int", 1, 0, false, 8); // 2
+        b.u32s(&[64]);
+        b.ty("", 13, 2, false, 0); // 3: FUNC_PROTO with two params
+        b.u32s(&[0, 1, 0, 2]);
+        b.ty("pid_t", 8, 0, false, 1); // 4: typedef
+        b.ty("sched_entity", 4, 2, false, 24); // 5
+        b.member("load", 2, 0);
+        b.member("sum_exec_runtime", 2, 128);
+        b.ty("", 3, 0, false, 0); // 6: array
+        b.u32s(&[1, 1, 16]);
+        b.ty("state", 6, 2, false, 4); // 7: enum
+        b.u32s(&[0, 0, 0, 1]);
+        b.ty("sched_info", 4, 3, false, 48); // 8
+        b.member("pcount", 2, 0);
+        b.member("run_delay", 2, 64);
+        b.member("last_arrival", 2, 128);
+        // 9: task_struct with a bitfield (kind_flag: offsets carry a bitfield size).
+        b.ty("task_struct", 4, 6, true, 4096);
+        b.member("flags", 1, 3 << 24 | 64);
+        b.member("se", se_type, 1024);
+        b.member("sched_info", 8, 8064);
+        b.member("pid", 4, 10112);
+        b.member("tgid", 4, tgid_bits);
+        b.member("comm", 6, 12000);
+        b.ty("task_struct", 7, 0, false, 0); // 10: a FWD of the same name is no struct
+        b.bytes()
+    }
+
+    #[test]
+    fn finds_task_struct_layout_in_a_hand_built_blob() {
+        let l = task_layout(Cursor::new(kernel_like(10144, 5))).unwrap();
+        assert_eq!(
+            l,
+            TaskLayout {
+                pid: 1264,
+                sum_exec_runtime: 128 + 16,
+                sched_info: 1008,
+            }
+        );
+    }
+
+    #[test]
+    fn layout_errors_say_what_is_wrong() {
+        let e = task_layout(Cursor::new(kernel_like(10208, 5))).unwrap_err();
+        assert!(e.to_string().contains("does not follow pid"), "{e}");
+        let e = task_layout(Cursor::new(kernel_like(10144, 2))).unwrap_err();
+        assert!(e.to_string().contains("not a struct sched_entity"), "{e}");
+        let mut blob = kernel_like(10144, 5);
+        blob.truncate(200);
+        assert!(task_layout(Cursor::new(blob)).is_err());
+        let mut blob = kernel_like(10144, 5);
+        blob[0] = 0;
+        let e = task_layout(Cursor::new(blob)).unwrap_err();
+        assert!(e.to_string().contains("magic"), "{e}");
+        let mut b = Blob::new();
+        b.ty("int", 1, 0, false, 4);
+        b.u32s(&[32]);
+        let e = task_layout(Cursor::new(b.bytes())).unwrap_err();
+        assert!(e.to_string().contains("no struct task_struct"), "{e}");
+        let mut b = Blob::new();
+        b.ty("x", 25, 0, false, 4);
+        let e = task_layout(Cursor::new(b.bytes())).unwrap_err();
+        assert!(e.to_string().contains("unknown type kind 25"), "{e}");
+    }
+
+    /// The running kernel's own BTF (kernel-touching: needs CONFIG_DEBUG_INFO_BTF, which
+    /// the BPF backend requires anyway).
+    #[test]
+    fn vmlinux_has_a_usable_task_struct() {
+        let l = vmlinux_task_layout().unwrap();
+        assert!(l.pid > 0 && l.pid < 16384, "{l:?}");
+        assert!(
+            l.sum_exec_runtime > 0 && l.sum_exec_runtime < 16384,
+            "{l:?}"
+        );
+        assert!(l.sched_info > 0 && l.sched_info < 16384, "{l:?}");
+    }
+}
