@@ -242,5 +242,4 @@ mod tests {
         assert_eq!(u.total, v(&[147]));
         assert!(u.threads.is_empty());
     }
-
 }
