@@ -21,12 +21,11 @@ pub const FLAG_EXITED: u32 = 2;
 
 /// Per-thread scheduler counters (map `SCHED`, key = tid). Cumulative since attach.
 ///
-/// on_cpu_ns, runqueue_wait_ns and runqueue_waits are the scheduler's own per-task
-/// accounting (`se.sum_exec_runtime`, `sched_info.run_delay`, `sched_info.pcount`: the
-/// three fields of /proc/<pid>/task/<tid>/schedstat) read from task_struct at each
-/// switch-out, minus their values when the thread was first seen (`*_base`). A thread on
-/// a CPU has run `now - running_since_ns` more than on_cpu_ns says: user space adds that
-/// at read time (see `SchedStats::on_cpu_at`).
+/// on_cpu_ns is the scheduler's own accounting of the task (`se.sum_exec_runtime`, the
+/// first field of /proc/<pid>/task/<tid>/schedstat) read from task_struct at each
+/// switch-out, minus its value when the thread was first seen (`exec_base_ns`). A thread
+/// on a CPU has run `now - running_since_ns` more than on_cpu_ns says: user space adds
+/// that at read time (see `SchedStats::on_cpu_at`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SchedStats {
@@ -39,20 +38,19 @@ pub struct SchedStats {
     pub involuntary_switches: u64,
     /// sched_wakeup / sched_wakeup_new of the thread.
     pub wakeups: u64,
-    /// Time spent runnable on a run queue waiting for a CPU (up to the last switch-in
-    /// before the thread's last switch-out).
+    /// Time from becoming runnable (wakeup or preemption) to the next switch-in.
     pub runqueue_wait_ns: u64,
-    /// Number of times the thread was switched in (each ends a run-queue wait, possibly
-    /// of 0 ns).
+    /// Number of such waits that ended in a switch-in.
     pub runqueue_waits: u64,
     /// sched_migrate_task of the thread.
     pub migrations: u64,
-    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC) of the thread's switch-in while it is on a
-    /// CPU; 0 while it is off CPU (and until its first switch-in after attach).
+    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC) when the thread became runnable; 0 when it is
+    /// not waiting on a run queue.
+    pub enqueued_at_ns: u64,
+    /// bpf_ktime_get_ns() of the thread's switch-in while it is on a CPU; 0 while it is
+    /// off CPU (and until its first switch-in after attach).
     pub running_since_ns: u64,
     pub exec_base_ns: u64,
-    pub run_delay_base_ns: u64,
-    pub pcount_base: u64,
     pub flags: u32,
     pub _pad: u32,
 }
@@ -67,10 +65,9 @@ impl SchedStats {
         runqueue_wait_ns: 0,
         runqueue_waits: 0,
         migrations: 0,
+        enqueued_at_ns: 0,
         running_since_ns: 0,
         exec_base_ns: 0,
-        run_delay_base_ns: 0,
-        pcount_base: 0,
         flags: 0,
         _pad: 0,
     };
@@ -89,14 +86,10 @@ impl SchedStats {
     }
 }
 
-/// The three fields of /proc/<pid>/task/<tid>/schedstat (the kernel's sum_exec_runtime,
-/// run_delay and pcount), the bases of a thread seeded by user space.
-pub fn parse_schedstat(text: &str) -> Option<(u64, u64, u64)> {
-    let mut it = text.split_whitespace().map(|v| v.parse::<u64>());
-    match (it.next(), it.next(), it.next()) {
-        (Some(Ok(a)), Some(Ok(b)), Some(Ok(c))) => Some((a, b, c)),
-        _ => None,
-    }
+/// The first field of /proc/<pid>/task/<tid>/schedstat (the kernel's sum_exec_runtime),
+/// the base of a thread seeded by user space.
+pub fn parse_schedstat(text: &str) -> Option<u64> {
+    text.split_whitespace().next()?.parse().ok()
 }
 
 /// Per-thread I/O counters (map `IO`, key = tid). Cumulative since attach.
@@ -179,9 +172,6 @@ pub struct Offsets {
     pub task_pid: u32,
     /// Byte offset of `se.sum_exec_runtime` in `struct task_struct`.
     pub task_sum_exec_runtime: u32,
-    /// Byte offset of `sched_info.pcount` in `struct task_struct` (`run_delay` follows it:
-    /// one 16-byte read gives both).
-    pub task_sched_info: u32,
 }
 
 impl Offsets {
@@ -197,7 +187,6 @@ impl Offsets {
         recv_name: 20,
         task_pid: 1264,
         task_sum_exec_runtime: 232,
-        task_sched_info: 1008,
     };
 }
 
@@ -266,13 +255,13 @@ mod tests {
     }
 
     #[test]
-    fn schedstat_has_three_counters() {
+    fn schedstat_first_field_is_the_run_time() {
         assert_eq!(
             parse_schedstat("199938095 1130299253 654\n"),
-            Some((199938095, 1130299253, 654))
+            Some(199938095)
         );
-        assert_eq!(parse_schedstat("1 2"), None);
-        assert_eq!(parse_schedstat("1 x 3"), None);
+        assert_eq!(parse_schedstat("x 2 3"), None);
+        assert_eq!(parse_schedstat(""), None);
     }
 
     #[test]
@@ -288,10 +277,10 @@ mod tests {
 
     #[test]
     fn map_types_have_the_layout_the_kernel_side_writes() {
-        assert_eq!(core::mem::size_of::<SchedStats>(), 11 * 8 + 8);
+        assert_eq!(core::mem::size_of::<SchedStats>(), 10 * 8 + 8);
         assert_eq!(core::mem::size_of::<IoStats>(), 8 * 8);
         assert_eq!(core::mem::size_of::<NetStats>(), 4 * 8);
         assert_eq!(core::mem::size_of::<NetIf>(), 8);
-        assert_eq!(core::mem::size_of::<Offsets>(), 11 * 4);
+        assert_eq!(core::mem::size_of::<Offsets>(), 10 * 4);
     }
 }

@@ -34,11 +34,6 @@ pub fn task_sum_exec_runtime_offset() -> usize {
     unsafe { core::ptr::read_volatile(&raw const OFFSETS.task_sum_exec_runtime) as usize }
 }
 
-#[inline(always)]
-pub fn task_sched_info_offset() -> usize {
-    unsafe { core::ptr::read_volatile(&raw const OFFSETS.task_sched_info) as usize }
-}
-
 /// (tgid, tid) of the current task.
 #[inline(always)]
 pub fn current() -> (u32, u32) {

@@ -17,37 +17,21 @@ use aya_ebpf::{
 };
 use cis490_common::{is_involuntary, SchedStats, FLAG_EXITED, MAX_THREADS};
 
-use crate::globals::{
-    add, current, target_tgid, task_pid_offset, task_sched_info_offset,
-    task_sum_exec_runtime_offset,
-};
+use crate::globals::{add, current, target_tgid, task_pid_offset, task_sum_exec_runtime_offset};
 
 #[map]
 static SCHED: HashMap<u32, SchedStats> = HashMap::with_max_entries(MAX_THREADS, 0);
-
-/// The scheduler's own accounting of a task: (sum_exec_runtime, run_delay, pcount).
-#[derive(Clone, Copy)]
-struct Accounting {
-    exec: u64,
-    run_delay: u64,
-    pcount: u64,
-}
 
 #[inline(always)]
 fn read<T>(task: u64, offset: usize) -> Option<T> {
     unsafe { bpf_probe_read_kernel((task as usize + offset) as *const T) }.ok()
 }
 
+/// The scheduler's on-CPU time of a task (`se.sum_exec_runtime`: on the cache line
+/// update_curr has just written when the task switches out).
 #[inline(always)]
-fn accounting(task: u64) -> Option<Accounting> {
-    let exec = read::<u64>(task, task_sum_exec_runtime_offset())?;
-    // sched_info starts with pcount, then run_delay.
-    let [pcount, run_delay] = read::<[u64; 2]>(task, task_sched_info_offset())?;
-    Some(Accounting {
-        exec,
-        run_delay,
-        pcount,
-    })
+fn exec_runtime(task: u64) -> Option<u64> {
+    read::<u64>(task, task_sum_exec_runtime_offset())
 }
 
 /// (tgid, tid) of a task: `pid` and `tgid` are adjacent ints, read as one u64 (x86_64 and
@@ -59,20 +43,18 @@ fn task_ids(task: u64) -> Option<(u32, u32)> {
 }
 
 /// The entry of a thread known to be the target's, created if missing with the task's
-/// accounting now as its base (the counters start at 0).
+/// run time now as its base (its on_cpu_ns starts at 0).
 #[inline(always)]
-fn entry_or_insert(tid: u32, task: u64, now: Option<Accounting>) -> Option<*mut SchedStats> {
+fn entry_or_insert(tid: u32, task: u64, exec_now: Option<u64>) -> Option<*mut SchedStats> {
     if let Some(p) = SCHED.get_ptr_mut(tid) {
         return Some(p);
     }
-    let base = match now {
-        Some(a) => a,
-        None => accounting(task)?,
+    let base = match exec_now {
+        Some(e) => e,
+        None => exec_runtime(task)?,
     };
     let v = SchedStats {
-        exec_base_ns: base.exec,
-        run_delay_base_ns: base.run_delay,
-        pcount_base: base.pcount,
+        exec_base_ns: base,
         ..SchedStats::ZERO
     };
     // NOEXIST: a concurrent insert of the same tid wins and we use its element.
@@ -84,10 +66,9 @@ fn entry_or_insert(tid: u32, task: u64, now: Option<Accounting>) -> Option<*mut 
 /// unsigned int prev_state). Runs on every context switch of the machine: a switch that
 /// involves no thread of the target costs a helper call, one probe read and compares.
 ///
-/// On-CPU time, run-queue wait and switch-in count come from the scheduler's own
-/// accounting in task_struct (already updated for prev when the tracepoint fires), so no
-/// sched_stat_runtime program and no clock read at wakeup are needed; the clock is read
-/// only when a target thread switches in (user space adds its running slice).
+/// On-CPU time comes from the scheduler's own accounting in task_struct (already updated
+/// for prev when the tracepoint fires), so no sched_stat_runtime program is needed; the
+/// switch-in time starts the running slice user space adds for a thread on a CPU.
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn cis490_sched_switch(ctx: RawTracePointContext) -> u32 {
     let target = target_tgid();
@@ -97,17 +78,26 @@ pub fn cis490_sched_switch(ctx: RawTracePointContext) -> u32 {
     let Some((next_tgid, next)) = task_ids(next_task) else {
         return 0;
     };
+    if prev_tgid != target && next_tgid != target {
+        return 0;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
     if prev_tgid == target {
         let prev_task = ctx.arg::<u64>(1);
         let preempt = ctx.arg::<u64>(0) & 0xff != 0;
         let prev_state = ctx.arg::<u64>(3) as u32;
-        if let Some(acc) = accounting(prev_task) {
-            if let Some(st) = entry_or_insert(prev, prev_task, Some(acc)) {
+        if let Some(exec) = exec_runtime(prev_task) {
+            if let Some(st) = entry_or_insert(prev, prev_task, Some(exec)) {
                 unsafe {
                     if is_involuntary(preempt, prev_state) {
                         (*st).involuntary_switches += 1;
+                        // Still runnable: it waits on a run queue from now on.
+                        if (*st).enqueued_at_ns == 0 {
+                            (*st).enqueued_at_ns = now;
+                        }
                     } else {
                         (*st).voluntary_switches += 1;
+                        (*st).enqueued_at_ns = 0;
                     }
                     // Off CPU first, then the new total: a reader copying the value in
                     // address order sees the old total with or without the running slice,
@@ -115,17 +105,25 @@ pub fn cis490_sched_switch(ctx: RawTracePointContext) -> u32 {
                     core::ptr::write_volatile(&raw mut (*st).running_since_ns, 0);
                     core::ptr::write_volatile(
                         &raw mut (*st).on_cpu_ns,
-                        acc.exec.saturating_sub((*st).exec_base_ns),
+                        exec.saturating_sub((*st).exec_base_ns),
                     );
-                    (*st).runqueue_wait_ns = acc.run_delay.saturating_sub((*st).run_delay_base_ns);
-                    (*st).runqueue_waits = acc.pcount.saturating_sub((*st).pcount_base);
                 }
             }
         }
     }
     if next_tgid == target {
         if let Some(st) = entry_or_insert(next, next_task, None) {
-            unsafe { (*st).running_since_ns = bpf_ktime_get_ns() };
+            unsafe {
+                let enq = (*st).enqueued_at_ns;
+                if enq != 0 && (*st).flags & FLAG_EXITED == 0 {
+                    if now > enq {
+                        (*st).runqueue_wait_ns += now - enq;
+                    }
+                    (*st).runqueue_waits += 1;
+                }
+                (*st).enqueued_at_ns = 0;
+                (*st).running_since_ns = now;
+            }
         }
     }
     0
@@ -141,7 +139,14 @@ pub fn cis490_sched_wakeup(ctx: RawTracePointContext) -> u32 {
         return 0;
     }
     if let Some(st) = SCHED.get_ptr_mut(tid) {
-        unsafe { add(&raw mut (*st).wakeups, 1) };
+        unsafe {
+            if (*st).flags & FLAG_EXITED == 0 {
+                add(&raw mut (*st).wakeups, 1);
+                if (*st).enqueued_at_ns == 0 {
+                    (*st).enqueued_at_ns = bpf_ktime_get_ns();
+                }
+            }
+        }
     }
     0
 }
@@ -171,7 +176,8 @@ pub fn cis490_baseline_noop(_ctx: RawTracePointContext) -> u32 {
 }
 
 /// TP_PROTO(struct task_struct *parent, struct task_struct *child): a new thread of the
-/// target (a child process has its own tgid) is added now, so its wakeup_new counts.
+/// target (a child process has its own tgid) is added now, so its wakeup_new and first
+/// run-queue wait count.
 #[raw_tracepoint(tracepoint = "sched_process_fork")]
 pub fn cis490_sched_fork(ctx: RawTracePointContext) -> u32 {
     let child = ctx.arg::<u64>(1);

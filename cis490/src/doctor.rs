@@ -104,11 +104,10 @@ pub fn run() -> (Vec<Check>, String) {
         "BTF",
         match &btf {
             Ok(l) => format!(
-                "{}: task_struct pid at {}, se.sum_exec_runtime at {}, sched_info at {}",
+                "{}: task_struct pid at {}, se.sum_exec_runtime at {}",
                 crate::bpf::btf::VMLINUX,
                 l.pid,
-                l.sum_exec_runtime,
-                l.sched_info
+                l.sum_exec_runtime
             ),
             Err(e) => e.to_string(),
         },

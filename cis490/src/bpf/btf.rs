@@ -29,9 +29,6 @@ pub struct TaskLayout {
     /// `se.sum_exec_runtime`: the scheduler's on-CPU time of the task, the first field
     /// of /proc/<pid>/task/<tid>/schedstat.
     pub sum_exec_runtime: u32,
-    /// `sched_info.pcount`, followed by `sched_info.run_delay` (schedstat's third and
-    /// second fields), read together.
-    pub sched_info: u32,
 }
 
 /// A member of a struct: offset in bits and its type id.
@@ -214,13 +211,10 @@ pub fn task_layout<R: Read + Seek>(r: R) -> Result<TaskLayout> {
             ("task_struct", "pid"),
             ("task_struct", "tgid"),
             ("task_struct", "se"),
-            ("task_struct", "sched_info"),
             ("sched_entity", "sum_exec_runtime"),
-            ("sched_info", "pcount"),
-            ("sched_info", "run_delay"),
         ],
     )?;
-    for s in ["task_struct", "sched_entity", "sched_info"] {
+    for s in ["task_struct", "sched_entity"] {
         if !found.structs.contains_key(s) {
             return Err(bad(format!("no struct {s}")));
         }
@@ -232,29 +226,18 @@ pub fn task_layout<R: Read + Seek>(r: R) -> Result<TaskLayout> {
             "task_struct.tgid at {tgid} does not follow pid at {pid}"
         )));
     }
-    for (m, s) in [("se", "sched_entity"), ("sched_info", "sched_info")] {
-        let mem = found
-            .members
-            .get(&("task_struct".to_owned(), m.to_owned()))
-            .ok_or_else(|| bad(format!("struct task_struct has no member {m}")))?;
-        if mem.type_id != found.structs[s] {
-            return Err(bad(format!("task_struct.{m} is not a struct {s}")));
-        }
+    let se = found
+        .members
+        .get(&("task_struct".to_owned(), "se".to_owned()))
+        .ok_or_else(|| bad("struct task_struct has no member se"))?;
+    if se.type_id != found.structs["sched_entity"] {
+        return Err(bad("task_struct.se is not a struct sched_entity"));
     }
     let se = byte_offset(&found, "task_struct", "se")?;
     let sum = byte_offset(&found, "sched_entity", "sum_exec_runtime")?;
-    let si = byte_offset(&found, "task_struct", "sched_info")?;
-    let pcount = byte_offset(&found, "sched_info", "pcount")?;
-    let run_delay = byte_offset(&found, "sched_info", "run_delay")?;
-    if run_delay != pcount + 8 {
-        return Err(bad(format!(
-            "sched_info.run_delay at {run_delay} does not follow pcount at {pcount}"
-        )));
-    }
     Ok(TaskLayout {
         pid,
         sum_exec_runtime: se + sum,
-        sched_info: si + pcount,
     })
 }
 
@@ -344,7 +327,7 @@ mod tests {
         b.u32s(&[1, 1, 16]);
         b.ty("state", 6, 2, false, 4); // 7: enum
         b.u32s(&[0, 0, 0, 1]);
-        b.ty("sched_info", 4, 3, false, 48); // 8
+        b.ty("sched_info", 4, 3, false, 48); // 8: a struct nobody asked for
         b.member("pcount", 2, 0);
         b.member("run_delay", 2, 64);
         b.member("last_arrival", 2, 128);
@@ -368,7 +351,6 @@ mod tests {
             TaskLayout {
                 pid: 1264,
                 sum_exec_runtime: 128 + 16,
-                sched_info: 1008,
             }
         );
     }
@@ -407,6 +389,5 @@ mod tests {
             l.sum_exec_runtime > 0 && l.sum_exec_runtime < 16384,
             "{l:?}"
         );
-        assert!(l.sched_info > 0 && l.sched_info < 16384, "{l:?}");
     }
 }

@@ -191,7 +191,6 @@ pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, 
     let task = btf::vmlinux_task_layout().map_err(|e| e.to_string())?;
     offsets.task_pid = task.pid;
     offsets.task_sum_exec_runtime = task.sum_exec_runtime;
-    offsets.task_sched_info = task.sched_info;
     if net_ifs.len() > MAX_NET_IFS as usize {
         return Err(format!("at most {MAX_NET_IFS} interfaces can be watched"));
     }
@@ -224,17 +223,14 @@ pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, 
             continue;
         };
         // A thread that exited meanwhile has no schedstat left: nothing to seed.
-        let Some((exec, run_delay, pcount)) =
-            std::fs::read_to_string(entry.path().join("schedstat"))
-                .ok()
-                .and_then(|s| parse_schedstat(&s))
+        let Some(exec) = std::fs::read_to_string(entry.path().join("schedstat"))
+            .ok()
+            .and_then(|s| parse_schedstat(&s))
         else {
             continue;
         };
         let v = SchedStats {
             exec_base_ns: exec,
-            run_delay_base_ns: run_delay,
-            pcount_base: pcount,
             ..Default::default()
         };
         sched
