@@ -5,108 +5,156 @@
 //! is a `u64` or `u32` with explicit padding, so both sides agree on the layout.
 #![no_std]
 
-/// Bounds of the maps. QEMU has a few dozen threads; this leaves room for thread churn
-/// between two drains (exited entries are removed by user space). Not larger: the batched
-/// drain walks every bucket of the hash map, ~13 µs per map per tick at 8192 entries vs
-/// ~4.5 µs at 1024 (measured here), which at 1 kHz is most of the tracer's CPU.
-pub const MAX_THREADS: u32 = 1024;
+/// Threads of the target the snapshot program can follow at once (slots of map
+/// `SLOTS`). QEMU has a few dozen threads (vCPUs, I/O threads, a worker pool); every
+/// snapshot walks all slots (an inlined array access each, ~1 ns), so this stays small.
+/// A thread created while every slot is taken is counted in `TickRecord::unslotted`.
+pub const MAX_SLOTS: u32 = 512;
 /// Interfaces watched by the net programs (`--net-if`, autodetected taps).
 pub const MAX_NET_IFS: u32 = 16;
+/// CPUs whose per-CPU net counters the snapshot sums (`bpf_map_lookup_percpu_elem`).
+pub const MAX_CPUS: u32 = 256;
 /// Linux IFNAMSIZ: interface names including the NUL.
 pub const IFNAMSIZ: usize = 16;
 
-/// `SchedStats::flags`: sched_process_exit fired for the thread; its counters are final
-/// once its last switch-out has happened, and user space removes the entry later.
-pub const FLAG_EXITED: u32 = 2;
+/// `ThreadSlot::state`.
+pub const SLOT_FREE: u32 = 0;
+/// The slot follows a live thread: snapshots read its task_struct.
+pub const SLOT_LIVE: u32 = 1;
+/// sched_process_exit copied the thread's final counters into `ThreadSlot::last`; the
+/// next snapshot reports them once (as `REC_THREAD_EXITED`) and frees the slot.
+pub const SLOT_EXITED: u32 = 2;
 
-/// Per-thread scheduler counters (map `SCHED`, key = tid). Cumulative since attach.
-///
-/// on_cpu_ns is the scheduler's own accounting of the task (`se.sum_exec_runtime`, the
-/// first field of /proc/<pid>/task/<tid>/schedstat) read from task_struct at each
-/// switch-out, minus its value when the thread was first seen (`exec_base_ns`). A thread
-/// on a CPU has run `now - running_since_ns` more than on_cpu_ns says: user space adds
-/// that at read time (see `SchedStats::on_cpu_at`).
+/// A thread's counters as the kernel keeps them in its task_struct, cumulative since
+/// the thread started: the same numbers /proc/<pid>/task/<tid>/{schedstat,status,io}
+/// print, read in the kernel without text formatting.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SchedStats {
-    /// Time on CPU as the scheduler accounts it (steal time is not included), up to the
-    /// thread's last switch-out.
+pub struct ThreadCounters {
+    /// `se.sum_exec_runtime` (schedstat field 1), updated by the scheduler at every
+    /// switch and scheduler tick: a thread running through a snapshot is counted up to
+    /// its CPU's last tick (at most 1/CONFIG_HZ behind).
     pub on_cpu_ns: u64,
-    /// Switch-outs while blocking (the kernel's nvcsw).
-    pub voluntary_switches: u64,
-    /// Switch-outs while still runnable: preempted or yielded (the kernel's nivcsw).
-    pub involuntary_switches: u64,
-    /// sched_wakeup / sched_wakeup_new of the thread.
-    pub wakeups: u64,
-    /// Time from becoming runnable (wakeup or preemption) to the next switch-in.
+    /// `sched_info.pcount` (schedstat field 3): times the thread was put on a CPU.
+    /// Before run_delay, as in the kernel's struct: one probe read gets both.
+    pub timeslices_count: u64,
+    /// `sched_info.run_delay` (schedstat field 2): time spent runnable on a run queue.
     pub runqueue_wait_ns: u64,
-    /// Number of such waits that ended in a switch-in.
-    pub runqueue_waits: u64,
-    /// sched_migrate_task of the thread.
+    /// `nvcsw`, `nivcsw` (status voluntary/nonvoluntary_ctxt_switches).
+    pub voluntary_switches: u64,
+    pub involuntary_switches: u64,
+    /// `se.nr_migrations`.
     pub migrations: u64,
-    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC) when the thread became runnable; 0 when it is
-    /// not waiting on a run queue.
-    pub enqueued_at_ns: u64,
-    /// bpf_ktime_get_ns() of the thread's switch-in while it is on a CPU; 0 while it is
-    /// off CPU (and until its first switch-in after attach).
-    pub running_since_ns: u64,
-    pub exec_base_ns: u64,
-    pub flags: u32,
-    pub _pad: u32,
+    /// `stats.nr_wakeups` where the kernel has CONFIG_SCHEDSTATS and schedstats are on;
+    /// `u64::MAX` (reported as null) otherwise.
+    pub wakeups: u64,
+    /// `ioac` (task io): rchar, wchar, syscr, syscw, read_bytes, write_bytes,
+    /// cancelled_write_bytes.
+    pub io: [u64; 7],
 }
 
-impl SchedStats {
-    /// All zero (`Default` is not const; the kernel side builds entries from this).
-    pub const ZERO: SchedStats = SchedStats {
-        on_cpu_ns: 0,
-        voluntary_switches: 0,
-        involuntary_switches: 0,
-        wakeups: 0,
-        runqueue_wait_ns: 0,
-        runqueue_waits: 0,
-        migrations: 0,
-        enqueued_at_ns: 0,
-        running_since_ns: 0,
-        exec_base_ns: 0,
-        flags: 0,
-        _pad: 0,
-    };
-
-    /// on_cpu_ns at CLOCK_MONOTONIC `now_ns`, counting the slice a thread on a CPU has run
-    /// since its switch-in. `now_ns` should be taken before the map is read: the value is
-    /// then never ahead of the thread's true run time (the slice runs to `now_ns` at most)
-    /// and catches up at the next read.
-    pub fn on_cpu_at(&self, now_ns: u64) -> u64 {
-        let running = if self.running_since_ns != 0 {
-            now_ns.saturating_sub(self.running_since_ns)
-        } else {
-            0
-        };
-        self.on_cpu_ns + running
-    }
-}
-
-/// The first field of /proc/<pid>/task/<tid>/schedstat (the kernel's sum_exec_runtime),
-/// the base of a thread seeded by user space.
-pub fn parse_schedstat(text: &str) -> Option<u64> {
-    text.split_whitespace().next()?.parse().ok()
-}
-
-/// Per-thread I/O counters (map `IO`, key = tid). Cumulative since attach.
+/// Block requests issued (block_rq_issue) while a thread of the target was current
+/// (map `BLK`, key = tid), cumulative since attach.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct IoStats {
-    /// Sum of positive return values of read, pread64, readv, preadv, preadv2.
+pub struct BlkStats {
     pub read_bytes: u64,
     pub read_ops: u64,
-    /// Sum of positive return values of write, pwrite64, writev, pwritev, pwritev2.
     pub write_bytes: u64,
     pub write_ops: u64,
-    /// Block requests issued (block_rq_issue) while a thread of the target was current.
-    pub blk_read_bytes: u64,
-    pub blk_read_ops: u64,
-    pub blk_write_bytes: u64,
-    pub blk_write_ops: u64,
+}
+
+/// Value of map `SLOTS`: one followed thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadSlot {
+    /// Kernel address of the thread's task_struct (read with bpf_probe_read_kernel only
+    /// while the slot is live: sched_process_exit marks it before the task can be freed).
+    pub task: u64,
+    pub tid: u32,
+    pub state: u32,
+    /// Final counters, valid in state `SLOT_EXITED`.
+    pub last: ThreadCounters,
+}
+
+/// `SnapRecord::kind` values (the first u32 of every ring buffer record).
+pub const REC_THREAD: u32 = 1;
+/// A thread's last record: it has exited; the counters are those at its exit.
+pub const REC_THREAD_EXITED: u32 = 2;
+pub const REC_NET: u32 = 3;
+/// Ends a snapshot: every record of tick `seq` precedes it.
+pub const REC_TICK: u32 = 4;
+
+/// One thread in one snapshot (ring buffer `SNAPS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnapRecord {
+    pub kind: u32,
+    pub tid: u32,
+    /// Snapshot tick number from 0 (see `TickRecord`).
+    pub seq: u64,
+    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC) when the snapshot began.
+    pub ktime_ns: u64,
+    pub counters: ThreadCounters,
+    pub blk: BlkStats,
+}
+
+/// One watched interface in one snapshot, summed over CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetRecord {
+    pub kind: u32,
+    /// Interface slot (index of `--net-if` order).
+    pub slot: u32,
+    pub seq: u64,
+    pub ktime_ns: u64,
+    pub stats: NetStats,
+}
+
+/// The end of one snapshot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TickRecord {
+    pub kind: u32,
+    /// Thread records written for this tick.
+    pub threads: u32,
+    pub seq: u64,
+    pub ktime_ns: u64,
+    /// How late this snapshot ran after its scheduled instant (see `TickState`).
+    pub late_ns: u64,
+    /// Records the ring buffer had no room for, since attach (user space turns a rise
+    /// into `gap` events).
+    pub lost_records: u64,
+    /// Threads of the target that got no slot (all `MAX_SLOTS` taken), since attach.
+    pub unslotted: u64,
+}
+
+/// Map `TICK` (one element): the snapshot program's schedule.
+///
+/// The program runs from a perf cpu-clock hrtimer, which fires on a fixed grid
+/// (`origin + seq * interval`). The grid's phase is not visible to BPF, so `origin_ns`
+/// is the earliest phase observed: the first run's time, moved back whenever a later
+/// run comes earlier on the grid. Lateness is measured against it (an underestimate by
+/// at most the first run's own lateness).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TickState {
+    pub origin_ns: u64,
+    pub last_seq: u64,
+    pub runs: u64,
+    pub lost_records: u64,
+    pub unslotted: u64,
+}
+
+/// Load-time settings of the snapshot program (read-only global `SNAP_CONFIG`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnapConfig {
+    pub interval_ns: u64,
+    /// CPUs to sum per-CPU net counters over (possible CPUs, at most `MAX_CPUS`).
+    pub ncpus: u32,
+    /// Watched interfaces (slots 0..net_ifs of `NET`).
+    pub net_ifs: u32,
 }
 
 /// Per-interface packet counters (per-CPU array `NET`, index = interface slot), from the
@@ -152,12 +200,10 @@ impl IfName {
 /// Byte offsets of the fields the programs read, set by user space at load time as the
 /// read-only global `OFFSETS`: tracepoint fields from tracefs
 /// `events/<category>/<name>/format`, task_struct fields from the kernel's BTF (both
-/// differ between kernel versions and configurations).
+/// differ between kernel versions and configurations; Rust eBPF has no CO-RE).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Offsets {
-    /// `ret` of syscalls:sys_exit_*.
-    pub sys_exit_ret: u32,
     pub blk_bytes: u32,
     pub blk_rwbs: u32,
     pub xmit_len: u32,
@@ -166,18 +212,29 @@ pub struct Offsets {
     pub xmit_name: u32,
     pub recv_len: u32,
     pub recv_name: u32,
-    /// Byte offset of `pid` in `struct task_struct` (`tgid` follows it: one 8-byte read
-    /// gives both), from the kernel's BTF. The sched programs are raw tracepoints whose
-    /// arguments are task pointers.
+    /// `pid` in `struct task_struct` (`tgid` follows it: one 8-byte read gives both).
     pub task_pid: u32,
-    /// Byte offset of `se.sum_exec_runtime` in `struct task_struct`.
+    /// `se.sum_exec_runtime`.
     pub task_sum_exec_runtime: u32,
+    /// `se.nr_migrations`.
+    pub task_nr_migrations: u32,
+    /// `sched_info.pcount` (`run_delay` follows it).
+    pub task_pcount: u32,
+    /// `nvcsw` (`nivcsw` follows it).
+    pub task_nvcsw: u32,
+    /// `ioac`: seven consecutive u64 (rchar … cancelled_write_bytes).
+    pub task_ioac: u32,
+    /// `stats.nr_wakeups`, or 0 when the kernel keeps no wakeup count (no
+    /// CONFIG_SCHEDSTATS, or schedstats off).
+    pub task_nr_wakeups: u32,
+    /// `flags` (PF_EXITING: a thread already exiting is not given a slot).
+    pub task_flags: u32,
+    pub _pad: u32,
 }
 
 impl Offsets {
     /// The layout of Linux 6.18 x86_64 (the kernel side's initial value).
     pub const LINUX_6_18: Offsets = Offsets {
-        sys_exit_ret: 16,
         blk_bytes: 28,
         blk_rwbs: 34,
         xmit_len: 16,
@@ -187,6 +244,13 @@ impl Offsets {
         recv_name: 20,
         task_pid: 1264,
         task_sum_exec_runtime: 232,
+        task_nr_migrations: 264,
+        task_pcount: 880,
+        task_nvcsw: 1640,
+        task_ioac: 2584,
+        task_nr_wakeups: 0,
+        task_flags: 44,
+        _pad: 0,
     };
 }
 
@@ -196,21 +260,13 @@ impl Default for Offsets {
     }
 }
 
-/// Whether a switch-out counts as involuntary (the kernel's nivcsw), from sched_switch's
-/// raw arguments: `preempt`, or a task still TASK_RUNNING (0) when it gave up the CPU
-/// (a yield). A blocking task has a sleeping state (TASK_INTERRUPTIBLE 1,
-/// TASK_UNINTERRUPTIBLE 2, TASK_IDLE kthreads 0x402, TASK_DEAD 0x80 at exit). This is the
-/// classic tracepoint's classification: it reports preempt as TASK_REPORT_MAX and
-/// TASK_RUNNING as 0.
-pub const fn is_involuntary(preempt: bool, prev_state: u32) -> bool {
-    preempt || prev_state == 0
-}
-
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain-old-data: repr(C), Copy, integer fields with explicit padding.
-    unsafe impl aya::Pod for super::SchedStats {}
-    unsafe impl aya::Pod for super::IoStats {}
+    unsafe impl aya::Pod for super::ThreadSlot {}
+    unsafe impl aya::Pod for super::BlkStats {}
+    unsafe impl aya::Pod for super::TickState {}
+    unsafe impl aya::Pod for super::SnapConfig {}
     unsafe impl aya::Pod for super::NetStats {}
     unsafe impl aya::Pod for super::IfName {}
     unsafe impl aya::Pod for super::NetIf {}
@@ -220,49 +276,6 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn switch_state_classification() {
-        assert!(is_involuntary(false, 0), "yield: still running");
-        assert!(is_involuntary(true, 0), "preempted while running");
-        assert!(
-            is_involuntary(true, 0x1),
-            "preempted before it could block (the state is stale)"
-        );
-        assert!(!is_involuntary(false, 0x1), "S: interruptible sleep");
-        assert!(!is_involuntary(false, 0x2), "D: uninterruptible sleep");
-        assert!(!is_involuntary(false, 0x402), "I: idle kthread");
-        assert!(
-            !is_involuntary(false, 0x80),
-            "TASK_DEAD: the final switch-out"
-        );
-    }
-
-    #[test]
-    fn on_cpu_adds_the_running_slice() {
-        let mut s = SchedStats {
-            on_cpu_ns: 1000,
-            ..Default::default()
-        };
-        assert_eq!(s.on_cpu_at(5000), 1000, "off CPU: nothing to add");
-        s.running_since_ns = 4000;
-        assert_eq!(s.on_cpu_at(4500), 1500);
-        assert_eq!(
-            s.on_cpu_at(3000),
-            1000,
-            "switched in after `now`: nothing yet"
-        );
-    }
-
-    #[test]
-    fn schedstat_first_field_is_the_run_time() {
-        assert_eq!(
-            parse_schedstat("199938095 1130299253 654\n"),
-            Some(199938095)
-        );
-        assert_eq!(parse_schedstat("x 2 3"), None);
-        assert_eq!(parse_schedstat(""), None);
-    }
 
     #[test]
     fn interface_names_are_nul_padded_and_bounded() {
@@ -277,10 +290,17 @@ mod tests {
 
     #[test]
     fn map_types_have_the_layout_the_kernel_side_writes() {
-        assert_eq!(core::mem::size_of::<SchedStats>(), 10 * 8 + 8);
-        assert_eq!(core::mem::size_of::<IoStats>(), 8 * 8);
+        assert_eq!(core::mem::size_of::<ThreadCounters>(), 13 * 8);
+        assert_eq!(core::mem::size_of::<ThreadSlot>(), 16 + 13 * 8);
+        assert_eq!(core::mem::size_of::<SnapRecord>(), 24 + 13 * 8 + 4 * 8);
+        assert_eq!(core::mem::size_of::<NetRecord>(), 24 + 4 * 8);
+        assert_eq!(core::mem::size_of::<TickRecord>(), 6 * 8);
         assert_eq!(core::mem::size_of::<NetStats>(), 4 * 8);
         assert_eq!(core::mem::size_of::<NetIf>(), 8);
-        assert_eq!(core::mem::size_of::<Offsets>(), 10 * 4);
+        assert_eq!(core::mem::size_of::<Offsets>(), 16 * 4);
+        // Every record starts with its kind, so user space can tell them apart.
+        assert_eq!(core::mem::offset_of!(SnapRecord, kind), 0);
+        assert_eq!(core::mem::offset_of!(NetRecord, kind), 0);
+        assert_eq!(core::mem::offset_of!(TickRecord, kind), 0);
     }
 }

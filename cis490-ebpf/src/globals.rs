@@ -1,15 +1,23 @@
 //! Load-time configuration and the small helpers every program shares.
 
-use aya_ebpf::helpers::bpf_get_current_pid_tgid;
-use cis490_common::Offsets;
+use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel};
+use cis490_common::{Offsets, SnapConfig};
 
 /// The traced process; 0 (never a user tgid) until the loader overrides it.
 #[unsafe(no_mangle)]
 static TARGET_TGID: u32 = 0;
 
-/// Tracepoint field offsets of the running kernel (see `Offsets`).
+/// Tracepoint and task_struct field offsets of the running kernel (see `Offsets`).
 #[unsafe(no_mangle)]
 static OFFSETS: Offsets = Offsets::LINUX_6_18;
+
+/// The snapshot program's interval and what it sums (see `SnapConfig`).
+#[unsafe(no_mangle)]
+static SNAP_CONFIG: SnapConfig = SnapConfig {
+    interval_ns: 0,
+    ncpus: 0,
+    net_ifs: 0,
+};
 
 #[inline(always)]
 pub fn target_tgid() -> u32 {
@@ -22,16 +30,9 @@ pub fn offsets() -> Offsets {
     unsafe { core::ptr::read_volatile(&OFFSETS) }
 }
 
-/// Offsets of `task_struct` fields, each read alone (the programs on the scheduler's hot
-/// path load only the field they use; `offsets()` copies the whole struct).
 #[inline(always)]
-pub fn task_pid_offset() -> usize {
-    unsafe { core::ptr::read_volatile(&raw const OFFSETS.task_pid) as usize }
-}
-
-#[inline(always)]
-pub fn task_sum_exec_runtime_offset() -> usize {
-    unsafe { core::ptr::read_volatile(&raw const OFFSETS.task_sum_exec_runtime) as usize }
+pub fn snap_config() -> SnapConfig {
+    unsafe { core::ptr::read_volatile(&SNAP_CONFIG) }
 }
 
 /// (tgid, tid) of the current task.
@@ -41,12 +42,16 @@ pub fn current() -> (u32, u32) {
     ((id >> 32) as u32, id as u32)
 }
 
-/// Add to a counter another CPU may update at the same time (a wakeup or migration
-/// recorded by the waker's CPU). Rust's bpf target has no atomic read-modify-write in
-/// `core`, so this is a plain add: two CPUs hitting the same thread's counter in the
-/// same instant can lose one increment (rare: a thread is woken by one waker at a time).
+/// A `T` at `offset` bytes into the kernel object at `addr`.
 #[inline(always)]
-pub fn add(counter: *mut u64, v: u64) {
-    // SAFETY: `counter` points into a live map value.
-    unsafe { *counter += v };
+pub fn read<T>(addr: u64, offset: u32) -> Option<T> {
+    unsafe { bpf_probe_read_kernel((addr as usize + offset as usize) as *const T) }.ok()
+}
+
+/// (tgid, tid) of a task: `pid` and `tgid` are adjacent ints, read as one u64 (x86_64 and
+/// every BPF target are little-endian, so pid is the low half).
+#[inline(always)]
+pub fn task_ids(task: u64, o: &Offsets) -> Option<(u32, u32)> {
+    let v = read::<u64>(task, o.task_pid)?;
+    Some(((v >> 32) as u32, v as u32))
 }

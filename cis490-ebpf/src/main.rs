@@ -1,6 +1,8 @@
-//! The cis490 kernel programs: tracepoints that aggregate per-thread scheduler and I/O
-//! counters and per-interface packet counters of ONE target process into BPF maps.
-//! User space drains the maps on its own tick; nothing is streamed per event.
+//! The cis490 kernel programs for ONE target process: a snapshot program the kernel runs
+//! on its own timer, which reads the target's per-thread scheduler and I/O accounting
+//! from task_struct and streams it through a ring buffer (`snap`); the thread set it
+//! follows (fork, exit, a seeding task iterator); block-request and per-interface packet
+//! counters (`io`, `net`). Nothing runs per context switch or per syscall.
 //!
 //! Every program filters in the kernel: the target's tgid (`TARGET_TGID`) and the
 //! tracepoint field offsets (`OFFSETS`) are read-only globals set by the loader.
@@ -17,7 +19,7 @@ mod io;
 #[cfg(target_arch = "bpf")]
 mod net;
 #[cfg(target_arch = "bpf")]
-mod sched;
+mod snap;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

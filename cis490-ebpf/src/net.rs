@@ -16,7 +16,7 @@ use crate::globals::offsets;
 static NET_IFS: HashMap<IfName, NetIf> = HashMap::with_max_entries(MAX_NET_IFS, 0);
 
 #[map]
-static NET: PerCpuArray<NetStats> = PerCpuArray::with_max_entries(MAX_NET_IFS, 0);
+pub static NET: PerCpuArray<NetStats> = PerCpuArray::with_max_entries(MAX_NET_IFS, 0);
 
 /// The watched interface a `__data_loc char[] name` field names, if any.
 #[inline(always)]

@@ -33,6 +33,8 @@ pub struct BackendOptions {
     pub bpf_stats: bool,
     /// The target's command line (for tap autodetection).
     pub cmdline: Vec<String>,
+    /// The capture's sampling interval (the BPF snapshot timer's period).
+    pub interval_ns: u64,
 }
 
 pub struct Selected {
@@ -107,7 +109,10 @@ pub fn select(
             rx_header_len: bpf::net::rx_header_len(n),
         })
         .collect();
-    match bpf::start(pid, vcpus, &specs, opts.bpf_stats) {
+    let snap = bpf::loader::SnapSpec {
+        interval_ns: opts.interval_ns,
+    };
+    match bpf::start(pid, vcpus, &specs, opts.bpf_stats, snap) {
         Ok(b) => Ok(Selected {
             collectors: b.collectors,
             used: "bpf",

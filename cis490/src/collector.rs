@@ -31,6 +31,9 @@ pub struct TickOutput {
     rows: Vec<Row>,
     len: usize,
     pub problems: Vec<String>,
+    /// Ticks of a kernel-clocked source that never came: (from_seq, to_seq) inclusive,
+    /// written as `gap` events.
+    pub gaps: Vec<(u64, u64)>,
 }
 
 impl TickOutput {
@@ -73,6 +76,7 @@ impl TickOutput {
     pub fn clear(&mut self) {
         self.len = 0;
         self.problems.clear();
+        self.gaps.clear();
     }
 }
 
@@ -87,6 +91,13 @@ pub trait Collector: Send {
         clock: &EpisodeClock,
         out: &mut TickOutput,
     ) -> Result<(), Error>;
+    /// Whether the rows come from the kernel's own timer (the BPF snapshots) rather
+    /// than from this tick: their `seq` and stamps are the kernel's, the sampler only
+    /// drains them, a late host tick is no gap for them (the ring buffer holds the
+    /// snapshots), and they are drained once more when the capture ends.
+    fn kernel_clocked(&self) -> bool {
+        false
+    }
     /// Extra facts for `meta.sources[]` at the end (e.g. counts of rejected input).
     fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
         serde_json::Map::new()

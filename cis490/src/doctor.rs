@@ -97,21 +97,22 @@ pub fn run() -> (Vec<Check>, String) {
         sys.clone().err().unwrap_or_else(|| "creates maps".into()),
         "bpf() refused: needs CAP_BPF (or root) and a kernel with CONFIG_BPF_SYSCALL",
     ));
-    // The sched programs read task_struct fields at offsets taken from the kernel's BTF.
+    // The snapshot program reads task_struct fields at offsets taken from the kernel's BTF.
     let btf = crate::bpf::btf::vmlinux_task_layout();
     out.push(check(
         btf.is_ok(),
         "BTF",
         match &btf {
             Ok(l) => format!(
-                "{}: task_struct pid at {}, se.sum_exec_runtime at {}",
+                "{}: task_struct pid at {}, se.sum_exec_runtime at {}, ioac at {}",
                 crate::bpf::btf::VMLINUX,
                 l.pid,
-                l.sum_exec_runtime
+                l.sum_exec_runtime,
+                l.ioac
             ),
             Err(e) => e.to_string(),
         },
-        "a kernel built with CONFIG_DEBUG_INFO_BTF (task_struct offsets for the sched programs)",
+        "a kernel built with CONFIG_DEBUG_INFO_BTF (task_struct offsets for the snapshot program)",
     ));
     let mounted = tracefs::find();
     let can_mount = missing.is_none();
@@ -138,7 +139,11 @@ pub fn run() -> (Vec<Check>, String) {
         }
     }
     // The definitive answer: load and attach for this very process, then unload.
-    let verdict = match crate::bpf::start(std::process::id(), &Default::default(), &[], false) {
+    let snap = crate::bpf::loader::SnapSpec {
+        interval_ns: 100_000_000,
+    };
+    let verdict = match crate::bpf::start(std::process::id(), &Default::default(), &[], false, snap)
+    {
         Ok(_) => "--backend auto would use: bpf (programs load and attach here)".to_owned(),
         Err(why) => format!("--backend auto would use: proc (BPF unavailable: {why})"),
     };

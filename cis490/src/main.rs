@@ -71,6 +71,9 @@ enum Command {
         net_ifs: Vec<String>,
         #[arg(long)]
         bpf_stats: bool,
+        /// Snapshot interval of the capture.
+        #[arg(long)]
+        interval_ns: u64,
     },
     /// In-guest agent: stream guest stats as JSON lines to a virtio-serial port.
     Agent {
@@ -194,13 +197,19 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             pid,
             net_ifs,
             bpf_stats,
+            interval_ns,
         } => {
             let specs: Result<Vec<_>, _> = net_ifs
                 .iter()
                 .map(|a| cis490::bpf::handoff::parse_net_if(a))
                 .collect();
             match specs {
-                Ok(specs) => cis490::bpf::handoff::run_helper(pid, &specs, bpf_stats),
+                Ok(specs) => cis490::bpf::handoff::run_helper(
+                    pid,
+                    &specs,
+                    bpf_stats,
+                    cis490::bpf::loader::SnapSpec { interval_ns },
+                ),
                 Err(e) => {
                     eprintln!("cis490 __bpf-loader: {e}");
                     Ok(ExitCode::from(2))

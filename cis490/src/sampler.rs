@@ -125,7 +125,7 @@ impl Sampler {
                 if let Some(d) = self.duration_ns {
                     next = next.min(d.div_ceil(self.interval_ns));
                 }
-                for slot in &self.slots {
+                for slot in self.slots.iter().filter(|s| !s.collector.kernel_clocked()) {
                     self.events.emit(
                         "gap",
                         json!({"source": slot.collector.source(), "from_seq": seq, "to_seq": next - 1,
@@ -149,7 +149,7 @@ impl Sampler {
                 seq,
                 scheduled_ns: due,
             };
-            if let Err(e) = self.sample_all(tick, &mut out) {
+            if let Err(e) = self.sample_all(tick, &mut out, false) {
                 break (EndReason::Error, Some(e));
             }
             if let Some(msg) = self.events.failure() {
@@ -159,6 +159,22 @@ impl Sampler {
                 );
             }
             seq += 1;
+        };
+        // What the kernel snapshot sources wrote since the last drain.
+        let error = match error {
+            None => {
+                let last = Tick {
+                    seq,
+                    scheduled_ns: seq * self.interval_ns,
+                };
+                self.sample_all(last, &mut out, true).err()
+            }
+            e => e,
+        };
+        let end_reason = if error.is_some() {
+            EndReason::Error
+        } else {
+            end_reason
         };
         Outcome {
             lateness,
@@ -170,8 +186,18 @@ impl Sampler {
         }
     }
 
-    fn sample_all(&mut self, tick: Tick, out: &mut TickOutput) -> Result<(), Error> {
+    /// Run every collector for `tick` (`only_kernel_clocked`: just the kernel snapshot
+    /// sources, for the final drain).
+    fn sample_all(
+        &mut self,
+        tick: Tick,
+        out: &mut TickOutput,
+        only_kernel_clocked: bool,
+    ) -> Result<(), Error> {
         for (i, slot) in self.slots.iter_mut().enumerate() {
+            if only_kernel_clocked && !slot.collector.kernel_clocked() {
+                continue;
+            }
             out.clear();
             let res = slot.collector.collect(tick, &self.clock, out);
             for row in out.rows() {
@@ -185,6 +211,12 @@ impl Sampler {
                     out.rows().len(),
                     last,
                     out.problems.len() + usize::from(res.is_err()),
+                );
+            }
+            for (from, to) in &out.gaps {
+                self.events.emit(
+                    "gap",
+                    json!({"source": slot.collector.source(), "from_seq": from, "to_seq": to}),
                 );
             }
             for problem in &out.problems {

@@ -85,17 +85,18 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     let target = Target::open(cfg.pid)?;
     let vcpus = VcpuMap::default();
     let cmdline = target.cmdline();
+    let interval_ns = 1_000_000_000 / u64::from(cfg.rate_hz);
     let backend_opts = backend::BackendOptions {
         net_ifs: cfg.net_ifs.clone(),
         bpf_stats: cfg.bpf_stats,
         cmdline: cmdline.clone(),
+        interval_ns,
     };
     let mut selected = backend::select(cfg.backend, cfg.pid, &vcpus, &backend_opts)?;
     let bpf_session = selected.session.take();
     let dir = episode::create_dir(&cfg.data_root, &id)?;
 
     let clock = EpisodeClock::start();
-    let interval_ns = 1_000_000_000 / u64::from(cfg.rate_hz);
     let um = &cfg.user_meta;
     let mut meta = Meta {
         episode_id: id.clone(),
@@ -185,9 +186,16 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     let live = Arc::new(crate::status::LiveStats::new(
         slots.iter().map(|s| s.collector.source()),
     ));
+    // With BPF the kernel takes the snapshots on its own timer; the host thread only
+    // drains them (and watches the target), a few times a second whatever the rate.
+    let host_interval_ns = if bpf_session.is_some() {
+        interval_ns.max(crate::bpf::snap::DRAIN_INTERVAL_NS)
+    } else {
+        interval_ns
+    };
     let mut sampler = Sampler {
         realtime: cfg.realtime,
-        interval_ns,
+        interval_ns: host_interval_ns,
         duration_ns: cfg.duration.map(|d| d.as_nanos() as u64),
         clock,
         slots,
@@ -196,6 +204,9 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         target,
         live: Some(live.clone()),
     };
+    if let Some(session) = &bpf_session {
+        session.start_snapshots().map_err(Error::Other)?;
+    }
     tracing::info!(episode = %dir.display(), rate_hz = cfg.rate_hz, backend = selected.used, "capture started");
     let handle = std::thread::Builder::new()
         .name("cis490-sampler".into())
@@ -302,21 +313,36 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         crate::qemu_sources::apply_facts(&mut meta, &h.get());
     }
     meta.ended_at_wall = Some(rfc3339_from_ns(end_stamp.t_wall_ns));
+    let mut extra: serde_json::Map<String, serde_json::Value> = [
+        ("tick_lateness".to_owned(), outcome.lateness.summary()),
+        ("sampler".to_owned(), outcome.policy.summary()),
+    ]
+    .into_iter()
+    .collect();
+    let (ticks_scheduled, ticks_missed) = match &bpf_session {
+        // The ticks are the kernel timer's; the host's own wake-ups only drained them.
+        Some(session) => {
+            let (scheduled, missed, lateness) = session.kernel_schedule();
+            extra.insert("tick_source".into(), "kernel".into());
+            extra.insert("drain_lateness".into(), outcome.lateness.summary());
+            extra.insert("tick_lateness".into(), lateness);
+            (scheduled, missed)
+        }
+        None => {
+            extra.insert("tick_source".into(), "host".into());
+            (outcome.ticks_scheduled, outcome.ticks_missed)
+        }
+    };
     meta.result = Some(ResultMeta {
         end_reason: end_reason.as_str().into(),
         phases_observed,
         pid_alive_at_end,
         duration_observed_s: end_stamp.t_mono_ns as f64 / 1e9,
-        ticks_scheduled: outcome.ticks_scheduled,
-        ticks_missed: outcome.ticks_missed,
+        ticks_scheduled,
+        ticks_missed,
         rows_total: sources.iter().map(|s| s.rows).sum(),
         error: error.as_ref().map(|e| e.to_string()),
-        extra: [
-            ("tick_lateness".to_owned(), outcome.lateness.summary()),
-            ("sampler".to_owned(), outcome.policy.summary()),
-        ]
-        .into_iter()
-        .collect(),
+        extra,
     });
     if let (Some(session), Some(result)) = (&bpf_session, meta.result.as_mut()) {
         if cfg.bpf_stats {

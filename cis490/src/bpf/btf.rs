@@ -1,5 +1,5 @@
 //! A small streaming reader of kernel BTF: the byte offsets of the few `task_struct`
-//! fields the raw-tracepoint programs read (Rust eBPF has no CO-RE relocations, so the
+//! fields the programs read (Rust eBPF has no CO-RE relocations, so the
 //! loader passes them in the `OFFSETS` global).
 //!
 //! It never holds the type section in memory: the string section is scanned once for the
@@ -21,15 +21,38 @@ pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 const MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
 
-/// Byte offsets in `struct task_struct` of what the sched programs read.
+/// Byte offsets in `struct task_struct` of what the programs read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TaskLayout {
     /// `pid` (the thread id); `tgid` follows it directly, so one 8-byte read gets both.
     pub pid: u32,
+    /// `flags` (PF_EXITING).
+    pub flags: u32,
     /// `se.sum_exec_runtime`: the scheduler's on-CPU time of the task, the first field
     /// of /proc/<pid>/task/<tid>/schedstat.
     pub sum_exec_runtime: u32,
+    /// `se.nr_migrations`.
+    pub nr_migrations: u32,
+    /// `sched_info.pcount`, followed by `sched_info.run_delay` (schedstat fields 3, 2).
+    pub pcount: u32,
+    /// `nvcsw`, followed by `nivcsw`.
+    pub nvcsw: u32,
+    /// `ioac`: the seven u64 of `struct task_io_accounting`, in /proc's io order.
+    pub ioac: u32,
+    /// `stats.nr_wakeups`, where the kernel has CONFIG_SCHEDSTATS.
+    pub nr_wakeups: Option<u32>,
 }
+
+/// The members of `struct task_io_accounting`, in the order the snapshot reads them.
+pub const IOAC_MEMBERS: [&str; 7] = [
+    "rchar",
+    "wchar",
+    "syscr",
+    "syscw",
+    "read_bytes",
+    "write_bytes",
+    "cancelled_write_bytes",
+];
 
 /// A member of a struct: offset in bits and its type id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,41 +226,92 @@ fn byte_offset(found: &Found, s: &str, m: &str) -> Result<u32> {
     Ok(mem.bit_offset / 8)
 }
 
+/// `s.m` must be a member of struct type `inner`; its byte offset.
+fn struct_member(found: &Found, s: &str, m: &str, inner: &str) -> Result<u32> {
+    let mem = found
+        .members
+        .get(&(s.to_owned(), m.to_owned()))
+        .ok_or_else(|| bad(format!("struct {s} has no member {m}")))?;
+    if found.structs.get(inner) != Some(&mem.type_id) {
+        return Err(bad(format!("{s}.{m} is not a struct {inner}")));
+    }
+    byte_offset(found, s, m)
+}
+
+/// `b` must sit `gap` bytes after `a` in struct `s` (the programs read them together).
+fn follows(found: &Found, s: &str, a: &str, b: &str, gap: u32) -> Result<u32> {
+    let at = byte_offset(found, s, a)?;
+    let next = byte_offset(found, s, b)?;
+    if next != at + gap {
+        return Err(bad(format!(
+            "{s}.{b} at {next} does not follow {a} at {at}"
+        )));
+    }
+    Ok(at)
+}
+
 /// The `task_struct` layout from a BTF blob.
 pub fn task_layout<R: Read + Seek>(r: R) -> Result<TaskLayout> {
-    let found = find_members(
-        r,
-        &[
-            ("task_struct", "pid"),
-            ("task_struct", "tgid"),
-            ("task_struct", "se"),
-            ("sched_entity", "sum_exec_runtime"),
-        ],
-    )?;
-    for s in ["task_struct", "sched_entity"] {
+    let mut wanted = vec![
+        ("task_struct", "pid"),
+        ("task_struct", "tgid"),
+        ("task_struct", "flags"),
+        ("task_struct", "se"),
+        ("task_struct", "sched_info"),
+        ("task_struct", "nvcsw"),
+        ("task_struct", "nivcsw"),
+        ("task_struct", "ioac"),
+        ("task_struct", "stats"),
+        ("sched_entity", "sum_exec_runtime"),
+        ("sched_entity", "nr_migrations"),
+        ("sched_info", "pcount"),
+        ("sched_info", "run_delay"),
+        ("sched_statistics", "nr_wakeups"),
+    ];
+    wanted.extend(IOAC_MEMBERS.iter().map(|m| ("task_io_accounting", *m)));
+    let found = find_members(r, &wanted)?;
+    for s in [
+        "task_struct",
+        "sched_entity",
+        "sched_info",
+        "task_io_accounting",
+    ] {
         if !found.structs.contains_key(s) {
             return Err(bad(format!("no struct {s}")));
         }
     }
-    let pid = byte_offset(&found, "task_struct", "pid")?;
-    let tgid = byte_offset(&found, "task_struct", "tgid")?;
-    if tgid != pid + 4 {
-        return Err(bad(format!(
-            "task_struct.tgid at {tgid} does not follow pid at {pid}"
-        )));
+    let pid = follows(&found, "task_struct", "pid", "tgid", 4)?;
+    let flags = byte_offset(&found, "task_struct", "flags")?;
+    let se = struct_member(&found, "task_struct", "se", "sched_entity")?;
+    let si = struct_member(&found, "task_struct", "sched_info", "sched_info")?;
+    let ioac = struct_member(&found, "task_struct", "ioac", "task_io_accounting")?;
+    for (i, pair) in IOAC_MEMBERS.windows(2).enumerate() {
+        let at = follows(&found, "task_io_accounting", pair[0], pair[1], 8)?;
+        if at != i as u32 * 8 {
+            return Err(bad(format!(
+                "task_io_accounting.{} at {at}, expected {}",
+                pair[0],
+                i * 8
+            )));
+        }
     }
-    let se = found
-        .members
-        .get(&("task_struct".to_owned(), "se".to_owned()))
-        .ok_or_else(|| bad("struct task_struct has no member se"))?;
-    if se.type_id != found.structs["sched_entity"] {
-        return Err(bad("task_struct.se is not a struct sched_entity"));
-    }
-    let se = byte_offset(&found, "task_struct", "se")?;
-    let sum = byte_offset(&found, "sched_entity", "sum_exec_runtime")?;
+    // Without CONFIG_SCHEDSTATS there is no `stats` member: no wakeup count.
+    let nr_wakeups = match (
+        struct_member(&found, "task_struct", "stats", "sched_statistics"),
+        byte_offset(&found, "sched_statistics", "nr_wakeups"),
+    ) {
+        (Ok(st), Ok(w)) => Some(st + w),
+        _ => None,
+    };
     Ok(TaskLayout {
         pid,
-        sum_exec_runtime: se + sum,
+        flags,
+        sum_exec_runtime: se + byte_offset(&found, "sched_entity", "sum_exec_runtime")?,
+        nr_migrations: se + byte_offset(&found, "sched_entity", "nr_migrations")?,
+        pcount: si + follows(&found, "sched_info", "pcount", "run_delay", 8)?,
+        nvcsw: follows(&found, "task_struct", "nvcsw", "nivcsw", 8)?,
+        ioac,
+        nr_wakeups,
     })
 }
 
@@ -320,26 +394,35 @@ mod tests {
         b.ty("", 13, 2, false, 0); // 3: FUNC_PROTO with two params
         b.u32s(&[0, 1, 0, 2]);
         b.ty("pid_t", 8, 0, false, 1); // 4: typedef
-        b.ty("sched_entity", 4, 2, false, 24); // 5
+        b.ty("sched_entity", 4, 3, false, 64); // 5
         b.member("load", 2, 0);
         b.member("sum_exec_runtime", 2, 128);
+        b.member("nr_migrations", 2, 320);
         b.ty("", 3, 0, false, 0); // 6: array
         b.u32s(&[1, 1, 16]);
         b.ty("state", 6, 2, false, 4); // 7: enum
         b.u32s(&[0, 0, 0, 1]);
-        b.ty("sched_info", 4, 3, false, 48); // 8: a struct nobody asked for
+        b.ty("sched_info", 4, 3, false, 48); // 8
         b.member("pcount", 2, 0);
         b.member("run_delay", 2, 64);
         b.member("last_arrival", 2, 128);
-        // 9: task_struct with a bitfield (kind_flag: offsets carry a bitfield size).
-        b.ty("task_struct", 4, 6, true, 4096);
+        b.ty("task_io_accounting", 4, 7, false, 56); // 9
+        for (i, m) in IOAC_MEMBERS.iter().enumerate() {
+            b.member(m, 2, i as u32 * 64);
+        }
+        // 10: task_struct with a bitfield (kind_flag: offsets carry a bitfield size).
+        b.ty("task_struct", 4, 10, true, 4096);
         b.member("flags", 1, 3 << 24 | 64);
         b.member("se", se_type, 1024);
         b.member("sched_info", 8, 8064);
         b.member("pid", 4, 10112);
         b.member("tgid", 4, tgid_bits);
         b.member("comm", 6, 12000);
-        b.ty("task_struct", 7, 0, false, 0); // 10: a FWD of the same name is no struct
+        b.member("nvcsw", 2, 12800);
+        b.member("nivcsw", 2, 12864);
+        b.member("ioac", 9, 16384);
+        b.member("unused", 2, 20000);
+        b.ty("task_struct", 7, 0, false, 0); // 11: a FWD of the same name is no struct
         b.bytes()
     }
 
@@ -350,7 +433,13 @@ mod tests {
             l,
             TaskLayout {
                 pid: 1264,
+                flags: 8,
                 sum_exec_runtime: 128 + 16,
+                nr_migrations: 128 + 40,
+                pcount: 1008,
+                nvcsw: 1600,
+                ioac: 2048,
+                nr_wakeups: None,
             }
         );
     }
@@ -385,9 +474,14 @@ mod tests {
     fn vmlinux_has_a_usable_task_struct() {
         let l = vmlinux_task_layout().unwrap();
         assert!(l.pid > 0 && l.pid < 16384, "{l:?}");
-        assert!(
-            l.sum_exec_runtime > 0 && l.sum_exec_runtime < 16384,
-            "{l:?}"
-        );
+        for off in [
+            l.sum_exec_runtime,
+            l.nr_migrations,
+            l.pcount,
+            l.nvcsw,
+            l.ioac,
+        ] {
+            assert!(off > 0 && off < 16384, "{l:?}");
+        }
     }
 }

@@ -6,7 +6,7 @@
 //! peak RSS to about three times its steady state for the whole run. So `cis490 trace`
 //! re-executes itself as `cis490 __bpf-loader`, which loads, seeds and attaches exactly as
 //! [`loader::load`] does and then hands every resulting kernel object over a Unix socket
-//! (SCM_RIGHTS): the map fds the collectors read, and the perf-event, bpf_link and
+//! (SCM_RIGHTS): the snapshot ring buffer the collectors read, and the perf-event, bpf_link and
 //! statistics fds that keep the programs attached. Kernel objects live as long as any fd
 //! refers to them, so the helper then exits at once, without running destructors (aya
 //! would detach on drop). Its own peak RSS and run time come back with the fds and are
@@ -18,16 +18,14 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use aya::maps::{IterableMap, Map, MapData};
+use aya::maps::{Array, IterableMap, Map, MapData, RingBuf};
 use rustix::net::{
     AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
 };
 use serde::{Deserialize, Serialize};
 
-use super::batch::HashDrain;
-use super::loader::{self, NetIfSpec};
-use cis490_common::MAX_THREADS;
+use super::loader::{self, NetIfSpec, SnapSpec};
 
 /// The hidden subcommand the helper runs as.
 pub const SUBCOMMAND: &str = "__bpf-loader";
@@ -51,7 +49,7 @@ pub struct LoaderReport {
 #[derive(Debug, Serialize, Deserialize)]
 enum Reply {
     Ok {
-        /// Names of the map fds, in fd order ("SCHED", "IO", optionally "NET").
+        /// Names of the map fds, in fd order ("SNAPS", "CONTROL").
         maps: Vec<String>,
         /// Loaded programs: (name, kernel program id) for `--bpf-stats`.
         programs: Vec<(String, u32)>,
@@ -64,9 +62,8 @@ enum Reply {
 
 /// Everything the capture needs from a load, wherever it happened.
 pub struct Attached {
-    pub sched: HashDrain<cis490_common::SchedStats>,
-    pub io: HashDrain<cis490_common::IoStats>,
-    pub net: Option<aya::maps::PerCpuArray<MapData, cis490_common::NetStats>>,
+    pub snaps: RingBuf<MapData>,
+    pub control: Array<MapData, u32>,
     /// (name, kernel program id) of every loaded program.
     pub programs: Vec<(String, u32)>,
     /// Keeps the programs attached (and run-time statistics on) until dropped.
@@ -100,13 +97,13 @@ pub fn load_in_process(
     pid: u32,
     net_ifs: &[NetIfSpec],
     bpf_stats: bool,
+    snap: SnapSpec,
 ) -> Result<Attached, String> {
-    let l = loader::load(pid, net_ifs, bpf_stats)?;
+    let l = loader::load(pid, net_ifs, bpf_stats, snap)?;
     let programs = program_ids(&l.ebpf, &l.programs);
     Ok(Attached {
-        sched: l.sched,
-        io: l.io,
-        net: l.net,
+        snaps: l.snaps,
+        control: l.control,
         programs,
         keepalive: KeepAlive::InProcess(Box::new(l.ebpf), l.stats_fd),
         loader: None,
@@ -115,12 +112,17 @@ pub fn load_in_process(
 
 /// Load through the helper process; falls back to loading in process only when the
 /// helper cannot be started at all (e.g. the executable was replaced meanwhile).
-pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Attached, String> {
+pub fn load(
+    pid: u32,
+    net_ifs: &[NetIfSpec],
+    bpf_stats: bool,
+    snap: SnapSpec,
+) -> Result<Attached, String> {
     let exe = match std::env::current_exe() {
         Ok(p) if p.exists() => p,
         other => {
             tracing::warn!("no executable to start the BPF loader process from ({other:?}); loading in process");
-            return load_in_process(pid, net_ifs, bpf_stats);
+            return load_in_process(pid, net_ifs, bpf_stats, snap);
         }
     };
     let (ours, theirs) = rustix::net::socketpair(
@@ -139,6 +141,7 @@ pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Attached
     if bpf_stats {
         cmd.arg("--bpf-stats");
     }
+    cmd.arg("--interval-ns").arg(snap.interval_ns.to_string());
     let started = Instant::now();
     let mut child = match cmd
         .stdin(Stdio::from(theirs))
@@ -149,7 +152,7 @@ pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Attached
         Ok(c) => c,
         Err(e) => {
             tracing::warn!("cannot start the BPF loader process ({e}); loading in process");
-            return load_in_process(pid, net_ifs, bpf_stats);
+            return load_in_process(pid, net_ifs, bpf_stats, snap);
         }
     };
     let got = receive(&ours);
@@ -179,40 +182,30 @@ pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Attached
         ));
     }
     let mut fds = fds.into_iter();
-    let mut sched = None;
-    let mut io = None;
-    let mut net = None;
+    let mut snaps = None;
+    let mut control = None;
     for name in &maps {
         let fd = fds.next().expect("counted above");
         let data = MapData::from_fd(fd).map_err(|e| format!("map {name} from the loader: {e}"))?;
         match name.as_str() {
-            "SCHED" => {
-                sched = Some(HashDrain::new(
-                    Map::HashMap(data),
-                    "SCHED",
-                    MAX_THREADS as usize,
-                )?)
+            "SNAPS" => {
+                snaps = Some(
+                    RingBuf::try_from(Map::RingBuf(data))
+                        .map_err(|e| format!("map SNAPS from the loader: {e}"))?,
+                )
             }
-            "IO" => {
-                io = Some(HashDrain::new(
-                    Map::HashMap(data),
-                    "IO",
-                    MAX_THREADS as usize,
-                )?)
-            }
-            "NET" => {
-                net = Some(
-                    aya::maps::PerCpuArray::try_from(Map::PerCpuArray(data))
-                        .map_err(|e| format!("map NET from the loader: {e}"))?,
+            "CONTROL" => {
+                control = Some(
+                    Array::try_from(Map::Array(data))
+                        .map_err(|e| format!("map CONTROL from the loader: {e}"))?,
                 )
             }
             other => return Err(format!("the BPF loader process sent unknown map {other}")),
         }
     }
     Ok(Attached {
-        sched: sched.ok_or("the BPF loader process sent no SCHED map")?,
-        io: io.ok_or("the BPF loader process sent no IO map")?,
-        net,
+        snaps: snaps.ok_or("the BPF loader process sent no SNAPS map")?,
+        control: control.ok_or("the BPF loader process sent no CONTROL map")?,
         programs,
         keepalive: KeepAlive::Fds(fds.collect()),
         loader: Some(LoaderReport {
@@ -271,16 +264,16 @@ pub fn parse_net_if(arg: &str) -> Result<NetIfSpec, String> {
 }
 
 /// The helper's side: load, hand everything over on fd 0, exit without destructors.
-pub fn run_helper(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> ! {
+pub fn run_helper(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool, snap: SnapSpec) -> ! {
     // SAFETY: fd 0 is the socket the capture passed as stdin; it stays open until _exit.
     let sock = unsafe { BorrowedFd::borrow_raw(0) };
-    let outcome = loader::load(pid, net_ifs, bpf_stats);
+    let outcome = loader::load(pid, net_ifs, bpf_stats, snap);
     let sent = match &outcome {
         Ok(l) => {
-            let mut maps = vec![("SCHED", l.sched.map_fd()), ("IO", l.io.map_fd())];
-            if let Some(n) = &l.net {
-                maps.push(("NET", n.map().fd().as_fd()));
-            }
+            let maps = [
+                ("SNAPS", l.snaps.as_fd()),
+                ("CONTROL", l.control.map().fd().as_fd()),
+            ];
             let holds = attachment_fds();
             let reply = Reply::Ok {
                 maps: maps.iter().map(|(n, _)| (*n).to_owned()).collect(),

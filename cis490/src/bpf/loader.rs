@@ -3,30 +3,51 @@
 //! Every failure comes back as one line saying exactly what is missing (capability,
 //! tracefs, tracepoint, verifier output), which `backend` records as the fallback reason.
 
+use std::io::Read;
 use std::os::fd::OwnedFd;
 
-use aya::maps::{HashMap, MapData, PerCpuArray};
-use aya::programs::{RawTracePoint, TracePoint};
-use aya::{Ebpf, EbpfLoader};
+use aya::maps::{Array, HashMap, MapData, RingBuf};
+use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
+use aya::programs::{Iter, PerfEvent, RawTracePoint, TracePoint};
+use aya::{Btf, Ebpf, EbpfLoader};
 use cis490_common::{
-    parse_schedstat, IfName, IoStats, NetIf, NetStats, SchedStats, MAX_NET_IFS, MAX_THREADS,
+    IfName, NetIf, SnapConfig, SnapRecord, ThreadSlot, MAX_CPUS, MAX_NET_IFS, MAX_SLOTS, SLOT_FREE,
 };
 
-use super::batch::HashDrain;
 use super::{btf, tracefs};
 
 /// The object built by build.rs from the `cis490-ebpf` crate.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cis490-probes"));
 
-/// A raw-tracepoint program and the tracepoint it is attached to.
-const SCHED_PROGRAMS: &[(&str, &str)] = &[
-    ("cis490_sched_switch", "sched_switch"),
-    ("cis490_sched_wakeup", "sched_wakeup"),
-    ("cis490_sched_wakeup", "sched_wakeup_new"),
-    ("cis490_sched_migrate", "sched_migrate_task"),
+/// The raw-tracepoint programs that keep the set of followed threads, and their
+/// tracepoints.
+const THREAD_SET_PROGRAMS: &[(&str, &str)] = &[
     ("cis490_sched_fork", "sched_process_fork"),
     ("cis490_sched_exit", "sched_process_exit"),
 ];
+
+/// What the capture asks of the snapshot program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapSpec {
+    /// Time between two snapshots (the capture's `--rate-hz`).
+    pub interval_ns: u64,
+}
+
+/// Bytes of ring buffer for `secs` seconds of snapshots of `threads` threads (doubled
+/// for growth) and `net_ifs` interfaces: a power of two pages, 256 KiB to 16 MiB. User
+/// space drains every 50 ms, so half a second is ten drains of slack; the pages it
+/// touches count in the capture's RSS, so it is not larger.
+pub fn ring_bytes(interval_ns: u64, threads: usize, net_ifs: usize) -> u32 {
+    const RECORD_HEADER: u64 = 8;
+    let per_tick = (threads.max(8) as u64 * 2)
+        * (std::mem::size_of::<SnapRecord>() as u64 + RECORD_HEADER)
+        + net_ifs as u64 * (std::mem::size_of::<cis490_common::NetRecord>() as u64 + RECORD_HEADER)
+        + std::mem::size_of::<cis490_common::TickRecord>() as u64
+        + RECORD_HEADER;
+    let ticks_per_half_second = (500_000_000 / interval_ns.max(1)).max(1);
+    let want = per_tick * ticks_per_half_second;
+    want.next_power_of_two().clamp(256 << 10, 16 << 20) as u32
+}
 
 /// A watched interface: its name and the link-layer header length its rx path strips.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,10 +59,10 @@ pub struct NetIfSpec {
 /// Everything loaded for one capture. Dropping it detaches and unloads the programs.
 pub struct Loaded {
     pub ebpf: Ebpf,
-    pub sched: HashDrain<SchedStats>,
-    pub io: HashDrain<IoStats>,
-    /// Present when interfaces were given.
-    pub net: Option<PerCpuArray<MapData, NetStats>>,
+    /// The snapshot program's output.
+    pub snaps: RingBuf<MapData>,
+    /// Element 0 = 1 starts the snapshots (see [`start_snapshots`]).
+    pub control: Array<MapData, u32>,
     /// Names of the loaded programs (for run-time statistics).
     pub programs: Vec<&'static str>,
     /// Held while `--bpf-stats` is on: the kernel counts run time while this fd is open
@@ -79,7 +100,7 @@ pub fn missing_caps(caps: u64) -> Option<String> {
         missing.push("CAP_PERFMON");
     }
     Some(format!(
-        "missing capability {} (tracepoint programs need CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN; run as root)",
+        "missing capability {} (the BPF programs need CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN; run as root)",
         missing.join("+")
     ))
 }
@@ -147,42 +168,80 @@ where
     T::try_from(m).map_err(|e| format!("map {name}: {e}"))
 }
 
-fn drain<V: Copy + Default>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashDrain<V>, String> {
-    let m = ebpf
-        .take_map(name)
-        .ok_or_else(|| format!("map {name} missing from the embedded object"))?;
-    HashDrain::new(m, name, MAX_THREADS as usize)
+/// The first online CPU: where the snapshot timer runs.
+fn snapshot_cpu() -> Result<u32, String> {
+    aya::util::online_cpus()
+        .map_err(|(f, e)| format!("reading {f}: {e}"))?
+        .first()
+        .copied()
+        .ok_or_else(|| "no online CPU".to_owned())
 }
 
-/// Run once on every CPU this thread may use, so that a context switch happens on each
-/// of them after attach: a thread of the target that was on a CPU at attach (and may
-/// stay there for long on an idle machine, without any switch) is switched out, which
-/// brings its on-CPU time into the map, and in again, which starts its running slice.
-/// CPUs outside this process's affinity mask are not visited: a target thread running
-/// there is counted from its first switch after attach.
-fn visit_cpus() {
-    // SAFETY: cpu_set_t is plain data; sched_{get,set}affinity(0, …) act on this thread.
-    unsafe {
-        let mut orig: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut orig) != 0 {
-            return;
-        }
-        for cpu in 0..libc::CPU_SETSIZE as usize {
-            if libc::CPU_ISSET(cpu, &orig) {
-                let mut one: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(cpu, &mut one);
-                // Returns once this thread runs on `cpu`.
-                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one);
-            }
-        }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &orig);
-    }
+/// Run the seeding iterator once: every thread of the target that exists now gets a
+/// slot. Returns how many slots are live afterwards.
+fn seed_threads(ebpf: &mut Ebpf) -> Result<usize, String> {
+    let btf = Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {}", flatten(&e)))?;
+    let p: &mut Iter = ebpf
+        .program_mut("cis490_seed_task")
+        .ok_or("program cis490_seed_task missing from the embedded object")?
+        .try_into()
+        .map_err(|e| format!("program cis490_seed_task: {e}"))?;
+    p.load("task", &btf)
+        .map_err(|e| format!("loading the task iterator: {}", flatten(&e)))?;
+    drop(btf);
+    let id = p
+        .attach()
+        .map_err(|e| format!("attaching the task iterator: {}", flatten(&e)))?;
+    let link = p
+        .take_link(id)
+        .map_err(|e| format!("task iterator link: {}", flatten(&e)))?;
+    let mut file = link
+        .into_file()
+        .map_err(|e| format!("task iterator: {}", flatten(&e)))?;
+    // The program writes nothing: reading to the end runs it over every task.
+    let mut sink = Vec::new();
+    file.read_to_end(&mut sink)
+        .map_err(|e| format!("running the task iterator: {e}"))?;
+    let slots: Array<&MapData, ThreadSlot> = Array::try_from(
+        ebpf.map("SLOTS")
+            .ok_or("map SLOTS missing from the embedded object")?,
+    )
+    .map_err(|e| format!("map SLOTS: {e}"))?;
+    Ok(slots
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|s| s.state != SLOT_FREE)
+        .count())
 }
 
-/// Load the programs filtered to `pid`, seed its current threads, and attach everything.
-pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, String> {
+/// Let the snapshot timer take snapshots from its next run on (the capture calls this
+/// once its clock origin is set and it is about to drain).
+pub fn start_snapshots(control: &mut Array<MapData, u32>) -> Result<(), String> {
+    control
+        .set(0, 1, 0)
+        .map_err(|e| format!("starting the snapshots (map CONTROL): {e}"))
+}
+
+/// Whether the kernel counts wakeups per task right now (CONFIG_SCHEDSTATS and
+/// kernel.sched_schedstats = 1); the count is read only then.
+fn schedstats_on() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/sched_schedstats")
+        .map(|s| s.trim() == "1")
+        .unwrap_or(false)
+}
+
+/// Load the programs for `pid`, follow its threads, and start the snapshot timer.
+pub fn load(
+    pid: u32,
+    net_ifs: &[NetIfSpec],
+    bpf_stats: bool,
+    snap: SnapSpec,
+) -> Result<Loaded, String> {
     if let Some(why) = missing_caps(effective_caps()) {
         return Err(why);
+    }
+    if snap.interval_ns == 0 {
+        return Err("snapshot interval of 0 ns".into());
     }
     let root = tracefs::ensure_mounted()?;
     let mut offsets = tracefs::offsets(&root, !net_ifs.is_empty())?;
@@ -190,10 +249,33 @@ pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, 
     // two are never in memory together.
     let task = btf::vmlinux_task_layout().map_err(|e| e.to_string())?;
     offsets.task_pid = task.pid;
+    offsets.task_flags = task.flags;
     offsets.task_sum_exec_runtime = task.sum_exec_runtime;
+    offsets.task_nr_migrations = task.nr_migrations;
+    offsets.task_pcount = task.pcount;
+    offsets.task_nvcsw = task.nvcsw;
+    offsets.task_ioac = task.ioac;
+    offsets.task_nr_wakeups = match task.nr_wakeups {
+        Some(off) if schedstats_on() => off,
+        _ => 0,
+    };
     if net_ifs.len() > MAX_NET_IFS as usize {
         return Err(format!("at most {MAX_NET_IFS} interfaces can be watched"));
     }
+    let ncpus = aya::util::nr_cpus().map_err(|(f, e)| format!("reading {f}: {e}"))?;
+    if ncpus > MAX_CPUS as usize && !net_ifs.is_empty() {
+        return Err(format!(
+            "{ncpus} possible CPUs: the net counters are summed over at most {MAX_CPUS}"
+        ));
+    }
+    let config = SnapConfig {
+        interval_ns: snap.interval_ns,
+        ncpus: ncpus as u32,
+        net_ifs: net_ifs.len() as u32,
+    };
+    let threads_now = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .map_err(|e| format!("listing /proc/{pid}/task: {e}"))?;
     let stats_fd = if bpf_stats {
         Some(
             aya::sys::enable_stats(aya::sys::Stats::RunTime)
@@ -205,45 +287,18 @@ pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, 
     let mut ebpf = EbpfLoader::new()
         .override_global("TARGET_TGID", &pid, true)
         .override_global("OFFSETS", &offsets, true)
+        .override_global("SNAP_CONFIG", &config, true)
+        .map_max_entries(
+            "SNAPS",
+            ring_bytes(snap.interval_ns, threads_now, net_ifs.len()),
+        )
         .load(OBJECT)
         .map_err(|e| format!("loading the BPF object: {}", flatten(&e)))?;
 
-    let mut sched = drain(&mut ebpf, "SCHED")?;
-    // Seed the threads that exist now, with the scheduler's accounting as their base (the
-    // counters are since attach); ones created later come through sched_process_fork or
-    // their first switch.
-    let task_dir = format!("/proc/{pid}/task");
-    let tasks = std::fs::read_dir(&task_dir).map_err(|e| format!("listing {task_dir}: {e}"))?;
-    for entry in tasks.flatten() {
-        let Some(tid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        // A thread that exited meanwhile has no schedstat left: nothing to seed.
-        let Some(exec) = std::fs::read_to_string(entry.path().join("schedstat"))
-            .ok()
-            .and_then(|s| parse_schedstat(&s))
-        else {
-            continue;
-        };
-        let v = SchedStats {
-            exec_base_ns: exec,
-            ..Default::default()
-        };
-        sched
-            .insert(tid, &v)
-            .map_err(|e| format!("seeding thread {tid}: {e}"))?;
-    }
-    let io = drain(&mut ebpf, "IO")?;
     // Kept until the programs are loaded: closing a map's last fd before the program that
     // uses it is loaded makes the load fail ("fd is not pointing to valid bpf_map").
     let mut ifs_map = None;
-    let net = if net_ifs.is_empty() {
-        None
-    } else {
+    if !net_ifs.is_empty() {
         let mut ifs: HashMap<MapData, IfName, NetIf> = take(&mut ebpf, "NET_IFS")?;
         for (slot, spec) in net_ifs.iter().enumerate() {
             let key = IfName::new(&spec.name)
@@ -256,40 +311,28 @@ pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, 
                 .map_err(|e| format!("configuring interface {}: {}", spec.name, flatten(&e)))?;
         }
         ifs_map = Some(ifs);
-        Some(take(&mut ebpf, "NET")?)
-    };
+    }
 
     let mut programs = Vec::new();
-    for (prog, name) in SCHED_PROGRAMS {
+    // The thread set first, then the seeding: a thread created in between is added by
+    // sched_process_fork (a slot is never given twice to one tid).
+    for (prog, name) in THREAD_SET_PROGRAMS {
         attach_raw(&mut ebpf, prog, name)?;
         programs.push(*prog);
     }
-    if bpf_stats {
-        // The in-kernel cost baseline: an empty program on the same tracepoint.
-        attach_raw(&mut ebpf, "cis490_baseline_noop", "sched_switch")?;
-        programs.push("cis490_baseline_noop");
+    let seeded = seed_threads(&mut ebpf)?;
+    if seeded == 0 {
+        return Err(format!(
+            "the task iterator found no thread of process {pid} (has it exited?)"
+        ));
     }
-    for s in tracefs::READ_SYSCALLS {
-        attach(
-            &mut ebpf,
-            "cis490_sys_exit_read",
-            "syscalls",
-            &format!("sys_exit_{s}"),
-        )?;
+    if seeded > MAX_SLOTS as usize {
+        return Err(format!("more than {MAX_SLOTS} threads"));
     }
-    for s in tracefs::WRITE_SYSCALLS {
-        attach(
-            &mut ebpf,
-            "cis490_sys_exit_write",
-            "syscalls",
-            &format!("sys_exit_{s}"),
-        )?;
-    }
-    programs.extend(["cis490_sys_exit_read", "cis490_sys_exit_write"]);
     let (bc, bn) = tracefs::BLOCK_TRACEPOINT;
     attach(&mut ebpf, "cis490_block_rq_issue", bc, bn)?;
     programs.push("cis490_block_rq_issue");
-    if net.is_some() {
+    if !net_ifs.is_empty() {
         attach(&mut ebpf, "cis490_net_dev_xmit", "net", "net_dev_xmit")?;
         attach(
             &mut ebpf,
@@ -299,14 +342,35 @@ pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, 
         )?;
         programs.extend(["cis490_net_dev_xmit", "cis490_netif_receive_skb"]);
     }
-    programs.dedup();
     drop(ifs_map);
-    visit_cpus();
+    let snaps: RingBuf<MapData> = take(&mut ebpf, "SNAPS")?;
+    let control: Array<MapData, u32> = take(&mut ebpf, "CONTROL")?;
+    // Last: the timer starts now, with every thread already followed.
+    let cpu = snapshot_cpu()?;
+    let p: &mut PerfEvent = ebpf
+        .program_mut("cis490_snapshot")
+        .ok_or("program cis490_snapshot missing from the embedded object")?
+        .try_into()
+        .map_err(|e| format!("program cis490_snapshot: {e}"))?;
+    p.load()
+        .map_err(|e| format!("loading program cis490_snapshot: {}", flatten(&e)))?;
+    p.attach(
+        PerfEventConfig::Software(SoftwareEvent::CpuClock),
+        PerfEventScope::AllProcessesOneCpu { cpu },
+        SamplePolicy::Period(snap.interval_ns),
+        false,
+    )
+    .map_err(|e| {
+        format!(
+            "starting the snapshot timer (perf cpu-clock on CPU {cpu}): {}",
+            flatten(&e)
+        )
+    })?;
+    programs.push("cis490_snapshot");
     Ok(Loaded {
         ebpf,
-        sched,
-        io,
-        net,
+        snaps,
+        control,
         programs,
         stats_fd,
     })
@@ -315,6 +379,20 @@ pub fn load(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool) -> Result<Loaded, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ring_holds_half_a_second_within_bounds() {
+        // 1 kHz, 9 threads: (18 × 168 + 56) B × 500 ≈ 1.5 MB → 2 MiB.
+        assert_eq!(ring_bytes(1_000_000, 9, 0), 2 << 20);
+        // 10 Hz: the floor.
+        assert_eq!(ring_bytes(100_000_000, 9, 0), 256 << 10);
+        // Very many threads at 1 kHz: the ceiling.
+        assert_eq!(ring_bytes(1_000_000, 400, 16), 16 << 20);
+        for (i, t, n) in [(1_000_000, 1, 0), (3_333_333, 40, 2), (1_000_000_000, 0, 0)] {
+            let b = ring_bytes(i, t, n);
+            assert!(b.is_power_of_two() && b % 4096 == 0, "{b}");
+        }
+    }
 
     #[test]
     fn capability_check_names_what_is_missing() {

@@ -1,74 +1,67 @@
 //! The eBPF backend: kernel programs (crate `cis490-ebpf`, embedded at build time) that
-//! aggregate per-thread scheduler and I/O counters and per-interface packet counters of
-//! the target in the kernel, drained by collectors on the sampler's tick.
+//! snapshot the target's per-thread scheduler and I/O accounting and its interfaces'
+//! packet counters on the kernel's own timer, streamed through a ring buffer that the
+//! collectors drain a few times a second.
 //!
 //! - `tracefs`: mount, tracepoint list, field offsets from format files (pure parts tested)
 //! - `btf`: task_struct field offsets from the kernel BTF (streaming reader)
-//! - `loader`: load with the target's tgid, seed its threads, attach
+//! - `loader`, `handoff`: load with the target's tgid, follow its threads, start the timer
+//! - `snap`: the ring buffer drain (record parsing and schedule bookkeeping tested)
 //! - `table`: per-thread bookkeeping (monotone counters, exited threads kept in totals)
-//! - `sched`, `io`: the `bpf-sched` and `bpf-io` collectors
+//! - `sched`: the `bpf-sched` and `bpf-io` collectors
 //! - `net`: the `net` source (BPF or sysfs) and tap autodetection
 //! - `stats`: per-program run count / run time for `--bpf-stats`
 
-pub mod batch;
 pub mod btf;
 pub mod handoff;
-pub mod io;
 pub mod loader;
 pub mod net;
 pub mod sched;
+pub mod snap;
 pub mod stats;
 pub mod table;
 pub mod tracefs;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::collector::Collector;
 
 /// What the collectors of one capture share: what keeps the programs attached (dropping
-/// the last reference detaches everything) and the tids the sched side removed, which the io side
-/// removes from its own map after reading their final values.
+/// the last reference detaches everything) and the ring buffer drain.
 pub struct Session {
     _keepalive: handoff::KeepAlive,
     programs: Vec<(String, u32)>,
     /// Set when the programs were loaded by the `cis490 __bpf-loader` helper process.
     pub loader: Option<handoff::LoaderReport>,
-    retired: Mutex<Vec<u32>>,
-    /// The live threads the sched side reported this tick (it runs first), so the io
-    /// side writes a row for every thread, also those that have done no I/O yet.
-    live: Mutex<Vec<u32>>,
+    drain: Mutex<snap::Drain>,
+    control: Mutex<aya::maps::Array<aya::maps::MapData, u32>>,
 }
 
 impl Session {
-    fn retire(&self, tids: &[u32]) {
-        self.retired
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(tids);
+    /// Start the kernel's snapshots (their tick 0 is the first timer run after this).
+    pub fn start_snapshots(&self) -> Result<(), String> {
+        loader::start_snapshots(&mut self.control.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    fn set_live(&self, tids: impl Iterator<Item = u32>) {
-        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        live.clear();
-        live.extend(tids);
-    }
-
-    /// Copy the live threads into `out` (a buffer the caller reuses every tick).
-    fn live_into(&self, out: &mut Vec<u32>) {
-        out.clear();
-        out.extend_from_slice(&self.live.lock().unwrap_or_else(|p| p.into_inner()));
-    }
-
-    /// Move the retired tids into `out` (cleared first).
-    fn take_retired(&self, out: &mut Vec<u32>) {
-        out.clear();
-        out.append(&mut self.retired.lock().unwrap_or_else(|p| p.into_inner()));
+    /// The drain; every collector of the session runs on the sampler thread, so this is
+    /// never contended.
+    pub(crate) fn lock_drain(&self) -> MutexGuard<'_, snap::Drain> {
+        self.drain.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Run count and run time per program (meaningful with `--bpf-stats`).
     pub fn program_stats(&self) -> serde_json::Value {
         stats::collect(&self.programs)
+    }
+
+    /// The kernel timer's schedule as the episode saw it: (ticks scheduled, ticks
+    /// missed, lateness summary). These replace the host sampler's figures in
+    /// meta.result, since the host only drains.
+    pub fn kernel_schedule(&self) -> (u64, u64, serde_json::Value) {
+        let d = self.lock_drain();
+        let s = &d.asm.schedule;
+        (s.scheduled(), s.missed, s.lateness.summary())
     }
 }
 
@@ -84,36 +77,34 @@ pub fn start(
     vcpus: &crate::collector::VcpuMap,
     net_ifs: &[loader::NetIfSpec],
     bpf_stats: bool,
+    snap: loader::SnapSpec,
 ) -> Result<Backend, String> {
-    let loaded = handoff::load(pid, net_ifs, bpf_stats)?;
+    let loaded = handoff::load(pid, net_ifs, bpf_stats, snap)?;
     let session = Arc::new(Session {
         _keepalive: loaded.keepalive,
         programs: loaded.programs,
         loader: loaded.loader,
-        retired: Mutex::new(Vec::new()),
-        live: Mutex::new(Vec::new()),
+        drain: Mutex::new(snap::Drain::new(loaded.snaps)),
+        control: Mutex::new(loaded.control),
     });
+    // bpf-sched first: it drains the ring for the others of the same host tick.
     let mut collectors: Vec<Box<dyn Collector>> = vec![
-        Box::new(sched::SchedCollector::new(
+        Box::new(sched::SnapCollector::new(
+            sched::Stream::Sched,
             pid,
-            loaded.sched,
             session.clone(),
             vcpus.clone(),
         )),
-        Box::new(io::IoCollector::new(
+        Box::new(sched::SnapCollector::new(
+            sched::Stream::Io,
             pid,
-            loaded.io,
             session.clone(),
             vcpus.clone(),
         )),
     ];
-    if let Some(map) = loaded.net {
+    if !net_ifs.is_empty() {
         let names = net_ifs.iter().map(|s| s.name.clone()).collect();
-        collectors.push(Box::new(net::BpfNetCollector::new(
-            map,
-            names,
-            session.clone(),
-        )));
+        collectors.push(Box::new(net::BpfNetCollector::new(names, session.clone())));
     }
     Ok(Backend {
         collectors,

@@ -9,7 +9,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use aya::maps::{MapData, PerCpuArray};
 use cis490_common::NetStats;
 
 use super::Session;
@@ -116,34 +115,16 @@ fn net_row(stamp: crate::clock::Stamp, seq: u64, ifname: &str, s: Option<NetStat
     row
 }
 
-/// Sum of the per-CPU values of one slot.
-pub fn sum(per_cpu: &[NetStats]) -> NetStats {
-    per_cpu.iter().fold(NetStats::default(), |mut a, s| {
-        a.rx_bytes += s.rx_bytes;
-        a.rx_packets += s.rx_packets;
-        a.tx_bytes += s.tx_bytes;
-        a.tx_packets += s.tx_packets;
-        a
-    })
-}
-
+/// `net` rows from the kernel snapshots (the programs count per CPU; the snapshot sums
+/// the CPUs), one per interface per snapshot, on the snapshot's seq and stamp.
 pub struct BpfNetCollector {
-    map: PerCpuArray<MapData, NetStats>,
     names: Vec<String>,
-    _session: Arc<Session>,
+    session: Arc<Session>,
 }
 
 impl BpfNetCollector {
-    pub fn new(
-        map: PerCpuArray<MapData, NetStats>,
-        names: Vec<String>,
-        session: Arc<Session>,
-    ) -> Self {
-        Self {
-            map,
-            names,
-            _session: session,
-        }
+    pub fn new(names: Vec<String>, session: Arc<Session>) -> Self {
+        Self { names, session }
     }
 }
 
@@ -154,21 +135,31 @@ impl Collector for BpfNetCollector {
     fn available_in_deployment(&self) -> bool {
         true
     }
+    fn kernel_clocked(&self) -> bool {
+        true
+    }
     fn collect(
         &mut self,
-        tick: Tick,
-        clock: &EpisodeClock,
+        _tick: Tick,
+        _clock: &EpisodeClock,
         out: &mut TickOutput,
     ) -> Result<(), Error> {
-        for (slot, name) in self.names.iter().enumerate() {
-            let stats = match self.map.get(&(slot as u32), 0) {
-                Ok(v) => Some(sum(&v)),
-                Err(e) => {
-                    out.problem(format!("reading map NET for {name}: {e}"));
-                    None
+        // The batch the bpf-sched collector drained this host tick.
+        let drain = self.session.lock_drain();
+        let batch = &drain.asm.batch;
+        out.gaps.extend_from_slice(&batch.gaps);
+        for tick in &batch.ticks {
+            let recs = &batch.nets[tick.nets.0..tick.nets.1];
+            for (slot, name) in self.names.iter().enumerate() {
+                let stats = recs
+                    .iter()
+                    .find(|r| r.slot as usize == slot)
+                    .map(|r| r.stats);
+                if stats.is_none() {
+                    out.problem(format!("snapshot {} has no counters for {name}", tick.seq));
                 }
-            };
-            out.row(net_row(clock.stamp(), tick.seq, name, stats));
+                out.row(net_row(tick.stamp, tick.seq, name, stats));
+            }
         }
         Ok(())
     }
@@ -310,33 +301,6 @@ mod tests {
         let text = "pos:\t0\nflags:\t0104002\nmnt_id:\t26\nino:\t1043\niff:\tcis490tap0\n";
         assert_eq!(iff_from_fdinfo(text).as_deref(), Some("cis490tap0"));
         assert_eq!(iff_from_fdinfo("pos:\t0\nflags:\t02\n"), None);
-    }
-
-    #[test]
-    fn per_cpu_values_sum() {
-        let s = sum(&[
-            NetStats {
-                rx_bytes: 1,
-                rx_packets: 2,
-                tx_bytes: 3,
-                tx_packets: 4,
-            },
-            NetStats {
-                rx_bytes: 10,
-                rx_packets: 20,
-                tx_bytes: 30,
-                tx_packets: 40,
-            },
-        ]);
-        assert_eq!(
-            s,
-            NetStats {
-                rx_bytes: 11,
-                rx_packets: 22,
-                tx_bytes: 33,
-                tx_packets: 44
-            }
-        );
     }
 
     #[test]

@@ -1,129 +1,186 @@
-//! The `bpf-sched` collector: drains map `SCHED` each tick into one row per thread and a
-//! process-total row (tid null).
+//! The `bpf-sched` and `bpf-io` collectors: one row per thread per kernel snapshot and a
+//! process-total row (tid null), from the drained [`Batch`](super::snap::Batch).
+//!
+//! Both streams come from the same snapshot records, so they are one collector type
+//! with a [`Stream`] saying which columns it writes. The `bpf-sched` one runs first on
+//! each host tick and drains the ring; `bpf-io` and `net` read the same batch.
 
 use std::sync::Arc;
 
-use cis490_common::SchedStats;
+use cis490_common::{SnapRecord, REC_THREAD_EXITED};
 
-use super::table::{Counters, Entry, ThreadTable};
+use super::table::{Entry, ThreadTable, Values, MAX_WIDTH, UNAVAILABLE};
 use super::{Comms, Session};
 use crate::clock::{self, EpisodeClock};
 use crate::collector::{Collector, Tick, TickOutput, VcpuMap};
 use crate::error::Error;
 
-pub const SOURCE: &str = "bpf-sched";
+/// Which stream a [`SnapCollector`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Sched,
+    Io,
+}
 
-pub struct SchedCollector {
+impl Stream {
+    pub fn source(self) -> &'static str {
+        match self {
+            Stream::Sched => "bpf-sched",
+            Stream::Io => "bpf-io",
+        }
+    }
+
+    /// Column names, in the order of [`Stream::values`]. Same names as the `proc`
+    /// stream's for the same kernel quantities.
+    pub fn names(self) -> &'static [&'static str] {
+        match self {
+            Stream::Sched => &[
+                "on_cpu_ns",
+                "voluntary_switches",
+                "involuntary_switches",
+                "wakeups",
+                "runqueue_wait_ns",
+                "timeslices_count",
+                "migrations",
+            ],
+            Stream::Io => &[
+                "rchar",
+                "wchar",
+                "syscr",
+                "syscw",
+                "read_bytes",
+                "write_bytes",
+                "cancelled_write_bytes",
+                "blk_read_bytes",
+                "blk_write_bytes",
+                "blk_read_ops",
+                "blk_write_ops",
+            ],
+        }
+    }
+
+    pub fn values(self, r: &SnapRecord) -> Values {
+        let c = &r.counters;
+        let mut v = [0; MAX_WIDTH];
+        match self {
+            Stream::Sched => v[..7].copy_from_slice(&[
+                c.on_cpu_ns,
+                c.voluntary_switches,
+                c.involuntary_switches,
+                c.wakeups,
+                c.runqueue_wait_ns,
+                c.timeslices_count,
+                c.migrations,
+            ]),
+            Stream::Io => {
+                v[..7].copy_from_slice(&c.io);
+                v[7..11].copy_from_slice(&[
+                    r.blk.read_bytes,
+                    r.blk.write_bytes,
+                    r.blk.read_ops,
+                    r.blk.write_ops,
+                ]);
+            }
+        }
+        v
+    }
+}
+
+pub struct SnapCollector {
+    stream: Stream,
     pid: u32,
-    map: super::batch::HashDrain<SchedStats>,
     session: Arc<Session>,
     table: ThreadTable,
     comms: Comms,
     vcpus: VcpuMap,
     entries: Vec<Entry>,
-    gone: Vec<u32>,
-    last_liveness_ns: u64,
 }
 
-/// How often threads are checked against /proc/<pid>/task: a thread that exited without
-/// its sched_process_exit being seen (it ended between the seeding of the map and the
-/// attach) would otherwise be reported forever.
-const LIVENESS_EVERY_NS: u64 = 1_000_000_000;
-
-impl SchedCollector {
-    pub fn new(
-        pid: u32,
-        map: super::batch::HashDrain<SchedStats>,
-        session: Arc<Session>,
-        vcpus: VcpuMap,
-    ) -> Self {
+impl SnapCollector {
+    pub fn new(stream: Stream, pid: u32, session: Arc<Session>, vcpus: VcpuMap) -> Self {
         Self {
+            stream,
             pid,
-            map,
             session,
             table: ThreadTable::new(),
             comms: Comms::new(pid),
             vcpus,
             entries: Vec::new(),
-            gone: Vec::new(),
-            last_liveness_ns: 0,
         }
     }
 }
 
-impl Collector for SchedCollector {
+fn push_counter(row: &mut crate::row::Row, name: &'static str, v: u64) {
+    if v == UNAVAILABLE {
+        row.push(name, None::<u64>);
+    } else {
+        row.push(name, v);
+    }
+}
+
+impl Collector for SnapCollector {
     fn source(&self) -> &'static str {
-        SOURCE
+        self.stream.source()
     }
 
     fn available_in_deployment(&self) -> bool {
         false
     }
 
+    fn kernel_clocked(&self) -> bool {
+        true
+    }
+
     fn collect(
         &mut self,
-        tick: Tick,
+        _tick: Tick,
         clock: &EpisodeClock,
         out: &mut TickOutput,
     ) -> Result<(), Error> {
-        self.entries.clear();
-        // Before the read: a thread on a CPU is then reported with its run time up to a
-        // moment the map already reflects (see `SchedStats::on_cpu_at`).
+        let mut drain = self.session.lock_drain();
+        if self.stream == Stream::Sched {
+            drain.drain(clock);
+            out.problems
+                .extend(drain.asm.batch.problems.iter().cloned());
+        }
+        let batch = &drain.asm.batch;
+        out.gaps.extend_from_slice(&batch.gaps);
         let now = clock::mono_raw_ns();
-        if let Err(e) = self.map.read() {
-            out.problem(e);
-        }
-        self.entries.extend(self.map.entries().map(|(tid, v)| {
-            let v = SchedStats {
-                on_cpu_ns: v.on_cpu_at(now),
-                ..*v
-            };
-            Entry::of(tid, &v)
-        }));
-        let update = self.table.update(&self.entries, now);
-        for tid in &update.remove {
-            self.map.remove(*tid);
-            self.comms.forget(*tid);
-        }
-        self.gone.clear();
-        self.gone.extend_from_slice(&update.remove);
-        if now.saturating_sub(self.last_liveness_ns) >= LIVENESS_EVERY_NS {
-            self.last_liveness_ns = now;
-            for (tid, _) in &update.threads {
-                let dir = format!("/proc/{}/task/{tid}", self.pid);
-                if !std::path::Path::new(&dir).exists() && !update.remove.contains(tid) {
-                    // Gone from the map next tick: the table then keeps its last values in
-                    // the process total.
-                    self.map.remove(*tid);
-                    self.gone.push(*tid);
+        let names = self.stream.names();
+        for tick in &batch.ticks {
+            let records = &batch.threads[tick.threads.0..tick.threads.1];
+            self.entries.clear();
+            self.entries.extend(records.iter().map(|r| Entry {
+                tid: r.tid,
+                values: self.stream.values(r),
+                exited: r.kind == REC_THREAD_EXITED,
+            }));
+            // Slot order is the kernel's; rows go by tid.
+            self.entries.sort_unstable_by_key(|e| e.tid);
+            let update = self.table.update(&self.entries);
+            for (tid, values) in &update.threads {
+                let row = out.new_row(tick.stamp, self.stream.source(), false);
+                row.seq = Some(tick.seq);
+                row.thread_columns = true;
+                row.tid = Some(*tid);
+                row.comm = self.comms.get(*tid, now);
+                row.vcpu = self.vcpus.get(*tid);
+                for (name, v) in names.iter().zip(values) {
+                    push_counter(row, name, *v);
                 }
             }
-        }
-        if !self.gone.is_empty() {
-            self.session.retire(&self.gone);
-        }
-        self.session
-            .set_live(update.threads.iter().map(|(tid, _)| *tid));
-
-        let stamp = clock.stamp();
-        let names = SchedStats::NAMES;
-        for (tid, values) in &update.threads {
-            let row = out.new_row(stamp, SOURCE, false);
+            let row = out.new_row(tick.stamp, self.stream.source(), false);
             row.seq = Some(tick.seq);
             row.thread_columns = true;
-            row.tid = Some(*tid);
-            row.comm = self.comms.get(*tid, now);
-            row.vcpu = self.vcpus.get(*tid);
-            for (name, v) in names.iter().zip(values) {
-                row.push(*name, *v);
+            row.comm = self.comms.get(self.pid, now);
+            for (name, v) in names.iter().zip(&update.total) {
+                push_counter(row, name, *v);
             }
-        }
-        let row = out.new_row(stamp, SOURCE, false);
-        row.seq = Some(tick.seq);
-        row.thread_columns = true;
-        row.comm = self.comms.get(self.pid, now);
-        for (name, v) in names.iter().zip(&update.total) {
-            row.push(*name, *v);
+            for e in &self.entries {
+                if e.exited {
+                    self.comms.forget(e.tid);
+                }
+            }
         }
         Ok(())
     }

@@ -10,17 +10,12 @@ const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
 
 /// Every tracepoint the programs attach to, as (category, name). The net ones are only
 /// attached when there are interfaces to watch. The sched ones are raw tracepoints,
-/// attached by name and read through their arguments: no format offsets.
+/// attached by name and read through their arguments: no format offsets. They follow
+/// the target's thread set; its counters are read by the snapshot program.
 pub const SCHED_TRACEPOINTS: &[(&str, &str)] = &[
-    ("sched", "sched_switch"),
-    ("sched", "sched_wakeup"),
-    ("sched", "sched_wakeup_new"),
-    ("sched", "sched_migrate_task"),
     ("sched", "sched_process_fork"),
     ("sched", "sched_process_exit"),
 ];
-pub const READ_SYSCALLS: &[&str] = &["read", "pread64", "readv", "preadv", "preadv2"];
-pub const WRITE_SYSCALLS: &[&str] = &["write", "pwrite64", "writev", "pwritev", "pwritev2"];
 pub const BLOCK_TRACEPOINT: (&str, &str) = ("block", "block_rq_issue");
 pub const NET_TRACEPOINTS: &[(&str, &str)] =
     &[("net", "net_dev_xmit"), ("net", "netif_receive_skb")];
@@ -31,9 +26,6 @@ pub fn all_tracepoints() -> Vec<(String, String)> {
         .iter()
         .map(|(c, n)| (c.to_string(), n.to_string()))
         .collect();
-    for s in READ_SYSCALLS.iter().chain(WRITE_SYSCALLS) {
-        v.push(("syscalls".into(), format!("sys_exit_{s}")));
-    }
     v.push((BLOCK_TRACEPOINT.0.into(), BLOCK_TRACEPOINT.1.into()));
     for (c, n) in NET_TRACEPOINTS {
         v.push((c.to_string(), n.to_string()));
@@ -156,18 +148,6 @@ fn field(fields: &[Field], tp: &str, name: &str, size: u32) -> Result<u32, Strin
 /// `with_net`: whether the net tracepoints are needed.
 pub fn offsets(root: &Path, with_net: bool) -> Result<Offsets, String> {
     let mut o = Offsets::LINUX_6_18;
-    for s in READ_SYSCALLS.iter().chain(WRITE_SYSCALLS) {
-        let tp = format!("sys_exit_{s}");
-        let f = format(root, "syscalls", &tp)?;
-        let off = field(&f, &format!("syscalls:{tp}"), "ret", 8)?;
-        if off != o.sys_exit_ret && s != &READ_SYSCALLS[0] {
-            return Err(format!(
-                "syscalls:{tp} has `ret` at {off}, not {}",
-                o.sys_exit_ret
-            ));
-        }
-        o.sys_exit_ret = off;
-    }
     let bl = format(root, BLOCK_TRACEPOINT.0, BLOCK_TRACEPOINT.1)?;
     o.blk_bytes = field(&bl, "block:block_rq_issue", "bytes", 4)?;
     let rwbs = bl

@@ -1,0 +1,407 @@
+//! Snapshots: the target's per-thread counters read from the kernel's own accounting in
+//! task_struct (the numbers /proc prints as schedstat, status and io) by a program the
+//! kernel runs on its own timer, streamed to user space through ring buffer `SNAPS`.
+//!
+//! No program runs per context switch, wakeup or syscall: the scheduler and the I/O
+//! accounting already keep these counters, so reading them `rate` times a second costs
+//! a few hundred ns per thread per snapshot, whatever the target does. The snapshot runs
+//! from a perf cpu-clock hrtimer (one CPU), so user space needs no wake-up per tick and
+//! drains the ring a few times a second.
+//!
+//! Which threads: map `SLOTS` holds the task_struct address of each thread of the
+//! target. It is seeded at attach by a task iterator (`cis490_seed_task`), grown by
+//! sched_process_fork and marked by sched_process_exit, which copies the thread's final
+//! counters into the slot while the task is still alive.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_task, bpf_ktime_get_ns,
+        generated::{bpf_map_lookup_percpu_elem, bpf_probe_read_kernel},
+    },
+    macros::{map, perf_event, raw_tracepoint},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::{PerfEventContext, RawTracePointContext},
+};
+use cis490_common::{
+    NetRecord, NetStats, Offsets, SnapRecord, ThreadCounters, ThreadSlot, TickRecord, TickState,
+    MAX_CPUS, MAX_NET_IFS, MAX_SLOTS, REC_NET, REC_THREAD, REC_THREAD_EXITED, REC_TICK,
+    SLOT_EXITED, SLOT_FREE, SLOT_LIVE,
+};
+
+use crate::globals::{current, offsets, read, snap_config, target_tgid, task_ids};
+use crate::io::{BLK, BLK_ZERO};
+use crate::net::NET;
+
+#[map]
+static SLOTS: Array<ThreadSlot> = Array::with_max_entries(MAX_SLOTS, 0);
+
+/// Slot index → tid of its owner. Taking a slot is an insert with BPF_NOEXIST, which the
+/// kernel does atomically: the Rust BPF target has no compare-and-swap, and two CPUs may
+/// add threads of the target at the same instant.
+#[map]
+static SLOT_CLAIMS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SLOTS, 0);
+
+/// Sized by the loader (`set_max_entries`) from the rate and the thread count.
+#[map]
+static SNAPS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+#[map]
+static TICK: Array<TickState> = Array::with_max_entries(1, 0);
+
+/// Element 0: 1 once the capture has started sampling (it sets it); until then the
+/// timer runs but takes no snapshot, so the episode's ticks start with the episode and
+/// the set-up time (meta.json's fsync can take seconds on a busy disk) cannot fill the
+/// ring.
+#[map]
+static CONTROL: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Where one record is built (a SnapRecord is too large for the 512-byte BPF stack
+/// together with the loop's state).
+#[map]
+static SCRATCH: PerCpuArray<SnapRecord> = PerCpuArray::with_max_entries(1, 0);
+
+const PF_EXITING: u32 = 0x4;
+
+/// Copy `words` u64 from the kernel object at `addr + offset` straight into `dst` (map
+/// memory): no stack copy, no memcpy call (the verifier would walk a byte loop per
+/// thread per snapshot).
+#[inline(always)]
+fn probe(dst: *mut u64, words: u32, addr: u64, offset: u32) -> bool {
+    unsafe {
+        bpf_probe_read_kernel(
+            dst as *mut c_void,
+            words * 8,
+            (addr + offset as u64) as *const c_void,
+        ) == 0
+    }
+}
+
+/// The kernel's counters of a live task, read into `c` (map memory).
+#[inline(always)]
+fn read_counters(task: u64, o: &Offsets, c: *mut ThreadCounters) -> bool {
+    unsafe {
+        if !(probe(&raw mut (*c).on_cpu_ns, 1, task, o.task_sum_exec_runtime)
+            && probe(&raw mut (*c).migrations, 1, task, o.task_nr_migrations)
+            // pcount, run_delay
+            && probe(&raw mut (*c).timeslices_count, 2, task, o.task_pcount)
+            // nvcsw, nivcsw
+            && probe(&raw mut (*c).voluntary_switches, 2, task, o.task_nvcsw)
+            && probe((&raw mut (*c).io).cast::<u64>(), 7, task, o.task_ioac))
+        {
+            return false;
+        }
+        if o.task_nr_wakeups != 0 {
+            probe(&raw mut (*c).wakeups, 1, task, o.task_nr_wakeups)
+        } else {
+            (*c).wakeups = u64::MAX;
+            true
+        }
+    }
+}
+
+/// `*dst = *src` word by word (volatile, so the compiler emits no memcpy loop).
+#[inline(always)]
+fn copy_words<T>(dst: *mut T, src: *const T) {
+    let n = core::mem::size_of::<T>() / 8;
+    let (d, s) = (dst.cast::<u64>(), src.cast::<u64>());
+    for k in 0..n {
+        unsafe { core::ptr::write_volatile(d.add(k), core::ptr::read_volatile(s.add(k))) };
+    }
+}
+
+/// Give thread `tid` (task_struct at `task`) a slot, unless it has one.
+#[inline(always)]
+fn claim_slot(tid: u32, task: u64) {
+    for i in 0..MAX_SLOTS {
+        let Some(s) = SLOTS.get_ptr(i) else {
+            return;
+        };
+        unsafe {
+            if (*s).state != SLOT_FREE && (*s).tid == tid {
+                return;
+            }
+        }
+    }
+    for i in 0..MAX_SLOTS {
+        let Some(s) = SLOTS.get_ptr_mut(i) else {
+            return;
+        };
+        unsafe {
+            if (*s).state != SLOT_FREE {
+                continue;
+            }
+            if SLOT_CLAIMS.insert(&i, &tid, BPF_NOEXIST as u64).is_err() {
+                continue; // another CPU took it a moment ago
+            }
+            (*s).task = task;
+            (*s).tid = tid;
+            // Last: a snapshot on another CPU reads task and tid only once it sees LIVE
+            // (x86 keeps stores in order; the volatile write keeps the compiler's order).
+            core::ptr::write_volatile(&raw mut (*s).state, SLOT_LIVE);
+        }
+        return;
+    }
+    if let Some(t) = TICK.get_ptr_mut(0) {
+        unsafe { (*t).unslotted += 1 };
+    }
+}
+
+/// Free slot `i` (the claim goes last, so nobody takes the slot before it is cleared).
+#[inline(always)]
+fn free_slot(i: u32, s: *mut ThreadSlot) {
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*s).state, SLOT_FREE);
+        (*s).task = 0;
+    }
+    let _ = SLOT_CLAIMS.remove(&i);
+}
+
+/// Task iterator (section `iter/task`), run once by the loader after the fork and exit
+/// programs are attached: every thread of the target that exists now gets a slot.
+/// Context: `struct bpf_iter__task { struct bpf_iter_meta *meta; struct task_struct *task; }`.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task")]
+pub extern "C" fn cis490_seed_task(ctx: *mut c_void) -> i32 {
+    // Read through bpf_probe_read_kernel so the address is a plain number to the
+    // verifier (it goes into a map and is only ever read with probe reads).
+    let Some(task) = read::<u64>(ctx as u64, 8) else {
+        return 0;
+    };
+    if task == 0 {
+        return 0; // the iteration's last call
+    }
+    let o = offsets();
+    let Some((tgid, tid)) = task_ids(task, &o) else {
+        return 0;
+    };
+    if tgid != target_tgid() {
+        return 0;
+    }
+    // An exiting thread may already be past sched_process_exit: a slot would never be
+    // marked exited.
+    match read::<u32>(task, o.task_flags) {
+        Some(f) if f & PF_EXITING == 0 => claim_slot(tid, task),
+        _ => {}
+    }
+    0
+}
+
+/// TP_PROTO(struct task_struct *parent, struct task_struct *child): a new thread of the
+/// target (a child process has its own tgid and is not followed).
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn cis490_sched_fork(ctx: RawTracePointContext) -> u32 {
+    let child = ctx.arg::<u64>(1);
+    if let Some((tgid, tid)) = task_ids(child, &offsets()) {
+        if tgid == target_tgid() {
+            claim_slot(tid, child);
+        }
+    }
+    0
+}
+
+/// TP_PROTO(struct task_struct *p, bool group_dead), p being `current`: keep the thread's
+/// final counters in its slot (the task_struct may be freed soon after).
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn cis490_sched_exit(_ctx: RawTracePointContext) -> u32 {
+    let (tgid, tid) = current();
+    if tgid != target_tgid() {
+        return 0;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    let o = offsets();
+    for i in 0..MAX_SLOTS {
+        let Some(s) = SLOTS.get_ptr_mut(i) else {
+            return 0;
+        };
+        unsafe {
+            if (*s).state == SLOT_LIVE && (*s).tid == tid {
+                if read_counters(task, &o, &raw mut (*s).last) {
+                    core::ptr::write_volatile(&raw mut (*s).state, SLOT_EXITED);
+                } else {
+                    free_slot(i, s);
+                }
+                return 0;
+            }
+        }
+    }
+    0
+}
+
+/// The tick this run belongs to and how late it is (see `TickState`). Tolerates a run
+/// up to a quarter interval earlier on the grid than the first one (the first run's own
+/// lateness): the grid's origin then moves back.
+#[inline(always)]
+fn schedule(st: *mut TickState, now: u64, interval: u64) -> (u64, u64) {
+    unsafe {
+        if (*st).runs == 0 {
+            (*st).origin_ns = now;
+        }
+        let margin = interval / 4;
+        let d = now - (*st).origin_ns;
+        let mut seq = (d + margin) / interval;
+        if (*st).runs > 0 && seq <= (*st).last_seq {
+            seq = (*st).last_seq + 1;
+        }
+        (*st).runs += 1;
+        (*st).last_seq = seq;
+        let due = (*st).origin_ns + seq * interval;
+        if now < due {
+            (*st).origin_ns -= due - now;
+            (seq, 0)
+        } else {
+            (seq, now - due)
+        }
+    }
+}
+
+/// Runs every `SNAP_CONFIG.interval_ns` on one CPU (perf cpu-clock event): one record per
+/// followed thread, one per watched interface, then the tick record.
+#[perf_event]
+pub fn cis490_snapshot(_ctx: PerfEventContext) -> u32 {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let cfg = snap_config();
+    if cfg.interval_ns == 0 {
+        return 0;
+    }
+    match CONTROL.get(0) {
+        Some(&1) => {}
+        _ => return 0,
+    }
+    let Some(st) = TICK.get_ptr_mut(0) else {
+        return 0;
+    };
+    let Some(rec) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    let (seq, late_ns) = schedule(st, now, cfg.interval_ns);
+    let o = offsets();
+    let mut threads = 0u32;
+    let mut lost = 0u64;
+    for i in 0..MAX_SLOTS {
+        let Some(s) = SLOTS.get_ptr_mut(i) else {
+            break;
+        };
+        unsafe {
+            let state = (*s).state;
+            if state == SLOT_FREE {
+                continue;
+            }
+            let tid = (*s).tid;
+            (*rec).tid = tid;
+            (*rec).seq = seq;
+            (*rec).ktime_ns = now;
+            if state == SLOT_EXITED {
+                (*rec).kind = REC_THREAD_EXITED;
+                copy_words(&raw mut (*rec).counters, &raw const (*s).last);
+            } else {
+                // The task_struct must still be this thread's (a slot left by a thread
+                // whose exit was missed would otherwise be read forever).
+                let task = (*s).task;
+                match task_ids(task, &o) {
+                    Some((tg, t)) if tg == target_tgid() && t == tid => {}
+                    _ => {
+                        free_slot(i, s);
+                        continue;
+                    }
+                }
+                (*rec).kind = REC_THREAD;
+                if !read_counters(task, &o, &raw mut (*rec).counters) {
+                    continue;
+                }
+            }
+            match BLK.get_ptr(&tid) {
+                Some(b) => copy_words(&raw mut (*rec).blk, b),
+                None => copy_words(&raw mut (*rec).blk, &BLK_ZERO),
+            }
+            if SNAPS
+                .output::<SnapRecord>(&*rec, BPF_RB_NO_WAKEUP as u64)
+                .is_ok()
+            {
+                threads += 1;
+            } else {
+                lost += 1;
+            }
+            if state == SLOT_EXITED {
+                free_slot(i, s);
+                let _ = BLK.remove(&tid);
+            }
+        }
+    }
+    let nifs = if cfg.net_ifs < MAX_NET_IFS {
+        cfg.net_ifs
+    } else {
+        MAX_NET_IFS
+    };
+    let ncpus = if cfg.ncpus < MAX_CPUS {
+        cfg.ncpus
+    } else {
+        MAX_CPUS
+    };
+    for slot in 0..MAX_NET_IFS {
+        if slot >= nifs {
+            break;
+        }
+        let mut sum = NetStats {
+            rx_bytes: 0,
+            rx_packets: 0,
+            tx_bytes: 0,
+            tx_packets: 0,
+        };
+        for cpu in 0..MAX_CPUS {
+            if cpu >= ncpus {
+                break;
+            }
+            let p = unsafe {
+                bpf_map_lookup_percpu_elem(
+                    core::ptr::addr_of!(NET) as *mut c_void,
+                    &slot as *const u32 as *const c_void,
+                    cpu,
+                )
+            } as *const NetStats;
+            if !p.is_null() {
+                unsafe {
+                    sum.rx_bytes += (*p).rx_bytes;
+                    sum.rx_packets += (*p).rx_packets;
+                    sum.tx_bytes += (*p).tx_bytes;
+                    sum.tx_packets += (*p).tx_packets;
+                }
+            }
+        }
+        let r = NetRecord {
+            kind: REC_NET,
+            slot,
+            seq,
+            ktime_ns: now,
+            stats: sum,
+        };
+        if SNAPS
+            .output::<NetRecord>(&r, BPF_RB_NO_WAKEUP as u64)
+            .is_err()
+        {
+            lost += 1;
+        }
+    }
+    unsafe {
+        (*st).lost_records += lost;
+        let t = TickRecord {
+            kind: REC_TICK,
+            threads,
+            seq,
+            ktime_ns: now,
+            late_ns,
+            lost_records: (*st).lost_records,
+            unslotted: (*st).unslotted,
+        };
+        // The tick record wakes no one either: user space drains on its own schedule.
+        if SNAPS
+            .output::<TickRecord>(&t, BPF_RB_NO_WAKEUP as u64)
+            .is_err()
+        {
+            (*st).lost_records += 1;
+        }
+    }
+    0
+}
