@@ -46,7 +46,8 @@ pub struct ThreadCounters {
     /// `se.nr_migrations`.
     pub migrations: u64,
     /// `stats.nr_wakeups` where the kernel has CONFIG_SCHEDSTATS and schedstats are on;
-    /// `u64::MAX` (reported as null) otherwise.
+    /// else, with `--bpf-wakeups`, sched_wakeup/sched_wakeup_new counted since attach;
+    /// else `u64::MAX` (reported as null).
     pub wakeups: u64,
     /// `ioac` (task io): rchar, wchar, syscr, syscw, read_bytes, write_bytes,
     /// cancelled_write_bytes.
@@ -155,6 +156,10 @@ pub struct SnapConfig {
     pub ncpus: u32,
     /// Watched interfaces (slots 0..net_ifs of `NET`).
     pub net_ifs: u32,
+    /// 1: count wakeups with the sched_wakeup programs (map `WAKEUPS`) where the kernel
+    /// keeps no count of its own (`--bpf-wakeups`).
+    pub count_wakeups: u32,
+    pub _pad: u32,
 }
 
 /// Per-interface packet counters (per-CPU array `NET`, index = interface slot), from the

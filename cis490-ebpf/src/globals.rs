@@ -17,6 +17,8 @@ static SNAP_CONFIG: SnapConfig = SnapConfig {
     interval_ns: 0,
     ncpus: 0,
     net_ifs: 0,
+    count_wakeups: 0,
+    _pad: 0,
 };
 
 #[inline(always)]

@@ -58,6 +58,10 @@ static TICK: Array<TickState> = Array::with_max_entries(1, 0);
 #[map]
 static CONTROL: Array<u32> = Array::with_max_entries(1, 0);
 
+/// Wakeups per tid since attach (`--bpf-wakeups` on a kernel without schedstats).
+#[map]
+static WAKEUPS: HashMap<u32, u64> = HashMap::with_max_entries(MAX_SLOTS, 0);
+
 /// Where one record is built (a SnapRecord is too large for the 512-byte BPF stack
 /// together with the loop's state).
 #[map]
@@ -79,9 +83,9 @@ fn probe(dst: *mut u64, words: u32, addr: u64, offset: u32) -> bool {
     }
 }
 
-/// The kernel's counters of a live task, read into `c` (map memory).
+/// The kernel's counters of live task `tid`, read into `c` (map memory).
 #[inline(always)]
-fn read_counters(task: u64, o: &Offsets, c: *mut ThreadCounters) -> bool {
+fn read_counters(tid: u32, task: u64, o: &Offsets, c: *mut ThreadCounters) -> bool {
     unsafe {
         if !(probe(&raw mut (*c).on_cpu_ns, 1, task, o.task_sum_exec_runtime)
             && probe(&raw mut (*c).migrations, 1, task, o.task_nr_migrations)
@@ -94,11 +98,17 @@ fn read_counters(task: u64, o: &Offsets, c: *mut ThreadCounters) -> bool {
             return false;
         }
         if o.task_nr_wakeups != 0 {
-            probe(&raw mut (*c).wakeups, 1, task, o.task_nr_wakeups)
-        } else {
-            (*c).wakeups = u64::MAX;
-            true
+            return probe(&raw mut (*c).wakeups, 1, task, o.task_nr_wakeups);
         }
+        (*c).wakeups = if snap_config().count_wakeups != 0 {
+            match WAKEUPS.get(&tid) {
+                Some(n) => *n,
+                None => 0,
+            }
+        } else {
+            u64::MAX
+        };
+        true
     }
 }
 
@@ -189,6 +199,28 @@ pub extern "C" fn cis490_seed_task(ctx: *mut c_void) -> i32 {
     0
 }
 
+/// TP_PROTO(struct task_struct *p), for sched_wakeup and sched_wakeup_new; attached only
+/// with `--bpf-wakeups` on a kernel that keeps no wakeup count (no CONFIG_SCHEDSTATS).
+/// Another process's wakeup costs one probe read and a compare.
+#[raw_tracepoint(tracepoint = "sched_wakeup")]
+pub fn cis490_sched_wakeup(ctx: RawTracePointContext) -> u32 {
+    let Some((tgid, tid)) = task_ids(ctx.arg::<u64>(0), &offsets()) else {
+        return 0;
+    };
+    if tgid != target_tgid() {
+        return 0;
+    }
+    match WAKEUPS.get_ptr_mut(&tid) {
+        // Not atomic (the Rust BPF target has none): two CPUs waking the same thread in
+        // the same instant can lose one count. A thread is woken by one waker at a time.
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            let _ = WAKEUPS.insert(&tid, &1, BPF_NOEXIST as u64);
+        }
+    }
+    0
+}
+
 /// TP_PROTO(struct task_struct *parent, struct task_struct *child): a new thread of the
 /// target (a child process has its own tgid and is not followed).
 #[raw_tracepoint(tracepoint = "sched_process_fork")]
@@ -218,7 +250,7 @@ pub fn cis490_sched_exit(_ctx: RawTracePointContext) -> u32 {
         };
         unsafe {
             if (*s).state == SLOT_LIVE && (*s).tid == tid {
-                if read_counters(task, &o, &raw mut (*s).last) {
+                if read_counters(tid, task, &o, &raw mut (*s).last) {
                     core::ptr::write_volatile(&raw mut (*s).state, SLOT_EXITED);
                 } else {
                     free_slot(i, s);
@@ -308,7 +340,7 @@ pub fn cis490_snapshot(_ctx: PerfEventContext) -> u32 {
                     }
                 }
                 (*rec).kind = REC_THREAD;
-                if !read_counters(task, &o, &raw mut (*rec).counters) {
+                if !read_counters(tid, task, &o, &raw mut (*rec).counters) {
                     continue;
                 }
             }
@@ -327,6 +359,7 @@ pub fn cis490_snapshot(_ctx: PerfEventContext) -> u32 {
             if state == SLOT_EXITED {
                 free_slot(i, s);
                 let _ = BLK.remove(&tid);
+                let _ = WAKEUPS.remove(&tid);
             }
         }
     }

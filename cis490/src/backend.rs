@@ -31,6 +31,8 @@ pub struct BackendOptions {
     pub net_ifs: Vec<String>,
     /// `--bpf-stats`: count each program's run time for meta.result.
     pub bpf_stats: bool,
+    /// `--bpf-wakeups`.
+    pub bpf_wakeups: bool,
     /// The target's command line (for tap autodetection).
     pub cmdline: Vec<String>,
     /// The capture's sampling interval (the BPF snapshot timer's period).
@@ -111,6 +113,7 @@ pub fn select(
         .collect();
     let snap = bpf::loader::SnapSpec {
         interval_ns: opts.interval_ns,
+        count_wakeups: opts.bpf_wakeups,
     };
     match bpf::start(pid, vcpus, &specs, opts.bpf_stats, snap) {
         Ok(b) => Ok(Selected {

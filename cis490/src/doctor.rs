@@ -141,6 +141,7 @@ pub fn run() -> (Vec<Check>, String) {
     // The definitive answer: load and attach for this very process, then unload.
     let snap = crate::bpf::loader::SnapSpec {
         interval_ns: 100_000_000,
+        count_wakeups: true,
     };
     let verdict = match crate::bpf::start(std::process::id(), &Default::default(), &[], false, snap)
     {

@@ -74,6 +74,8 @@ enum Command {
         /// Snapshot interval of the capture.
         #[arg(long)]
         interval_ns: u64,
+        #[arg(long)]
+        bpf_wakeups: bool,
     },
     /// In-guest agent: stream guest stats as JSON lines to a virtio-serial port.
     Agent {
@@ -118,6 +120,12 @@ struct TraceArgs {
     /// for the capture) in meta.json's result.
     #[arg(long)]
     bpf_stats: bool,
+    /// Count wakeups per thread (bpf-sched `wakeups`) with programs on sched_wakeup and
+    /// sched_wakeup_new where the kernel keeps no count of its own (no
+    /// CONFIG_SCHEDSTATS): every wakeup on the machine then pays for a filter. Without
+    /// it, such a kernel's `wakeups` column is null.
+    #[arg(long)]
+    bpf_wakeups: bool,
     /// Store telemetry streams compressed (`zstd`: telemetry-*.jsonl.zst, read directly by
     /// DuckDB and pandas); useful for long 1 kHz captures.
     #[arg(long, value_enum, default_value_t = Compression::None)]
@@ -198,6 +206,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             net_ifs,
             bpf_stats,
             interval_ns,
+            bpf_wakeups,
         } => {
             let specs: Result<Vec<_>, _> = net_ifs
                 .iter()
@@ -208,7 +217,10 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                     pid,
                     &specs,
                     bpf_stats,
-                    cis490::bpf::loader::SnapSpec { interval_ns },
+                    cis490::bpf::loader::SnapSpec {
+                        interval_ns,
+                        count_wakeups: bpf_wakeups,
+                    },
                 ),
                 Err(e) => {
                     eprintln!("cis490 __bpf-loader: {e}");
@@ -275,6 +287,7 @@ fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
         user_meta,
         net_ifs: args.net_if,
         bpf_stats: args.bpf_stats,
+        bpf_wakeups: args.bpf_wakeups,
         compression: args.compress,
         realtime: match (args.realtime, args.no_realtime) {
             (true, _) => Realtime::On,

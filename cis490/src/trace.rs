@@ -35,6 +35,8 @@ pub struct TraceConfig {
     pub net_ifs: Vec<String>,
     /// `--bpf-stats`: record each BPF program's run count and run time in meta.result.
     pub bpf_stats: bool,
+    /// `--bpf-wakeups`: count wakeups with programs where the kernel does not.
+    pub bpf_wakeups: bool,
     pub compression: Compression,
     pub realtime: crate::sampler::Realtime,
     /// Redraw a status line on stderr while capturing (the caller checks for a TTY).
@@ -89,6 +91,7 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     let backend_opts = backend::BackendOptions {
         net_ifs: cfg.net_ifs.clone(),
         bpf_stats: cfg.bpf_stats,
+        bpf_wakeups: cfg.bpf_wakeups,
         cmdline: cmdline.clone(),
         interval_ns,
     };

@@ -56,6 +56,8 @@ enum Reply {
         /// Number of fds after the maps that only keep attachments alive.
         holds: usize,
         peak_rss_kib: Option<u64>,
+        /// [`loader::WakeupSource::as_str`].
+        wakeups: String,
     },
     Err(String),
 }
@@ -64,6 +66,8 @@ enum Reply {
 pub struct Attached {
     pub snaps: RingBuf<MapData>,
     pub control: Array<MapData, u32>,
+    /// Where bpf-sched's `wakeups` column comes from.
+    pub wakeups: &'static str,
     /// (name, kernel program id) of every loaded program.
     pub programs: Vec<(String, u32)>,
     /// Keeps the programs attached (and run-time statistics on) until dropped.
@@ -104,6 +108,7 @@ pub fn load_in_process(
     Ok(Attached {
         snaps: l.snaps,
         control: l.control,
+        wakeups: l.wakeups.as_str(),
         programs,
         keepalive: KeepAlive::InProcess(Box::new(l.ebpf), l.stats_fd),
         loader: None,
@@ -142,6 +147,9 @@ pub fn load(
         cmd.arg("--bpf-stats");
     }
     cmd.arg("--interval-ns").arg(snap.interval_ns.to_string());
+    if snap.count_wakeups {
+        cmd.arg("--bpf-wakeups");
+    }
     let started = Instant::now();
     let mut child = match cmd
         .stdin(Stdio::from(theirs))
@@ -165,13 +173,14 @@ pub fn load(
         Ok(s) if !s.success() => format!("the BPF loader process failed ({s}): {e}"),
         _ => format!("the BPF loader process: {e}"),
     })?;
-    let (maps, programs, holds, peak_rss_kib) = match reply {
+    let (maps, programs, holds, peak_rss_kib, wakeups) = match reply {
         Reply::Ok {
             maps,
             programs,
             holds,
             peak_rss_kib,
-        } => (maps, programs, holds, peak_rss_kib),
+            wakeups,
+        } => (maps, programs, holds, peak_rss_kib, wakeups),
         Reply::Err(why) => return Err(why),
     };
     if fds.len() != maps.len() + holds {
@@ -206,6 +215,15 @@ pub fn load(
     Ok(Attached {
         snaps: snaps.ok_or("the BPF loader process sent no SNAPS map")?,
         control: control.ok_or("the BPF loader process sent no CONTROL map")?,
+        wakeups: [
+            loader::WakeupSource::Schedstats,
+            loader::WakeupSource::Programs,
+            loader::WakeupSource::None,
+        ]
+        .into_iter()
+        .map(loader::WakeupSource::as_str)
+        .find(|s| *s == wakeups)
+        .ok_or_else(|| format!("the BPF loader process sent wakeups = {wakeups:?}"))?,
         programs,
         keepalive: KeepAlive::Fds(fds.collect()),
         loader: Some(LoaderReport {
@@ -280,6 +298,7 @@ pub fn run_helper(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool, snap: SnapSp
                 programs: program_ids(&l.ebpf, &l.programs),
                 holds: holds.len(),
                 peak_rss_kib: vm_hwm_kib(),
+                wakeups: l.wakeups.as_str().to_owned(),
             };
             let fds: Vec<BorrowedFd<'_>> = maps
                 .iter()

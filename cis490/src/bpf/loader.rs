@@ -31,6 +31,30 @@ const THREAD_SET_PROGRAMS: &[(&str, &str)] = &[
 pub struct SnapSpec {
     /// Time between two snapshots (the capture's `--rate-hz`).
     pub interval_ns: u64,
+    /// `--bpf-wakeups`: count wakeups with sched_wakeup programs where the kernel keeps
+    /// no per-task count.
+    pub count_wakeups: bool,
+}
+
+/// Where the `wakeups` column comes from (meta.sources[].wakeups of `bpf-sched`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WakeupSource {
+    /// The kernel's own count (`stats.nr_wakeups`, CONFIG_SCHEDSTATS), since thread start.
+    Schedstats,
+    /// sched_wakeup/sched_wakeup_new programs (`--bpf-wakeups`), since attach.
+    Programs,
+    /// Not counted: the column is null.
+    None,
+}
+
+impl WakeupSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WakeupSource::Schedstats => "schedstats",
+            WakeupSource::Programs => "bpf_since_attach",
+            WakeupSource::None => "not_counted",
+        }
+    }
 }
 
 /// Bytes of ring buffer for `secs` seconds of snapshots of `threads` threads (doubled
@@ -39,7 +63,7 @@ pub struct SnapSpec {
 /// touches count in the capture's RSS, so it is not larger.
 pub fn ring_bytes(interval_ns: u64, threads: usize, net_ifs: usize) -> u32 {
     const RECORD_HEADER: u64 = 8;
-    let per_tick = (threads.max(8) as u64 * 2)
+    let per_tick = (threads.max(4) as u64 * 2)
         * (std::mem::size_of::<SnapRecord>() as u64 + RECORD_HEADER)
         + net_ifs as u64 * (std::mem::size_of::<cis490_common::NetRecord>() as u64 + RECORD_HEADER)
         + std::mem::size_of::<cis490_common::TickRecord>() as u64
@@ -63,6 +87,7 @@ pub struct Loaded {
     pub snaps: RingBuf<MapData>,
     /// Element 0 = 1 starts the snapshots (see [`start_snapshots`]).
     pub control: Array<MapData, u32>,
+    pub wakeups: WakeupSource,
     /// Names of the loaded programs (for run-time statistics).
     pub programs: Vec<&'static str>,
     /// Held while `--bpf-stats` is on: the kernel counts run time while this fd is open
@@ -259,6 +284,13 @@ pub fn load(
         Some(off) if schedstats_on() => off,
         _ => 0,
     };
+    let wakeups = if offsets.task_nr_wakeups != 0 {
+        WakeupSource::Schedstats
+    } else if snap.count_wakeups {
+        WakeupSource::Programs
+    } else {
+        WakeupSource::None
+    };
     if net_ifs.len() > MAX_NET_IFS as usize {
         return Err(format!("at most {MAX_NET_IFS} interfaces can be watched"));
     }
@@ -272,6 +304,8 @@ pub fn load(
         interval_ns: snap.interval_ns,
         ncpus: ncpus as u32,
         net_ifs: net_ifs.len() as u32,
+        count_wakeups: u32::from(wakeups == WakeupSource::Programs),
+        _pad: 0,
     };
     let threads_now = std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|d| d.count())
@@ -319,6 +353,12 @@ pub fn load(
     for (prog, name) in THREAD_SET_PROGRAMS {
         attach_raw(&mut ebpf, prog, name)?;
         programs.push(*prog);
+    }
+    if wakeups == WakeupSource::Programs {
+        for tp in ["sched_wakeup", "sched_wakeup_new"] {
+            attach_raw(&mut ebpf, "cis490_sched_wakeup", tp)?;
+        }
+        programs.push("cis490_sched_wakeup");
     }
     let seeded = seed_threads(&mut ebpf)?;
     if seeded == 0 {
@@ -371,6 +411,7 @@ pub fn load(
         ebpf,
         snaps,
         control,
+        wakeups,
         programs,
         stats_fd,
     })

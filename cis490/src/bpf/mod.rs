@@ -36,6 +36,8 @@ pub struct Session {
     pub loader: Option<handoff::LoaderReport>,
     drain: Mutex<snap::Drain>,
     control: Mutex<aya::maps::Array<aya::maps::MapData, u32>>,
+    /// Where bpf-sched's `wakeups` column comes from (meta.sources[].wakeups).
+    pub wakeups: &'static str,
 }
 
 impl Session {
@@ -86,6 +88,7 @@ pub fn start(
         loader: loaded.loader,
         drain: Mutex::new(snap::Drain::new(loaded.snaps)),
         control: Mutex::new(loaded.control),
+        wakeups: loaded.wakeups,
     });
     // bpf-sched first: it drains the ring for the others of the same host tick.
     let mut collectors: Vec<Box<dyn Collector>> = vec![

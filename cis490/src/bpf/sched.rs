@@ -131,6 +131,15 @@ impl Collector for SnapCollector {
         true
     }
 
+    fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("method".into(), "kernel_snapshot".into());
+        if self.stream == Stream::Sched {
+            m.insert("wakeups".into(), self.session.wakeups.into());
+        }
+        m
+    }
+
     fn collect(
         &mut self,
         _tick: Tick,
