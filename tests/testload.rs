@@ -3,11 +3,14 @@
 //! threads that block and wake often (I/O or timer threads), optional syscall I/O.
 //!
 //! usage: cis490-testload [--spin N] [--switch N] [--io N] [--pingpong N] [--iobusy N]
-//!                        [--spawn-after S] [--exit-after S] [--name-prefix P]
+//!                        [--spawn-after S] [--exit-after S] [--measure-from S]
+//!                        [--name-prefix P]
 //!
 //! --pingpong N: N pairs of threads bouncing one byte over pipes (context-switch heavy)
 //! --iobusy N:   N threads doing write(2)/pread(2) back to back (syscall-I/O heavy)
-//! At exit (--exit-after) it prints `WORK <units>`: the benchmarks' throughput figure.
+//! At exit (--exit-after) it prints `WORK <units>`: the benchmarks' throughput figure,
+//! counted from --measure-from S seconds on (default 0), so a tracer's set-up can be left
+//! out of a steady-state comparison.
 //! Prints `READY <pid>` on stdout once every thread runs.
 
 use std::io::Write;
@@ -23,6 +26,7 @@ struct Args {
     iobusy: usize,
     spawn_after: Option<f64>,
     exit_after: Option<f64>,
+    measure_from: f64,
     prefix: String,
 }
 
@@ -35,6 +39,7 @@ fn parse_args() -> Result<Args, String> {
         iobusy: 0,
         spawn_after: None,
         exit_after: None,
+        measure_from: 0.0,
         prefix: String::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -54,6 +59,11 @@ fn parse_args() -> Result<Args, String> {
                         .parse()
                         .map_err(|e| format!("--spawn-after: {e}"))?,
                 )
+            }
+            "--measure-from" => {
+                a.measure_from = value()?
+                    .parse()
+                    .map_err(|e| format!("--measure-from: {e}"))?
             }
             "--exit-after" => {
                 a.exit_after = Some(value()?.parse().map_err(|e| format!("--exit-after: {e}"))?)
@@ -244,9 +254,13 @@ fn main() {
     let _ = std::io::stdout().flush();
     let started = Instant::now();
     let mut spawned = false;
+    let mut work_before: Option<u64> = (args.measure_from <= 0.0).then_some(0);
     loop {
         std::thread::sleep(Duration::from_millis(10));
         let t = started.elapsed().as_secs_f64();
+        if work_before.is_none() && t >= args.measure_from {
+            work_before = Some(work.load(Ordering::Relaxed));
+        }
         if !spawned && args.spawn_after.is_some_and(|s| t >= s) {
             handles.push(start(format!("{}late-0", args.prefix), spin, &stop, &work));
             spawned = true;
@@ -257,7 +271,10 @@ fn main() {
     }
     stop.store(true, Ordering::Relaxed);
     // Read the figure before joining: ping-pong threads may sit in a blocking read.
-    println!("WORK {}", work.load(Ordering::Relaxed));
+    println!(
+        "WORK {}",
+        work.load(Ordering::Relaxed) - work_before.unwrap_or(0)
+    );
     let _ = std::io::stdout().flush();
     for h in handles {
         let _ = h.join();

@@ -425,12 +425,15 @@ mod tests {
     #[test]
     fn reply_round_trips_through_json() {
         let r = Reply::Ok {
-            maps: vec!["SCHED".into()],
+            maps: vec!["SNAPS".into(), "CONTROL".into()],
             programs: vec![("p".into(), 7)],
             holds: 3,
             peak_rss_kib: Some(1),
+            wakeups: "not_counted".into(),
         };
         let back: Reply = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
-        assert!(matches!(back, Reply::Ok { holds: 3, .. }));
+        assert!(
+            matches!(back, Reply::Ok { holds: 3, ref wakeups, .. } if wakeups == "not_counted")
+        );
     }
 }

@@ -431,7 +431,7 @@ mod tests {
         assert_eq!(ring_bytes(1_000_000, 400, 16), 16 << 20);
         for (i, t, n) in [(1_000_000, 1, 0), (3_333_333, 40, 2), (1_000_000_000, 0, 0)] {
             let b = ring_bytes(i, t, n);
-            assert!(b.is_power_of_two() && b % 4096 == 0, "{b}");
+            assert!(b.is_power_of_two() && b.is_multiple_of(4096), "{b}");
         }
     }
 

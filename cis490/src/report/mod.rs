@@ -84,16 +84,18 @@ pub fn load(dir: &Path) -> Result<Model, Error> {
         panels.push(data::cpu_panel(&rows, interval_ns, src));
     }
     // I/O bytes/s of the process.
+    // bpf-io has proc's task-io columns under the same names, plus block requests.
+    let bpf_io = |k: &str| PROC_IO.contains(&k) || k == "blk_read_bytes" || k == "blk_write_bytes";
     if file("bpf-io").exists() {
-        let rows = load_rows(&file("bpf-io"), |k| k.ends_with("_bytes"))?;
+        let rows = load_rows(&file("bpf-io"), bpf_io)?;
         track(&rows);
         panels.push(data::counter_panel(
             &rows,
             "io",
-            "I/O (bpf-io)".into(),
+            "I/O (bpf-io; guest reads through the host cache show in rchar)".into(),
             "bytes/s",
             true,
-            |k| k.ends_with("_bytes"),
+            bpf_io,
         ));
     } else if file("proc").exists() {
         let rows = load_rows(&file("proc"), |k| PROC_IO.contains(&k))?;
