@@ -132,11 +132,12 @@ pub struct TickRecord {
 
 /// Map `TICK` (one element): the snapshot program's schedule.
 ///
-/// The program runs from a perf cpu-clock hrtimer, which fires on a fixed grid
-/// (`origin + seq * interval`). The grid's phase is not visible to BPF, so `origin_ns`
-/// is the earliest phase observed: the first run's time, moved back whenever a later
-/// run comes earlier on the grid. Lateness is measured against it (an underestimate by
-/// at most the first run's own lateness).
+/// The program runs from a perf cpu-clock hrtimer, which fires on a fixed grid from the
+/// moment the event was enabled (`enable + k * interval`, re-armed with hrtimer_forward).
+/// The loader writes `origin_ns` = CLOCK_MONOTONIC just before the attach call that
+/// enables it, so the grid is known to within that call's duration (tens of µs; lateness
+/// reads that much high at worst, never low). Should a run come before the grid so
+/// estimated, the origin moves back.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TickState {
@@ -295,9 +296,9 @@ mod tests {
 
     #[test]
     fn map_types_have_the_layout_the_kernel_side_writes() {
-        assert_eq!(core::mem::size_of::<ThreadCounters>(), 13 * 8);
-        assert_eq!(core::mem::size_of::<ThreadSlot>(), 16 + 13 * 8);
-        assert_eq!(core::mem::size_of::<SnapRecord>(), 24 + 13 * 8 + 4 * 8);
+        assert_eq!(core::mem::size_of::<ThreadCounters>(), 14 * 8);
+        assert_eq!(core::mem::size_of::<ThreadSlot>(), 16 + 14 * 8);
+        assert_eq!(core::mem::size_of::<SnapRecord>(), 24 + 14 * 8 + 4 * 8);
         assert_eq!(core::mem::size_of::<NetRecord>(), 24 + 4 * 8);
         assert_eq!(core::mem::size_of::<TickRecord>(), 6 * 8);
         assert_eq!(core::mem::size_of::<NetStats>(), 4 * 8);

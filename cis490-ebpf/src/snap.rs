@@ -262,18 +262,18 @@ pub fn cis490_sched_exit(_ctx: RawTracePointContext) -> u32 {
     0
 }
 
-/// The tick this run belongs to and how late it is (see `TickState`). Tolerates a run
-/// up to a quarter interval earlier on the grid than the first one (the first run's own
-/// lateness): the grid's origin then moves back.
+/// The tick this run belongs to and how late it is (see `TickState`): the latest grid
+/// instant at or before `now` (an hrtimer never fires early; one that fires a period or
+/// more late skips the instants in between, which become holes).
 #[inline(always)]
 fn schedule(st: *mut TickState, now: u64, interval: u64) -> (u64, u64) {
     unsafe {
-        if (*st).runs == 0 {
+        if (*st).origin_ns == 0 || (*st).origin_ns > now {
+            // The loader did not set the grid: the first run's time is the best guess.
             (*st).origin_ns = now;
         }
-        let margin = interval / 4;
         let d = now - (*st).origin_ns;
-        let mut seq = (d + margin) / interval;
+        let mut seq = d / interval;
         if (*st).runs > 0 && seq <= (*st).last_seq {
             seq = (*st).last_seq + 1;
         }

@@ -11,7 +11,8 @@ use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, S
 use aya::programs::{Iter, PerfEvent, RawTracePoint, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
 use cis490_common::{
-    IfName, NetIf, SnapConfig, SnapRecord, ThreadSlot, MAX_CPUS, MAX_NET_IFS, MAX_SLOTS, SLOT_FREE,
+    IfName, NetIf, SnapConfig, SnapRecord, ThreadSlot, TickState, MAX_CPUS, MAX_NET_IFS, MAX_SLOTS,
+    SLOT_FREE,
 };
 
 use super::{btf, tracefs};
@@ -394,6 +395,8 @@ pub fn load(
         .map_err(|e| format!("program cis490_snapshot: {e}"))?;
     p.load()
         .map_err(|e| format!("loading program cis490_snapshot: {}", flatten(&e)))?;
+    // The hrtimer's grid starts when the event is enabled, inside this call.
+    let grid_origin_ns = crate::clock::mono_raw_ns();
     p.attach(
         PerfEventConfig::Software(SoftwareEvent::CpuClock),
         PerfEventScope::AllProcessesOneCpu { cpu },
@@ -407,6 +410,21 @@ pub fn load(
         )
     })?;
     programs.push("cis490_snapshot");
+    // Before CONTROL lets the program touch TICK (see TickState).
+    let mut tick: Array<&mut MapData, TickState> = Array::try_from(
+        ebpf.map_mut("TICK")
+            .ok_or("map TICK missing from the embedded object")?,
+    )
+    .map_err(|e| format!("map TICK: {e}"))?;
+    tick.set(
+        0,
+        TickState {
+            origin_ns: grid_origin_ns,
+            ..Default::default()
+        },
+        0,
+    )
+    .map_err(|e| format!("setting the snapshot grid (map TICK): {e}"))?;
     Ok(Loaded {
         ebpf,
         snaps,
