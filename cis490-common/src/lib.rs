@@ -134,10 +134,9 @@ pub struct TickRecord {
 ///
 /// The program runs from a perf cpu-clock hrtimer, which fires on a fixed grid from the
 /// moment the event was enabled (`enable + k * interval`, re-armed with hrtimer_forward).
-/// The loader writes `origin_ns` = CLOCK_MONOTONIC just before the attach call that
-/// enables it, so the grid is known to within that call's duration (tens of µs; lateness
-/// reads that much high at worst, never low). Should a run come before the grid so
-/// estimated, the origin moves back.
+/// The loader writes `origin_ns` = the enable time, from the event's own count of enabled
+/// ns (to within a read(2), early rather than late: lateness is never understated).
+/// Should a run come before the grid so estimated, the origin moves back.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TickState {

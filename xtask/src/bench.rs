@@ -388,6 +388,58 @@ fn dir_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+fn count_lines(path: &Path) -> usize {
+    std::fs::read(path)
+        .map(|b| b.iter().filter(|&&c| c == b'\n').count())
+        .unwrap_or(0)
+}
+
+/// CPU share of one core taken by only hashing and writing `bytes_per_s` of the
+/// telemetry rows of episode `ep` the way a capture writes them (sha256 of every byte,
+/// 64 KiB buffered writes to a file on the same disk, a batch every 50 ms), for `secs`.
+fn write_floor(ep: &Path, bytes_per_s: f64, secs: f64, scratch: &Path) -> anyhow::Result<f64> {
+    use sha2::Digest;
+    use std::io::Write;
+    let mut sample = Vec::new();
+    for e in std::fs::read_dir(ep)?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("telemetry-") && name.ends_with(".jsonl") {
+            sample.extend(std::fs::read(e.path())?);
+        }
+    }
+    anyhow::ensure!(!sample.is_empty(), "no telemetry rows in {}", ep.display());
+    let path = scratch.join("write-floor.jsonl");
+    let mut out = std::io::BufWriter::with_capacity(64 << 10, std::fs::File::create(&path)?);
+    let mut hash = sha2::Sha256::new();
+    let batch = (bytes_per_s * 0.05) as usize;
+    let (c0, t0) = (thread_cpu_ns(), mono_ns());
+    let mut at = 0usize;
+    let mut k = 1u64;
+    while mono_ns() - t0 < (secs * 1e9) as u64 {
+        let mut left = batch;
+        while left > 0 {
+            let n = left.min(sample.len() - at);
+            let chunk = &sample[at..at + n];
+            hash.update(chunk);
+            out.write_all(chunk)?;
+            at = (at + n) % sample.len();
+            left -= n;
+        }
+        out.flush()?;
+        let next = t0 + k * 50_000_000;
+        k += 1;
+        while mono_ns() < next {
+            std::thread::sleep(Duration::from_nanos(next.saturating_sub(mono_ns())));
+        }
+    }
+    let cpu = thread_cpu_ns() - c0;
+    let wall = mono_ns() - t0;
+    std::hint::black_box(hash.finalize());
+    drop(out);
+    let _ = std::fs::remove_file(&path);
+    Ok(cpu as f64 / wall as f64)
+}
+
 /// The cis490 programs' in-kernel run time per second of capture (share of one CPU),
 /// from meta.result.bpf_programs (`--bpf-stats`).
 fn in_kernel_share(meta: &Value) -> f64 {
@@ -508,6 +560,10 @@ pub fn run(quick: bool, only: &[u32], out: Option<PathBuf>) -> anyhow::Result<()
         let mut rss_1k: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
         let mut loader_kib: Vec<f64> = Vec::new();
         let mut volume: Vec<(u32, &'static str, f64, u64)> = Vec::new();
+        // Rows written per second at 1 kHz (first round), per tool where countable.
+        let mut rows_1k: Vec<(&'static str, f64)> = Vec::new();
+        // A bpf 1 kHz episode: its rows are replayed for the writing floor.
+        let mut bpf_1k_episode: Option<PathBuf> = None;
         // In-kernel share of the bpf backend's programs (run time per second of capture,
         // from --bpf-stats): charged to whatever task they interrupt, not to cis490.
         let mut kernel: Vec<Vec<f64>> = vec![Vec::new(); RATES.len()];
@@ -521,9 +577,30 @@ pub fn run(quick: bool, only: &[u32], out: Option<PathBuf>) -> anyhow::Result<()
                     } else {
                         &[]
                     };
+                    let seed_lines_before = count_lines(&scratch.join("seed.jsonl"));
                     let (share, hwm, episode) =
                         run_tool(tools[ti], target.pid(), rate, &plan, &scratch, extra)?;
                     cpu[ri][ti].push(share);
+                    if rate == 1000 && round == 0 {
+                        match (tools[ti], episode.as_ref()) {
+                            (Tool::Bpf | Tool::Proc, Some(ep)) => {
+                                let r = &read_meta(ep)?["result"];
+                                let secs = r["duration_observed_s"].as_f64().unwrap_or(1.0);
+                                let rows = r["rows_total"].as_f64().unwrap_or(0.0);
+                                rows_1k.push((tools[ti].label(), rows / secs));
+                                if tools[ti] == Tool::Bpf {
+                                    bpf_1k_episode = Some(ep.clone());
+                                }
+                            }
+                            (Tool::Seed, _) => {
+                                let n =
+                                    count_lines(&scratch.join("seed.jsonl")) - seed_lines_before;
+                                let secs = (plan.warmup + plan.window).as_secs_f64();
+                                rows_1k.push((tools[ti].label(), n as f64 / secs));
+                            }
+                            _ => {}
+                        }
+                    }
                     if let (Tool::Bpf, Some(ep)) = (tools[ti], episode.as_ref()) {
                         kernel[ri].push(in_kernel_share(&read_meta(ep)?));
                     }
@@ -623,6 +700,30 @@ pub fn run(quick: bool, only: &[u32], out: Option<PathBuf>) -> anyhow::Result<()
             md,
             "\nGoals: bpf at 1 kHz ≤ 1/20 of the seed; proc at 1 kHz ≤ 1/5 of the seed. (bpftrace's column is its user-space process only; its sched_switch program's in-kernel time is not in it.)\n"
         )?;
+        if !rows_1k.is_empty() {
+            writeln!(
+                md,
+                "What each writes at 1 kHz (first round): {}. The seed writes one process row per tick (3 files of the process); cis490 writes the contract's rows, one per thread per tick and a process total, in each of its streams.\n",
+                rows_1k
+                    .iter()
+                    .map(|(l, r)| format!("{l} {r:.0} rows/s"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )?;
+        }
+        if let Some(ep) = &bpf_1k_episode {
+            let bps = dir_bytes(ep) as f64
+                / read_meta(ep)?["result"]["duration_observed_s"]
+                    .as_f64()
+                    .unwrap_or(1.0);
+            let floor = write_floor(ep, bps, plan.window.as_secs_f64(), &scratch)?;
+            writeln!(
+                md,
+                "Writing floor: only hashing (sha256, as the manifest needs) and writing (64 KiB buffered write(2)s, every 50 ms) that episode's own rows at its rate, {:.1} MiB/s, costs {:.2} % of one core on this machine (measured in this run by `cargo xtask bench`, replaying the episode's bytes; no formatting, no reading). Any tracer writing this contract's rows at 1 kHz pays that much.\n",
+                bps / 1048576.0,
+                floor * 100.0
+            )?;
+        }
 
         writeln!(md, "## 5. Peak RSS and output volume\n")?;
         for (i, label) in ["cis490 bpf", "cis490 proc"].iter().enumerate() {

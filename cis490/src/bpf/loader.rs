@@ -194,6 +194,39 @@ where
     T::try_from(m).map_err(|e| format!("map {name}: {e}"))
 }
 
+/// When the snapshot timer's grid began: the cpu-clock event counts the ns it has been
+/// enabled, and its hrtimer was started at that same moment (cpu_clock_event_start), so
+/// `now − count` is the grid's origin. `now` is taken before the read, whose count is
+/// taken later: the origin comes out early by at most the read's duration (µs), never
+/// late, so lateness measured against it is never understated. The event is the one
+/// perf_event fd of this (loader) process.
+fn snapshot_grid_origin() -> Result<u64, String> {
+    let dir = std::fs::read_dir("/proc/self/fd").map_err(|e| format!("/proc/self/fd: {e}"))?;
+    let mut fds = dir.flatten().filter_map(|e| {
+        let target = std::fs::read_link(e.path()).ok()?;
+        (target.to_str() == Some("anon_inode:[perf_event]"))
+            .then(|| e.file_name().to_str()?.parse::<i32>().ok())
+            .flatten()
+    });
+    let (Some(fd), None) = (fds.next(), fds.next()) else {
+        return Err("not exactly one perf event fd".into());
+    };
+    let before = crate::clock::mono_raw_ns();
+    let mut count = [0u8; 8];
+    // SAFETY: `fd` is open in this process (listed above); the buffer is 8 writable bytes.
+    let n = unsafe { libc::read(fd, count.as_mut_ptr().cast(), 8) };
+    if n != 8 {
+        return Err(format!(
+            "reading the perf event: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let count = u64::from_ne_bytes(count);
+    before
+        .checked_sub(count)
+        .ok_or_else(|| format!("perf event count {count} ahead of the clock"))
+}
+
 /// The first online CPU: where the snapshot timer runs.
 fn snapshot_cpu() -> Result<u32, String> {
     aya::util::online_cpus()
@@ -396,7 +429,7 @@ pub fn load(
     p.load()
         .map_err(|e| format!("loading program cis490_snapshot: {}", flatten(&e)))?;
     // The hrtimer's grid starts when the event is enabled, inside this call.
-    let grid_origin_ns = crate::clock::mono_raw_ns();
+    let attach_started_ns = crate::clock::mono_raw_ns();
     p.attach(
         PerfEventConfig::Software(SoftwareEvent::CpuClock),
         PerfEventScope::AllProcessesOneCpu { cpu },
@@ -410,6 +443,10 @@ pub fn load(
         )
     })?;
     programs.push("cis490_snapshot");
+    let grid_origin_ns = snapshot_grid_origin().unwrap_or_else(|e| {
+        tracing::warn!("snapshot grid from the attach time ({e})");
+        attach_started_ns
+    });
     // Before CONTROL lets the program touch TICK (see TickState).
     let mut tick: Array<&mut MapData, TickState> = Array::try_from(
         ebpf.map_mut("TICK")
