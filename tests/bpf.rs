@@ -595,6 +595,56 @@ fn the_kernel_timer_keeps_1khz_and_declares_every_hole() {
 }
 
 #[test]
+fn a_timer_on_an_idle_cpu_is_restarted_and_its_holes_declared() {
+    // perf throttles the snapshot timer of a CPU that gets no scheduler tick (an idle
+    // one, NO_HZ); the capture restarts it. Put it on the last CPU, with a target that
+    // only sleeps: whatever the timer does, every tick is a row or a declared gap.
+    let last_cpu = std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .unwrap()
+        .trim()
+        .rsplit(['-', ','])
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut target = Target::start(&["spin", "0"]);
+    target.line();
+    let cap = Capture::start(
+        target.pid(),
+        &[
+            "--backend",
+            "bpf",
+            "--duration",
+            "3",
+            "--rate-hz",
+            "1000",
+            "--bpf-timer-cpu",
+            &last_cpu,
+        ],
+    );
+    let (out, data) = cap.finish();
+    let dir = single_episode(data.path());
+    assert_complete_bpf(&dir, &out);
+    let m = meta(&dir);
+    let restarts = u(&m["sources"][0], "timer_restarts");
+    if restarts > 0 {
+        assert!(
+            rows(&dir, "events.jsonl")
+                .iter()
+                .any(|e| e["event"] == "source_error"
+                    && e["message"].as_str().unwrap().contains("restarted it")),
+            "a restart without its event"
+        );
+    }
+    eprintln!(
+        "timer on CPU {last_cpu}: {restarts} restarts, {} of {} ticks missed",
+        m["result"]["ticks_missed"], m["result"]["ticks_scheduled"]
+    );
+    assert_seq_complete(&dir, "telemetry-bpf-sched.jsonl", "bpf-sched");
+    assert_seq_complete(&dir, "telemetry-bpf-io.jsonl", "bpf-io");
+    validate(&dir);
+}
+
+#[test]
 fn a_stalled_capture_loses_snapshots_visibly_and_goes_on() {
     let mut target = Target::start(&["spin", "2"]);
     target.line();

@@ -134,13 +134,14 @@ pub struct TickRecord {
 ///
 /// The program runs from a perf cpu-clock hrtimer, which fires on a fixed grid from the
 /// moment the event was enabled (`enable + k * interval`, re-armed with hrtimer_forward).
-/// The loader writes `origin_ns` = the enable time, from the event's own count of enabled
-/// ns (to within a read(2), early rather than late: lateness is never understated).
-/// Should a run come before the grid so estimated, the origin moves back.
+/// User space writes the grid's origin into map `GRID` (from the event's own count of
+/// enabled ns, to within a read(2), early rather than late: lateness is never
+/// understated), and again, aligned to continue the numbering, whenever it has to
+/// restart a stalled timer. Should a run come before the grid so estimated, the origin
+/// moves back.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TickState {
-    pub origin_ns: u64,
     pub last_seq: u64,
     pub runs: u64,
     pub lost_records: u64,
@@ -300,6 +301,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<SnapRecord>(), 24 + 14 * 8 + 4 * 8);
         assert_eq!(core::mem::size_of::<NetRecord>(), 24 + 4 * 8);
         assert_eq!(core::mem::size_of::<TickRecord>(), 6 * 8);
+        assert_eq!(core::mem::size_of::<TickState>(), 4 * 8);
         assert_eq!(core::mem::size_of::<NetStats>(), 4 * 8);
         assert_eq!(core::mem::size_of::<NetIf>(), 8);
         assert_eq!(core::mem::size_of::<Offsets>(), 16 * 4);

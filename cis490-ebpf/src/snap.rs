@@ -51,6 +51,12 @@ static SNAPS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 #[map]
 static TICK: Array<TickState> = Array::with_max_entries(1, 0);
 
+/// Element 0: the timer grid's origin (CLOCK_MONOTONIC ns), written by user space when
+/// it (re)starts the timer (see `TickState`), moved back here if a run comes earlier.
+/// Its own map, so user space never writes over the program's other state.
+#[map]
+static GRID: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Element 0: 1 once the capture has started sampling (it sets it); until then the
 /// timer runs but takes no snapshot, so the episode's ticks start with the episode and
 /// the set-up time (meta.json's fsync can take seconds on a busy disk) cannot fill the
@@ -266,22 +272,22 @@ pub fn cis490_sched_exit(_ctx: RawTracePointContext) -> u32 {
 /// instant at or before `now` (an hrtimer never fires early; one that fires a period or
 /// more late skips the instants in between, which become holes).
 #[inline(always)]
-fn schedule(st: *mut TickState, now: u64, interval: u64) -> (u64, u64) {
+fn schedule(st: *mut TickState, grid: *mut u64, now: u64, interval: u64) -> (u64, u64) {
     unsafe {
-        if (*st).origin_ns == 0 || (*st).origin_ns > now {
-            // The loader did not set the grid: the first run's time is the best guess.
-            (*st).origin_ns = now;
+        if *grid == 0 || *grid > now {
+            // No grid from user space: the first run's time is the best guess.
+            *grid = now;
         }
-        let d = now - (*st).origin_ns;
+        let d = now - *grid;
         let mut seq = d / interval;
         if (*st).runs > 0 && seq <= (*st).last_seq {
             seq = (*st).last_seq + 1;
         }
         (*st).runs += 1;
         (*st).last_seq = seq;
-        let due = (*st).origin_ns + seq * interval;
+        let due = *grid + seq * interval;
         if now < due {
-            (*st).origin_ns -= due - now;
+            *grid -= due - now;
             (seq, 0)
         } else {
             (seq, now - due)
@@ -308,7 +314,10 @@ pub fn cis490_snapshot(_ctx: PerfEventContext) -> u32 {
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
-    let (seq, late_ns) = schedule(st, now, cfg.interval_ns);
+    let Some(grid) = GRID.get_ptr_mut(0) else {
+        return 0;
+    };
+    let (seq, late_ns) = schedule(st, grid, now, cfg.interval_ns);
     let o = offsets();
     let mut threads = 0u32;
     let mut lost = 0u64;

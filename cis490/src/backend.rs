@@ -33,6 +33,8 @@ pub struct BackendOptions {
     pub bpf_stats: bool,
     /// `--bpf-wakeups`.
     pub bpf_wakeups: bool,
+    /// `--bpf-timer-cpu`.
+    pub bpf_timer_cpu: Option<u32>,
     /// The target's command line (for tap autodetection).
     pub cmdline: Vec<String>,
     /// The capture's sampling interval (the BPF snapshot timer's period).
@@ -114,6 +116,7 @@ pub fn select(
     let snap = bpf::loader::SnapSpec {
         interval_ns: opts.interval_ns,
         count_wakeups: opts.bpf_wakeups,
+        timer_cpu: opts.bpf_timer_cpu,
     };
     match bpf::start(pid, vcpus, &specs, opts.bpf_stats, snap) {
         Ok(b) => Ok(Selected {

@@ -142,6 +142,7 @@ pub fn run() -> (Vec<Check>, String) {
     let snap = crate::bpf::loader::SnapSpec {
         interval_ns: 100_000_000,
         count_wakeups: true,
+        timer_cpu: None,
     };
     let verdict = match crate::bpf::start(std::process::id(), &Default::default(), &[], false, snap)
     {

@@ -76,6 +76,8 @@ enum Command {
         interval_ns: u64,
         #[arg(long)]
         bpf_wakeups: bool,
+        #[arg(long)]
+        bpf_timer_cpu: Option<u32>,
     },
     /// In-guest agent: stream guest stats as JSON lines to a virtio-serial port.
     Agent {
@@ -126,6 +128,10 @@ struct TraceArgs {
     /// it, such a kernel's `wakeups` column is null.
     #[arg(long)]
     bpf_wakeups: bool,
+    /// The CPU whose timer takes the BPF snapshots (default: the first online CPU). On a
+    /// host with isolated cores for the VM, give a housekeeping core.
+    #[arg(long, value_name = "CPU")]
+    bpf_timer_cpu: Option<u32>,
     /// Store telemetry streams compressed (`zstd`: telemetry-*.jsonl.zst, read directly by
     /// DuckDB and pandas); useful for long 1 kHz captures.
     #[arg(long, value_enum, default_value_t = Compression::None)]
@@ -207,6 +213,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             bpf_stats,
             interval_ns,
             bpf_wakeups,
+            bpf_timer_cpu,
         } => {
             let specs: Result<Vec<_>, _> = net_ifs
                 .iter()
@@ -220,6 +227,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                     cis490::bpf::loader::SnapSpec {
                         interval_ns,
                         count_wakeups: bpf_wakeups,
+                        timer_cpu: bpf_timer_cpu,
                     },
                 ),
                 Err(e) => {
@@ -288,6 +296,7 @@ fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
         net_ifs: args.net_if,
         bpf_stats: args.bpf_stats,
         bpf_wakeups: args.bpf_wakeups,
+        bpf_timer_cpu: args.bpf_timer_cpu,
         compression: args.compress,
         realtime: match (args.realtime, args.no_realtime) {
             (true, _) => Realtime::On,

@@ -37,6 +37,8 @@ pub struct TraceConfig {
     pub bpf_stats: bool,
     /// `--bpf-wakeups`: count wakeups with programs where the kernel does not.
     pub bpf_wakeups: bool,
+    /// `--bpf-timer-cpu`.
+    pub bpf_timer_cpu: Option<u32>,
     pub compression: Compression,
     pub realtime: crate::sampler::Realtime,
     /// Redraw a status line on stderr while capturing (the caller checks for a TTY).
@@ -92,6 +94,7 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         net_ifs: cfg.net_ifs.clone(),
         bpf_stats: cfg.bpf_stats,
         bpf_wakeups: cfg.bpf_wakeups,
+        bpf_timer_cpu: cfg.bpf_timer_cpu,
         cmdline: cmdline.clone(),
         interval_ns,
     };

@@ -117,6 +117,15 @@ enum Tool {
 }
 
 impl Tool {
+    /// `--backend` of a cis490 tool.
+    fn backend(self) -> &'static str {
+        if self == Tool::Bpf {
+            "bpf"
+        } else {
+            "proc"
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Tool::Bpf => "cis490 bpf",
@@ -139,20 +148,8 @@ fn run_tool(
 ) -> anyhow::Result<(f64, Option<u64>, Option<PathBuf>)> {
     let mut cmd = match tool {
         Tool::Bpf | Tool::Proc => {
-            let mut c = Command::new(release_bin("cis490"));
-            c.args([
-                "trace",
-                "--qemu-pid",
-                &pid.to_string(),
-                "--rate-hz",
-                &rate.to_string(),
-                "--backend",
-            ])
-            .arg(if tool == Tool::Bpf { "bpf" } else { "proc" })
-            .arg("--data-root")
-            .arg(scratch)
-            .args(extra)
-            .env("CIS490_LOG", "warn");
+            let mut c = trace_cmd(pid, rate, tool.backend(), scratch);
+            c.args(extra).env("CIS490_LOG", "warn");
             c
         }
         Tool::Seed => {
@@ -214,6 +211,29 @@ fn run_tool(
     }
     let episode = matches!(tool, Tool::Bpf | Tool::Proc).then(|| PathBuf::from(last.trim()));
     Ok(((c1.saturating_sub(c0)) as f64 / 1e9 / elapsed, hwm, episode))
+}
+
+/// `cis490 trace` of `pid` at `rate` Hz with `backend`, episodes under `scratch`.
+fn trace_cmd(pid: u32, rate: u32, backend: &str, scratch: &Path) -> Command {
+    let mut c = Command::new(release_bin("cis490"));
+    c.args([
+        "trace",
+        "--qemu-pid",
+        &pid.to_string(),
+        "--rate-hz",
+        &rate.to_string(),
+        "--backend",
+        backend,
+    ])
+    .arg("--data-root")
+    .arg(scratch);
+    c
+}
+
+/// A process keeping one core fully busy, when `busy`.
+fn hog_if(busy: bool) -> anyhow::Result<Option<Target>> {
+    busy.then(|| Target::start(&["--spin", "1", "--switch", "0"]))
+        .transpose()
 }
 
 /// What a thread that only sleeps to absolute 1 kHz deadlines achieves.
@@ -503,18 +523,8 @@ pub fn run(quick: bool, only: &[u32], out: Option<PathBuf>) -> anyhow::Result<()
     let mut tools = vec![Tool::Bpf, Tool::Proc, Tool::Seed, Tool::Bpftrace];
     {
         let probe = Target::start(&["--spin", "0", "--switch", "1"])?;
-        let out = Command::new(release_bin("cis490"))
-            .args([
-                "trace",
-                "--qemu-pid",
-                &probe.pid().to_string(),
-                "--duration",
-                "0.3",
-                "--backend",
-                "bpf",
-                "--data-root",
-            ])
-            .arg(&scratch)
+        let out = trace_cmd(probe.pid(), 10, "bpf", &scratch)
+            .args(["--duration", "0.3"])
             .output()?;
         if !out.status.success() {
             notes.push(format!(
@@ -901,18 +911,7 @@ pub fn run(quick: bool, only: &[u32], out: Option<PathBuf>) -> anyhow::Result<()
                     let target = Target::start(&args)?;
                     let tracer = match variants[vi].1 {
                         Some((tool, rate)) => Some(
-                            Command::new(release_bin("cis490"))
-                                .args([
-                                    "trace",
-                                    "--qemu-pid",
-                                    &target.pid().to_string(),
-                                    "--rate-hz",
-                                    &rate.to_string(),
-                                    "--backend",
-                                ])
-                                .arg(if tool == Tool::Bpf { "bpf" } else { "proc" })
-                                .arg("--data-root")
-                                .arg(&scratch)
+                            trace_cmd(target.pid(), rate, tool.backend(), &scratch)
                                 .env("CIS490_LOG", "error")
                                 .stdout(Stdio::null())
                                 .spawn()?,
@@ -970,25 +969,9 @@ pub fn run(quick: bool, only: &[u32], out: Option<PathBuf>) -> anyhow::Result<()
         for (cond, busy) in [("idle machine", false), ("other core fully busy", true)] {
             for backend in &backends {
                 let target = Target::start(&["--spin", "0", "--switch", "8"])?;
-                let hog = if busy {
-                    Some(Target::start(&["--spin", "1", "--switch", "0"])?)
-                } else {
-                    None
-                };
-                let out = Command::new(release_bin("cis490"))
-                    .args([
-                        "trace",
-                        "--qemu-pid",
-                        &target.pid().to_string(),
-                        "--rate-hz",
-                        "1000",
-                        "--duration",
-                        &plan.timing_secs.to_string(),
-                        "--backend",
-                        backend,
-                    ])
-                    .arg("--data-root")
-                    .arg(&scratch)
+                let hog = hog_if(busy)?;
+                let out = trace_cmd(target.pid(), 1000, backend, &scratch)
+                    .args(["--duration", &plan.timing_secs.to_string()])
                     .env("CIS490_LOG", "error")
                     .output()?;
                 drop(hog);
@@ -1027,11 +1010,7 @@ pub fn run(quick: bool, only: &[u32], out: Option<PathBuf>) -> anyhow::Result<()
             // The floor of any tracer that wakes a thread per tick: a thread that does
             // nothing but sleep to the same deadlines.
             for fifo in [false, true] {
-                let hog = if busy {
-                    Some(Target::start(&["--spin", "1", "--switch", "0"])?)
-                } else {
-                    None
-                };
+                let hog = hog_if(busy)?;
                 let f = sleeper_floor(plan.timing_secs, fifo);
                 drop(hog);
                 let us = |ns: u64| format!("{:.1} µs", ns as f64 / 1000.0);

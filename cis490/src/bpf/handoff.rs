@@ -49,7 +49,8 @@ pub struct LoaderReport {
 #[derive(Debug, Serialize, Deserialize)]
 enum Reply {
     Ok {
-        /// Names of the map fds, in fd order ("SNAPS", "CONTROL").
+        /// Names of the fds before the holds, in fd order: maps "SNAPS", "CONTROL",
+        /// "GRID", then "TIMER", the snapshot timer's perf event.
         maps: Vec<String>,
         /// Loaded programs: (name, kernel program id) for `--bpf-stats`.
         programs: Vec<(String, u32)>,
@@ -66,6 +67,7 @@ enum Reply {
 pub struct Attached {
     pub snaps: RingBuf<MapData>,
     pub control: Array<MapData, u32>,
+    pub timer: super::timer::SnapTimer,
     /// Where bpf-sched's `wakeups` column comes from.
     pub wakeups: &'static str,
     /// (name, kernel program id) of every loaded program.
@@ -108,6 +110,7 @@ pub fn load_in_process(
     Ok(Attached {
         snaps: l.snaps,
         control: l.control,
+        timer: l.timer,
         wakeups: l.wakeups.as_str(),
         programs,
         keepalive: KeepAlive::InProcess(Box::new(l.ebpf), l.stats_fd),
@@ -149,6 +152,9 @@ pub fn load(
     cmd.arg("--interval-ns").arg(snap.interval_ns.to_string());
     if snap.count_wakeups {
         cmd.arg("--bpf-wakeups");
+    }
+    if let Some(c) = snap.timer_cpu {
+        cmd.arg("--bpf-timer-cpu").arg(c.to_string());
     }
     let started = Instant::now();
     let mut child = match cmd
@@ -193,8 +199,14 @@ pub fn load(
     let mut fds = fds.into_iter();
     let mut snaps = None;
     let mut control = None;
+    let mut grid = None;
+    let mut timer_fd = None;
     for name in &maps {
         let fd = fds.next().expect("counted above");
+        if name == "TIMER" {
+            timer_fd = Some(fd);
+            continue;
+        }
         let data = MapData::from_fd(fd).map_err(|e| format!("map {name} from the loader: {e}"))?;
         match name.as_str() {
             "SNAPS" => {
@@ -209,12 +221,23 @@ pub fn load(
                         .map_err(|e| format!("map CONTROL from the loader: {e}"))?,
                 )
             }
+            "GRID" => {
+                grid = Some(
+                    Array::try_from(Map::Array(data))
+                        .map_err(|e| format!("map GRID from the loader: {e}"))?,
+                )
+            }
             other => return Err(format!("the BPF loader process sent unknown map {other}")),
         }
     }
     Ok(Attached {
         snaps: snaps.ok_or("the BPF loader process sent no SNAPS map")?,
         control: control.ok_or("the BPF loader process sent no CONTROL map")?,
+        timer: super::timer::SnapTimer::new(
+            timer_fd.ok_or("the BPF loader process sent no snapshot timer")?,
+            grid.ok_or("the BPF loader process sent no GRID map")?,
+            snap.interval_ns,
+        ),
         wakeups: [
             loader::WakeupSource::Schedstats,
             loader::WakeupSource::Programs,
@@ -291,6 +314,8 @@ pub fn run_helper(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool, snap: SnapSp
             let maps = [
                 ("SNAPS", l.snaps.as_fd()),
                 ("CONTROL", l.control.map().fd().as_fd()),
+                ("GRID", l.timer.grid().map().fd().as_fd()),
+                ("TIMER", l.timer.fd().as_fd()),
             ];
             let holds = attachment_fds();
             let reply = Reply::Ok {

@@ -4,15 +4,13 @@
 //! tracefs, tracepoint, verifier output), which `backend` records as the fallback reason.
 
 use std::io::Read;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 
 use aya::maps::{Array, HashMap, MapData, RingBuf};
-use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
 use aya::programs::{Iter, PerfEvent, RawTracePoint, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
 use cis490_common::{
-    IfName, NetIf, SnapConfig, SnapRecord, ThreadSlot, TickState, MAX_CPUS, MAX_NET_IFS, MAX_SLOTS,
-    SLOT_FREE,
+    IfName, NetIf, SnapConfig, SnapRecord, ThreadSlot, MAX_CPUS, MAX_NET_IFS, MAX_SLOTS, SLOT_FREE,
 };
 
 use super::{btf, tracefs};
@@ -35,6 +33,9 @@ pub struct SnapSpec {
     /// `--bpf-wakeups`: count wakeups with sched_wakeup programs where the kernel keeps
     /// no per-task count.
     pub count_wakeups: bool,
+    /// `--bpf-timer-cpu`: the CPU whose timer runs the snapshots (default: the first
+    /// online CPU).
+    pub timer_cpu: Option<u32>,
 }
 
 /// Where the `wakeups` column comes from (meta.sources[].wakeups of `bpf-sched`).
@@ -88,6 +89,7 @@ pub struct Loaded {
     pub snaps: RingBuf<MapData>,
     /// Element 0 = 1 starts the snapshots (see [`start_snapshots`]).
     pub control: Array<MapData, u32>,
+    pub timer: super::timer::SnapTimer,
     pub wakeups: WakeupSource,
     /// Names of the loaded programs (for run-time statistics).
     pub programs: Vec<&'static str>,
@@ -192,39 +194,6 @@ where
         .take_map(name)
         .ok_or_else(|| format!("map {name} missing from the embedded object"))?;
     T::try_from(m).map_err(|e| format!("map {name}: {e}"))
-}
-
-/// When the snapshot timer's grid began: the cpu-clock event counts the ns it has been
-/// enabled, and its hrtimer was started at that same moment (cpu_clock_event_start), so
-/// `now − count` is the grid's origin. `now` is taken before the read, whose count is
-/// taken later: the origin comes out early by at most the read's duration (µs), never
-/// late, so lateness measured against it is never understated. The event is the one
-/// perf_event fd of this (loader) process.
-fn snapshot_grid_origin() -> Result<u64, String> {
-    let dir = std::fs::read_dir("/proc/self/fd").map_err(|e| format!("/proc/self/fd: {e}"))?;
-    let mut fds = dir.flatten().filter_map(|e| {
-        let target = std::fs::read_link(e.path()).ok()?;
-        (target.to_str() == Some("anon_inode:[perf_event]"))
-            .then(|| e.file_name().to_str()?.parse::<i32>().ok())
-            .flatten()
-    });
-    let (Some(fd), None) = (fds.next(), fds.next()) else {
-        return Err("not exactly one perf event fd".into());
-    };
-    let before = crate::clock::mono_raw_ns();
-    let mut count = [0u8; 8];
-    // SAFETY: `fd` is open in this process (listed above); the buffer is 8 writable bytes.
-    let n = unsafe { libc::read(fd, count.as_mut_ptr().cast(), 8) };
-    if n != 8 {
-        return Err(format!(
-            "reading the perf event: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    let count = u64::from_ne_bytes(count);
-    before
-        .checked_sub(count)
-        .ok_or_else(|| format!("perf event count {count} ahead of the clock"))
 }
 
 /// The first online CPU: where the snapshot timer runs.
@@ -420,7 +389,11 @@ pub fn load(
     let snaps: RingBuf<MapData> = take(&mut ebpf, "SNAPS")?;
     let control: Array<MapData, u32> = take(&mut ebpf, "CONTROL")?;
     // Last: the timer starts now, with every thread already followed.
-    let cpu = snapshot_cpu()?;
+    let cpu = match snap.timer_cpu {
+        Some(c) if aya::util::online_cpus().is_ok_and(|on| on.contains(&c)) => c,
+        Some(c) => return Err(format!("--bpf-timer-cpu {c}: no such online CPU")),
+        None => snapshot_cpu()?,
+    };
     let p: &mut PerfEvent = ebpf
         .program_mut("cis490_snapshot")
         .ok_or("program cis490_snapshot missing from the embedded object")?
@@ -428,44 +401,21 @@ pub fn load(
         .map_err(|e| format!("program cis490_snapshot: {e}"))?;
     p.load()
         .map_err(|e| format!("loading program cis490_snapshot: {}", flatten(&e)))?;
-    // The hrtimer's grid starts when the event is enabled, inside this call.
-    let attach_started_ns = crate::clock::mono_raw_ns();
-    p.attach(
-        PerfEventConfig::Software(SoftwareEvent::CpuClock),
-        PerfEventScope::AllProcessesOneCpu { cpu },
-        SamplePolicy::Period(snap.interval_ns),
-        false,
-    )
-    .map_err(|e| {
-        format!(
-            "starting the snapshot timer (perf cpu-clock on CPU {cpu}): {}",
-            flatten(&e)
-        )
-    })?;
+    let prog_fd = p
+        .fd()
+        .map_err(|e| format!("program cis490_snapshot: {e}"))?
+        .as_fd();
+    let timer_fd = super::timer::open(cpu, snap.interval_ns, prog_fd)?;
     programs.push("cis490_snapshot");
-    let grid_origin_ns = snapshot_grid_origin().unwrap_or_else(|e| {
-        tracing::warn!("snapshot grid from the attach time ({e})");
-        attach_started_ns
-    });
-    // Before CONTROL lets the program touch TICK (see TickState).
-    let mut tick: Array<&mut MapData, TickState> = Array::try_from(
-        ebpf.map_mut("TICK")
-            .ok_or("map TICK missing from the embedded object")?,
-    )
-    .map_err(|e| format!("map TICK: {e}"))?;
-    tick.set(
-        0,
-        TickState {
-            origin_ns: grid_origin_ns,
-            ..Default::default()
-        },
-        0,
-    )
-    .map_err(|e| format!("setting the snapshot grid (map TICK): {e}"))?;
+    let grid: Array<MapData, u64> = take(&mut ebpf, "GRID")?;
+    let mut timer = super::timer::SnapTimer::new(timer_fd, grid, snap.interval_ns);
+    // Before CONTROL lets the program run (see TickState).
+    timer.start()?;
     Ok(Loaded {
         ebpf,
         snaps,
         control,
+        timer,
         wakeups,
         programs,
         stats_fd,

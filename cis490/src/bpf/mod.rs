@@ -20,6 +20,7 @@ pub mod sched;
 pub mod snap;
 pub mod stats;
 pub mod table;
+pub mod timer;
 pub mod tracefs;
 
 use std::collections::HashMap;
@@ -36,6 +37,7 @@ pub struct Session {
     pub loader: Option<handoff::LoaderReport>,
     drain: Mutex<snap::Drain>,
     control: Mutex<aya::maps::Array<aya::maps::MapData, u32>>,
+    timer: Mutex<timer::SnapTimer>,
     /// Where bpf-sched's `wakeups` column comes from (meta.sources[].wakeups).
     pub wakeups: &'static str,
 }
@@ -43,13 +45,43 @@ pub struct Session {
 impl Session {
     /// Start the kernel's snapshots (their tick 0 is the first timer run after this).
     pub fn start_snapshots(&self) -> Result<(), String> {
-        loader::start_snapshots(&mut self.control.lock().unwrap_or_else(|p| p.into_inner()))
+        loader::start_snapshots(&mut self.control.lock().unwrap_or_else(|p| p.into_inner()))?;
+        self.lock_drain().started_ns = crate::clock::mono_raw_ns();
+        Ok(())
     }
 
     /// The drain; every collector of the session runs on the sampler thread, so this is
     /// never contended.
     pub(crate) fn lock_drain(&self) -> MutexGuard<'_, snap::Drain> {
         self.drain.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Restart the snapshot timer when no tick has come for a while (`last_tick_ns`:
+    /// CLOCK_MONOTONIC of the latest tick record, or of the start); see `timer`. Returns
+    /// a message the first time it had to.
+    pub(crate) fn restart_timer_if_stalled(&self, last_tick_ns: u64) -> Option<String> {
+        let mut t = self.timer.lock().unwrap_or_else(|p| p.into_inner());
+        let now = crate::clock::mono_raw_ns();
+        let quiet_since = last_tick_ns.max(t.restarted_ns);
+        if now.saturating_sub(quiet_since) < t.stall_ns() {
+            return None;
+        }
+        let first = t.restarts == 0;
+        match t.restart() {
+            Ok(()) if first => Some(format!(
+                "no snapshot for {} ms: the kernel throttled the timer (its CPU had no scheduler tick); restarted it (meta.sources[].timer_restarts counts restarts)",
+                now.saturating_sub(last_tick_ns) / 1_000_000
+            )),
+            Ok(()) => None,
+            Err(e) => Some(e),
+        }
+    }
+
+    pub(crate) fn timer_restarts(&self) -> u64 {
+        self.timer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restarts
     }
 
     /// Run count and run time per program (meaningful with `--bpf-stats`).
@@ -88,6 +120,7 @@ pub fn start(
         loader: loaded.loader,
         drain: Mutex::new(snap::Drain::new(loaded.snaps)),
         control: Mutex::new(loaded.control),
+        timer: Mutex::new(loaded.timer),
         wakeups: loaded.wakeups,
     });
     // bpf-sched first: it drains the ring for the others of the same host tick.

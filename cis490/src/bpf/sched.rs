@@ -136,6 +136,10 @@ impl Collector for SnapCollector {
         m.insert("method".into(), "kernel_snapshot".into());
         if self.stream == Stream::Sched {
             m.insert("wakeups".into(), self.session.wakeups.into());
+            m.insert(
+                "timer_restarts".into(),
+                self.session.timer_restarts().into(),
+            );
         }
         m
     }
@@ -151,6 +155,12 @@ impl Collector for SnapCollector {
             drain.drain(clock);
             out.problems
                 .extend(drain.asm.batch.problems.iter().cloned());
+            if let Some(msg) = drain
+                .last_sign_of_life_ns()
+                .and_then(|t| self.session.restart_timer_if_stalled(t))
+            {
+                out.problem(msg);
+            }
         }
         let batch = &drain.asm.batch;
         out.gaps.extend_from_slice(&batch.gaps);

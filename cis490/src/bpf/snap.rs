@@ -73,6 +73,8 @@ pub struct Schedule {
     unslotted: u64,
     reported_lost: u64,
     reported_unslotted: u64,
+    /// CLOCK_MONOTONIC of the latest tick record.
+    pub last_ktime_ns: u64,
 }
 
 /// What one tick record means for the episode.
@@ -87,6 +89,7 @@ pub enum TickVerdict {
 impl Schedule {
     pub fn tick(&mut self, t: &TickRecord, mono_origin_ns: u64) -> TickVerdict {
         self.lost_records = self.lost_records.max(t.lost_records);
+        self.last_ktime_ns = self.last_ktime_ns.max(t.ktime_ns);
         self.unslotted = self.unslotted.max(t.unslotted);
         let base = match self.base {
             Some(b) => b,
@@ -240,6 +243,8 @@ impl Assembler {
 pub struct Drain {
     ring: RingBuf<MapData>,
     pub asm: Assembler,
+    /// CLOCK_MONOTONIC when the snapshots were started (0: not yet).
+    pub started_ns: u64,
 }
 
 impl Drain {
@@ -247,7 +252,14 @@ impl Drain {
         Self {
             ring,
             asm: Assembler::default(),
+            started_ns: 0,
         }
+    }
+
+    /// CLOCK_MONOTONIC of the latest sign of life of the timer: its latest tick, or the
+    /// start (`None` before the start).
+    pub fn last_sign_of_life_ns(&self) -> Option<u64> {
+        (self.started_ns != 0).then(|| self.asm.schedule.last_ktime_ns.max(self.started_ns))
     }
 
     /// Read everything the kernel has written so far into a new batch.
