@@ -408,6 +408,17 @@ fn dir_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The episode a finished `cis490 trace` printed (its last stdout line).
+fn episode_of(out: &std::process::Output) -> PathBuf {
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or("")
+            .trim(),
+    )
+}
+
 fn count_lines(path: &Path) -> usize {
     std::fs::read(path)
         .map(|b| b.iter().filter(|&&c| c == b'\n').count())
@@ -975,14 +986,7 @@ pub fn run(quick: bool, only: &[u32], out: Option<PathBuf>) -> anyhow::Result<()
                     .env("CIS490_LOG", "error")
                     .output()?;
                 drop(hog);
-                let ep = PathBuf::from(
-                    String::from_utf8_lossy(&out.stdout)
-                        .lines()
-                        .last()
-                        .unwrap_or("")
-                        .trim(),
-                );
-                let meta = read_meta(&ep)?;
+                let meta = read_meta(&episode_of(&out))?;
                 let r = &meta["result"];
                 let l = &r["tick_lateness"];
                 let us = |v: &Value| {
@@ -1141,14 +1145,7 @@ fn agent_cost(plan: &Plan, scratch: &Path) -> anyhow::Result<String> {
         .env("CIS490_LOG", "error")
         .output();
     let _ = crate::vm::stop(&run_dir);
-    let out = out?;
-    let ep = PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or("")
-            .trim(),
-    );
+    let ep = episode_of(&out?);
     let text = std::fs::read_to_string(ep.join("telemetry-agent.jsonl")).context("agent stream")?;
     let rows: Vec<Value> = text
         .lines()

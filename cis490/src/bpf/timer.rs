@@ -35,7 +35,9 @@ struct PerfEventAttrV0 {
 const PERF_TYPE_SOFTWARE: u32 = 1;
 const PERF_COUNT_SW_CPU_CLOCK: u64 = 0;
 const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
-const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
+// `libc::Ioctl`: the request's type differs between glibc (c_ulong) and musl (c_int; the
+// static guest-agent build compiles this too). Every value fits in 31 bits.
+const PERF_EVENT_IOC_SET_BPF: libc::Ioctl = 0x4004_2408 as libc::Ioctl;
 
 /// Open a disabled cpu-clock event on `cpu` with period `interval_ns`, and make program
 /// `prog` its overflow handler (enable it with [`SnapTimer::start`]).
@@ -95,9 +97,9 @@ pub struct SnapTimer {
     pub restarted_ns: u64,
 }
 
-const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
-const PERF_EVENT_IOC_DISABLE: libc::c_ulong = 0x2401;
-const PERF_EVENT_IOC_RESET: libc::c_ulong = 0x2403;
+const PERF_EVENT_IOC_ENABLE: libc::Ioctl = 0x2400 as libc::Ioctl;
+const PERF_EVENT_IOC_DISABLE: libc::Ioctl = 0x2401 as libc::Ioctl;
+const PERF_EVENT_IOC_RESET: libc::Ioctl = 0x2403 as libc::Ioctl;
 
 impl SnapTimer {
     pub fn new(fd: OwnedFd, grid: Array<MapData, u64>, interval_ns: u64) -> Self {
@@ -148,7 +150,7 @@ impl SnapTimer {
             .map_err(|e| format!("setting the snapshot grid (map GRID): {e}"))
     }
 
-    fn ioctl(&self, req: libc::c_ulong, what: &str) -> Result<(), String> {
+    fn ioctl(&self, req: libc::Ioctl, what: &str) -> Result<(), String> {
         // SAFETY: a perf event ioctl without argument on an fd this struct owns.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), req, 0) } != 0 {
             return Err(format!(
