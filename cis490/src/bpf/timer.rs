@@ -179,9 +179,12 @@ impl SnapTimer {
         Ok(())
     }
 
-    /// How long the drain waits, with no tick record, before it restarts the timer.
+    /// How long the drain waits, with no tick record, before it restarts the timer:
+    /// three intervals, but at least a little more than one drain (50 ms), so that a
+    /// drain that merely came early never restarts a healthy timer. Every ms of waiting
+    /// is a lost tick at 1 kHz once perf has throttled the timer.
     pub fn stall_ns(&self) -> u64 {
-        (4 * self.interval_ns).max(200_000_000)
+        (3 * self.interval_ns).max(60_000_000)
     }
 }
 
