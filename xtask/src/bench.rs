@@ -598,7 +598,13 @@ pub fn run(quick: bool, only: &[u32], out: Option<PathBuf>) -> anyhow::Result<()
                     } else {
                         &[]
                     };
-                    let seed_lines_before = count_lines(&scratch.join("seed.jsonl"));
+                    // The seed appends to one file: count its lines of this run only.
+                    let counts_seed_rows = tools[ti] == Tool::Seed && rate == 1000 && round == 0;
+                    let seed_lines_before = if counts_seed_rows {
+                        count_lines(&scratch.join("seed.jsonl"))
+                    } else {
+                        0
+                    };
                     let (share, hwm, episode) =
                         run_tool(tools[ti], target.pid(), rate, &plan, &scratch, extra)?;
                     cpu[ri][ti].push(share);

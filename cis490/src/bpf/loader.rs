@@ -196,13 +196,18 @@ where
     T::try_from(m).map_err(|e| format!("map {name}: {e}"))
 }
 
-/// The first online CPU: where the snapshot timer runs.
-fn snapshot_cpu() -> Result<u32, String> {
-    aya::util::online_cpus()
-        .map_err(|(f, e)| format!("reading {f}: {e}"))?
-        .first()
-        .copied()
-        .ok_or_else(|| "no online CPU".to_owned())
+/// The CPU whose timer runs the snapshots: `asked` (`--bpf-timer-cpu`) if it is online,
+/// else the first online CPU.
+fn snapshot_cpu(asked: Option<u32>) -> Result<u32, String> {
+    let online = aya::util::online_cpus().map_err(|(f, e)| format!("reading {f}: {e}"))?;
+    match asked {
+        Some(c) if online.contains(&c) => Ok(c),
+        Some(c) => Err(format!("--bpf-timer-cpu {c}: no such online CPU")),
+        None => online
+            .first()
+            .copied()
+            .ok_or_else(|| "no online CPU".to_owned()),
+    }
 }
 
 /// Run the seeding iterator once: every thread of the target that exists now gets a
@@ -389,11 +394,7 @@ pub fn load(
     let snaps: RingBuf<MapData> = take(&mut ebpf, "SNAPS")?;
     let control: Array<MapData, u32> = take(&mut ebpf, "CONTROL")?;
     // Last: the timer starts now, with every thread already followed.
-    let cpu = match snap.timer_cpu {
-        Some(c) if aya::util::online_cpus().is_ok_and(|on| on.contains(&c)) => c,
-        Some(c) => return Err(format!("--bpf-timer-cpu {c}: no such online CPU")),
-        None => snapshot_cpu()?,
-    };
+    let cpu = snapshot_cpu(snap.timer_cpu)?;
     let p: &mut PerfEvent = ebpf
         .program_mut("cis490_snapshot")
         .ok_or("program cis490_snapshot missing from the embedded object")?

@@ -15,6 +15,26 @@ use crate::clock::{self, EpisodeClock};
 use crate::collector::{Collector, Tick, TickOutput, VcpuMap};
 use crate::error::Error;
 
+/// `bpf-io`'s columns: the task io counters in the order the snapshot reads them (the
+/// members of `struct task_io_accounting`, whose names are also `proc`'s columns), then
+/// the block request counters.
+const IO_NAMES: [&str; 11] = {
+    let m = super::btf::IOAC_MEMBERS;
+    [
+        m[0],
+        m[1],
+        m[2],
+        m[3],
+        m[4],
+        m[5],
+        m[6],
+        "blk_read_bytes",
+        "blk_write_bytes",
+        "blk_read_ops",
+        "blk_write_ops",
+    ]
+};
+
 /// Which stream a [`SnapCollector`] writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
@@ -43,19 +63,7 @@ impl Stream {
                 "timeslices_count",
                 "migrations",
             ],
-            Stream::Io => &[
-                "rchar",
-                "wchar",
-                "syscr",
-                "syscw",
-                "read_bytes",
-                "write_bytes",
-                "cancelled_write_bytes",
-                "blk_read_bytes",
-                "blk_write_bytes",
-                "blk_read_ops",
-                "blk_write_ops",
-            ],
+            Stream::Io => &IO_NAMES,
         }
     }
 
