@@ -183,6 +183,12 @@ impl EpisodeDir {
                 }
                 let fd = rustix::fs::openat(&root, "episodes", DIR_FLAGS, Mode::empty())
                     .map_err(|e| root_msg(format!("cannot open episodes/: {}", nofollow_msg(e))))?;
+                // Ours (checked below): give it the episodes' own mode and group, so a
+                // group given read access can reach them.
+                if rustix::fs::fstat(&fd).is_ok_and(|st| st.st_uid == uid) {
+                    set_mode(&fd, access.dir_mode(), access.group)
+                        .map_err(|e| root_msg(format!("setting the mode of episodes/: {e}")))?;
+                }
                 fd
             }
             Err(e) => {
