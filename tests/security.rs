@@ -204,7 +204,7 @@ fn f1_unprivileged_user_racing_a_root_capture_never_redirects_its_writes() {
     assert!(o.status.success(), "{}", text(&o));
 
     // 3. A race against a running capture: swap `episodes`, plant symlinks in it.
-    let mut trace = spawn(trace_cmd(
+    let trace = spawn(trace_cmd(
         load.pid(),
         &root,
         &["--duration", "3", "--episode-id", ID],
@@ -256,7 +256,7 @@ fn f1_episodes_swapped_for_a_symlink_mid_capture_writes_only_in_its_own_dir() {
     let lair = tmp.path().join("lair");
     std::fs::create_dir_all(lair.join(ID)).unwrap();
     let load = Load::start(&["--spin", "1"]);
-    let mut trace = spawn(trace_cmd(
+    let trace = spawn(trace_cmd(
         load.pid(),
         &root,
         &["--duration", "2", "--episode-id", ID],
@@ -546,7 +546,7 @@ fn snapshot(dir: &Path) -> BTreeMap<String, (Vec<u8>, SystemTime)> {
 /// kill -9 a capture once it has written rows; returns its episode directory.
 fn killed_capture(root: &Path, extra: &[&str]) -> PathBuf {
     let load = Load::start(&["--spin", "1", "--switch", "1"]);
-    let mut trace = spawn(trace_cmd(load.pid(), root, extra));
+    let trace = spawn(trace_cmd(load.pid(), root, extra));
     let mut dir = None;
     assert!(wait_for(Duration::from_secs(15), || {
         for e in std::fs::read_dir(root.join("episodes"))
@@ -684,7 +684,7 @@ fn recover_after_kill_9_during_the_close_sequence() {
 fn recover_refuses_a_running_capture() {
     let tmp = tempfile::tempdir().unwrap();
     let load = Load::start(&["--spin", "1"]);
-    let mut trace = spawn(trace_cmd(load.pid(), tmp.path(), &["--episode-id", ID]));
+    let trace = spawn(trace_cmd(load.pid(), tmp.path(), &["--episode-id", ID]));
     let dir = tmp.path().join("episodes").join(ID);
     assert!(wait_for(Duration::from_secs(10), || dir
         .join("control.sock")

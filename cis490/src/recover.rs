@@ -162,34 +162,12 @@ pub fn run(path: &Path) -> Result<RecoverOutcome, Error> {
             path.display()
         )));
     }
-    if let Some(sock) = dir.stat_entry(CONTROL_SOCKET)? {
-        if rustix::fs::FileType::from_raw_mode(sock.st_mode) != rustix::fs::FileType::Socket {
-            return Err(Error::Usage(format!(
-                "{}: {CONTROL_SOCKET} is not a socket; refusing to touch this episode",
-                path.display()
-            )));
-        }
-        match std::os::unix::net::UnixStream::connect(dir.fd_path(CONTROL_SOCKET)) {
-            Ok(s) => {
-                let _ = s.shutdown(std::net::Shutdown::Both);
-                return Err(Error::Usage(format!(
-                    "{}: the capture is still running (its control socket answers); stop it instead",
-                    path.display()
-                )));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                dir.remove(CONTROL_SOCKET)?;
-                outcome.removed.push(format!("stale {CONTROL_SOCKET}"));
-            }
-            Err(e) => {
-                return Err(Error::io(
-                    format!("probing {}", dir.join(CONTROL_SOCKET).display()),
-                    e,
-                ))
-            }
-        }
-    }
+    let stale_socket = probe_control_socket(&dir)?;
     let mut meta = read_meta(&dir)?;
+    if stale_socket {
+        dir.remove(CONTROL_SOCKET)?;
+        outcome.removed.push(format!("stale {CONTROL_SOCKET}"));
+    }
     for name in dir.entries()? {
         // Our own temp files (an atomic write cut short); only regular files.
         if is_temp_name(&name)
@@ -334,6 +312,35 @@ pub fn run(path: &Path) -> Result<RecoverOutcome, Error> {
     files.push(stats_on_disk(&dir, META)?);
     episode::seal(&dir, &meta.episode_id, files)?;
     Ok(outcome)
+}
+
+/// Refuse when the episode's control socket answers (its capture is running); `true`
+/// when a socket is there but nobody listens (a killed capture's, to remove).
+fn probe_control_socket(dir: &EpisodeDir) -> Result<bool, Error> {
+    let Some(sock) = dir.stat_entry(CONTROL_SOCKET)? else {
+        return Ok(false);
+    };
+    if rustix::fs::FileType::from_raw_mode(sock.st_mode) != rustix::fs::FileType::Socket {
+        return Err(Error::Usage(format!(
+            "{}: {CONTROL_SOCKET} is not a socket; refusing to touch this episode",
+            dir.path().display()
+        )));
+    }
+    match std::os::unix::net::UnixStream::connect(dir.fd_path(CONTROL_SOCKET)) {
+        Ok(s) => {
+            // Closing at once: the capture reads an empty request and answers nothing.
+            let _ = s.shutdown(std::net::Shutdown::Both);
+            Err(Error::Usage(format!(
+                "{}: the capture is still running (its control socket answers); stop it instead",
+                dir.path().display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(true),
+        Err(e) => Err(Error::io(
+            format!("probing {}", dir.join(CONTROL_SOCKET).display()),
+            e,
+        )),
+    }
 }
 
 fn now_wall_ns() -> u64 {
@@ -595,6 +602,27 @@ fn scan_labels(dir: &EpisodeDir) -> Result<Vec<String>, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recover_refuses_an_episode_whose_control_socket_answers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sock = tmp.path().join(CONTROL_SOCKET);
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let err = run(tmp.path()).unwrap_err();
+        assert!(err.to_string().contains("control socket answers"), "{err}");
+        assert!(sock.exists());
+        // Nobody listening any more: a stale socket, removed only once the directory is
+        // known to be an episode (this one has no meta.json: left alone).
+        drop(listener);
+        let err = run(tmp.path()).unwrap_err();
+        assert!(err.to_string().contains("no meta.json"), "{err}");
+        assert!(sock.exists());
+        // Something else under the socket's name: refused, untouched.
+        std::fs::remove_file(&sock).unwrap();
+        std::fs::write(&sock, b"x").unwrap();
+        let err = run(tmp.path()).unwrap_err();
+        assert!(err.to_string().contains("not a socket"), "{err}");
+    }
 
     #[test]
     fn source_names_come_from_stream_files() {
