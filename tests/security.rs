@@ -546,7 +546,7 @@ fn snapshot(dir: &Path) -> BTreeMap<String, (Vec<u8>, SystemTime)> {
 /// kill -9 a capture once it has written rows; returns its episode directory.
 fn killed_capture(root: &Path, extra: &[&str]) -> PathBuf {
     let load = Load::start(&["--spin", "1", "--switch", "1"]);
-    let trace = spawn(trace_cmd(load.pid(), root, extra));
+    let mut trace = spawn(trace_cmd(load.pid(), root, extra));
     let mut dir = None;
     assert!(wait_for(Duration::from_secs(15), || {
         for e in std::fs::read_dir(root.join("episodes"))
@@ -629,6 +629,14 @@ fn recover_after_kill_9_mid_capture_with_zstd() {
     let dir = killed_capture(tmp.path(), &["--compress", "zstd"]);
     let meta = assert_recovers(&dir);
     assert_eq!(meta["sources"][0]["file"], "telemetry-proc.jsonl.zst");
+    // The killed frame had no end: it was re-encoded to a whole one.
+    let fixed = meta["result"]["recovered"]["dropped"].as_array().unwrap();
+    assert!(
+        fixed
+            .iter()
+            .any(|d| d["file"] == "telemetry-proc.jsonl.zst" && d["reencoded"] == true),
+        "{meta}"
+    );
     let raw = std::fs::read(dir.join("telemetry-proc.jsonl.zst")).unwrap();
     let text = String::from_utf8(zstd::stream::decode_all(&raw[..]).unwrap()).unwrap();
     assert_eq!(

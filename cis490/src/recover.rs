@@ -36,12 +36,18 @@ const MAX_META: u64 = 16 << 20;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamFix {
     pub file: String,
-    /// Bytes of a partial last line (or, for .zst, of the undecodable tail) removed.
+    /// Bytes of a partial last line removed (for .zst: decoded bytes).
     pub dropped_bytes: u64,
     /// Whole lines removed: a final line that is not a JSON object, or for .zst the
     /// decoded text after the last newline.
     pub dropped_lines: u64,
     pub reencoded: bool,
+}
+
+impl StreamFix {
+    pub fn changed(&self) -> bool {
+        self.dropped_bytes > 0 || self.dropped_lines > 0 || self.reencoded
+    }
 }
 
 #[derive(Debug)]
@@ -66,22 +72,24 @@ impl RecoverOutcome {
             );
         }
         let mut out = String::new();
-        for f in self
-            .fixes
-            .iter()
-            .filter(|f| f.dropped_bytes > 0 || f.dropped_lines > 0)
-        {
-            out.push_str(&format!(
-                "{}: dropped {} bytes of a partial last line{}{}\n",
-                f.file,
-                f.dropped_bytes,
-                if f.dropped_lines > 0 {
-                    format!(" and {} unreadable line(s)", f.dropped_lines)
-                } else {
-                    String::new()
-                },
-                if f.reencoded { " (re-encoded)" } else { "" }
-            ));
+        for f in self.fixes.iter().filter(|f| f.changed()) {
+            let mut what = Vec::new();
+            if f.dropped_bytes > 0 {
+                what.push(format!(
+                    "dropped {} bytes of a partial last line",
+                    f.dropped_bytes
+                ));
+            }
+            if f.dropped_lines > 0 {
+                what.push(format!(
+                    "dropped {} unreadable final line(s)",
+                    f.dropped_lines
+                ));
+            }
+            if f.reencoded {
+                what.push("re-encoded its decodable prefix as a whole zstd frame".into());
+            }
+            out.push_str(&format!("{}: {}\n", f.file, what.join(", ")));
         }
         for r in &self.removed {
             out.push_str(&format!("removed {r}\n"));
@@ -284,8 +292,9 @@ pub fn run(path: &Path) -> Result<RecoverOutcome, Error> {
             "previous_end_reason": previous.as_ref().map(|r| r.end_reason.clone()),
             "recovered_at": crate::trace::rfc3339_from_ns(now_wall_ns()),
             "dropped": outcome.fixes.iter()
-                .filter(|f| f.dropped_bytes > 0 || f.dropped_lines > 0)
-                .map(|f| json!({"file": f.file, "bytes": f.dropped_bytes, "lines": f.dropped_lines}))
+                .filter(|f| f.changed())
+                .map(|f| json!({"file": f.file, "bytes": f.dropped_bytes, "lines": f.dropped_lines,
+                                "reencoded": f.reencoded}))
                 .collect::<Vec<_>>(),
             "removed": outcome.removed,
         }),
@@ -483,7 +492,6 @@ fn fix_plain(dir: &EpisodeDir, name: &str) -> Result<(StreamFix, Tail), Error> {
 fn fix_zstd(dir: &EpisodeDir, name: &str) -> Result<(StreamFix, Tail), Error> {
     let ctx = || format!("recovering {}", dir.join(name).display());
     let file = dir.open_regular(name, false)?;
-    let size = file.metadata().map_err(|e| Error::io(ctx(), e))?.len();
     let tmp = temp_name(name);
     let out = dir.create_file(&tmp)?;
     let result = (|| -> Result<(StreamFix, Tail, bool), Error> {
@@ -507,15 +515,10 @@ fn fix_zstd(dir: &EpisodeDir, name: &str) -> Result<(StreamFix, Tail), Error> {
         let intact = !scan.stopped && scan.partial == 0;
         let out = enc.finish().map_err(|e| Error::io(ctx(), e))?;
         out.sync_all().map_err(|e| Error::io(ctx(), e))?;
-        let new_size = out.metadata().map_err(|e| Error::io(ctx(), e))?.len();
         Ok((
             StreamFix {
                 file: name.to_owned(),
-                dropped_bytes: if intact {
-                    0
-                } else {
-                    size.saturating_sub(new_size).max(scan.partial)
-                },
+                dropped_bytes: scan.partial,
                 dropped_lines: 0,
                 reencoded: !intact,
             },
