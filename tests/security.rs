@@ -686,6 +686,37 @@ fn recover_after_kill_9_during_the_close_sequence() {
     }
     let meta = assert_recovers(&dir);
     assert_eq!(meta["sources"][0]["name"], "proc");
+    // Recover itself killed after its meta.json, before done.marker: run again, and the
+    // capture's own end reason is still the one recorded.
+    let dir = capture(tmp.path(), &[]);
+    std::fs::remove_file(dir.join("done.marker")).unwrap();
+    assert!(recover(&dir).status.success());
+    std::fs::remove_file(dir.join("done.marker")).unwrap();
+    std::fs::remove_file(dir.join("manifest.json")).unwrap();
+    let meta = assert_recovers(&dir);
+    assert_eq!(
+        meta["result"]["recovered"]["previous_end_reason"],
+        "duration"
+    );
+    let ends = std::fs::read_to_string(dir.join("events.jsonl"))
+        .unwrap()
+        .matches("\"episode_end\"")
+        .count();
+    assert_eq!(ends, 1, "episode_end written once");
+}
+
+#[test]
+fn recover_refuses_a_capture_killed_before_its_streams_existed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = capture(tmp.path(), &[]);
+    for name in ["done.marker", "manifest.json", "labels.jsonl"] {
+        std::fs::remove_file(dir.join(name)).unwrap();
+    }
+    let before = snapshot(&dir);
+    let o = recover(&dir);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("nothing to recover"), "{}", text(&o));
+    assert_eq!(snapshot(&dir), before);
 }
 
 #[test]

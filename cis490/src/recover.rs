@@ -172,6 +172,15 @@ pub fn run(path: &Path) -> Result<RecoverOutcome, Error> {
     }
     let stale_socket = probe_control_socket(&dir)?;
     let mut meta = read_meta(&dir)?;
+    for required in [EVENTS, LABELS] {
+        if dir.stat_entry(required)?.is_none() {
+            return Err(Error::Usage(format!(
+                "{}: no {required}: the capture was killed before its streams existed, so it \
+                 wrote no rows; nothing to recover",
+                path.display()
+            )));
+        }
+    }
     if stale_socket {
         dir.remove(CONTROL_SOCKET)?;
         outcome.removed.push(format!("stale {CONTROL_SOCKET}"));
@@ -286,10 +295,20 @@ pub fn run(path: &Path) -> Result<RecoverOutcome, Error> {
         .as_ref()
         .map(|r| r.extra.clone())
         .unwrap_or_default();
+    // A recovery that was itself interrupted after writing meta.json: keep the capture's
+    // own end reason, not "recovered".
+    let previous_end_reason = match previous.as_ref() {
+        Some(r) if r.end_reason == "recovered" => extra
+            .get("recovered")
+            .and_then(|r| r["previous_end_reason"].as_str())
+            .map(str::to_owned),
+        Some(r) => Some(r.end_reason.clone()),
+        None => None,
+    };
     extra.insert(
         "recovered".into(),
         json!({
-            "previous_end_reason": previous.as_ref().map(|r| r.end_reason.clone()),
+            "previous_end_reason": previous_end_reason,
             "recovered_at": crate::trace::rfc3339_from_ns(now_wall_ns()),
             "dropped": outcome.fixes.iter()
                 .filter(|f| f.changed())
