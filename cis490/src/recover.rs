@@ -459,35 +459,47 @@ fn memchr(buf: &[u8]) -> Option<usize> {
 
 /// A plain stream: cut it after its last complete line that is a JSON object.
 fn fix_plain(dir: &EpisodeDir, name: &str) -> Result<(StreamFix, Tail), Error> {
+    use std::os::unix::fs::FileExt;
     let ctx = || format!("recovering {}", dir.join(name).display());
     let mut file = dir.open_regular(name, true)?;
     let size = file.metadata().map_err(|e| Error::io(ctx(), e))?.len();
-    // Offsets of the starts of the last few lines, to step back over unreadable ones.
-    let mut last_lines: std::collections::VecDeque<(u64, Option<Tail>)> = Default::default();
+    // (start, length) of the last few lines, to step back over unreadable ones; only
+    // these are parsed (parsing every row would cost most of the time).
+    let mut last_lines: std::collections::VecDeque<(u64, usize)> = Default::default();
     let mut offset = 0u64;
     let scan = scan_lines(&mut file, |line| {
         if last_lines.len() == 8 {
             last_lines.pop_front();
         }
-        last_lines.push_back((offset, Tail::of(line)));
+        last_lines.push_back((offset, line.len()));
         offset += line.len() as u64;
     });
+    if scan.stopped {
+        // A line too long to be a row, or a read error: cutting there could drop whole
+        // rows after it, so leave the file as it is.
+        return Err(Error::Other(format!(
+            "{}: unreadable at byte {} (a line longer than {MAX_LINE} bytes or a read error); \
+             not modified",
+            dir.join(name).display(),
+            scan.good_bytes
+        )));
+    }
     let mut keep = scan.good_bytes;
     let mut dropped_lines = 0;
     let mut tail = Tail::default();
+    let mut line = Vec::new();
     // A power loss can leave a whole but garbled last line (e.g. zero-filled blocks
     // ending in a newline of a later write): drop such lines at the very end only.
-    while let Some((start, parsed)) = last_lines.pop_back() {
-        match parsed {
-            Some(t) => {
-                tail = t;
-                break;
-            }
-            None => {
-                keep = start;
-                dropped_lines += 1;
-            }
+    while let Some((start, len)) = last_lines.pop_back() {
+        line.resize(len, 0);
+        file.read_exact_at(&mut line, start)
+            .map_err(|e| Error::io(ctx(), e))?;
+        if let Some(t) = Tail::of(&line) {
+            tail = t;
+            break;
         }
+        keep = start;
+        dropped_lines += 1;
     }
     if keep < size {
         file.set_len(keep)
@@ -518,10 +530,10 @@ fn fix_zstd(dir: &EpisodeDir, name: &str) -> Result<(StreamFix, Tail), Error> {
         let mut tail = Tail::default();
         let mut write_err = None;
         let decoder = zstd::stream::read::Decoder::new(file).map_err(|e| Error::io(ctx(), e))?;
+        let mut last = Vec::new();
         let scan = scan_lines(decoder, |line| {
-            if let Some(t) = Tail::of(line) {
-                tail = t;
-            }
+            last.clear();
+            last.extend_from_slice(line);
             if write_err.is_none() {
                 if let Err(e) = enc.write_all(line) {
                     write_err = Some(e);
@@ -530,6 +542,9 @@ fn fix_zstd(dir: &EpisodeDir, name: &str) -> Result<(StreamFix, Tail), Error> {
         });
         if let Some(e) = write_err {
             return Err(Error::io(ctx(), e));
+        }
+        if let Some(t) = Tail::of(&last) {
+            tail = t;
         }
         let intact = !scan.stopped && scan.partial == 0;
         let out = enc.finish().map_err(|e| Error::io(ctx(), e))?;
@@ -688,6 +703,20 @@ mod tests {
         // A second pass finds nothing to drop.
         let (fix, _) = fix_plain(&dir, "telemetry-proc.jsonl").unwrap();
         assert_eq!((fix.dropped_lines, fix.dropped_bytes), (0, 0));
+    }
+
+    #[test]
+    fn plain_stream_with_an_overlong_line_is_left_unmodified() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = EpisodeDir::open_existing(tmp.path()).unwrap();
+        let mut data = b"{\"t_mono_ns\":5}\n".to_vec();
+        data.extend(std::iter::repeat_n(b'x', MAX_LINE + 1));
+        data.extend_from_slice(b"\n{\"t_mono_ns\":6}\n{\"t_mo");
+        let path = tmp.path().join("telemetry-agent.jsonl");
+        std::fs::write(&path, &data).unwrap();
+        let err = fix_plain(&dir, "telemetry-agent.jsonl").unwrap_err();
+        assert!(err.to_string().contains("not modified"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), data);
     }
 
     #[test]

@@ -239,7 +239,11 @@ impl EpisodeDir {
         }
         set_mode(&fd, access.dir_mode(), access.group)
             .map_err(io_err(format!("setting the mode of {}", path.display())))?;
-        let path = std::fs::canonicalize(&path).unwrap_or(path);
+        // For messages and the printed path: resolve the data root (the operator's path)
+        // but not `episodes/<id>`, which another process may have renamed by now.
+        let path = std::fs::canonicalize(data_root)
+            .map(|r| r.join("episodes").join(id))
+            .unwrap_or(path);
         Ok(Self {
             inner: Arc::new(Inner { fd, path, access }),
         })
