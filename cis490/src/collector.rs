@@ -131,7 +131,7 @@ impl VcpuMap {
 /// shared event log, the vCPU map, and the flag that ends the capture.
 #[derive(Clone)]
 pub struct SourceContext {
-    pub dir: std::path::PathBuf,
+    pub dir: crate::episode::EpisodeDir,
     pub clock: EpisodeClock,
     pub events: crate::episode::EventLog,
     pub vcpus: VcpuMap,

@@ -9,7 +9,7 @@
 //! a prefix that streaming decoders read. The manifest then lists the compressed file's
 //! size and sha256, and its `lines` count is the number of JSON lines inside.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::episode::EpisodeDir;
 use crate::error::Error;
 use crate::row::Row;
 
@@ -115,20 +116,21 @@ pub struct JsonlWriter {
 }
 
 impl JsonlWriter {
-    /// Create `dir/name`; an existing file is an error (episodes are never overwritten).
-    pub fn create(dir: &Path, name: &str) -> Result<Self, Error> {
+    /// Create `dir/name`; an existing file (or a symlink planted there) is an error:
+    /// episodes are never overwritten, and writes never follow symlinks.
+    pub fn create(dir: &EpisodeDir, name: &str) -> Result<Self, Error> {
         Self::create_with(dir, name, Compression::None)
     }
 
     /// Create `dir/name` (plus `.zst` when compressed).
-    pub fn create_with(dir: &Path, name: &str, compression: Compression) -> Result<Self, Error> {
+    pub fn create_with(
+        dir: &EpisodeDir,
+        name: &str,
+        compression: Compression,
+    ) -> Result<Self, Error> {
         let name = compression.file_name(name);
         let path = dir.join(&name);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        let file = dir.create_file(&name)?;
         let hashed = Hashed {
             file,
             hasher: Sha256::new(),
@@ -276,7 +278,8 @@ mod tests {
     #[test]
     fn incremental_stats_match_the_file_on_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = JsonlWriter::create(dir.path(), "telemetry-proc.jsonl").unwrap();
+        let ep = EpisodeDir::open_existing(dir.path()).unwrap();
+        let mut w = JsonlWriter::create(&ep, "telemetry-proc.jsonl").unwrap();
         for i in 0..5000u64 {
             let mut row = Row::new(
                 Stamp {
@@ -299,8 +302,9 @@ mod tests {
     #[test]
     fn zstd_stream_decodes_to_the_rows_and_stats_describe_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = JsonlWriter::create_with(dir.path(), "telemetry-proc.jsonl", Compression::Zstd)
-            .unwrap();
+        let ep = EpisodeDir::open_existing(dir.path()).unwrap();
+        let mut w =
+            JsonlWriter::create_with(&ep, "telemetry-proc.jsonl", Compression::Zstd).unwrap();
         let mut plain = Vec::new();
         for i in 0..3000u64 {
             let mut row = Row::new(
@@ -339,7 +343,8 @@ mod tests {
     fn existing_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("events.jsonl"), b"old\n").unwrap();
-        assert!(JsonlWriter::create(dir.path(), "events.jsonl").is_err());
+        let ep = EpisodeDir::open_existing(dir.path()).unwrap();
+        assert!(JsonlWriter::create(&ep, "events.jsonl").is_err());
         assert_eq!(
             std::fs::read(dir.path().join("events.jsonl")).unwrap(),
             b"old\n"

@@ -6,9 +6,8 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -17,7 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::EpisodeClock;
-use crate::episode::{EventLog, CONTROL_SOCKET, LABELS};
+use crate::episode::{EpisodeDir, EventLog, CONTROL_SOCKET, LABELS};
 use crate::error::Error;
 use crate::jsonl::{FileStats, JsonlWriter};
 
@@ -75,7 +74,7 @@ pub struct Labels {
 
 impl Labels {
     /// Create labels.jsonl with its first row: `clean`, prev null.
-    pub fn create(dir: &Path, clock: EpisodeClock) -> Result<Self, Error> {
+    pub fn create(dir: &EpisodeDir, clock: EpisodeClock) -> Result<Self, Error> {
         let writer = JsonlWriter::create(dir, LABELS)?;
         let mut labels = Self {
             writer,
@@ -148,19 +147,22 @@ const MAX_REQUEST: u64 = 4096;
 /// accept() (polling would wake it 50 times a second for the whole capture, about 0.2 %
 /// of a core in this project's VM); `stop` wakes it by shutting the listening socket down.
 pub struct ControlServer {
-    path: PathBuf,
+    dir: EpisodeDir,
     stop: Arc<AtomicBool>,
     listener: UnixListener,
     handle: Option<JoinHandle<()>>,
 }
 
 impl ControlServer {
-    pub fn start(dir: &Path, labels: Arc<Mutex<Labels>>, events: EventLog) -> Result<Self, Error> {
-        let path = dir.join(CONTROL_SOCKET);
-        let listener = UnixListener::bind(&path)
-            .map_err(|e| Error::io(format!("binding {}", path.display()), e))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;
+    pub fn start(
+        dir: &EpisodeDir,
+        labels: Arc<Mutex<Labels>>,
+        events: EventLog,
+    ) -> Result<Self, Error> {
+        // Bound through the directory handle with its final mode from the start: never
+        // reachable, even for an instant, with wider permissions.
+        let listener = crate::episode::dir::bind_unix_private(dir, CONTROL_SOCKET)
+            .map_err(|e| Error::io(format!("binding {}", dir.join(CONTROL_SOCKET).display()), e))?;
         let served = listener
             .try_clone()
             .map_err(|e| Error::io("control socket", e))?;
@@ -171,7 +173,7 @@ impl ControlServer {
             .spawn(move || serve(served, labels, events, stop2))
             .map_err(|e| Error::io("spawning control thread", e))?;
         Ok(Self {
-            path,
+            dir: dir.clone(),
             stop,
             listener,
             handle: Some(handle),
@@ -188,7 +190,7 @@ impl ControlServer {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        let _ = self.dir.remove(CONTROL_SOCKET);
     }
 }
 
@@ -307,7 +309,8 @@ mod tests {
     fn phases_round_trip_and_same_phase_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let clock = EpisodeClock::start();
-        let mut labels = Labels::create(dir.path(), clock).unwrap();
+        let ep = EpisodeDir::open_existing(dir.path()).unwrap();
+        let mut labels = Labels::create(&ep, clock).unwrap();
         assert!(labels.transition(Phase::Clean, None).is_err());
         labels
             .transition(Phase::Armed, Some("loaded sample"))
@@ -335,9 +338,20 @@ mod tests {
     fn control_server_serves_marks_and_stops_promptly() {
         let dir = tempfile::tempdir().unwrap();
         let clock = EpisodeClock::start();
-        let labels = Arc::new(Mutex::new(Labels::create(dir.path(), clock).unwrap()));
-        let events = EventLog::create(dir.path(), clock).unwrap();
-        let server = ControlServer::start(dir.path(), labels.clone(), events).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let ep = EpisodeDir::open_existing(dir.path()).unwrap();
+        let _serial = crate::episode::dir::UMASK_LOCK
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let labels = Arc::new(Mutex::new(Labels::create(&ep, clock).unwrap()));
+        let events = EventLog::create(&ep, clock).unwrap();
+        let server = ControlServer::start(&ep, labels.clone(), events).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let mode = std::fs::symlink_metadata(dir.path().join(CONTROL_SOCKET))
+            .unwrap()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "control.sock mode {mode:o}");
         let reply = send_mark(dir.path(), Phase::Armed, None).unwrap();
         assert!(reply.ok, "{reply:?}");
         assert_eq!(reply.prev.as_deref(), Some("clean"));

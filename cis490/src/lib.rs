@@ -19,6 +19,7 @@ pub mod procfs;
 pub mod qemu_args;
 pub mod qemu_sources;
 pub mod qmp;
+pub mod recover;
 pub mod report;
 pub mod row;
 pub mod sampler;

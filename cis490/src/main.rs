@@ -52,6 +52,10 @@ enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+    /// Seal an episode whose capture was killed hard: drop a partial last line of each
+    /// stream, write meta.json (end_reason "recovered"), manifest.json and done.marker.
+    /// Refuses a capture that is still running; a sealed episode is left as it is.
+    Recover { episode_dir: PathBuf },
     /// List the episodes under a data root, newest first.
     Ls {
         #[arg(default_value = "./data")]
@@ -163,6 +167,10 @@ struct TraceArgs {
     /// Do not read the guest agent.
     #[arg(long, conflicts_with = "agent")]
     no_agent: bool,
+    /// Give this group (name or gid) read access to the episode (directories 0750, files
+    /// 0640). Default: owner only (0700/0600), or the data root's group when it is setgid.
+    #[arg(long, value_name = "NAME")]
+    group: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -207,6 +215,11 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             output,
         } => cmd_report(&episode_dir, output),
         Command::Ls { data_root, json } => cmd_ls(&data_root, json),
+        Command::Recover { episode_dir } => {
+            let outcome = cis490::recover::run(&episode_dir)?;
+            print!("{}", outcome.describe());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::BpfLoader {
             pid,
             net_ifs,
@@ -272,12 +285,8 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
 
 fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
     let user_meta = match &args.meta {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| Error::Usage(format!("--meta {}: {e}", path.display())))?;
-            UserMeta::parse(&text)
-                .map_err(|e| Error::Usage(format!("--meta {}: {e}", path.display())))?
-        }
+        Some(path) => UserMeta::read_file(path)
+            .map_err(|e| Error::Usage(format!("--meta {}: {e}", path.display())))?,
         None => UserMeta::default(),
     };
     let stop = Arc::new(AtomicBool::new(false));
@@ -298,6 +307,13 @@ fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
         bpf_wakeups: args.bpf_wakeups,
         bpf_timer_cpu: args.bpf_timer_cpu,
         compression: args.compress,
+        access: cis490::episode::Access {
+            group: args
+                .group
+                .as_deref()
+                .map(cis490::episode::dir::group_by_name)
+                .transpose()?,
+        },
         realtime: match (args.realtime, args.no_realtime) {
             (true, _) => Realtime::On,
             (_, true) => Realtime::Off,

@@ -31,7 +31,7 @@ pub struct Slot {
 impl Slot {
     pub fn new(
         collector: Box<dyn Collector>,
-        dir: &std::path::Path,
+        dir: &crate::episode::EpisodeDir,
         compression: Compression,
     ) -> Result<Self, Error> {
         let writer =

@@ -40,6 +40,8 @@ pub struct TraceConfig {
     /// `--bpf-timer-cpu`.
     pub bpf_timer_cpu: Option<u32>,
     pub compression: Compression,
+    /// Who may read the episode besides its owner (`--group`).
+    pub access: crate::episode::Access,
     pub realtime: crate::sampler::Realtime,
     /// Redraw a status line on stderr while capturing (the caller checks for a TTY).
     pub status_line: bool,
@@ -100,7 +102,15 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     };
     let mut selected = backend::select(cfg.backend, cfg.pid, &vcpus, &backend_opts)?;
     let bpf_session = selected.session.take();
-    let dir = episode::create_dir(&cfg.data_root, &id)?;
+    let dir = episode::create_dir(&cfg.data_root, &id, cfg.access)?;
+    // Held until this process exits (even by SIGKILL): `cis490 recover` refuses a locked
+    // episode, whatever state its control socket is in.
+    if !episode::dir::try_lock(&dir).map_err(|e| Error::io("locking the episode", e))? {
+        return Err(Error::Other(format!(
+            "{} is locked by another process",
+            dir.path().display()
+        )));
+    }
 
     let clock = EpisodeClock::start();
     let um = &cfg.user_meta;
@@ -148,7 +158,8 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     // The first write into the new directory doubles as the writability check: it
     // happens before any sampling.
     if let Err(e) = episode::write_json_atomic(&dir, episode::META, &meta) {
-        let _ = std::fs::remove_dir_all(&dir);
+        // rmdir removes only the empty directory we made (never a symlink's target).
+        let _ = std::fs::remove_dir(dir.path());
         return Err(Error::Usage(format!(
             "data root {} is not writable: {e}",
             cfg.data_root.display()
@@ -213,7 +224,7 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     if let Some(session) = &bpf_session {
         session.start_snapshots().map_err(Error::Other)?;
     }
-    tracing::info!(episode = %dir.display(), rate_hz = cfg.rate_hz, backend = selected.used, "capture started");
+    tracing::info!(episode = %dir.path().display(), rate_hz = cfg.rate_hz, backend = selected.used, "capture started");
     let handle = std::thread::Builder::new()
         .name("cis490-sampler".into())
         .spawn(move || {
@@ -238,7 +249,7 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
             || handle.is_finished(),
             &live,
             &labels,
-            &dir,
+            dir.path(),
             clock,
             interval_ns,
         );
@@ -367,11 +378,11 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         let first = error.map(|x| format!("{x}; then ")).unwrap_or_default();
         return Err(Error::Other(format!(
             "{first}closing episode {}: {e}",
-            dir.display()
+            dir.path().display()
         )));
     }
     Ok(TraceResult {
-        dir,
+        dir: dir.path().to_path_buf(),
         end_reason,
         error,
     })

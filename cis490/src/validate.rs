@@ -19,7 +19,7 @@ use crate::labels::Phase;
 /// At most this many problems of one file are listed; the rest are counted.
 const MAX_PROBLEMS_PER_FILE: usize = 20;
 
-pub const END_REASONS: [&str; 4] = ["duration", "target_exit", "signal", "error"];
+pub const END_REASONS: [&str; 5] = ["duration", "target_exit", "signal", "error", "recovered"];
 
 /// One thing wrong with an episode.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,11 +1,10 @@
 //! The episode directory: creation, the shared event log, and the closing sequence
 //! (final meta.json, manifest.json, done.marker — in that order).
 
+pub mod dir;
 pub mod meta;
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -13,7 +12,8 @@ use serde_json::{Map, Value};
 
 use crate::clock::EpisodeClock;
 use crate::error::Error;
-use crate::jsonl::{stats_of_file, FileStats, JsonlWriter};
+use crate::jsonl::{FileStats, JsonlWriter};
+pub use dir::{Access, EpisodeDir};
 pub use meta::Meta;
 
 pub const META: &str = "meta.json";
@@ -27,52 +27,61 @@ pub fn telemetry_file(source: &str) -> String {
     format!("telemetry-{source}.jsonl")
 }
 
-/// Create `<data_root>/episodes/<id>/`. The id directory must not exist: episodes are
-/// never reused or overwritten.
-pub fn create_dir(data_root: &Path, id: &str) -> Result<PathBuf, Error> {
-    let episodes = data_root.join("episodes");
-    fs::create_dir_all(&episodes).map_err(|e| {
-        Error::Usage(format!(
-            "data root {}: cannot create episodes/: {e}",
-            data_root.display()
-        ))
-    })?;
-    let dir = episodes.join(id);
-    match fs::create_dir(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return Err(Error::EpisodeExists(dir))
-        }
-        Err(e) => {
-            return Err(Error::Usage(format!(
-                "cannot create episode directory {}: {e}",
-                dir.display()
-            )))
-        }
-    }
-    Ok(fs::canonicalize(&dir).unwrap_or(dir))
+/// Create `<data_root>/episodes/<id>/` and open it (see [`dir`]). The id directory must
+/// not exist: episodes are never reused or overwritten.
+pub fn create_dir(data_root: &Path, id: &str, access: Access) -> Result<EpisodeDir, Error> {
+    EpisodeDir::create(data_root, id, access)
 }
 
 /// Write `value` as pretty JSON to `dir/name` atomically: temp file, fsync, rename, fsync dir.
-pub fn write_json_atomic<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), Error> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let path = dir.join(name);
-    let mut bytes = serde_json::to_vec_pretty(value).map_err(Error::Json)?;
-    bytes.push(b'\n');
-    let write = || -> std::io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &path)?;
-        File::open(dir)?.sync_all()
+pub fn write_json_atomic<T: Serialize>(
+    dir: &EpisodeDir,
+    name: &str,
+    value: &T,
+) -> Result<(), Error> {
+    dir.write_json_atomic(name, value)
+}
+
+/// Size, line count and sha256 of `name` as it is on disk, read through the handle. For a
+/// `.zst` stream `lines` counts the JSON lines inside (as the writer does); the decoder
+/// must reach the end of the frame.
+pub fn stats_on_disk(dir: &EpisodeDir, name: &str) -> Result<FileStats, Error> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let ctx = || format!("reading {}", dir.join(name).display());
+    let mut file = dir.open_regular(name, false)?;
+    let mut hasher = Sha256::new();
+    let mut bytes = 0u64;
+    let mut newlines = 0u64;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| Error::io(ctx(), e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+        newlines += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+    }
+    let lines = if name.ends_with(".zst") {
+        let file = dir.open_regular(name, false)?;
+        let mut dec = zstd::stream::read::Decoder::new(file).map_err(|e| Error::io(ctx(), e))?;
+        let mut lines = 0u64;
+        loop {
+            let n = dec.read(&mut buf).map_err(|e| Error::io(ctx(), e))?;
+            if n == 0 {
+                break lines;
+            }
+            lines += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+        }
+    } else {
+        newlines
     };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        Error::io(format!("writing {}", path.display()), e)
+    Ok(FileStats {
+        name: name.to_owned(),
+        bytes,
+        lines,
+        sha256: crate::jsonl::hex(&hasher.finalize()),
     })
 }
 
@@ -97,7 +106,7 @@ struct EventLogInner {
 }
 
 impl EventLog {
-    pub fn create(dir: &Path, clock: EpisodeClock) -> Result<Self, Error> {
+    pub fn create(dir: &EpisodeDir, clock: EpisodeClock) -> Result<Self, Error> {
         let writer = JsonlWriter::create(dir, EVENTS)?;
         Ok(Self {
             inner: Arc::new(Mutex::new(EventLogInner {
@@ -154,63 +163,69 @@ impl EventLog {
 /// is false (a write failed), sizes and checksums are recomputed from the files on disk so
 /// the manifest describes what is really there.
 pub fn finish(
-    dir: &Path,
+    dir: &EpisodeDir,
     meta: &Meta,
     streams: Vec<FileStats>,
     trust_streams: bool,
 ) -> Result<(), Error> {
-    write_json_atomic(dir, META, meta)?;
+    dir.write_json_atomic(META, meta)?;
     let mut files = Vec::with_capacity(streams.len() + 1);
-    files.push(stats_of_file(&dir.join(META))?);
+    files.push(stats_on_disk(dir, META)?);
     for s in streams {
         files.push(if trust_streams {
             s
         } else {
-            stats_of_file(&dir.join(&s.name))?
+            stats_on_disk(dir, &s.name)?
         });
     }
+    seal(dir, &meta.episode_id, files)
+}
+
+/// The last two steps of the closing sequence: manifest.json, then done.marker.
+pub fn seal(dir: &EpisodeDir, episode_id: &str, mut files: Vec<FileStats>) -> Result<(), Error> {
     files.sort_by(|a, b| a.name.cmp(&b.name));
-    write_json_atomic(
-        dir,
+    dir.write_json_atomic(
         MANIFEST,
         &Manifest {
-            episode_id: meta.episode_id.clone(),
+            episode_id: episode_id.to_owned(),
             files,
         },
     )?;
-    let done = dir.join(DONE);
-    File::create(&done)
-        .and_then(|f| f.sync_all())
-        .and_then(|()| File::open(dir)?.sync_all())
-        .map_err(|e| Error::io(format!("creating {}", done.display()), e))
+    dir.create_file(DONE)?
+        .sync_all()
+        .map_err(|e| Error::io(format!("creating {}", dir.join(DONE).display()), e))?;
+    dir.sync()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn existing_episode_id_is_refused_and_untouched() {
         let root = tempfile::tempdir().unwrap();
-        let dir = create_dir(root.path(), "01J00000000000000000000000").unwrap();
+        let dir = create_dir(root.path(), "01J00000000000000000000000", Access::default()).unwrap();
         fs::write(dir.join("meta.json"), b"{}").unwrap();
-        let err = create_dir(root.path(), "01J00000000000000000000000").unwrap_err();
+        let err =
+            create_dir(root.path(), "01J00000000000000000000000", Access::default()).unwrap_err();
         assert!(matches!(err, Error::EpisodeExists(_)), "{err}");
         assert_eq!(fs::read(dir.join("meta.json")).unwrap(), b"{}");
     }
 
     #[test]
     fn atomic_json_leaves_no_temp_file() {
-        let dir = tempfile::tempdir().unwrap();
-        write_json_atomic(dir.path(), "meta.json", &serde_json::json!({"a": 1})).unwrap();
-        write_json_atomic(dir.path(), "meta.json", &serde_json::json!({"a": 2})).unwrap();
-        let names: Vec<_> = fs::read_dir(dir.path())
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = EpisodeDir::open_existing(tmp.path()).unwrap();
+        write_json_atomic(&dir, "meta.json", &serde_json::json!({"a": 1})).unwrap();
+        write_json_atomic(&dir, "meta.json", &serde_json::json!({"a": 2})).unwrap();
+        let names: Vec<_> = fs::read_dir(tmp.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("meta.json")]);
         let v: Value =
-            serde_json::from_slice(&fs::read(dir.path().join("meta.json")).unwrap()).unwrap();
+            serde_json::from_slice(&fs::read(tmp.path().join("meta.json")).unwrap()).unwrap();
         assert_eq!(v["a"], 2);
     }
 }

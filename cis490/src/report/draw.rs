@@ -9,6 +9,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use super::data::{MarkKind, Model, Panel};
+use crate::episode::dir::write_file_replacing;
 use crate::error::Error;
 
 static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans-ascii.ttf");
@@ -203,19 +204,20 @@ fn draw_all<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, model: &Model) -> 
     root.present()
 }
 
-/// Draw `model` into `path`.
+/// Draw `model` into `path`. The picture is rendered in memory and written with
+/// [`write_file_replacing`]: a symlink planted at `path` is replaced, never written through.
 pub fn render(model: &Model, path: &Path, format: Format) -> Result<(), Error> {
     register_font()?;
     let size = canvas_size(model.panels.len());
     let draw_err = |e: String| Error::Other(format!("drawing {}: {e}", path.display()));
-    match format {
+    let bytes = match format {
         Format::Svg => {
-            let root = SVGBackend::new(path, size).into_drawing_area();
-            draw_all(root, model).map_err(|e| draw_err(e.to_string()))?;
-            // SVGBackend writes on drop and swallows errors: check the file exists.
-            if !path.exists() {
-                return Err(draw_err("the SVG file was not written".into()));
+            let mut svg = String::new();
+            {
+                let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+                draw_all(root, model).map_err(|e| draw_err(e.to_string()))?;
             }
+            svg.into_bytes()
         }
         Format::Png => {
             let mut buf = vec![0u8; (size.0 * size.1 * 3) as usize];
@@ -223,22 +225,23 @@ pub fn render(model: &Model, path: &Path, format: Format) -> Result<(), Error> {
                 let root = BitMapBackend::with_buffer(&mut buf, size).into_drawing_area();
                 draw_all(root, model).map_err(|e| draw_err(e.to_string()))?;
             }
-            write_png(path, size, &buf)?;
+            encode_png(path, size, &buf)?
         }
-    }
-    Ok(())
+    };
+    // The picture shows the episode's data: readable by its owner only.
+    write_file_replacing(path, &bytes, 0o600)
 }
 
-fn write_png(path: &Path, (w, h): (u32, u32), rgb: &[u8]) -> Result<(), Error> {
-    let io = |e: std::io::Error| Error::io(format!("writing {}", path.display()), e);
-    let file = std::fs::File::create(path).map_err(io)?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w, h);
+fn encode_png(path: &Path, (w, h): (u32, u32), rgb: &[u8]) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, w, h);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
     let png_err = |e: png::EncodingError| Error::Other(format!("encoding {}: {e}", path.display()));
     let mut writer = enc.write_header().map_err(png_err)?;
     writer.write_image_data(rgb).map_err(png_err)?;
-    writer.finish().map_err(png_err)
+    writer.finish().map_err(png_err)?;
+    Ok(out)
 }
 
 #[cfg(test)]
