@@ -43,6 +43,26 @@ pub enum Message {
     },
 }
 
+/// Whether `line` is an event, decided without building its value (no allocation): the
+/// transport drops events cheaply this way while it sheds a flood. Same rule as
+/// [`parse_message`]: an object with `event` and none of `QMP`, `return`, `error`.
+pub fn is_event_line(line: &[u8]) -> bool {
+    use serde::de::IgnoredAny;
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        #[serde(rename = "QMP")]
+        greeting: Option<IgnoredAny>,
+        #[serde(rename = "return")]
+        ret: Option<IgnoredAny>,
+        error: Option<IgnoredAny>,
+        event: Option<IgnoredAny>,
+    }
+    match serde_json::from_slice::<Peek>(line) {
+        Ok(p) => p.event.is_some() && p.greeting.is_none() && p.ret.is_none() && p.error.is_none(),
+        Err(_) => false,
+    }
+}
+
 pub fn parse_message(line: &str) -> Result<Message, String> {
     let v: Json = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
     let Json::Object(mut o) = v else {
@@ -694,6 +714,33 @@ mod tests {
         assert!(parse_message("[1]").is_err());
         assert!(parse_message("{\"x\":1}").is_err());
         assert!(parse_message("{").is_err());
+    }
+
+    #[test]
+    fn event_lines_are_told_apart_without_parsing_values() {
+        let text = fixture("tcg/events.boot.jsonl");
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let is_event = matches!(parse_message(line), Ok(Message::Event { .. }));
+            assert_eq!(is_event_line(line.as_bytes()), is_event, "{line}");
+        }
+        for (name, event) in [
+            ("tcg/greeting.json", false),
+            ("tcg/query-status.json", false),
+            ("tcg/error.unknown-command.json", false),
+        ] {
+            assert_eq!(
+                is_event_line(fixture(name).trim().as_bytes()),
+                event,
+                "{name}"
+            );
+        }
+        // A reply that mentions "event" inside its value is a reply.
+        assert!(!is_event_line(
+            br#"{"return": {"event": "X"}, "id": "cis490-3"}"#
+        ));
+        assert!(!is_event_line(br#"{"event": "X", "return": {}}"#));
+        assert!(!is_event_line(b"{\"event\": "));
+        assert!(is_event_line(br#"{"event": "X"}"#));
     }
 
     #[test]

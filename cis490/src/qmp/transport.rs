@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value as Json};
 
-use super::parse::{parse_message, Message};
+use super::parse::{is_event_line, parse_message, Message};
 
 /// Far above any real reply (query-stats-schemas is ~10 KiB, query-blockstats with many
 /// devices ~100 KiB). A longer line is skipped without being buffered.
@@ -42,6 +42,10 @@ const READ_CHUNK: usize = 16 * 1024;
 /// While events are being shed (bucket empty), each socket read waits this long first:
 /// a flooding QEMU is then held back by its own full socket instead of costing a core.
 const SHED_READ_PACE: Duration = Duration::from_millis(10);
+/// A command's reply is read at full speed through this many bytes of other lines (more
+/// than a full socket buffer holds), so polls go on under a flood; past that (a reply
+/// withheld behind endless events) reads are paced as well.
+const REPLY_UNPACED_BYTES: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
@@ -317,7 +321,7 @@ impl QmpConn {
         stream.set_write_timeout(Some(timeout)).map_err(transport)?;
         self.stream = Some(stream);
         self.greeting_version = None;
-        match self.read_message(deadline)? {
+        match self.read_message(deadline, &mut REPLY_UNPACED_BYTES.clone())? {
             Some(Message::Greeting { version }) => self.greeting_version = version,
             Some(_) => return Err(transport("first message is not the QMP greeting")),
             None => {
@@ -384,8 +388,9 @@ impl QmpConn {
             .ok_or_else(|| transport("not connected"))?
             .write_all(&line)
             .map_err(|e| transport(format!("sending {name}: {e}")))?;
+        let mut unpaced = REPLY_UNPACED_BYTES;
         loop {
-            let Some(msg) = self.read_message(deadline)? else {
+            let Some(msg) = self.read_message(deadline, &mut unpaced)? else {
                 return Err(transport(format!("{name}: no reply in time")));
             };
             match msg {
@@ -409,7 +414,7 @@ impl QmpConn {
     /// Read events until `deadline` (used between polls so events arrive promptly).
     pub fn wait_events(&mut self, deadline: Instant) -> Result<(), QmpError> {
         loop {
-            match self.read_message(deadline) {
+            match self.read_message(deadline, &mut 0) {
                 // A stray reply: not ours.
                 Ok(Some(_)) => {}
                 Ok(None) => return Ok(()),
@@ -422,13 +427,23 @@ impl QmpConn {
 
     /// Next complete message other than an event, or None when `deadline` passes first.
     /// Events are queued (rate-limited) on the way. EOF and garbage are transport errors; a
-    /// line over [`MAX_LINE`] is [`QmpError::Oversized`].
-    fn read_message(&mut self, deadline: Instant) -> Result<Option<Message>, QmpError> {
+    /// line over [`MAX_LINE`] is [`QmpError::Oversized`]. Reads are paced while events are
+    /// being shed, once `unpaced` bytes (counted down here) have been read.
+    fn read_message(
+        &mut self,
+        deadline: Instant,
+        unpaced: &mut usize,
+    ) -> Result<Option<Message>, QmpError> {
         loop {
             match self.lines.next_line() {
                 Some(Framed::Oversized) => return Err(QmpError::Oversized),
                 Some(Framed::Line(bytes)) => {
                     let len = bytes.len();
+                    // Shedding a flood: an event line is dropped without building it.
+                    if self.events.shedding(Instant::now()) && is_event_line(bytes) {
+                        self.events.drops.rate_limited += 1;
+                        continue;
+                    }
                     let text = std::str::from_utf8(bytes)
                         .map_err(|_| transport("QMP line is not UTF-8"))?
                         .trim();
@@ -471,7 +486,7 @@ impl QmpConn {
             if now >= deadline {
                 return Ok(None);
             }
-            if self.events.shedding(now) {
+            if *unpaced == 0 && self.events.shedding(now) {
                 std::thread::sleep(SHED_READ_PACE.min(deadline - now));
                 now = Instant::now();
                 if now >= deadline {
@@ -488,7 +503,10 @@ impl QmpConn {
             let mut chunk = [0u8; READ_CHUNK];
             match stream.read(&mut chunk) {
                 Ok(0) => return Err(transport("QMP socket closed")),
-                Ok(n) => self.lines.push(&chunk[..n]),
+                Ok(n) => {
+                    *unpaced = unpaced.saturating_sub(n);
+                    self.lines.push(&chunk[..n]);
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
