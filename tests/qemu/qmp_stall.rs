@@ -325,7 +325,7 @@ fn hostile_reply(h: &Hostile, req: &Value) -> String {
 }
 
 /// Serve one connection the hostile way; returns when the client is gone.
-fn serve_hostile(s: UnixStream, h: &Hostile, huge_sent: &AtomicU64) {
+fn serve_hostile(s: UnixStream, h: &Hostile, huge_sent: &AtomicU64, huge: Option<&[u8]>) {
     if h.no_greeting {
         // Hold the connection open, silent, until the client leaves.
         let mut buf = [0u8; 4096];
@@ -376,14 +376,9 @@ fn serve_hostile(s: UnixStream, h: &Hostile, huge_sent: &AtomicU64) {
         if h.withhold == Some(cmd) {
             continue;
         }
-        if let Some((huge_cmd, bytes)) = h.huge_reply {
+        if let (Some((huge_cmd, _)), Some(big)) = (h.huge_reply, huge) {
             if huge_cmd == cmd && huge_sent.fetch_add(1, Ordering::SeqCst) == 0 {
-                // `{"return": "xxxx…"}`: valid JSON if it were ever read whole.
-                let mut big = Vec::with_capacity(bytes);
-                big.extend_from_slice(b"{\"return\": \"");
-                big.resize(bytes - 3, b'x');
-                big.extend_from_slice(b"\"}\n");
-                if !send(&big) {
+                if !send(big) {
                     return;
                 }
                 continue;
@@ -400,13 +395,24 @@ fn serve_hostile(s: UnixStream, h: &Hostile, huge_sent: &AtomicU64) {
 fn start_hostile(sock: &Path, h: Hostile) {
     let listener = UnixListener::bind(sock).unwrap();
     let huge_sent = Arc::new(AtomicU64::new(0));
+    // Built before the capture starts, so sending it is only the socket's work:
+    // `{"return": "xxxx…"}`, valid JSON if it were ever read whole.
+    let huge: Option<Arc<Vec<u8>>> = h.huge_reply.map(|(_, bytes)| {
+        let mut big = vec![b'x'; bytes];
+        big[..12].copy_from_slice(b"{\"return\": \"");
+        big[bytes - 3..].copy_from_slice(b"\"}\n");
+        Arc::new(big)
+    });
     std::thread::spawn(move || {
         for s in listener.incoming() {
             let Ok(s) = s else { return };
             let h = h.clone();
             let huge_sent = huge_sent.clone();
+            let huge = huge.clone();
             // Each connection on its own thread, so a withheld one does not block a reconnect.
-            std::thread::spawn(move || serve_hostile(s, &h, &huge_sent));
+            std::thread::spawn(move || {
+                serve_hostile(s, &h, &huge_sent, huge.as_deref().map(Vec::as_slice))
+            });
         }
     });
 }
@@ -472,6 +478,12 @@ fn hostile_capture(h: Hostile, target_pid: u32, secs: u64) -> Outcome {
     let (hwm_kb, cpu_ms) = watch.join().unwrap();
     assert!(ok, "trace failed: {stderr}");
     let meta = read_json(&dir.join("meta.json"));
+    if std::env::var_os("QMP_TEST_DEBUG").is_some() {
+        eprintln!(
+            "{}",
+            std::fs::read_to_string(dir.join("events.jsonl")).unwrap()
+        );
+    }
     eprintln!(
         "capture of {secs} s: wall {elapsed:?}, cis490 VmHWM {hwm_kb} KiB, CPU {cpu_ms} ms, \
          {} qmp_event lines; meta.sources[qmp] = {}",
