@@ -66,6 +66,7 @@ pub fn start(
                 let src = QmpSource::start(
                     QmpConfig {
                         socket,
+                        target_pid: pid,
                         rate_hz: opts.qmp_rate_hz,
                         // Generous: a loaded host can delay QEMU's main loop for a while.
                         command_timeout: Duration::from_secs(2),
@@ -116,8 +117,9 @@ pub fn apply_facts(meta: &mut Meta, f: &QmpFacts) {
     if f.qemu_version.is_some() {
         meta.host_fingerprint.qemu_version = f.qemu_version.clone();
     }
-    if !f.vcpus.is_empty() {
-        meta.vm.vcpus = Some(f.vcpus.len() as u32);
+    if f.vcpus_reported > 0 {
+        // The count QMP gave; vcpu_threads lists only thread ids that are the target's.
+        meta.vm.vcpus = Some(f.vcpus_reported as u32);
         meta.vm.vcpu_threads = f
             .vcpus
             .iter()

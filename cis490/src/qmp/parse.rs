@@ -43,6 +43,26 @@ pub enum Message {
     },
 }
 
+/// Whether `line` is an event, decided without building its value (no allocation): the
+/// transport drops events cheaply this way while it sheds a flood. Same rule as
+/// [`parse_message`]: an object with `event` and none of `QMP`, `return`, `error`.
+pub fn is_event_line(line: &[u8]) -> bool {
+    use serde::de::IgnoredAny;
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        #[serde(rename = "QMP")]
+        greeting: Option<IgnoredAny>,
+        #[serde(rename = "return")]
+        ret: Option<IgnoredAny>,
+        error: Option<IgnoredAny>,
+        event: Option<IgnoredAny>,
+    }
+    match serde_json::from_slice::<Peek>(line) {
+        Ok(p) => p.event.is_some() && p.greeting.is_none() && p.ret.is_none() && p.error.is_none(),
+        Err(_) => false,
+    }
+}
+
 pub fn parse_message(line: &str) -> Result<Message, String> {
     let v: Json = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
     let Json::Object(mut o) = v else {
@@ -284,10 +304,27 @@ pub fn column(parts: &[&str]) -> String {
 
 /// One `query-stats` result: a vCPU's (qom_path set) or the VM's stats as flat fields
 /// `<provider>_<name>`. Booleans stay booleans; histograms are summarized (module docs).
+///
+/// Column names are unique within a row: sanitizing can map two stat names to one column
+/// (`a-b` and `a.b` → `kvm_a_b`, `X` and `x`), a reply can list a name twice, and a stat
+/// named `h_count` meets the histogram `h`'s `h_count`. The first column of a name wins,
+/// in reply order; a later one is dropped and listed in `collisions` (the collector counts
+/// them and reports each once), never written as a duplicate key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StatsRow {
     pub qom_path: Option<String>,
     pub fields: Vec<(FieldName, Value)>,
+    /// `<provider>/<stat name>` of each value dropped because its column was taken.
+    pub collisions: Vec<String>,
+}
+
+/// Append `(name, value)` unless `fields` already has `name`; false when it had.
+pub fn push_unique(fields: &mut Vec<(FieldName, Value)>, name: FieldName, value: Value) -> bool {
+    if fields.iter().any(|(k, _)| *k == name) {
+        return false;
+    }
+    fields.push((name, value));
+    true
 }
 
 pub fn stats_rows(v: Json) -> Result<Vec<StatsRow>, String> {
@@ -302,29 +339,40 @@ pub fn stats_rows(v: Json) -> Result<Vec<StatsRow>, String> {
                 rows.push(StatsRow {
                     qom_path: r.qom_path.clone(),
                     fields: Vec::new(),
+                    collisions: Vec::new(),
                 });
                 rows.len() - 1
             }
         };
-        let fields = &mut rows[idx].fields;
+        let row = &mut rows[idx];
         for st in r.stats {
             let name = column(&[&provider, &st.name]);
-            match st.value {
-                StatsValue::scalar(n) => fields.push((name.into(), n.into())),
-                StatsValue::boolean(b) => fields.push((name.into(), b.into())),
+            let ok = match st.value {
+                StatsValue::scalar(n) => push_unique(&mut row.fields, name.into(), n.into()),
+                StatsValue::boolean(b) => push_unique(&mut row.fields, name.into(), b.into()),
                 StatsValue::list(buckets) => {
                     // Histograms (the schema's log2/linear-histogram types) are the only
                     // list-valued stats; a list the schema does not know is summarized the
                     // same way rather than dropped.
-                    let total = buckets.iter().fold(0u64, |a, b| a.saturating_add(*b));
-                    let joined = buckets
-                        .iter()
-                        .map(u64::to_string)
-                        .collect::<Vec<_>>()
-                        .join(",");
-                    fields.push((format!("{name}_count").into(), total.into()));
-                    fields.push((format!("{name}_buckets").into(), joined.into()));
+                    let (count, joined) = (format!("{name}_count"), format!("{name}_buckets"));
+                    // Both columns or neither: half a histogram would mislead.
+                    if row.fields.iter().any(|(k, _)| *k == count || *k == joined) {
+                        false
+                    } else {
+                        let total = buckets.iter().fold(0u64, |a, b| a.saturating_add(*b));
+                        let joined_v = buckets
+                            .iter()
+                            .map(u64::to_string)
+                            .collect::<Vec<_>>()
+                            .join(",");
+                        row.fields.push((count.into(), total.into()));
+                        row.fields.push((joined.into(), joined_v.into()));
+                        true
+                    }
                 }
+            };
+            if !ok {
+                row.collisions.push(format!("{provider}/{}", st.name));
             }
         }
     }
@@ -669,9 +717,133 @@ mod tests {
     }
 
     #[test]
+    fn event_lines_are_told_apart_without_parsing_values() {
+        let text = fixture("tcg/events.boot.jsonl");
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let is_event = matches!(parse_message(line), Ok(Message::Event { .. }));
+            assert_eq!(is_event_line(line.as_bytes()), is_event, "{line}");
+        }
+        for (name, event) in [
+            ("tcg/greeting.json", false),
+            ("tcg/query-status.json", false),
+            ("tcg/error.unknown-command.json", false),
+        ] {
+            assert_eq!(
+                is_event_line(fixture(name).trim().as_bytes()),
+                event,
+                "{name}"
+            );
+        }
+        // A reply that mentions "event" inside its value is a reply.
+        assert!(!is_event_line(
+            br#"{"return": {"event": "X"}, "id": "cis490-3"}"#
+        ));
+        assert!(!is_event_line(br#"{"event": "X", "return": {}}"#));
+        assert!(!is_event_line(b"{\"event\": "));
+        assert!(is_event_line(br#"{"event": "X"}"#));
+    }
+
+    #[test]
     fn qdev_ids() {
         assert_eq!(qdev_id("/machine/peripheral/vblk0/virtio-backend"), "vblk0");
         assert_eq!(qdev_id("ide0-hd0"), "ide0-hd0");
+    }
+
+    /// The rows of the KVM vCPU fixture with its first result's stats edited by `edit`:
+    /// (the edited vCPU's row, the other one).
+    fn vcpu_rows_with(edit: impl FnOnce(&mut Vec<Json>)) -> (StatsRow, StatsRow) {
+        let mut v = ret("kvm/query-stats.vcpu");
+        edit(v[0]["stats"].as_array_mut().unwrap());
+        let edited = v[0]["qom-path"].as_str().unwrap().to_owned();
+        let mut rows = stats_rows(v).unwrap();
+        assert_eq!(rows.len(), 2);
+        let i = rows
+            .iter()
+            .position(|r| r.qom_path.as_deref() == Some(edited.as_str()))
+            .unwrap();
+        let row = rows.remove(i);
+        (row, rows.remove(0))
+    }
+
+    fn keys_unique(row: &StatsRow) {
+        let mut seen = std::collections::HashSet::new();
+        for (k, _) in &row.fields {
+            assert!(seen.insert(k.clone()), "duplicate column {k}");
+        }
+    }
+
+    #[test]
+    fn stat_name_collision_same_name_twice_keeps_the_first() {
+        let (r, other) = vcpu_rows_with(|stats| {
+            let exits = stats.iter().find(|s| s["name"] == "exits").unwrap()["value"].clone();
+            assert_ne!(exits, 999);
+            stats.push(serde_json::json!({"name": "exits", "value": 999}));
+        });
+        keys_unique(&r);
+        assert_ne!(field(&r.fields, "kvm_exits"), &Value::U64(999));
+        assert_eq!(r.collisions, vec!["kvm/exits"]);
+        assert!(other.collisions.is_empty());
+    }
+
+    #[test]
+    fn stat_name_collision_dash_dot_and_case_map_to_one_column() {
+        let (r, _) = vcpu_rows_with(|stats| {
+            stats.push(serde_json::json!({"name": "a-b", "value": 1}));
+            stats.push(serde_json::json!({"name": "a.b", "value": 2}));
+            stats.push(serde_json::json!({"name": "A_B", "value": 3}));
+        });
+        keys_unique(&r);
+        assert_eq!(field(&r.fields, "kvm_a_b"), &Value::U64(1));
+        assert_eq!(r.collisions, vec!["kvm/a.b", "kvm/A_B"]);
+    }
+
+    #[test]
+    fn stat_name_collision_histogram_count_against_a_stat_named_like_it() {
+        // A stat named like the histogram's summary column, after the histogram...
+        let (r, _) = vcpu_rows_with(|stats| {
+            stats.push(serde_json::json!({"name": "halt_wait_hist_count", "value": 7777}));
+        });
+        keys_unique(&r);
+        assert_ne!(
+            field(&r.fields, "kvm_halt_wait_hist_count"),
+            &Value::U64(7777)
+        );
+        assert!(matches!(
+            field(&r.fields, "kvm_halt_wait_hist_buckets"),
+            Value::Str(_)
+        ));
+        assert_eq!(r.collisions, vec!["kvm/halt_wait_hist_count"]);
+        // ... and before it: the stat wins, and the histogram loses both its columns.
+        let (r, _) = vcpu_rows_with(|stats| {
+            stats.insert(
+                0,
+                serde_json::json!({"name": "halt_wait_hist_count", "value": 7777}),
+            );
+        });
+        keys_unique(&r);
+        assert_eq!(
+            field(&r.fields, "kvm_halt_wait_hist_count"),
+            &Value::U64(7777)
+        );
+        assert!(!r
+            .fields
+            .iter()
+            .any(|(k, _)| k == "kvm_halt_wait_hist_buckets"));
+        assert_eq!(r.collisions, vec!["kvm/halt_wait_hist"]);
+    }
+
+    #[test]
+    fn stat_names_of_real_replies_do_not_collide() {
+        for name in [
+            "kvm/query-stats.vcpu",
+            "kvm/query-stats.vm",
+            "kvm/query-stats.vcpu.kvm.names",
+        ] {
+            for r in stats_rows(ret(name)).unwrap() {
+                keys_unique(&r);
+                assert!(r.collisions.is_empty(), "{name}: {:?}", r.collisions);
+            }
+        }
     }
 
     #[test]
