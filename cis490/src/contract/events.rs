@@ -1,0 +1,210 @@
+//! The event kinds of events.jsonl and the fields each carries (beside `t_mono_ns`,
+//! `t_wall_ns` and `event`). A field marked required is in every event of its kind;
+//! the others only where they apply. A field no kind declares is a contract violation.
+
+use super::Column as C;
+use super::ColumnType::{Bool, Dict, Json, UInt64, Utf8};
+
+/// One event kind.
+#[derive(Debug, Clone, Copy)]
+pub struct EventKind {
+    pub name: &'static str,
+    pub when: &'static str,
+    /// Its fields; [`super::Presence::Always`] = required, `Optional` = may be absent.
+    pub fields: &'static [C],
+}
+
+impl EventKind {
+    pub fn field(&self, name: &str) -> Option<&'static C> {
+        self.fields.iter().find(|c| c.name == name)
+    }
+}
+
+const fn req(name: &'static str, ty: super::ColumnType, d: &'static str) -> C {
+    C::new(name, ty, "", d)
+}
+const fn opt(name: &'static str, ty: super::ColumnType, d: &'static str) -> C {
+    C::new(name, ty, "", d).optional()
+}
+
+const SOURCE: C = req("source", Dict, "the source (stream name) it concerns");
+const SOCKET: C = opt("socket", Utf8, "the socket path");
+const MESSAGE: C = req("message", Utf8, "what happened, one line");
+
+pub static EVENTS: &[EventKind] = &[
+    EventKind {
+        name: "episode_start",
+        when: "first line",
+        fields: &[
+            req("episode_id", Utf8, "the episode's ULID"),
+            req("target_pid", UInt64, "the traced process"),
+            req("rate_hz", UInt64, "--rate-hz"),
+        ],
+    },
+    EventKind {
+        name: "backend_selected",
+        when: "after start",
+        fields: &[
+            req("requested", Dict, "auto, bpf or proc").values(&["auto", "bpf", "proc"]),
+            req("used", Dict, "bpf or proc").values(&["bpf", "proc"]),
+            req("reason", Utf8, "why this backend").nullable(),
+            req("fallback_reason", Utf8, "why BPF was not used").nullable(),
+            req(
+                "net_interfaces",
+                Json,
+                "the interfaces the net source reads (array)",
+            ),
+            req(
+                "bpf_loader",
+                Json,
+                "{pid, peak_rss_kib, elapsed_ms} of the BPF loader process; null on /proc",
+            )
+            .nullable(),
+        ],
+    },
+    EventKind {
+        name: "source_started",
+        when: "per source",
+        fields: &[
+            SOURCE,
+            SOCKET,
+            opt("rate_hz", UInt64, "QMP poll rate"),
+            opt(
+                "autodetected",
+                Bool,
+                "the socket was found in the QEMU command line",
+            ),
+        ],
+    },
+    EventKind {
+        name: "source_skipped",
+        when: "a QEMU source was not started",
+        fields: &[SOURCE, req("reason", Utf8, "why")],
+    },
+    EventKind {
+        name: "source_stopped",
+        when: "per source, at the end",
+        fields: &[SOURCE, req("rows", UInt64, "rows the stream holds")],
+    },
+    EventKind {
+        name: "source_error",
+        when: "a source lost (part of) a tick; once per distinct problem",
+        fields: &[
+            SOURCE,
+            MESSAGE,
+            opt("fatal", Bool, "the source stopped writing"),
+        ],
+    },
+    EventKind {
+        name: "source_stale",
+        when: "a QMP or agent socket stalled, closed or lied",
+        fields: &[SOURCE, SOCKET, MESSAGE],
+    },
+    EventKind {
+        name: "source_recovered",
+        when: "a stale QMP or agent source came back",
+        fields: &[SOURCE, SOCKET],
+    },
+    EventKind {
+        name: "gap",
+        when: "ticks with no rows",
+        fields: &[
+            SOURCE,
+            req("from_seq", UInt64, "first missing seq"),
+            req("to_seq", UInt64, "last missing seq (inclusive)"),
+            opt(
+                "late_ns",
+                UInt64,
+                "how late the tick ran (host-ticked sources)",
+            ),
+        ],
+    },
+    EventKind {
+        name: "phase",
+        when: "a transition accepted over control.sock",
+        fields: &[
+            req("phase", Dict, "the new phase").values(&super::PHASE_NAMES),
+            req("prev", Dict, "the phase before")
+                .nullable()
+                .values(&super::PHASE_NAMES),
+            req("reason", Utf8, "the reason given to `cis490 mark`").nullable(),
+        ],
+    },
+    EventKind {
+        name: "target_exit",
+        when: "the traced process exited",
+        fields: &[req("pid", UInt64, "its pid")],
+    },
+    EventKind {
+        name: "signal",
+        when: "SIGINT/SIGTERM received",
+        fields: &[MESSAGE],
+    },
+    EventKind {
+        name: "qmp_event",
+        when: "an asynchronous QMP event",
+        fields: &[
+            SOURCE,
+            req(
+                "qmp_event",
+                Dict,
+                "QEMU's event name (STOP, RESUME, SHUTDOWN, …)",
+            ),
+            req("data", Json, "QEMU's event data").nullable(),
+            req("qemu_timestamp_us", UInt64, "QEMU's timestamp of the event").nullable(),
+        ],
+    },
+    EventKind {
+        name: "qmp_connected",
+        when: "the QMP source (re)connected",
+        fields: &[
+            SOURCE,
+            req("qemu_version", Utf8, "query-version").nullable(),
+            req("vm_name", Utf8, "query-name").nullable(),
+            req("vcpu_threads", Json, "[{index, tid}] from query-cpus-fast"),
+            req("stats_targets", Json, "targets query-stats-schemas lists"),
+            req("stats_vm_count", UInt64, "vm statistics offered"),
+            req("stats_vcpu_count", UInt64, "vcpu statistics offered"),
+        ],
+    },
+    EventKind {
+        name: "agent_connected",
+        when: "the agent socket connected",
+        fields: &[SOURCE, SOCKET],
+    },
+    EventKind {
+        name: "agent_rejects",
+        when: "guest lines were dropped (at most one event per second)",
+        fields: &[
+            SOURCE,
+            req(
+                "since_last_event",
+                Json,
+                "{reason: count} since the previous one",
+            ),
+        ],
+    },
+    EventKind {
+        name: "sampler_realtime",
+        when: "SCHED_FIFO was tried for the host sampler",
+        fields: &[
+            req("ok", Bool, "whether it was granted"),
+            req("realtime", Dict, "auto or on").values(&["auto", "on", "off"]),
+            opt("policy", Dict, "SCHED_FIFO"),
+            opt("priority", UInt64, "the FIFO priority"),
+            opt("message", Utf8, "why it was refused"),
+        ],
+    },
+    EventKind {
+        name: "episode_end",
+        when: "last line",
+        fields: &[
+            req("end_reason", Dict, "why the capture ended").values(&super::EndReason::NAMES),
+            opt("error", Utf8, "the error, when end_reason is error"),
+        ],
+    },
+];
+
+pub fn kind(name: &str) -> Option<&'static EventKind> {
+    EVENTS.iter().find(|k| k.name == name)
+}
