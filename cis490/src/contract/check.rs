@@ -88,8 +88,25 @@ pub enum ViolationKind {
     TypeChanged,
     /// An events.jsonl row whose `event` is not a declared kind.
     UnknownEventKind,
-    /// A file of no declared stream.
-    UnknownStream,
+}
+
+impl ViolationKind {
+    /// The problem in a few words (for the count of repeats).
+    pub fn describe(&self) -> &'static str {
+        match self {
+            ViolationKind::NullInNonNullable => "null in a non-nullable column",
+            ViolationKind::IntInFloat => "integer in a float column",
+            ViolationKind::FloatInInt => "float in an integer column",
+            ViolationKind::NegativeInUnsigned => "negative integer in an unsigned column",
+            ViolationKind::WrongType => "value of the wrong type",
+            ViolationKind::NotAllowedValue => "value outside the allowed set",
+            ViolationKind::UnknownColumn => "undeclared column",
+            ViolationKind::MissingColumn => "column missing",
+            ViolationKind::WrongKind => "column in a row of another kind",
+            ViolationKind::TypeChanged => "column changed type",
+            ViolationKind::UnknownEventKind => "undeclared event kind",
+        }
+    }
 }
 
 /// One problem of one row.
@@ -450,7 +467,12 @@ impl TypeCheck {
             .repeats
             .into_iter()
             .filter(|(_, n)| *n > 0)
-            .map(|((col, kind), n)| format!("column {col}: {kind:?} in {n} more rows"))
+            .map(|((col, kind), n)| {
+                format!(
+                    "column {col}: the same problem ({}) in {n} more rows",
+                    kind.describe()
+                )
+            })
             .collect();
         out.sort();
         out

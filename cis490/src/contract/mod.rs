@@ -15,6 +15,8 @@
 //!
 //! A new column or stream is one line here; the writer then must produce exactly it.
 
+#[cfg(test)]
+mod cases;
 pub mod check;
 pub mod docs;
 pub mod events;

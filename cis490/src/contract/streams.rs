@@ -563,7 +563,7 @@ pub static STREAMS: &[Stream] = &[
         kind: StreamKind::Telemetry,
         available_in_deployment: Some(false),
         written_by: "--backend proc (or auto without BPF)",
-        rows: "one per thread per tick, then the process total (tid null)",
+        rows: "per tick the process total first (tid null), then one per thread",
         columns: PROC,
         families: &[],
     },
