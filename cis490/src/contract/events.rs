@@ -152,6 +152,37 @@ pub static EVENTS: &[EventKind] = &[
             ),
             req("data", Json, "QEMU's event data").nullable(),
             req("qemu_timestamp_us", UInt64, "QEMU's timestamp of the event").nullable(),
+            opt(
+                "data_dropped_bytes",
+                UInt64,
+                "size of data too large to keep (pending: branch qmp)",
+            ),
+        ],
+    },
+    // Declared ahead of the QMP hardening (branch qmp); the fields are as written there.
+    EventKind {
+        name: "qmp_vcpu_mismatch",
+        when: "query-cpus-fast named thread ids that are not the target's (pending)",
+        fields: &[
+            SOURCE,
+            req("target_pid", UInt64, "the traced process"),
+            MESSAGE,
+            req("foreign_count", UInt64, "how many"),
+            req("foreign", Json, "[{index, tid}], the first 16"),
+        ],
+    },
+    EventKind {
+        name: "qmp_events_dropped",
+        when:
+            "QMP events were dropped by the rate limit or queue (at most once a second) (pending)",
+        fields: &[
+            SOURCE,
+            req("rate_limited", UInt64, "since the previous one"),
+            req("queue_full", UInt64, "since the previous one"),
+            req("data_dropped", UInt64, "since the previous one"),
+            req("total_dropped", UInt64, "since the start"),
+            req("rate_per_s", UInt64, "the limit"),
+            req("burst", UInt64, "the burst"),
         ],
     },
     EventKind {

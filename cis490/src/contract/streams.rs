@@ -232,6 +232,34 @@ const BPF_SCHED: &[C] = &[
         "sched_info.pcount (= proc's timeslices_count)",
     ),
     counter("migrations", "count", "se.nr_migrations"),
+    // Declared ahead of the bpf-sched columns issue 11 part 2 adds (branch bpfexact):
+    // optional until they are written in every row, then `.optional()` goes.
+    C::new(
+        "state",
+        Dict,
+        "one letter",
+        "task state, the letter proc prints (pending: issue 11 part 2)",
+    )
+    .nullable()
+    .optional(),
+    counter("utime_ticks", "USER_HZ ticks", "as proc's (pending)").optional(),
+    counter("stime_ticks", "USER_HZ ticks", "as proc's (pending)").optional(),
+    counter("minflt", "count", "as proc's (pending)").optional(),
+    counter("majflt", "count", "as proc's (pending)").optional(),
+    counter("last_cpu", "CPU index", "as proc's (pending)").optional(),
+    counter("rss_kb", "KiB", "total row only, as proc's (pending)").optional(),
+    counter(
+        "vsize_bytes",
+        "bytes",
+        "total row only, as proc's (pending)",
+    )
+    .optional(),
+    counter(
+        "num_threads",
+        "count",
+        "total row only, as proc's (pending)",
+    )
+    .optional(),
 ];
 
 const IO_SOURCE: &[&str] = &["bpf-io"];
@@ -314,6 +342,23 @@ const QMP: &[C] = &[
     .nullable(),
     C::new("comm", Dict, "", "always null (QMP names no threads)").nullable(),
     C::new("vcpu", UInt64, "", "vCPU index (vcpu rows); null otherwise").nullable(),
+    // Declared ahead of the request/reply stamps issue 11 part 3 adds (branch qmp):
+    // optional until every row has them.
+    C::new(
+        "t_request_mono_ns",
+        UInt64,
+        "ns",
+        "when the row's request was sent, on t_mono_ns's axis (t_mono_ns: its reply read) (pending)",
+    )
+    .optional(),
+    C::new(
+        "t_sample_mono_ns",
+        UInt64,
+        "ns",
+        "midpoint of request and reply: the best estimate of when QEMU read the values (pending)",
+    )
+    .optional(),
+    C::new("rtt_ns", UInt64, "ns", "reply minus request instant (pending)").optional(),
     C::new("kind", Dict, "", "which QMP object the row describes").values(&["vm", "vcpu", "block"]),
     C::new(
         "run_status",
@@ -415,6 +460,14 @@ const AGENT: &[C] = &[
     source(AGENT_SOURCE),
     AVAILABLE,
     C::new("seq", UInt64, "line", "accepted line number, from 0"),
+    C::new(
+        "t_sample_mono_ns",
+        UInt64,
+        "ns",
+        "estimated guest sampling instant on t_mono_ns's axis (pending: issue 11 part 3)",
+    )
+    .nullable()
+    .optional(),
     guest("guest_seq", UInt64, "tick", "the agent's own tick number"),
     guest(
         "guest_t_guest_ns",
