@@ -212,10 +212,25 @@ fn row_kind(obj: &Map<String, Value>) -> Option<&str> {
     obj.get("kind").and_then(Value::as_str)
 }
 
+/// Whether every row of `kind` must carry `col`.
+fn required(col: &super::Column, kind: Option<&str>) -> bool {
+    match col.presence {
+        Presence::Always => true,
+        Presence::Optional => false,
+        Presence::Kinds { kinds, required } => required && kind.is_some_and(|k| kinds.contains(&k)),
+    }
+}
+
 fn check_columns(stream: &Stream, obj: &Map<String, Value>, out: &mut Vec<Violation>) {
     let kind = row_kind(obj);
+    // Required columns met in the row; only when fewer than required are they looked up
+    // one by one (saves a map lookup per column and row on the common, complete row).
+    let mut required_seen = 0usize;
     for (name, v) in obj {
         if let Some(col) = stream.column(name) {
+            if required(col, kind) {
+                required_seen += 1;
+            }
             if let Presence::Kinds { kinds, .. } = col.presence {
                 if !kind.is_some_and(|k| kinds.contains(&k)) {
                     out.push(violation(
@@ -294,15 +309,12 @@ fn check_columns(stream: &Stream, obj: &Map<String, Value>, out: &mut Vec<Violat
             ));
         }
     }
+    let required_count = stream.columns.iter().filter(|c| required(c, kind)).count();
+    if required_seen == required_count {
+        return;
+    }
     for col in stream.columns {
-        let required = match col.presence {
-            Presence::Always => true,
-            Presence::Optional => false,
-            Presence::Kinds { kinds, required } => {
-                required && kind.is_some_and(|k| kinds.contains(&k))
-            }
-        };
-        if required && !obj.contains_key(col.name) {
+        if required(col, kind) && !obj.contains_key(col.name) {
             out.push(violation(
                 col.name,
                 ViolationKind::MissingColumn,

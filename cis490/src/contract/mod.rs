@@ -22,6 +22,9 @@ pub mod docs;
 pub mod events;
 mod streams;
 
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
 pub use crate::labels::Phase;
 pub use check::{check_row, TypeCheck, Violation, ViolationKind};
 pub use streams::STREAMS;
@@ -232,8 +235,21 @@ pub struct Stream {
 }
 
 impl Stream {
+    /// The declared column `name` (hashed: validate asks this for every value).
     pub fn column(&self, name: &str) -> Option<&'static Column> {
-        self.columns.iter().find(|c| c.name == name)
+        static INDEX: OnceLock<HashMap<&'static str, HashMap<&'static str, &'static Column>>> =
+            OnceLock::new();
+        let index = INDEX.get_or_init(|| {
+            STREAMS
+                .iter()
+                .map(|s| (s.name, s.columns.iter().map(|c| (c.name, c)).collect()))
+                .collect()
+        });
+        match index.get(self.name) {
+            Some(columns) => columns.get(name).copied(),
+            // A stream declared outside STREAMS (tests).
+            None => self.columns.iter().find(|c| c.name == name),
+        }
     }
 
     pub fn family(&self, name: &str) -> Option<&'static Family> {
