@@ -258,11 +258,7 @@ impl FileScan {
             }
             self.last_mono = Some(self.last_mono.map_or(t, |l| l.max(t)));
         }
-        let type_problems = self
-            .types
-            .as_mut()
-            .filter(|_| std::env::var_os("NOCONTRACT").is_none())
-            .map(|t| t.check(obj));
+        let type_problems = self.types.as_mut().map(|t| t.check(obj));
         for message in type_problems.unwrap_or_default() {
             self.problem(Some(n), message);
         }
