@@ -19,7 +19,7 @@ fn cell(s: &str) -> String {
 fn rows_of(p: Presence) -> String {
     match p {
         Presence::Always => "every".into(),
-        Presence::Optional => "when sent".into(),
+        Presence::Optional => "may be absent".into(),
         Presence::Kinds { kinds, required } => format!(
             "kind {}{}",
             kinds.join("/"),
@@ -75,7 +75,7 @@ fn stream_section(s: &Stream, out: &mut String) {
             };
             let rows = match f.kinds {
                 Some(k) => format!("kind {}", k.join("/")),
-                None => "when sent".into(),
+                None => "may be absent".into(),
             };
             let _ = writeln!(
                 out,
