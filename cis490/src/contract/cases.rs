@@ -425,3 +425,42 @@ fn a_repeated_problem_is_reported_once_then_counted() {
     assert_eq!(summary.len(), 1);
     assert!(summary[0].contains("on_cpu_ns") && summary[0].contains("4 more rows"));
 }
+
+#[test]
+fn bpf_writer_column_names_are_the_declared_ones() {
+    use crate::bpf::sched::Stream as W;
+    for (writer, name) in [(W::Sched, "bpf-sched"), (W::Io, "bpf-io")] {
+        let declared = s(name);
+        assert_eq!(writer.source(), name);
+        for col in writer.names() {
+            let c = declared
+                .column(col)
+                .unwrap_or_else(|| panic!("{name} writes {col}, which it does not declare"));
+            assert_eq!(c.ty, super::ColumnType::UInt64, "{name}.{col}");
+            assert!(
+                c.nullable,
+                "{name}.{col}: the kernel may not have it (written null)"
+            );
+        }
+        // Every declared counter that every row must have is written.
+        let header = [
+            "t_mono_ns",
+            "t_wall_ns",
+            "source",
+            "available_in_deployment",
+            "seq",
+            "tid",
+            "comm",
+            "vcpu",
+        ];
+        for c in declared.columns {
+            if c.presence == super::Presence::Always && !header.contains(&c.name) {
+                assert!(
+                    writer.names().contains(&c.name),
+                    "{name} declares {} but does not write it",
+                    c.name
+                );
+            }
+        }
+    }
+}
