@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
+use cis490::contract::events::EventLine;
 use cis490::contract::{self, TypeCheck};
 use cis490_tests::qemu_harness::{spawn_trace, wait_trace, TestVm};
 use cis490_tests::{cis490, episode_dir_from, read_json, Load};
@@ -43,6 +44,13 @@ fn check_episode(dir: &Path) -> Checked {
             values += obj.len() as u64;
             for p in check.check(obj) {
                 out.problems.push(format!("{name}:{}: {p}", i + 1));
+            }
+            // Events also read as the contract's typed enum.
+            if name == "events.jsonl" {
+                if let Err(e) = serde_json::from_value::<EventLine>(v.clone()) {
+                    out.problems
+                        .push(format!("{name}:{}: not an EventLine: {e}", i + 1));
+                }
             }
         }
         for p in check.finish() {

@@ -239,3 +239,236 @@ pub static EVENTS: &[EventKind] = &[
 pub fn kind(name: &str) -> Option<&'static EventKind> {
     EVENTS.iter().find(|k| k.name == name)
 }
+
+/// One events.jsonl line, typed: for readers (report, export) that want the fields of an
+/// event rather than a JSON map. Deserialize only: emitters write through
+/// `EventLog::emit`, and [`EVENTS`] (which `validate` checks against) stays the one
+/// declaration of each kind's fields; a test keeps the two in step.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct EventLine {
+    pub t_mono_ns: u64,
+    pub t_wall_ns: u64,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// The event kinds, tagged by `event`. Fields a kind may omit are `Option`; fields a
+/// variant does not name (newer extras) are ignored when reading.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    EpisodeStart {
+        episode_id: String,
+        target_pid: u64,
+        rate_hz: u64,
+    },
+    BackendSelected {
+        requested: String,
+        used: String,
+        reason: Option<String>,
+        fallback_reason: Option<String>,
+        net_interfaces: serde_json::Value,
+        bpf_loader: Option<serde_json::Value>,
+    },
+    SourceStarted {
+        source: String,
+        socket: Option<String>,
+        rate_hz: Option<u64>,
+        autodetected: Option<bool>,
+    },
+    SourceSkipped {
+        source: String,
+        reason: String,
+    },
+    SourceStopped {
+        source: String,
+        rows: u64,
+    },
+    SourceError {
+        source: String,
+        message: String,
+        fatal: Option<bool>,
+    },
+    SourceStale {
+        source: String,
+        socket: Option<String>,
+        message: String,
+    },
+    SourceRecovered {
+        source: String,
+        socket: Option<String>,
+    },
+    Gap {
+        source: String,
+        from_seq: u64,
+        to_seq: u64,
+        late_ns: Option<u64>,
+    },
+    Phase {
+        phase: super::Phase,
+        prev: Option<super::Phase>,
+        reason: Option<String>,
+    },
+    TargetExit {
+        pid: u64,
+    },
+    Signal {
+        message: String,
+    },
+    QmpEvent {
+        source: String,
+        qmp_event: String,
+        data: Option<serde_json::Value>,
+        qemu_timestamp_us: Option<u64>,
+        data_dropped_bytes: Option<u64>,
+    },
+    QmpConnected {
+        source: String,
+        qemu_version: Option<String>,
+        vm_name: Option<String>,
+        vcpu_threads: serde_json::Value,
+        stats_targets: serde_json::Value,
+        stats_vm_count: u64,
+        stats_vcpu_count: u64,
+    },
+    QmpVcpuMismatch {
+        source: String,
+        target_pid: u64,
+        message: String,
+        foreign_count: u64,
+        foreign: serde_json::Value,
+    },
+    QmpEventsDropped {
+        source: String,
+        rate_limited: u64,
+        queue_full: u64,
+        data_dropped: u64,
+        total_dropped: u64,
+        rate_per_s: u64,
+        burst: u64,
+    },
+    AgentConnected {
+        source: String,
+        socket: Option<String>,
+    },
+    AgentRejects {
+        source: String,
+        since_last_event: serde_json::Value,
+    },
+    SamplerRealtime {
+        ok: bool,
+        realtime: String,
+        policy: Option<String>,
+        priority: Option<u64>,
+        message: Option<String>,
+    },
+    EpisodeEnd {
+        end_reason: super::EndReason,
+        error: Option<String>,
+    },
+}
+
+impl Event {
+    /// The `event` name of this kind, as in [`EVENTS`].
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::EpisodeStart { .. } => "episode_start",
+            Event::BackendSelected { .. } => "backend_selected",
+            Event::SourceStarted { .. } => "source_started",
+            Event::SourceSkipped { .. } => "source_skipped",
+            Event::SourceStopped { .. } => "source_stopped",
+            Event::SourceError { .. } => "source_error",
+            Event::SourceStale { .. } => "source_stale",
+            Event::SourceRecovered { .. } => "source_recovered",
+            Event::Gap { .. } => "gap",
+            Event::Phase { .. } => "phase",
+            Event::TargetExit { .. } => "target_exit",
+            Event::Signal { .. } => "signal",
+            Event::QmpEvent { .. } => "qmp_event",
+            Event::QmpConnected { .. } => "qmp_connected",
+            Event::QmpVcpuMismatch { .. } => "qmp_vcpu_mismatch",
+            Event::QmpEventsDropped { .. } => "qmp_events_dropped",
+            Event::AgentConnected { .. } => "agent_connected",
+            Event::AgentRejects { .. } => "agent_rejects",
+            Event::SamplerRealtime { .. } => "sampler_realtime",
+            Event::EpisodeEnd { .. } => "episode_end",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{ColumnType, Presence};
+    use super::*;
+    use serde_json::{json, Map, Value};
+
+    /// A value of the declared type (the first allowed one for closed sets).
+    fn sample(c: &C) -> Value {
+        if let Some(v) = c.values {
+            return json!(v[0]);
+        }
+        match c.ty {
+            ColumnType::Int64 | ColumnType::UInt64 => json!(1),
+            ColumnType::Float64 => json!(1.5),
+            ColumnType::Bool => json!(true),
+            ColumnType::Utf8 | ColumnType::Dict => json!("x"),
+            ColumnType::Json => json!({"a": [1]}),
+        }
+    }
+
+    fn line(k: &EventKind, fields: impl Iterator<Item = (String, Value)>) -> Value {
+        let mut m = Map::new();
+        m.insert("t_mono_ns".into(), json!(1));
+        m.insert("t_wall_ns".into(), json!(2));
+        m.insert("event".into(), json!(k.name));
+        m.extend(fields);
+        Value::Object(m)
+    }
+
+    #[test]
+    fn every_declared_kind_reads_as_its_variant_and_back() {
+        let mut names = std::collections::HashSet::new();
+        for k in EVENTS {
+            assert!(names.insert(k.name), "{} declared twice", k.name);
+            // Every declared field with a value, then only the required ones.
+            for required_only in [false, true] {
+                let v = line(
+                    k,
+                    k.fields
+                        .iter()
+                        .filter(|f| !required_only || f.presence == Presence::Always)
+                        .map(|f| (f.name.to_owned(), sample(f))),
+                );
+                let read: EventLine = serde_json::from_value(v.clone())
+                    .unwrap_or_else(|e| panic!("{}: {e}: {v}", k.name));
+                assert_eq!(read.event.name(), k.name);
+                // The contract's check agrees the line is well-formed.
+                let problems = super::super::check_row(
+                    super::super::stream("events").unwrap(),
+                    v.as_object().unwrap(),
+                );
+                assert!(problems.is_empty(), "{}: {problems:?}", k.name);
+            }
+            // Without a required non-nullable field the typed read fails too.
+            for f in k
+                .fields
+                .iter()
+                .filter(|f| f.presence == Presence::Always && !f.nullable)
+            {
+                let v = line(
+                    k,
+                    k.fields
+                        .iter()
+                        .filter(|g| g.name != f.name)
+                        .map(|g| (g.name.to_owned(), sample(g))),
+                );
+                assert!(
+                    serde_json::from_value::<EventLine>(v).is_err(),
+                    "{} reads without its required {}",
+                    k.name,
+                    f.name
+                );
+            }
+        }
+    }
+}

@@ -4,7 +4,8 @@
 //! name, [`ColumnType`], nullability, unit and meaning; open-ended column families (the
 //! agent's `guest_*`, QMP's `kvm_*` statistics, per-interface and per-disk columns) as
 //! glob patterns with a [`TypeRule`]. The event kinds of events.jsonl and their fields are
-//! declared the same way ([`events::EVENTS`]); end reasons and phases are enums.
+//! declared the same way ([`events::EVENTS`]) and read typed as [`events::Event`] (serde,
+//! tagged by `event`); end reasons ([`EndReason`]) and phases ([`Phase`]) are enums.
 //!
 //! Three users, so they cannot drift apart:
 //! - `cis490 validate` checks every value of every row against its column
