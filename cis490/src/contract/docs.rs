@@ -100,7 +100,10 @@ pub fn render() -> String {
 (a null in a non-nullable column, an integer in a float column, a float in an integer \
 column, a column no declaration or pattern covers: one problem line each). A float is \
 always written with a decimal point or exponent (`0.0`), an integer never is. Absent \
-columns (rows of another `kind`, agent fields a line did not carry) read as null.\n\n\
+columns (rows of another `kind`, agent fields a line did not carry) read as null. A \
+column that is null in every row of a file (`vcpu` without QMP, `wakeups` where the \
+kernel does not count them) carries no type in JSON: a reader that infers types types \
+it as null; give it these types as its schema.\n\n\
 | type | JSON | Arrow (typed export) |\n|---|---|---|\n",
     );
     for t in [
