@@ -232,6 +232,11 @@ pub static EVENTS: &[EventKind] = &[
         fields: &[
             req("end_reason", Dict, "why the capture ended").values(&super::EndReason::NAMES),
             opt("error", Utf8, "the error, when end_reason is error"),
+            opt(
+                "recovered_by",
+                Utf8,
+                "`cis490 recover`, when it appended this line to a capture killed hard",
+            ),
         ],
     },
 ];
@@ -365,6 +370,7 @@ pub enum Event {
     EpisodeEnd {
         end_reason: super::EndReason,
         error: Option<String>,
+        recovered_by: Option<String>,
     },
 }
 
