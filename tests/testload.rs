@@ -4,10 +4,12 @@
 //!
 //! usage: cis490-testload [--spin N] [--switch N] [--io N] [--pingpong N] [--iobusy N]
 //!                        [--spawn-after S] [--exit-after S] [--measure-from S]
-//!                        [--name-prefix P]
+//!                        [--name-prefix P] [--threads N]
 //!
 //! --pingpong N: N pairs of threads bouncing one byte over pipes (context-switch heavy)
 //! --iobusy N:   N threads doing write(2)/pread(2) back to back (syscall-I/O heavy)
+//! --threads N:  add idle threads (each sleeps 100 ms at a time) until the process has at
+//!               least N threads, main thread included: a wide target at little CPU cost
 //! At exit (--exit-after) it prints `WORK <units>`: the benchmarks' throughput figure,
 //! counted from --measure-from S seconds on (default 0), so a tracer's set-up can be left
 //! out of a steady-state comparison.
@@ -28,6 +30,7 @@ struct Args {
     exit_after: Option<f64>,
     measure_from: f64,
     prefix: String,
+    threads: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -41,6 +44,7 @@ fn parse_args() -> Result<Args, String> {
         exit_after: None,
         measure_from: 0.0,
         prefix: String::new(),
+        threads: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -69,6 +73,7 @@ fn parse_args() -> Result<Args, String> {
                 a.exit_after = Some(value()?.parse().map_err(|e| format!("--exit-after: {e}"))?)
             }
             "--name-prefix" => a.prefix = value()?,
+            "--threads" => a.threads = value()?.parse().map_err(|e| format!("--threads: {e}"))?,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -92,6 +97,13 @@ fn switch(stop: Arc<AtomicBool>, work: Arc<AtomicU64>) {
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(1));
         work.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A thread that is almost always asleep: it makes the process wide, not busy.
+fn idle(stop: Arc<AtomicBool>, _work: Arc<AtomicU64>) {
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -249,6 +261,16 @@ fn main() {
     let mut pingpong_handles = Vec::new();
     for i in 0..args.pingpong {
         pingpong_handles.extend(pingpong_pair(format!("{}pp{i}", args.prefix), &stop, &work));
+    }
+    // Main thread + every thread started so far (a ping-pong pair is two).
+    let running = 1 + handles.len() + pingpong_handles.len();
+    for i in 0..args.threads.saturating_sub(running) {
+        handles.push(start(
+            format!("{}idle-{i}", args.prefix),
+            idle,
+            &stop,
+            &work,
+        ));
     }
     println!("READY {}", std::process::id());
     let _ = std::io::stdout().flush();

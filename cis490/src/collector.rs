@@ -64,6 +64,13 @@ impl TickOutput {
         &mut self.rows[self.len - 1]
     }
 
+    /// Row `index` of this tick, to finish filling in (a total written before the rows
+    /// it sums).
+    pub fn row_mut(&mut self, index: usize) -> &mut Row {
+        assert!(index < self.len, "row {index} of {}", self.len);
+        &mut self.rows[index]
+    }
+
     /// This tick's rows, in the order they were added.
     pub fn rows(&self) -> &[Row] {
         &self.rows[..self.len]

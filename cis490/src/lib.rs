@@ -9,6 +9,7 @@ pub mod backend;
 pub mod bpf;
 pub mod clock;
 pub mod collector;
+pub mod contract;
 pub mod doctor;
 pub mod episode;
 pub mod error;

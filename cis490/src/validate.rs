@@ -162,6 +162,8 @@ pub struct FileScan {
     pub label_rows: Vec<(u64, String, Option<String>)>,
     problems: Vec<Problem>,
     suppressed: usize,
+    /// Every value against its column's declared type (the contract module), when on.
+    types: Option<crate::contract::TypeCheck>,
 }
 
 impl FileScan {
@@ -183,7 +185,14 @@ impl FileScan {
             label_rows: Vec::new(),
             problems: Vec::new(),
             suppressed: 0,
+            types: None,
         }
+    }
+
+    /// Also check every value against the contract's declared column types.
+    pub fn with_contract(mut self) -> Self {
+        self.types = Some(crate::contract::TypeCheck::for_file(&self.name));
+        self
     }
 
     fn problem(&mut self, line: Option<u64>, message: String) {
@@ -248,6 +257,10 @@ impl FileScan {
                 }
             }
             self.last_mono = Some(self.last_mono.map_or(t, |l| l.max(t)));
+        }
+        let type_problems = self.types.as_mut().map(|t| t.check(obj));
+        for message in type_problems.unwrap_or_default() {
+            self.problem(Some(n), message);
         }
         match self.kind.clone() {
             FileKind::Telemetry { .. } => self.telemetry_row(n, t, obj),
@@ -374,6 +387,9 @@ impl FileScan {
 
     /// Close the scan: the problems found and the file's manifest facts.
     pub fn finish(mut self) -> ScannedFile {
+        for message in self.types.take().map(|t| t.finish()).unwrap_or_default() {
+            self.problem(None, message);
+        }
         let mut problems = std::mem::take(&mut self.problems);
         if let FileKind::Labels = self.kind {
             problems.extend(check_labels(&self.name, &self.label_rows));
@@ -887,7 +903,7 @@ impl<R: std::io::Read> std::io::Read for RawHasher<R> {
 /// (what the manifest lists) are those of the compressed file.
 fn scan_zstd_file(path: &Path, name: &str, kind: FileKind) -> Result<ScannedFile, String> {
     let file = File::open(path).map_err(|e| e.to_string())?;
-    let mut scan = FileScan::new(name, kind);
+    let mut scan = FileScan::new(name, kind).with_contract();
     let mut counted = RawHasher {
         inner: file,
         hasher: Sha256::new(),
@@ -938,7 +954,7 @@ fn scan_file(path: &Path, name: &str, kind: Option<FileKind>) -> Result<ScannedF
     let mut reader = BufReader::with_capacity(1 << 16, file);
     // Files that are not JSON lines (meta.json) are only hashed: treat them as an events
     // file whose lines are not checked.
-    let mut scan = FileScan::new(name, kind.clone().unwrap_or(FileKind::Events));
+    let mut scan = FileScan::new(name, kind.clone().unwrap_or(FileKind::Events)).with_contract();
     let mut buf = Vec::new();
     loop {
         buf.clear();

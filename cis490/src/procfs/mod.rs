@@ -356,8 +356,16 @@ impl Collector for ProcCollector {
             keep
         });
 
-        let mut live = ThreadTotals::default();
         let mut problems = Vec::new();
+        // The process-total row comes first in the tick, stamped when the process's own
+        // files are read; its summed counters are filled in after the threads below. First,
+        // so that the columns only the total row has (rss_kb, vsize_bytes, num_threads) are
+        // non-null in the stream's first line: readers that infer a column's type from the
+        // first rows (polars reads 100) would otherwise see only nulls on a target with
+        // many threads and type the column as null.
+        let total_row = self.process_row(tick, clock, out, &mut problems);
+
+        let mut live = ThreadTotals::default();
         let tids = std::mem::take(&mut self.seen_this_tick);
         for &tid in &tids {
             if !self.threads.contains_key(&tid) {
@@ -410,7 +418,46 @@ impl Collector for ProcCollector {
         }
         self.seen_this_tick = tids;
 
-        // The process-total row.
+        let total_row = total_row?;
+        let mut total = live;
+        total.add(&self.exited);
+        let row = out.row_mut(total_row.row);
+        for (slot, value) in row.fields[total_row.sums..total_row.sums + 5]
+            .iter_mut()
+            .zip([
+                total.on_cpu_ns,
+                total.runqueue_wait_ns,
+                total.timeslices,
+                total.voluntary_switches,
+                total.involuntary_switches,
+            ])
+        {
+            slot.1 = Value::U64(value);
+        }
+
+        for (key, message) in problems {
+            self.report_once(out, key, message);
+        }
+        Ok(())
+    }
+}
+
+/// Where the tick's process-total row is and where its five summed counters start.
+struct TotalRow {
+    row: usize,
+    sums: usize,
+}
+
+impl ProcCollector {
+    /// Read the process's own files and add its total row, with the summed counters
+    /// (on_cpu_ns … involuntary_switches) as placeholders the caller fills in.
+    fn process_row(
+        &mut self,
+        tick: Tick,
+        clock: &EpisodeClock,
+        out: &mut TickOutput,
+        problems: &mut Vec<(String, String)>,
+    ) -> Result<TotalRow, Error> {
         if self.process.is_none() {
             let pid_dir = self.pid_dir.clone();
             match self.open(&pid_dir, out, Who::Process) {
@@ -419,31 +466,31 @@ impl Collector for ProcCollector {
             }
         }
         let files = self.process.as_ref().expect("opened above");
-        let sample = read_sample(files, &mut self.bufs, Who::Process, &mut problems)
+        let sample = read_sample(files, &mut self.bufs, Who::Process, problems)
             .map_err(|e| Error::io(format!("reading {}/stat", self.pid_dir.display()), e))?;
         let stamp = clock.stamp();
-        let mut total = live;
-        total.add(&self.exited);
         let comm = shared_name(&mut self.process_comm, sample.stat.comm);
+        let index = out.rows().len();
         let row = out.new_row(stamp, SOURCE, false);
         row.seq = Some(tick.seq);
         row.thread_columns = true;
         row.comm = Some(comm);
         push_common(row, &sample);
-        row.push("on_cpu_ns", total.on_cpu_ns)
-            .push("runqueue_wait_ns", total.runqueue_wait_ns)
-            .push("timeslices_count", total.timeslices)
-            .push("voluntary_switches", total.voluntary_switches)
-            .push("involuntary_switches", total.involuntary_switches);
+        let sums = row.fields.len();
+        for name in [
+            "on_cpu_ns",
+            "runqueue_wait_ns",
+            "timeslices_count",
+            "voluntary_switches",
+            "involuntary_switches",
+        ] {
+            row.push(name, 0u64);
+        }
         let status = sample.status.unwrap_or_default();
         row.push("rss_kb", status.rss_kb)
             .push("vsize_bytes", sample.stat.vsize_bytes)
             .push("num_threads", sample.stat.num_threads);
-
-        for (key, message) in problems {
-            self.report_once(out, key, message);
-        }
-        Ok(())
+        Ok(TotalRow { row: index, sums })
     }
 }
 
@@ -517,11 +564,13 @@ mod tests {
             .find(|r| r.comm.as_deref() == Some("CPU 1/TCG"))
             .unwrap();
         assert_eq!((cpu1.tid, cpu1.vcpu), (Some(6847), Some(1)));
-        let total = out.rows().last().unwrap();
+        // The total row comes first, so its process-only columns lead the stream.
+        let total = &out.rows()[0];
         assert_eq!(total.tid, None);
+        assert!(out.rows()[1..].iter().all(|r| r.tid.is_some()));
         assert_eq!(total.get("num_threads"), Some(&Value::U64(5)));
         // The total is the sum of the threads' schedstat on-CPU times.
-        let sum: u64 = out.rows()[..5]
+        let sum: u64 = out.rows()[1..]
             .iter()
             .map(|r| match r.get("on_cpu_ns") {
                 Some(Value::U64(v)) => *v,
@@ -571,7 +620,7 @@ mod tests {
     fn vanished_thread_keeps_its_time_in_the_total() {
         let root = fake_proc();
         let mut c = ProcCollector::with_root(6842, root.path(), VcpuMap::default());
-        let total = |out: &TickOutput| out.rows().last().unwrap().get("on_cpu_ns").cloned();
+        let total = |out: &TickOutput| out.rows()[0].get("on_cpu_ns").cloned();
         let before = total(&collect(&mut c, 0));
         std::fs::remove_dir_all(root.path().join("6842/task/6847")).unwrap();
         let out = collect(&mut c, 1);

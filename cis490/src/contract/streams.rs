@@ -1,0 +1,693 @@
+//! The declarations: one [`Stream`] per file cis490 writes. Order of columns is the order
+//! the writers emit them.
+
+use super::ColumnType::{Bool, Dict, Float64, Int64, UInt64, Utf8};
+use super::{Column as C, Family as F, Stream, StreamKind, TypeRule};
+
+const T_MONO: C = C::new(
+    "t_mono_ns",
+    UInt64,
+    "ns",
+    "CLOCK_MONOTONIC when the value was read, minus meta.clock.mono_origin_ns",
+);
+const T_WALL: C = C::new(
+    "t_wall_ns",
+    UInt64,
+    "ns since the Unix epoch",
+    "CLOCK_REALTIME read with t_mono_ns",
+);
+const AVAILABLE: C = C::new(
+    "available_in_deployment",
+    Bool,
+    "",
+    "whether a deployed detector could see this data (the same in every row of a stream)",
+);
+const SEQ: C = C::new(
+    "seq",
+    UInt64,
+    "tick",
+    "tick number of the sampler that produced the row, from 0; a missed tick is a gap",
+);
+const TID: C = C::new(
+    "tid",
+    UInt64,
+    "",
+    "host thread id; null on the process-total row",
+)
+.nullable();
+const VCPU: C = C::new(
+    "vcpu",
+    UInt64,
+    "",
+    "vCPU index of the thread (QMP query-cpus-fast); null for other threads, or before QMP answered, or without QMP",
+)
+.nullable();
+
+const fn source(name: &'static [&'static str]) -> C {
+    C::new("source", Dict, "", "the stream's source name").values(name)
+}
+
+const fn counter(name: &'static str, unit: &'static str, description: &'static str) -> C {
+    C::new(name, UInt64, unit, description).nullable()
+}
+
+/// The task io counters, proc's and bpf-io's (the kernel's struct task_io_accounting).
+macro_rules! task_io {
+    () => {
+        [
+            counter(
+                "rchar",
+                "bytes",
+                "bytes read by syscalls (read, pread, …); null when io is unreadable",
+            ),
+            counter("wchar", "bytes", "bytes written by syscalls"),
+            counter("syscr", "count", "read syscalls"),
+            counter("syscw", "count", "write syscalls"),
+            counter(
+                "read_bytes",
+                "bytes",
+                "bytes the storage layer fetched for the task",
+            ),
+            counter(
+                "write_bytes",
+                "bytes",
+                "bytes the task caused to be sent to storage",
+            ),
+            counter(
+                "cancelled_write_bytes",
+                "bytes",
+                "written bytes whose writeback was cancelled (truncated)",
+            ),
+        ]
+    };
+}
+
+const PROC_SOURCE: &[&str] = &["proc"];
+const PROC_IO: [C; 7] = task_io!();
+
+const PROC: &[C] = &[
+    T_MONO,
+    T_WALL,
+    source(PROC_SOURCE),
+    AVAILABLE,
+    SEQ,
+    TID,
+    C::new(
+        "comm",
+        Dict,
+        "",
+        "thread name (process name on the total row)",
+    ),
+    VCPU,
+    C::new(
+        "state",
+        Dict,
+        "one letter",
+        "task state from stat (R, S, D, Z, …); the main thread's on the total row",
+    ),
+    C::new(
+        "utime_ticks",
+        UInt64,
+        "USER_HZ ticks",
+        "user CPU time, stat field 14",
+    ),
+    C::new(
+        "stime_ticks",
+        UInt64,
+        "USER_HZ ticks",
+        "system CPU time, stat field 15",
+    ),
+    C::new(
+        "minflt",
+        UInt64,
+        "count",
+        "minor page faults, stat field 10",
+    ),
+    C::new(
+        "majflt",
+        UInt64,
+        "count",
+        "major page faults, stat field 12",
+    ),
+    counter(
+        "last_cpu",
+        "CPU index",
+        "CPU the task last ran on, stat field 39",
+    ),
+    PROC_IO[0],
+    PROC_IO[1],
+    PROC_IO[2],
+    PROC_IO[3],
+    PROC_IO[4],
+    PROC_IO[5],
+    PROC_IO[6],
+    counter(
+        "on_cpu_ns",
+        "ns",
+        "time on a CPU, schedstat field 1 (total row: sum over every thread seen)",
+    ),
+    counter(
+        "runqueue_wait_ns",
+        "ns",
+        "time runnable but waiting for a CPU, schedstat field 2",
+    ),
+    counter(
+        "timeslices_count",
+        "count",
+        "timeslices run, schedstat field 3",
+    ),
+    counter(
+        "voluntary_switches",
+        "count",
+        "status voluntary_ctxt_switches",
+    ),
+    counter(
+        "involuntary_switches",
+        "count",
+        "status nonvoluntary_ctxt_switches",
+    ),
+    counter(
+        "rss_kb",
+        "KiB",
+        "resident set (status VmRSS); total row only, null on thread rows",
+    ),
+    counter(
+        "vsize_bytes",
+        "bytes",
+        "virtual size, stat field 23; total row only",
+    ),
+    counter(
+        "num_threads",
+        "count",
+        "threads of the process, stat field 20; total row only",
+    ),
+];
+
+const SCHED_SOURCE: &[&str] = &["bpf-sched"];
+const BPF_COMM: C = C::new(
+    "comm",
+    Dict,
+    "",
+    "thread name from /proc (process name on the total row); null when the thread was gone before its name was read",
+)
+.nullable();
+
+const BPF_SCHED: &[C] = &[
+    T_MONO,
+    T_WALL,
+    source(SCHED_SOURCE),
+    AVAILABLE,
+    SEQ,
+    TID,
+    BPF_COMM,
+    VCPU,
+    counter(
+        "on_cpu_ns",
+        "ns",
+        "se.sum_exec_runtime (= proc's on_cpu_ns)",
+    ),
+    counter(
+        "voluntary_switches",
+        "count",
+        "nvcsw (= proc's voluntary_switches)",
+    ),
+    counter(
+        "involuntary_switches",
+        "count",
+        "nivcsw (= proc's involuntary_switches)",
+    ),
+    counter(
+        "wakeups",
+        "count",
+        "wakeups (schedstats, or counted since attach); null when not counted",
+    ),
+    counter(
+        "runqueue_wait_ns",
+        "ns",
+        "sched_info.run_delay (= proc's runqueue_wait_ns)",
+    ),
+    counter(
+        "timeslices_count",
+        "count",
+        "sched_info.pcount (= proc's timeslices_count)",
+    ),
+    counter("migrations", "count", "se.nr_migrations"),
+    // Declared ahead of the bpf-sched columns issue 11 part 2 adds (branch bpfexact):
+    // optional until they are written in every row, then `.optional()` goes.
+    C::new(
+        "state",
+        Dict,
+        "one letter",
+        "task state, the letter proc prints (pending: issue 11 part 2)",
+    )
+    .nullable()
+    .optional(),
+    counter("utime_ticks", "USER_HZ ticks", "as proc's (pending)").optional(),
+    counter("stime_ticks", "USER_HZ ticks", "as proc's (pending)").optional(),
+    counter("minflt", "count", "as proc's (pending)").optional(),
+    counter("majflt", "count", "as proc's (pending)").optional(),
+    counter("last_cpu", "CPU index", "as proc's (pending)").optional(),
+    counter("rss_kb", "KiB", "total row only, as proc's (pending)").optional(),
+    counter(
+        "vsize_bytes",
+        "bytes",
+        "total row only, as proc's (pending)",
+    )
+    .optional(),
+    counter(
+        "num_threads",
+        "count",
+        "total row only, as proc's (pending)",
+    )
+    .optional(),
+];
+
+const IO_SOURCE: &[&str] = &["bpf-io"];
+const BPF_IO_TASK: [C; 7] = task_io!();
+
+const BPF_IO: &[C] = &[
+    T_MONO,
+    T_WALL,
+    source(IO_SOURCE),
+    AVAILABLE,
+    SEQ,
+    TID,
+    BPF_COMM,
+    VCPU,
+    BPF_IO_TASK[0],
+    BPF_IO_TASK[1],
+    BPF_IO_TASK[2],
+    BPF_IO_TASK[3],
+    BPF_IO_TASK[4],
+    BPF_IO_TASK[5],
+    BPF_IO_TASK[6],
+    counter(
+        "blk_read_bytes",
+        "bytes",
+        "block read requests issued in the thread's context, since attach",
+    ),
+    counter(
+        "blk_write_bytes",
+        "bytes",
+        "block write requests, since attach",
+    ),
+    counter("blk_read_ops", "count", "block read requests, since attach"),
+    counter(
+        "blk_write_ops",
+        "count",
+        "block write requests, since attach",
+    ),
+];
+
+const NET_SOURCE: &[&str] = &["net"];
+const NET: &[C] = &[
+    T_MONO,
+    T_WALL,
+    source(NET_SOURCE),
+    AVAILABLE,
+    SEQ,
+    C::new("ifname", Dict, "", "interface name (the VM's tap)"),
+    counter(
+        "rx_bytes",
+        "bytes",
+        "received by the interface (tap rx = sent by the guest); null when unreadable",
+    ),
+    counter("rx_packets", "count", "packets received"),
+    counter("tx_bytes", "bytes", "bytes sent by the interface"),
+    counter("tx_packets", "count", "packets sent"),
+];
+
+const QMP_SOURCE: &[&str] = &["qmp"];
+const VM: &[&str] = &["vm"];
+const VCPU_KIND: &[&str] = &["vcpu"];
+const BLOCK: &[&str] = &["block"];
+const STATS_KINDS: &[&str] = &["vm", "vcpu"];
+
+const fn block(name: &'static str, unit: &'static str, description: &'static str) -> C {
+    C::new(name, UInt64, unit, description).kinds(BLOCK, true)
+}
+
+const QMP: &[C] = &[
+    T_MONO,
+    T_WALL,
+    source(QMP_SOURCE),
+    AVAILABLE,
+    C::new("seq", UInt64, "poll", "poll number, from 0"),
+    C::new(
+        "tid",
+        UInt64,
+        "",
+        "host thread id of the vCPU (vcpu rows); null otherwise",
+    )
+    .nullable(),
+    C::new("comm", Dict, "", "always null (QMP names no threads)").nullable(),
+    C::new("vcpu", UInt64, "", "vCPU index (vcpu rows); null otherwise").nullable(),
+    // Declared ahead of the request/reply stamps issue 11 part 3 adds (branch qmp):
+    // optional until every row has them.
+    C::new(
+        "t_request_mono_ns",
+        UInt64,
+        "ns",
+        "when the row's request was sent, on t_mono_ns's axis (t_mono_ns: its reply read) (pending)",
+    )
+    .optional(),
+    C::new(
+        "t_sample_mono_ns",
+        UInt64,
+        "ns",
+        "midpoint of request and reply: the best estimate of when QEMU read the values (pending)",
+    )
+    .optional(),
+    C::new("rtt_ns", UInt64, "ns", "reply minus request instant (pending)").optional(),
+    C::new("kind", Dict, "", "which QMP object the row describes").values(&["vm", "vcpu", "block"]),
+    C::new(
+        "run_status",
+        Dict,
+        "",
+        "query-status status (running, paused, …); absent when query-status failed",
+    )
+    .kinds(VM, false),
+    C::new("running", Bool, "", "query-status running").kinds(VM, false),
+    C::new("qom_path", Utf8, "", "the vCPU's QOM path from query-stats")
+        .nullable()
+        .kinds(VCPU_KIND, true),
+    C::new(
+        "device",
+        Dict,
+        "",
+        "drive name, else the qdev id, else the node name",
+    )
+    .kinds(BLOCK, true),
+    C::new("qdev", Utf8, "", "qdev path of the device")
+        .nullable()
+        .kinds(BLOCK, true),
+    C::new("node_name", Utf8, "", "block node name")
+        .nullable()
+        .kinds(BLOCK, true),
+    block("read_bytes", "bytes", "rd_bytes"),
+    block("write_bytes", "bytes", "wr_bytes"),
+    block("read_ops", "count", "rd_operations"),
+    block("write_ops", "count", "wr_operations"),
+    block("flush_ops", "count", "flush_operations"),
+    block("unmap_ops", "count", "unmap_operations"),
+    block("unmap_bytes", "bytes", "unmap_bytes"),
+    block("read_merged_ops", "count", "rd_merged"),
+    block("write_merged_ops", "count", "wr_merged"),
+    block("read_time_ns", "ns", "rd_total_time_ns"),
+    block("write_time_ns", "ns", "wr_total_time_ns"),
+    block("flush_time_ns", "ns", "flush_total_time_ns"),
+    block("failed_read_ops", "count", "failed_rd_operations"),
+    block("failed_write_ops", "count", "failed_wr_operations"),
+    block("failed_flush_ops", "count", "failed_flush_operations"),
+    block("invalid_read_ops", "count", "invalid_rd_operations"),
+    block("invalid_write_ops", "count", "invalid_wr_operations"),
+    block("write_highest_offset_bytes", "bytes", "wr_highest_offset"),
+    C::new(
+        "idle_time_ns",
+        UInt64,
+        "ns",
+        "idle_time_ns; null until the device did I/O",
+    )
+    .nullable()
+    .kinds(BLOCK, true),
+];
+
+const QMP_FAMILIES: &[F] = &[
+    F::new(
+        "*_buckets",
+        TypeRule::Exact(Utf8),
+        "",
+        "a histogram statistic's buckets, comma-separated (lossless; the bucket count varies between kernels)",
+    )
+    .kinds(STATS_KINDS),
+    F::new(
+        "*_hist_count",
+        TypeRule::Exact(UInt64),
+        "count",
+        "a histogram statistic's sum of buckets",
+    )
+    .kinds(STATS_KINDS),
+    F::new(
+        "kvm_*",
+        TypeRule::OneOf(&[UInt64, Bool]),
+        "as named",
+        "`<provider>_<stat>` for every statistic query-stats returns (names sanitized to [a-z0-9_]); a statistic is an integer or a boolean, the same in every row",
+    )
+    .kinds(STATS_KINDS),
+    F::new(
+        "cryptodev_*",
+        TypeRule::OneOf(&[UInt64, Bool]),
+        "as named",
+        "the cryptodev provider's statistics, as kvm_*",
+    )
+    .kinds(STATS_KINDS),
+];
+
+const AGENT_SOURCE: &[&str] = &["agent"];
+
+const fn guest(
+    name: &'static str,
+    ty: super::ColumnType,
+    unit: &'static str,
+    d: &'static str,
+) -> C {
+    C::new(name, ty, unit, d).nullable().optional()
+}
+
+const AGENT: &[C] = &[
+    T_MONO,
+    T_WALL,
+    source(AGENT_SOURCE),
+    AVAILABLE,
+    C::new("seq", UInt64, "line", "accepted line number, from 0"),
+    C::new(
+        "t_sample_mono_ns",
+        UInt64,
+        "ns",
+        "estimated guest sampling instant on t_mono_ns's axis (pending: issue 11 part 3)",
+    )
+    .nullable()
+    .optional(),
+    guest("guest_seq", UInt64, "tick", "the agent's own tick number"),
+    guest(
+        "guest_t_guest_ns",
+        UInt64,
+        "ns since the Unix epoch",
+        "the guest's CLOCK_REALTIME when it sampled",
+    ),
+    guest(
+        "guest_mono_ns",
+        UInt64,
+        "ns",
+        "the guest's CLOCK_MONOTONIC when it sampled",
+    ),
+    guest("guest_uptime_s", Float64, "s", "guest uptime"),
+    guest(
+        "guest_loadavg",
+        Utf8,
+        "",
+        "/proc/loadavg as the guest printed it",
+    ),
+    guest("guest_load1", Float64, "", "1-minute load average"),
+    guest("guest_load5", Float64, "", "5-minute load average"),
+    guest("guest_load15", Float64, "", "15-minute load average"),
+    guest(
+        "guest_runnable_count",
+        UInt64,
+        "count",
+        "runnable scheduling entities (loadavg field 4)",
+    ),
+    guest(
+        "guest_threads_count",
+        UInt64,
+        "count",
+        "scheduling entities (loadavg field 4)",
+    ),
+    guest(
+        "guest_processes_count",
+        UInt64,
+        "count",
+        "live processes (numeric directories of /proc)",
+    ),
+    guest("guest_ctxt_count", UInt64, "count", "/proc/stat ctxt"),
+    guest("guest_forks_count", UInt64, "count", "/proc/stat processes"),
+    guest(
+        "guest_procs_running_count",
+        UInt64,
+        "count",
+        "/proc/stat procs_running",
+    ),
+    guest(
+        "guest_procs_blocked_count",
+        UInt64,
+        "count",
+        "/proc/stat procs_blocked",
+    ),
+    guest(
+        "guest_agent_cpu_ns",
+        UInt64,
+        "ns",
+        "the agent's own on-CPU time",
+    ),
+];
+
+const AGENT_FAMILIES: &[F] = &[
+    F::new(
+        "guest_meminfo_*_kb",
+        TypeRule::Exact(UInt64),
+        "KiB",
+        "/proc/meminfo: total, free, avail, buffers, cached, dirty",
+    ),
+    F::new(
+        "guest_cpu_*_ns",
+        TypeRule::Exact(UInt64),
+        "ns",
+        "/proc/stat cpu line: user, nice, system, idle, iowait, irq, softirq, steal",
+    ),
+    F::new(
+        "guest_net_*_bytes",
+        TypeRule::Exact(UInt64),
+        "bytes",
+        "per guest interface (not lo): guest_net_<if>_{rx,tx}_bytes",
+    ),
+    F::new(
+        "guest_net_*_packets",
+        TypeRule::Exact(UInt64),
+        "count",
+        "per guest interface: guest_net_<if>_{rx,tx}_packets",
+    ),
+    F::new(
+        "guest_disk_*_ops",
+        TypeRule::Exact(UInt64),
+        "count",
+        "per whole disk: guest_disk_<dev>_{read,write}_ops",
+    ),
+    F::new(
+        "guest_disk_*_bytes",
+        TypeRule::Exact(UInt64),
+        "bytes",
+        "per whole disk: guest_disk_<dev>_{read,write}_bytes",
+    ),
+    F::new(
+        "guest_disk_*_io_ms",
+        TypeRule::Exact(UInt64),
+        "ms",
+        "per whole disk: time spent doing I/O",
+    ),
+    F::new(
+        "guest_*",
+        TypeRule::OneOf(&[Int64, UInt64, Float64, Bool, Utf8]),
+        "",
+        "any other field a guest sent (flattened, sanitized); each column keeps one type in a file, integers and floats mixed are Float64",
+    ),
+];
+
+const EVENTS: &[C] = &[
+    T_MONO,
+    T_WALL,
+    C::new(
+        "event",
+        Dict,
+        "",
+        "the event kind; its other fields are listed per kind below",
+    ),
+];
+
+const LABELS: &[C] = &[
+    T_MONO,
+    T_WALL,
+    C::new("phase", Dict, "", "the phase from this instant on").values(&super::PHASE_NAMES),
+    C::new("prev", Dict, "", "the phase before; null on the first row")
+        .nullable()
+        .values(&super::PHASE_NAMES),
+    C::new(
+        "reason",
+        Utf8,
+        "",
+        "why (episode_start on the first row, else what `cis490 mark` was given)",
+    )
+    .nullable(),
+];
+
+pub static STREAMS: &[Stream] = &[
+    Stream {
+        name: "proc",
+        file: "telemetry-proc.jsonl",
+        kind: StreamKind::Telemetry,
+        available_in_deployment: Some(false),
+        written_by: "--backend proc (or auto without BPF)",
+        rows: "per tick the process total first (tid null), then one per thread",
+        columns: PROC,
+        families: &[],
+    },
+    Stream {
+        name: "bpf-sched",
+        file: "telemetry-bpf-sched.jsonl",
+        kind: StreamKind::Telemetry,
+        available_in_deployment: Some(false),
+        written_by: "--backend bpf",
+        rows: "one per thread per kernel snapshot, then the process total (tid null)",
+        columns: BPF_SCHED,
+        families: &[],
+    },
+    Stream {
+        name: "bpf-io",
+        file: "telemetry-bpf-io.jsonl",
+        kind: StreamKind::Telemetry,
+        available_in_deployment: Some(false),
+        written_by: "--backend bpf",
+        rows: "one per thread per kernel snapshot, then the process total (tid null)",
+        columns: BPF_IO,
+        families: &[],
+    },
+    Stream {
+        name: "net",
+        file: "telemetry-net.jsonl",
+        kind: StreamKind::Telemetry,
+        available_in_deployment: Some(true),
+        written_by: "a tap interface found or --net-if (BPF, else sysfs)",
+        rows: "one per interface per tick",
+        columns: NET,
+        families: &[],
+    },
+    Stream {
+        name: "qmp",
+        file: "telemetry-qmp.jsonl",
+        kind: StreamKind::Telemetry,
+        available_in_deployment: Some(false),
+        written_by: "a QMP socket (--qmp or found in the QEMU command line)",
+        rows: "per poll: one `vm` row, one `vcpu` row per vCPU (KVM), one `block` row per device",
+        columns: QMP,
+        families: QMP_FAMILIES,
+    },
+    Stream {
+        name: "agent",
+        file: "telemetry-agent.jsonl",
+        kind: StreamKind::Telemetry,
+        available_in_deployment: Some(true),
+        written_by: "the guest agent's socket (--agent or found in the QEMU command line)",
+        rows: "one per accepted guest line; guest fields are those the line had",
+        columns: AGENT,
+        families: AGENT_FAMILIES,
+    },
+    Stream {
+        name: "events",
+        file: "events.jsonl",
+        kind: StreamKind::Events,
+        available_in_deployment: None,
+        written_by: "always",
+        rows: "one per event",
+        columns: EVENTS,
+        families: &[],
+    },
+    Stream {
+        name: "labels",
+        file: "labels.jsonl",
+        kind: StreamKind::Labels,
+        available_in_deployment: None,
+        written_by: "always",
+        rows: "one per phase transition",
+        columns: LABELS,
+        families: &[],
+    },
+];
