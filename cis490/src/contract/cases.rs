@@ -104,11 +104,15 @@ fn net_rows_of_this_hosts_loopback_meet_the_declaration() {
     assert!(written(&out.rows()[0])["rx_bytes"].is_u64());
 }
 
-/// A QMP row as the collector assembles it (`Worker::row` + the parsed fields).
+/// A QMP row as the collector assembles it (`Worker::row`, the request/reply span of
+/// `stamp_span`, then the parsed fields).
 fn qmp_row(kind: &'static str, fields: Vec<(crate::row::FieldName, crate::row::Value)>) -> Row {
     let mut r = Row::new(EpisodeClock::start().stamp(), "qmp", false);
     r.seq = Some(0);
     r.thread_columns = true;
+    r.push("t_request_mono_ns", 100u64);
+    r.push("t_sample_mono_ns", 150u64);
+    r.push("rtt_ns", 100u64);
     r.push("kind", kind);
     r.fields.extend(fields);
     r
@@ -178,7 +182,8 @@ fn agent_rows_from_the_lab_agents_lines_meet_the_declaration() {
 #[test]
 fn labels_as_written_meet_the_declaration() {
     let dir = tempfile::tempdir().unwrap();
-    let mut labels = crate::labels::Labels::create(dir.path(), EpisodeClock::start()).unwrap();
+    let ep = crate::episode::dir::EpisodeDir::open_existing(dir.path()).unwrap();
+    let mut labels = crate::labels::Labels::create(&ep, EpisodeClock::start()).unwrap();
     labels
         .transition(crate::labels::Phase::Armed, Some("mark"))
         .unwrap();
@@ -197,7 +202,8 @@ fn labels_as_written_meet_the_declaration() {
 #[test]
 fn events_as_the_event_log_writes_them_meet_the_declaration() {
     let dir = tempfile::tempdir().unwrap();
-    let log = crate::episode::EventLog::create(dir.path(), EpisodeClock::start()).unwrap();
+    let ep = crate::episode::dir::EpisodeDir::open_existing(dir.path()).unwrap();
+    let log = crate::episode::EventLog::create(&ep, EpisodeClock::start()).unwrap();
     log.emit(
         "gap",
         json!({"source": "proc", "from_seq": 3, "to_seq": 4, "late_ns": 12}),
@@ -318,7 +324,7 @@ fn missing_column_is_caught() {
 fn column_of_another_row_kind_is_caught() {
     let row = json!({"t_mono_ns": 1, "t_wall_ns": 2, "source": "qmp",
         "available_in_deployment": false, "seq": 0, "tid": null, "comm": null, "vcpu": null,
-        "kind": "vm", "run_status": "running", "running": true, "read_bytes": 1,
+        "t_request_mono_ns": 0, "t_sample_mono_ns": 0, "rtt_ns": 1, "kind": "vm", "run_status": "running", "running": true, "read_bytes": 1,
         "kvm_exits": 3});
     assert_eq!(kinds("qmp", row.clone()), vec![V::WrongKind]);
     // kvm_* statistics belong to vm and vcpu rows only.

@@ -155,14 +155,13 @@ pub static EVENTS: &[EventKind] = &[
             opt(
                 "data_dropped_bytes",
                 UInt64,
-                "size of data too large to keep (pending: branch qmp)",
+                "size of data too large to keep",
             ),
         ],
     },
-    // Declared ahead of the QMP hardening (branch qmp); the fields are as written there.
     EventKind {
         name: "qmp_vcpu_mismatch",
-        when: "query-cpus-fast named thread ids that are not the target's (pending)",
+        when: "query-cpus-fast named thread ids that are not the target's",
         fields: &[
             SOURCE,
             req("target_pid", UInt64, "the traced process"),
@@ -173,8 +172,7 @@ pub static EVENTS: &[EventKind] = &[
     },
     EventKind {
         name: "qmp_events_dropped",
-        when:
-            "QMP events were dropped by the rate limit or queue (at most once a second) (pending)",
+        when: "QMP events were dropped by the rate limit or queue (at most once a second)",
         fields: &[
             SOURCE,
             req("rate_limited", UInt64, "since the previous one"),

@@ -342,23 +342,19 @@ const QMP: &[C] = &[
     .nullable(),
     C::new("comm", Dict, "", "always null (QMP names no threads)").nullable(),
     C::new("vcpu", UInt64, "", "vCPU index (vcpu rows); null otherwise").nullable(),
-    // Declared ahead of the request/reply stamps issue 11 part 3 adds (branch qmp):
-    // optional until every row has them.
     C::new(
         "t_request_mono_ns",
         UInt64,
         "ns",
-        "when the row's request was sent, on t_mono_ns's axis (t_mono_ns: its reply read) (pending)",
-    )
-    .optional(),
+        "when the row's request was sent, on t_mono_ns's axis (t_mono_ns: its reply read)",
+    ),
     C::new(
         "t_sample_mono_ns",
         UInt64,
         "ns",
-        "midpoint of request and reply: the best estimate of when QEMU read the values (pending)",
-    )
-    .optional(),
-    C::new("rtt_ns", UInt64, "ns", "reply minus request instant (pending)").optional(),
+        "midpoint of request and reply: the best estimate of when QEMU read the values",
+    ),
+    C::new("rtt_ns", UInt64, "ns", "reply minus request instant"),
     C::new("kind", Dict, "", "which QMP object the row describes").values(&["vm", "vcpu", "block"]),
     C::new(
         "run_status",
