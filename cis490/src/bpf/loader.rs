@@ -281,13 +281,7 @@ pub fn load(
     // Read (streaming, a few KiB) before aya's loader parses the same BTF in full, so the
     // two are never in memory together.
     let task = btf::vmlinux_task_layout().map_err(|e| e.to_string())?;
-    offsets.task_pid = task.pid;
-    offsets.task_flags = task.flags;
-    offsets.task_sum_exec_runtime = task.sum_exec_runtime;
-    offsets.task_nr_migrations = task.nr_migrations;
-    offsets.task_pcount = task.pcount;
-    offsets.task_nvcsw = task.nvcsw;
-    offsets.task_ioac = task.ioac;
+    btf::snapshot_offsets(&task, &mut offsets).map_err(|e| format!("{}: {e}", btf::VMLINUX))?;
     offsets.task_nr_wakeups = match task.nr_wakeups {
         Some(off) if schedstats_on() => off,
         _ => 0,
