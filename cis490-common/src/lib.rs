@@ -498,7 +498,11 @@ mod tests {
         assert_eq!(running_slice(1_400, 0, 0, 900), 0, "no run queue read");
         assert_eq!(running_slice(1_400, 1_000, 900, 0), 0, "no exec_start");
         let far = 1_000 + MAX_CATCH_UP_NS + 1;
-        assert_eq!(running_slice(far + 900, 1_000, 900, 900), 0, "a slice over 1 s");
+        assert_eq!(
+            running_slice(far + 900, 1_000, 900, 900),
+            0,
+            "a slice over 1 s"
+        );
         assert_eq!(pending_wait(5_000, 3_000), 2_000);
         assert_eq!(pending_wait(5_000, 0), 0, "not queued");
         assert_eq!(pending_wait(0, 3_000), 0, "no sched_clock now");

@@ -19,7 +19,9 @@ use aya_ebpf::{
     bindings::{bpf_perf_event_data, bpf_perf_event_value, BPF_NOEXIST, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_task, bpf_ktime_get_ns,
-        generated::{bpf_map_lookup_percpu_elem, bpf_perf_prog_read_value, bpf_probe_read_kernel},
+        generated::{
+            bpf_loop, bpf_map_lookup_percpu_elem, bpf_perf_prog_read_value, bpf_probe_read_kernel,
+        },
     },
     macros::{map, perf_event, raw_tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -28,8 +30,8 @@ use aya_ebpf::{
 use cis490_common::{
     pending_wait, running_slice, NetRecord, NetStats, Offsets, SnapRecord, ThreadCounters,
     ThreadSlot, TickRecord, TickState, Window, EXACT_SLICE, EXACT_WAIT, MAX_CPUS, MAX_NET_IFS,
-    MAX_SLOTS, REC_NET, REC_THREAD, REC_THREAD_EXITED, REC_TICK, SLOT_EXITED, SLOT_FREE,
-    SLOT_LIVE, WINDOW_WORDS,
+    MAX_SLOTS, REC_NET, REC_THREAD, REC_THREAD_EXITED, REC_TICK, SLOT_EXITED, SLOT_FREE, SLOT_LIVE,
+    WINDOW_WORDS,
 };
 
 use crate::globals::{current, offsets, read, snap_config, target_tgid, task_ids};
@@ -409,6 +411,83 @@ fn schedule(st: *mut TickState, grid: *mut u64, now: u64, interval: u64) -> (u64
     }
 }
 
+/// The state of one snapshot's walk over the slots (bpf_loop's context, on the stack).
+#[repr(C)]
+struct SlotWalk {
+    now: u64,
+    now_sched: u64,
+    seq: u64,
+    threads: u32,
+    _pad: u32,
+    lost: u64,
+}
+
+/// bpf_loop callback: slot `i` of one snapshot. Returns 0 (go on) or 1 (stop).
+#[inline(never)]
+extern "C" fn snapshot_slot(i: u32, ctx: *mut c_void) -> i64 {
+    let walk = ctx.cast::<SlotWalk>();
+    let o = offsets();
+    let Some(s) = SLOTS.get_ptr_mut(i) else {
+        return 1;
+    };
+    let Some(rec) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    let Some(bufs) = WINDOWS.get_ptr_mut(WIN_SNAPSHOT) else {
+        return 1;
+    };
+    // SAFETY: `walk` is the caller's stack value; `s`, `rec` and `bufs` are map values
+    // of this CPU; kernel memory is read only through bpf_probe_read_kernel.
+    unsafe {
+        let state = (*s).state;
+        if state == SLOT_FREE {
+            return 0;
+        }
+        let tid = (*s).tid;
+        (*rec).tid = tid;
+        (*rec).seq = (*walk).seq;
+        (*rec).ktime_ns = (*walk).now;
+        if state == SLOT_EXITED {
+            (*rec).kind = REC_THREAD_EXITED;
+            copy_words(&raw mut (*rec).counters, &raw const (*s).last);
+        } else {
+            // The task_struct must still be this thread's (a slot left by a thread
+            // whose exit was missed would otherwise be read forever).
+            let task = (*s).task;
+            match task_ids(task, o) {
+                Some((tg, t)) if tg == target_tgid() && t == tid => {}
+                _ => {
+                    free_slot(i, s);
+                    return 0;
+                }
+            }
+            (*rec).kind = REC_THREAD;
+            let now_sched = (*walk).now_sched;
+            if !read_counters(tid, task, o, &raw mut (*rec).counters, bufs, now_sched) {
+                return 0;
+            }
+        }
+        match BLK.get_ptr(&tid) {
+            Some(b) => copy_words(&raw mut (*rec).blk, b),
+            None => copy_words(&raw mut (*rec).blk, &BLK_ZERO),
+        }
+        if SNAPS
+            .output::<SnapRecord>(&*rec, BPF_RB_NO_WAKEUP as u64)
+            .is_ok()
+        {
+            (*walk).threads += 1;
+        } else {
+            (*walk).lost += 1;
+        }
+        if state == SLOT_EXITED {
+            free_slot(i, s);
+            let _ = BLK.remove(&tid);
+            let _ = WAKEUPS.remove(&tid);
+        }
+    }
+    0
+}
+
 /// sched_clock (local_clock) now, in the domain of the run queues' clocks: the perf
 /// cpu-clock event that runs this program keeps local_clock() of its latest update in
 /// `hw.prev_count`; bpf_perf_prog_read_value updates it first. 0 when the offsets are
@@ -461,69 +540,31 @@ pub fn cis490_snapshot(ctx: PerfEventContext) -> u32 {
     let Some(st) = TICK.get_ptr_mut(0) else {
         return 0;
     };
-    let Some(rec) = SCRATCH.get_ptr_mut(0) else {
-        return 0;
-    };
     let Some(grid) = GRID.get_ptr_mut(0) else {
         return 0;
     };
-    let Some(bufs) = WINDOWS.get_ptr_mut(WIN_SNAPSHOT) else {
-        return 0;
-    };
     let (seq, late_ns) = schedule(st, grid, now, cfg.interval_ns);
-    let mut threads = 0u32;
-    let mut lost = 0u64;
-    for i in 0..MAX_SLOTS {
-        let Some(s) = SLOTS.get_ptr_mut(i) else {
-            break;
-        };
-        unsafe {
-            let state = (*s).state;
-            if state == SLOT_FREE {
-                continue;
-            }
-            let tid = (*s).tid;
-            (*rec).tid = tid;
-            (*rec).seq = seq;
-            (*rec).ktime_ns = now;
-            if state == SLOT_EXITED {
-                (*rec).kind = REC_THREAD_EXITED;
-                copy_words(&raw mut (*rec).counters, &raw const (*s).last);
-            } else {
-                // The task_struct must still be this thread's (a slot left by a thread
-                // whose exit was missed would otherwise be read forever).
-                let task = (*s).task;
-                match task_ids(task, o) {
-                    Some((tg, t)) if tg == target_tgid() && t == tid => {}
-                    _ => {
-                        free_slot(i, s);
-                        continue;
-                    }
-                }
-                (*rec).kind = REC_THREAD;
-                if !read_counters(tid, task, o, &raw mut (*rec).counters, bufs, now_sched) {
-                    continue;
-                }
-            }
-            match BLK.get_ptr(&tid) {
-                Some(b) => copy_words(&raw mut (*rec).blk, b),
-                None => copy_words(&raw mut (*rec).blk, &BLK_ZERO),
-            }
-            if SNAPS
-                .output::<SnapRecord>(&*rec, BPF_RB_NO_WAKEUP as u64)
-                .is_ok()
-            {
-                threads += 1;
-            } else {
-                lost += 1;
-            }
-            if state == SLOT_EXITED {
-                free_slot(i, s);
-                let _ = BLK.remove(&tid);
-                let _ = WAKEUPS.remove(&tid);
-            }
-        }
+    let mut walk = SlotWalk {
+        now,
+        now_sched,
+        seq,
+        threads: 0,
+        _pad: 0,
+        lost: 0,
+    };
+    // SAFETY: bpf_loop calls `snapshot_slot` MAX_SLOTS times with `walk`, a stack
+    // value that outlives the call. One loop body for the verifier to check, instead of
+    // 512 unrolled copies of it (which took it over a minute on a busy machine).
+    unsafe {
+        bpf_loop(
+            MAX_SLOTS,
+            snapshot_slot as *mut c_void,
+            (&raw mut walk).cast::<c_void>(),
+            0,
+        );
     }
+    let threads = walk.threads;
+    let mut lost = walk.lost;
     let nifs = if cfg.net_ifs < MAX_NET_IFS {
         cfg.net_ifs
     } else {

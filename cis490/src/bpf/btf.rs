@@ -438,7 +438,10 @@ pub fn snapshot_offsets(l: &TaskLayout, o: &mut Offsets) -> Result<()> {
     o.task_pid = l.pid;
     o.task_flags = l.flags;
     o.task_ioac = l.ioac;
-    o.head = window_over("task_struct cpu/__state/on_cpu", &[l.cpu, l.state, l.on_cpu])?;
+    o.head = window_over(
+        "task_struct cpu/__state/on_cpu",
+        &[l.cpu, l.state, l.on_cpu],
+    )?;
     o.head_cpu_at = u32_at(&o.head, "thread_info.cpu", l.cpu)?;
     o.head_state_at = u32_at(&o.head, "__state", l.state)?;
     o.head_on_cpu_at = u32_at(&o.head, "on_cpu", l.on_cpu)?;
@@ -479,7 +482,13 @@ pub fn snapshot_offsets(l: &TaskLayout, o: &mut Offsets) -> Result<()> {
     o.tm_min_flt_at = word_at(&t, "min_flt", l.min_flt)?;
     o.tm_maj_flt_at = word_at(&t, "maj_flt", l.maj_flt)?;
     // The running slice: all of the run queue path and the perf clock, or none.
-    match (l.cfs_rq_rq, l.rq_clock, l.rq_clock_task, l.perf_ctx_event, l.perf_event_prev_count) {
+    match (
+        l.cfs_rq_rq,
+        l.rq_clock,
+        l.rq_clock_task,
+        l.perf_ctx_event,
+        l.perf_event_prev_count,
+    ) {
         (Some(rq), Some(clock), Some(clock_task), Some(ev), Some(prev))
             if clock_task > clock && l.cfs_rq.is_some() =>
         {
@@ -658,12 +667,18 @@ mod tests {
             (l.utime, l.stime, l.prev_utime, l.prev_stime, l.nvcsw),
             (1488, 1496, 1512, 1520, 1536)
         );
-        assert_eq!((l.min_flt, l.maj_flt, l.ioac, l.nr_wakeups), (1568, 1576, 2152, None));
+        assert_eq!(
+            (l.min_flt, l.maj_flt, l.ioac, l.nr_wakeups),
+            (1568, 1576, 2152, None)
+        );
         assert_eq!(
             (l.cfs_rq_rq, l.rq_clock, l.rq_clock_task),
             (Some(312), Some(2776), Some(2816))
         );
-        assert_eq!((l.perf_ctx_event, l.perf_event_prev_count), (Some(16), Some(504)));
+        assert_eq!(
+            (l.perf_ctx_event, l.perf_event_prev_count),
+            (Some(16), Some(504))
+        );
     }
 
     #[test]
@@ -701,7 +716,11 @@ mod tests {
         let mut l = task_layout(Cursor::new(kernel_like(1268 * 8, 5))).unwrap();
         l.min_flt += 4;
         let e = snapshot_offsets(&l, &mut Offsets::LINUX_6_18).unwrap_err();
-        assert!(e.to_string().contains("min_flt at 1572 is not 8-byte aligned"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("min_flt at 1572 is not 8-byte aligned"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -745,6 +764,9 @@ mod tests {
         }
         let mut o = Offsets::LINUX_6_18;
         snapshot_offsets(&l, &mut o).unwrap();
-        assert!(o.perf_event_prev_count != 0, "the sched_clock source: {l:?}");
+        assert!(
+            o.perf_event_prev_count != 0,
+            "the sched_clock source: {l:?}"
+        );
     }
 }

@@ -371,7 +371,7 @@ mod tests {
     #[test]
     fn cputime_is_scaled_to_the_runtime_as_the_kernel_does() {
         const T: u64 = 10_000_000; // one tick at USER_HZ 100
-        // 3:1 user:system samples, 400 ms of runtime: 300 / 100 ms.
+                                   // 3:1 user:system samples, 400 ms of runtime: 300 / 100 ms.
         assert_eq!(cputime_ticks(&c(400 * T / 10, 12, 4, 0, 0), 100), (30, 10));
         // No system samples: all user; none at all: all user too.
         assert_eq!(cputime_ticks(&c(55 * T, 8, 0, 0, 0), 100), (55, 0));
@@ -379,11 +379,20 @@ mod tests {
         // Only system samples: all system.
         assert_eq!(cputime_ticks(&c(55 * T, 0, 3, 0, 0), 100), (0, 55));
         // prev_cputime already covers the runtime: it is what /proc prints.
-        assert_eq!(cputime_ticks(&c(50 * T, 1, 1, 30 * T, 20 * T), 100), (30, 20));
+        assert_eq!(
+            cputime_ticks(&c(50 * T, 1, 1, 30 * T, 20 * T), 100),
+            (30, 20)
+        );
         // stime may not go below prev's: the new time goes to utime.
-        assert_eq!(cputime_ticks(&c(60 * T, 9, 1, 30 * T, 20 * T), 100), (40, 20));
+        assert_eq!(
+            cputime_ticks(&c(60 * T, 9, 1, 30 * T, 20 * T), 100),
+            (40, 20)
+        );
         // utime may not go below prev's either.
-        assert_eq!(cputime_ticks(&c(60 * T, 1, 9, 40 * T, 10 * T), 100), (40, 20));
+        assert_eq!(
+            cputime_ticks(&c(60 * T, 1, 9, 40 * T, 10 * T), 100),
+            (40, 20)
+        );
         // Truncated to whole ticks, like nsec_to_clock_t.
         assert_eq!(cputime_ticks(&c(T - 1, 1, 0, 0, 0), 100), (0, 0));
     }

@@ -168,7 +168,11 @@ mod tests {
         let mut t = ThreadTable::with_gauges(0b10);
         t.update(&[e(1, &[10, 3], false), e(2, &[5, 1], false)]);
         let u = t.update(&[e(1, &[9, 0], false), e(2, &[6, 1], false)]);
-        assert_eq!(u.threads[0], (1, v(&[10, 0])), "counter clamped, gauge as read");
+        assert_eq!(
+            u.threads[0],
+            (1, v(&[10, 0])),
+            "counter clamped, gauge as read"
+        );
         assert_eq!(u.total, v(&[16, UNAVAILABLE]));
     }
 }
