@@ -663,18 +663,34 @@ fn spinner_is_exact_at_every_tick(rate_hz: u32, lo: u64, hi: u64) {
             .copied()
             .unwrap_or(0)
     };
-    let (first, last) = (r[0], *r.last().unwrap());
-    eprintln!(
-        "truth {}..{} ({} samples), rows {}..{}",
-        truth[0].0,
-        truth.last().unwrap().0,
-        truth.len(),
-        origin + u(first, "t_mono_ns"),
-        origin + u(last, "t_mono_ns")
+    // The total, against /proc at two of its own samples, one early and one late: of
+    // each quarter of the run the sample closest to a snapshot, where the snapshots'
+    // series (exact at each snapshot) is interpolated over the least time.
+    let bpf_series: Vec<(u64, u64)> = r
+        .iter()
+        .map(|x| (origin + u(x, "t_mono_ns"), u(x, "on_cpu_ns")))
+        .collect();
+    let (t_first, t_last) = (bpf_series[0].0, bpf_series.last().unwrap().0);
+    let to_snapshot = |t: u64| {
+        let i = bpf_series.partition_point(|s| s.0 <= t);
+        (t - bpf_series[i - 1].0).min(bpf_series[i].0 - t)
+    };
+    let inside: Vec<(u64, u64)> = truth
+        .iter()
+        .copied()
+        .filter(|(t, _)| *t > t_first && *t < t_last)
+        .collect();
+    assert!(inside.len() > 8, "{} /proc samples in the run", inside.len());
+    let quarter = inside.len() / 4;
+    let best = |s: &[(u64, u64)]| *s.iter().min_by_key(|(t, _)| to_snapshot(*t)).unwrap();
+    let (ta, va) = best(&inside[..quarter]);
+    let (tb, vb) = best(&inside[inside.len() - quarter..]);
+    let bpf_delta = interpolate(&bpf_series, tb) - interpolate(&bpf_series, ta);
+    let proc_delta = (vb - va) as f64;
+    assert!(
+        proc_delta > 2e8,
+        "the spinner ran only {proc_delta} ns between the samples: machine too busy"
     );
-    let bpf_delta = (u(last, "on_cpu_ns") - u(first, "on_cpu_ns")) as f64;
-    let proc_delta = interpolate(&truth, origin + u(last, "t_mono_ns"))
-        - interpolate(&truth, origin + u(first, "t_mono_ns"));
     let err = (bpf_delta - proc_delta).abs() / proc_delta;
     let busy_pct = |q: f64| busy[((busy.len() - 1) as f64 * q) as usize];
     let all_pct = |q: f64| all[((all.len() - 1) as f64 * q) as usize];
