@@ -680,7 +680,11 @@ fn spinner_is_exact_at_every_tick(rate_hz: u32, lo: u64, hi: u64) {
         .copied()
         .filter(|(t, _)| *t > t_first && *t < t_last)
         .collect();
-    assert!(inside.len() > 8, "{} /proc samples in the run", inside.len());
+    assert!(
+        inside.len() > 8,
+        "{} /proc samples in the run",
+        inside.len()
+    );
     let quarter = inside.len() / 4;
     let best = |s: &[(u64, u64)]| *s.iter().min_by_key(|(t, _)| to_snapshot(*t)).unwrap();
     let (ta, va) = best(&inside[..quarter]);

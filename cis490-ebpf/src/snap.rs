@@ -411,6 +411,20 @@ fn schedule(st: *mut TickState, grid: *mut u64, now: u64, interval: u64) -> (u64
     }
 }
 
+/// The slots in use at this snapshot, listed by a cheap pass over all of them (per CPU,
+/// element 0): bpf_loop then calls the snapshot's body for these only. The count lives in
+/// map memory, not in a register, so the verifier does not track one state per possible
+/// count through the 512 iterations.
+#[repr(C)]
+pub struct ActiveSlots {
+    n: u32,
+    _pad: u32,
+    idx: [u32; MAX_SLOTS as usize],
+}
+
+#[map]
+static ACTIVE: PerCpuArray<ActiveSlots> = PerCpuArray::with_max_entries(1, 0);
+
 /// The state of one snapshot's walk over the slots (bpf_loop's context, on the stack).
 #[repr(C)]
 struct SlotWalk {
@@ -422,11 +436,17 @@ struct SlotWalk {
     lost: u64,
 }
 
-/// bpf_loop callback: slot `i` of one snapshot. Returns 0 (go on) or 1 (stop).
+/// bpf_loop callback: the `k`-th slot in use (`ACTIVE`) of one snapshot. Returns 0 (go
+/// on) or 1 (stop).
 #[inline(never)]
-extern "C" fn snapshot_slot(i: u32, ctx: *mut c_void) -> i64 {
+extern "C" fn snapshot_slot(k: u32, ctx: *mut c_void) -> i64 {
     let walk = ctx.cast::<SlotWalk>();
     let o = offsets();
+    let Some(active) = ACTIVE.get_ptr(0) else {
+        return 1;
+    };
+    // SAFETY: a map value of this CPU; the index is masked into the array.
+    let i = unsafe { (*active).idx[(k & (MAX_SLOTS - 1)) as usize] };
     let Some(s) = SLOTS.get_ptr_mut(i) else {
         return 1;
     };
@@ -552,12 +572,30 @@ pub fn cis490_snapshot(ctx: PerfEventContext) -> u32 {
         _pad: 0,
         lost: 0,
     };
-    // SAFETY: bpf_loop calls `snapshot_slot` MAX_SLOTS times with `walk`, a stack
+    let Some(active) = ACTIVE.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: `active` is this CPU's map value; indices are masked into its array.
+    unsafe {
+        (*active).n = 0;
+        for i in 0..MAX_SLOTS {
+            let Some(s) = SLOTS.get_ptr(i) else {
+                break;
+            };
+            if (*s).state != SLOT_FREE {
+                let n = core::ptr::read_volatile(&raw const (*active).n);
+                (*active).idx[(n & (MAX_SLOTS - 1)) as usize] = i;
+                core::ptr::write_volatile(&raw mut (*active).n, n + 1);
+            }
+        }
+    }
+    // SAFETY: bpf_loop calls `snapshot_slot` once per slot in use with `walk`, a stack
     // value that outlives the call. One loop body for the verifier to check, instead of
     // 512 unrolled copies of it (which took it over a minute on a busy machine).
     unsafe {
+        let n = core::ptr::read_volatile(&raw const (*active).n);
         bpf_loop(
-            MAX_SLOTS,
+            if n < MAX_SLOTS { n } else { MAX_SLOTS },
             snapshot_slot as *mut c_void,
             (&raw mut walk).cast::<c_void>(),
             0,
