@@ -423,8 +423,10 @@ mod tests {
 
     #[test]
     fn ring_holds_half_a_second_within_bounds() {
-        // 1 kHz, 9 threads: (18 × 168 + 56) B × 500 ≈ 1.5 MB → 2 MiB.
-        assert_eq!(ring_bytes(1_000_000, 9, 0), 2 << 20);
+        // 1 kHz, 9 threads: (18 × 248 + 56) B × 500 ≈ 2.3 MB → 4 MiB.
+        assert_eq!(ring_bytes(1_000_000, 9, 0), 4 << 20);
+        // 1 kHz, 4 threads: (8 × 248 + 56) B × 500 ≈ 1 MB → 1 MiB.
+        assert_eq!(ring_bytes(1_000_000, 4, 0), 1 << 20);
         // 10 Hz: the floor.
         assert_eq!(ring_bytes(100_000_000, 9, 0), 256 << 10);
         // Very many threads at 1 kHz: the ceiling.
