@@ -418,7 +418,7 @@ fn window_over(what: &str, offsets: &[u32]) -> Result<Window> {
 
 /// Word index of 8-byte field `at` in window `w` (it must be word aligned).
 fn word_at(w: &Window, what: &str, at: u32) -> Result<u32> {
-    if at % 8 != 0 {
+    if !at.is_multiple_of(8) {
         return Err(bad(format!("{what} at {at} is not 8-byte aligned")));
     }
     Ok((at - w.off) / 8)
@@ -426,7 +426,7 @@ fn word_at(w: &Window, what: &str, at: u32) -> Result<u32> {
 
 /// Byte position of 4-byte field `at` in window `w` (it must be 4-byte aligned).
 fn u32_at(w: &Window, what: &str, at: u32) -> Result<u32> {
-    if at % 4 != 0 {
+    if !at.is_multiple_of(4) {
         return Err(bad(format!("{what} at {at} is not 4-byte aligned")));
     }
     Ok(at - w.off)
@@ -618,7 +618,7 @@ mod tests {
         b.ty("task_struct", 4, 20, true, 4096);
         b.member("thread_info", 10, 0);
         b.member("__state", 1, 24 * 8);
-        b.member("flags", 1, 3 << 24 | 44 * 8);
+        b.member("flags", 1, (3 << 24) | (44 * 8));
         b.member("on_cpu", 1, 52 * 8);
         b.member("se", se_type, 128 * 8);
         b.member("sched_info", 8, 1008 * 8);
@@ -711,11 +711,11 @@ mod tests {
     fn fields_too_far_apart_for_one_window_are_refused_with_their_names() {
         let mut l = task_layout(Cursor::new(kernel_like(1268 * 8, 5))).unwrap();
         l.maj_flt = l.utime + 8 * WINDOW_WORDS;
-        let e = snapshot_offsets(&l, &mut Offsets::LINUX_6_18).unwrap_err();
+        let e = snapshot_offsets(&l, &mut Offsets::default()).unwrap_err();
         assert!(e.to_string().contains("utime..maj_flt"), "{e}");
         let mut l = task_layout(Cursor::new(kernel_like(1268 * 8, 5))).unwrap();
         l.min_flt += 4;
-        let e = snapshot_offsets(&l, &mut Offsets::LINUX_6_18).unwrap_err();
+        let e = snapshot_offsets(&l, &mut Offsets::default()).unwrap_err();
         assert!(
             e.to_string()
                 .contains("min_flt at 1572 is not 8-byte aligned"),
