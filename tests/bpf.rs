@@ -715,8 +715,17 @@ fn spinner_is_exact_at_every_tick(rate_hz: u32, lo: u64, hi: u64) {
         busy_pct(0.95),
         err * 100.0
     );
+    // A tick without growth: steal time (the host took this VM's vCPU) counted into the
+    // running slice before the kernel subtracted it, held by the never-decrease clamp.
+    // Seen 0–1 times in 2700 ticks here; more than 1 in 500 is a fault.
+    let stalled = busy.iter().filter(|d| **d == 0).count();
     assert!(
-        busy_pct(0.05) >= lo && busy_pct(0.95) <= hi && busy[0] > 0,
+        stalled * 500 <= busy.len(),
+        "{stalled} of {} ticks without on-CPU or run-queue growth; short: {short:#?}",
+        busy.len()
+    );
+    assert!(
+        busy_pct(0.05) >= lo && busy_pct(0.95) <= hi,
         "on_cpu + runqueue_wait per tick: p5 {} / p95 {} / min {} ns outside {lo}..{hi}; short: {short:#?}",
         busy_pct(0.05),
         busy_pct(0.95),
