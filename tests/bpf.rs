@@ -466,47 +466,300 @@ fn proc_value(pairs: &[(String, u64)], key: &str) -> u64 {
 
 #[test]
 fn an_idle_threads_counters_equal_proc_exactly() {
-    // The main thread of `spin 1` blocks on stdin for the whole capture: its kernel
-    // counters do not move, so the snapshot and /proc must agree to the unit.
+    // The main thread of `spin 1` blocks on stdin for both captures: its kernel counters
+    // do not move, so the snapshot and /proc must agree to the unit, column by column.
     let mut target = Target::start(&["spin", "1"]);
     target.line();
     let pid = target.pid();
-    let cap = Capture::start(
-        pid,
-        &["--backend", "bpf", "--duration", "1", "--rate-hz", "100"],
-    );
-    let (out, data) = cap.finish();
-    let dir = single_episode(data.path());
+    let capture = |backend: &str| {
+        let cap = Capture::start(
+            pid,
+            &["--backend", backend, "--duration", "1", "--rate-hz", "100"],
+        );
+        let (out, data) = cap.finish();
+        let dir = single_episode(data.path());
+        (out, data, dir)
+    };
+    let (out, _bpf_data, dir) = capture("bpf");
     assert_complete_bpf(&dir, &out);
     let sched = rows(&dir, "telemetry-bpf-sched.jsonl");
     let io = rows(&dir, "telemetry-bpf-io.jsonl");
     let s = *thread_rows(&sched, pid).last().expect("main thread row");
     let i = *thread_rows(&io, pid).last().expect("main thread io row");
-    let schedstat = proc_numbers(pid, pid, "schedstat");
-    let status = proc_numbers(pid, pid, "status");
-    let pio = proc_numbers(pid, pid, "io");
-    assert_eq!(u(s, "on_cpu_ns"), proc_value(&schedstat, "0"), "{s}");
-    assert_eq!(u(s, "runqueue_wait_ns"), proc_value(&schedstat, "1"), "{s}");
-    assert_eq!(u(s, "timeslices_count"), proc_value(&schedstat, "2"), "{s}");
-    assert_eq!(
-        u(s, "voluntary_switches"),
-        proc_value(&status, "voluntary_ctxt_switches")
+    let (pout, _proc_data, pdir) = capture("proc");
+    assert!(
+        pout.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pout.stderr)
     );
-    assert_eq!(
-        u(s, "involuntary_switches"),
-        proc_value(&status, "nonvoluntary_ctxt_switches")
-    );
+    let prows = rows(&pdir, "telemetry-proc.jsonl");
+    let p = *thread_rows(&prows, pid)
+        .last()
+        .expect("proc main thread row");
+
+    // The bpf thread's columns: bpf-sched and bpf-io together.
+    let mut bpf = s.as_object().unwrap().clone();
+    for (k, v) in i.as_object().unwrap() {
+        bpf.entry(k.clone()).or_insert(v.clone());
+    }
+    // Stamps and stream identity differ by construction.
+    let not_values = [
+        "t_mono_ns",
+        "t_wall_ns",
+        "seq",
+        "source",
+        "stream",
+        "backend",
+    ];
+    let mut compared = Vec::new();
+    for (k, pv) in p.as_object().unwrap() {
+        if not_values.contains(&k.as_str()) {
+            continue;
+        }
+        let Some(bv) = bpf.get(k) else {
+            continue;
+        };
+        assert_eq!(bv, pv, "column {k}: bpf {s} / {i}, proc {p}");
+        compared.push(k.clone());
+    }
     for k in [
+        "on_cpu_ns",
+        "runqueue_wait_ns",
+        "timeslices_count",
+        "voluntary_switches",
+        "involuntary_switches",
+        "minflt",
+        "majflt",
+        "utime_ticks",
+        "stime_ticks",
+        "state",
+        "last_cpu",
+        "num_threads",
+        "rss_kb",
+        "vsize_bytes",
         "rchar",
-        "wchar",
-        "syscr",
-        "syscw",
-        "read_bytes",
-        "write_bytes",
         "cancelled_write_bytes",
     ] {
-        assert_eq!(u(i, k), proc_value(&pio, k), "{k}: {i}");
+        assert!(
+            compared.iter().any(|c| c == k),
+            "{k} not in both: {compared:?}"
+        );
     }
+    assert_eq!(s["state"], "S", "blocked on stdin: {s}");
+    // And against /proc's files directly (the idle thread's schedstat is exact).
+    let schedstat = proc_numbers(pid, pid, "schedstat");
+    assert_eq!(u(s, "on_cpu_ns"), proc_value(&schedstat, "0"), "{s}");
+    assert_eq!(u(s, "runqueue_wait_ns"), proc_value(&schedstat, "1"), "{s}");
+}
+
+/// One thread spinning on its own core, traced at `rate_hz`: every snapshot's on-CPU
+/// delta is one interval (within `lo`..`hi` ns at p5 and p95), none is 0, and the total
+/// over the run is within 0.5 % of /proc's schedstat (which brings a running task up to
+/// date before printing).
+fn spinner_is_exact_at_every_tick(rate_hz: u32, lo: u64, hi: u64) {
+    let mut target = Target::start(&["spin", "1"]);
+    let tid: u32 = target
+        .line()
+        .strip_prefix("tids ")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let pid = target.pid();
+    // The CI machine gives the spinner a core of its own; on a shared machine (other
+    // builds running) nice −20 gets it close to that: the test is about the snapshot,
+    // not about the machine's other load.
+    // SAFETY: setpriority on a thread id of our own child, no pointers.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, -20) };
+    let rate = rate_hz.to_string();
+    let cap = Capture::start(
+        pid,
+        &["--backend", "bpf", "--duration", "3", "--rate-hz", &rate],
+    );
+    let mut truth: Vec<(u64, u64)> = Vec::new();
+    let t0 = Instant::now();
+    let mut done = false;
+    while t0.elapsed() < Duration::from_secs(60) {
+        let before = mono_ns();
+        if let Some(v) = schedstat_on_cpu(pid, tid) {
+            truth.push((before / 2 + mono_ns() / 2, v));
+        }
+        if done {
+            break; // one sample after the capture ended, so it brackets every row
+        }
+        done = cap
+            .episode_dir()
+            .is_some_and(|d| d.join("done.marker").exists());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let (out, data) = cap.finish();
+    assert!(
+        data.path().join("episodes").exists(),
+        "no episode: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = single_episode(data.path());
+    assert_complete_bpf(&dir, &out);
+    let origin = u(&meta(&dir)["clock"], "mono_origin_ns");
+    let sched = rows(&dir, "telemetry-bpf-sched.jsonl");
+    let r = thread_rows(&sched, tid);
+    // From 0.3 s in (attach settled) to the end.
+    let r: Vec<&Value> = r
+        .into_iter()
+        .filter(|x| u(x, "t_mono_ns") > 300_000_000)
+        .collect();
+    let pairs: Vec<(&Value, &Value)> = r
+        .windows(2)
+        .filter(|w| u(w[1], "seq") == u(w[0], "seq") + 1)
+        .map(|w| (w[0], w[1]))
+        .collect();
+    let delta = |a: &Value, b: &Value, k: &str| u(b, k) - u(a, k);
+    // Ticks through which the thread ran (waited on a run queue for under 2 % of the
+    // interval): on the CI machine, where it has a core, nearly all; on a shared
+    // machine, the ticks in which other load left it alone.
+    let interval = 1_000_000_000 / u64::from(rate_hz);
+    let mut deltas: Vec<u64> = pairs
+        .iter()
+        .filter(|(a, b)| delta(a, b, "runqueue_wait_ns") < interval / 50)
+        .map(|(a, b)| delta(a, b, "on_cpu_ns"))
+        .collect();
+    let mut all: Vec<u64> = pairs
+        .iter()
+        .map(|(a, b)| delta(a, b, "on_cpu_ns"))
+        .collect();
+    all.sort_unstable();
+    let all_zeros = all.iter().filter(|d| **d == 0).count();
+    // Judged when the thread ran through at least a quarter of the ticks. Under CI the
+    // spinner has its core, so fewer is a failure; on a shared development machine it
+    // is said and left to the load-independent checks below.
+    let judged = deltas.len() * 4 >= pairs.len();
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    assert!(
+        judged || !ci,
+        "the spinner ran through only {} of {} ticks: machine too busy to judge",
+        deltas.len(),
+        pairs.len()
+    );
+    // Running or waiting to run, the thread's on-CPU time plus its run-queue wait grows
+    // by one interval per tick whatever else the machine does: both counters are
+    // brought to the snapshot's instant.
+    let mut busy: Vec<u64> = pairs
+        .iter()
+        .map(|(a, b)| delta(a, b, "on_cpu_ns") + delta(a, b, "runqueue_wait_ns"))
+        .collect();
+    // The first few ticks that fall short, to say which in a failure.
+    let short: Vec<String> = pairs
+        .iter()
+        .filter(|(a, b)| delta(a, b, "on_cpu_ns") + delta(a, b, "runqueue_wait_ns") < lo)
+        .take(3)
+        .map(|(a, b)| format!("{a} → {b}"))
+        .collect();
+    busy.sort_unstable();
+    let zeros = deltas.iter().filter(|d| **d == 0).count();
+    deltas.sort_unstable();
+    let pct = |q: f64| {
+        deltas
+            .get(((deltas.len().max(1) - 1) as f64 * q) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    // The total, against /proc at two of its own samples, one early and one late: of
+    // each quarter of the run the sample closest to a snapshot, where the snapshots'
+    // series (exact at each snapshot) is interpolated over the least time.
+    let bpf_series: Vec<(u64, u64)> = r
+        .iter()
+        .map(|x| (origin + u(x, "t_mono_ns"), u(x, "on_cpu_ns")))
+        .collect();
+    let (t_first, t_last) = (bpf_series[0].0, bpf_series.last().unwrap().0);
+    let to_snapshot = |t: u64| {
+        let i = bpf_series.partition_point(|s| s.0 <= t);
+        (t - bpf_series[i - 1].0).min(bpf_series[i].0 - t)
+    };
+    let inside: Vec<(u64, u64)> = truth
+        .iter()
+        .copied()
+        .filter(|(t, _)| *t > t_first && *t < t_last)
+        .collect();
+    assert!(
+        inside.len() > 8,
+        "{} /proc samples in the run",
+        inside.len()
+    );
+    let quarter = inside.len() / 4;
+    let best = |s: &[(u64, u64)]| *s.iter().min_by_key(|(t, _)| to_snapshot(*t)).unwrap();
+    let (ta, va) = best(&inside[..quarter]);
+    let (tb, vb) = best(&inside[inside.len() - quarter..]);
+    let bpf_delta = interpolate(&bpf_series, tb) - interpolate(&bpf_series, ta);
+    let proc_delta = (vb - va) as f64;
+    assert!(
+        proc_delta > 2e8,
+        "the spinner ran only {proc_delta} ns between the samples: machine too busy"
+    );
+    let err = (bpf_delta - proc_delta).abs() / proc_delta;
+    let busy_pct = |q: f64| busy[((busy.len() - 1) as f64 * q) as usize];
+    let all_pct = |q: f64| all[((all.len() - 1) as f64 * q) as usize];
+    eprintln!(
+        "{rate_hz} Hz: {} ticks ran through: on_cpu delta p5 {} p50 {} p95 {} ns, {zeros} zero; \
+         all {} ticks: p5 {} p50 {} p95 {} ns, {all_zeros} zero; \
+         on_cpu + runqueue_wait p5 {} p95 {} ns; \
+         total bpf {bpf_delta:.0} vs schedstat {proc_delta:.0} ns ({:.3} %)",
+        deltas.len(),
+        pct(0.05),
+        pct(0.5),
+        pct(0.95),
+        all.len(),
+        all_pct(0.05),
+        all_pct(0.5),
+        all_pct(0.95),
+        busy_pct(0.05),
+        busy_pct(0.95),
+        err * 100.0
+    );
+    // A tick without growth: steal time (the host took this VM's vCPU) counted into the
+    // running slice before the kernel subtracted it, held by the never-decrease clamp.
+    // Seen 0–1 times in 2700 ticks here; more than 1 in 500 is a fault.
+    let stalled = busy.iter().filter(|d| **d == 0).count();
+    assert!(
+        stalled * 500 <= busy.len(),
+        "{stalled} of {} ticks without on-CPU or run-queue growth; short: {short:#?}",
+        busy.len()
+    );
+    assert!(
+        busy_pct(0.05) >= lo && busy_pct(0.95) <= hi,
+        "on_cpu + runqueue_wait per tick: p5 {} / p95 {} / min {} ns outside {lo}..{hi}; short: {short:#?}",
+        busy_pct(0.05),
+        busy_pct(0.95),
+        busy[0]
+    );
+    assert!(err < 0.005, "total off by {:.3} %", err * 100.0);
+    if !judged {
+        eprintln!(
+            "on_cpu per tick not judged: the spinner ran through only {} of {} ticks (shared machine)",
+            deltas.len(),
+            pairs.len()
+        );
+        return;
+    }
+    assert_eq!(
+        zeros, 0,
+        "ticks with no on-CPU time for a thread that ran through"
+    );
+    assert!(
+        pct(0.05) >= lo && pct(0.95) <= hi,
+        "p5 {} / p95 {} ns outside {lo}..{hi}",
+        pct(0.05),
+        pct(0.95)
+    );
+}
+
+#[test]
+fn a_spinning_threads_on_cpu_is_exact_at_every_tick_at_1khz() {
+    spinner_is_exact_at_every_tick(1000, 800_000, 1_200_000);
+}
+
+#[test]
+fn a_spinning_threads_on_cpu_is_exact_at_every_tick_at_100hz() {
+    spinner_is_exact_at_every_tick(100, 9_000_000, 11_000_000);
 }
 
 /// Every seq of `file` from 0 to ticks_scheduled - 1 is either in a row or in a `gap`

@@ -26,19 +26,23 @@ pub const SLOT_LIVE: u32 = 1;
 pub const SLOT_EXITED: u32 = 2;
 
 /// A thread's counters as the kernel keeps them in its task_struct, cumulative since
-/// the thread started: the same numbers /proc/<pid>/task/<tid>/{schedstat,status,io}
-/// print, read in the kernel without text formatting.
+/// the thread started: the same numbers /proc/<pid>/task/<tid>/{schedstat,stat,status,io}
+/// print, read in the kernel without text formatting, plus what the snapshot adds to
+/// bring the scheduler's lagging counters up to the snapshot's own instant.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ThreadCounters {
-    /// `se.sum_exec_runtime` (schedstat field 1), updated by the scheduler at every
-    /// switch and scheduler tick: a thread running through a snapshot is counted up to
-    /// its CPU's last tick (at most 1/CONFIG_HZ behind).
+    /// On-CPU time as of the snapshot: `se.sum_exec_runtime` plus, for a thread that is
+    /// on a CPU, the slice it has run since the scheduler last brought that counter up
+    /// to date ([`running_slice`]).
     pub on_cpu_ns: u64,
+    /// `se.sum_exec_runtime` as the kernel holds it (schedstat field 1; what /proc's
+    /// utime/stime split is scaled to).
+    pub sum_exec_runtime: u64,
     /// `sched_info.pcount` (schedstat field 3): times the thread was put on a CPU.
-    /// Before run_delay, as in the kernel's struct: one probe read gets both.
     pub timeslices_count: u64,
-    /// `sched_info.run_delay` (schedstat field 2): time spent runnable on a run queue.
+    /// `sched_info.run_delay` (schedstat field 2) plus, for a thread waiting on a run
+    /// queue now, the wait so far ([`pending_wait`]).
     pub runqueue_wait_ns: u64,
     /// `nvcsw`, `nivcsw` (status voluntary/nonvoluntary_ctxt_switches).
     pub voluntary_switches: u64,
@@ -52,6 +56,73 @@ pub struct ThreadCounters {
     /// `ioac` (task io): rchar, wchar, syscr, syscw, read_bytes, write_bytes,
     /// cancelled_write_bytes.
     pub io: [u64; 7],
+    /// `min_flt`, `maj_flt` (stat fields 10 and 12).
+    pub minflt: u64,
+    pub majflt: u64,
+    /// `utime`, `stime` (ns, tick-sampled) and `prev_cputime.{utime,stime}`: user space
+    /// turns them into /proc's stat utime/stime exactly as the kernel does
+    /// (cputime_adjust, then clock ticks).
+    pub utime_ns: u64,
+    pub stime_ns: u64,
+    pub prev_utime_ns: u64,
+    pub prev_stime_ns: u64,
+    /// `__state` (the letter /proc prints is derived from it in user space).
+    pub task_state: u32,
+    /// `thread_info.cpu`: the CPU the thread runs or last ran on (stat field 39).
+    pub cpu: u32,
+    /// `on_cpu`: 1 while the thread is on a CPU.
+    pub on_cpu: u32,
+    /// `EXACT_*` bits: what was added to the kernel's values.
+    pub exact: u32,
+}
+
+/// `ThreadCounters::exact`: a running slice was added to `on_cpu_ns`.
+pub const EXACT_SLICE: u32 = 1;
+/// `ThreadCounters::exact`: a pending run-queue wait was added to `runqueue_wait_ns`.
+pub const EXACT_WAIT: u32 = 2;
+
+/// Longest running slice or pending wait added (1 s). The scheduler brings a running
+/// task's counters up to date at least at every scheduler tick (≤ 10 ms at CONFIG_HZ
+/// 100), so anything longer can only be an inconsistent read (clocks of a run queue the
+/// task just left): nothing is added then.
+pub const MAX_CATCH_UP_NS: u64 = 1_000_000_000;
+
+/// The time a task that is on a CPU has run since the scheduler last updated its
+/// `sum_exec_runtime`: `now − se.exec_start`, with `now` in the domain of exec_start,
+/// the run queue's `clock_task` (sched_clock minus IRQ and steal time). `now_sched` is
+/// sched_clock (local_clock) at the snapshot; the run queue's `clock`/`clock_task` pair
+/// from its last update carries clock_task forward: `clock_task + (now_sched − clock)`
+/// (IRQ/steal time since that update, at most one tick, is not subtracted). 0 when any
+/// input is missing or inconsistent.
+#[inline(always)]
+pub fn running_slice(now_sched: u64, rq_clock: u64, rq_clock_task: u64, exec_start: u64) -> u64 {
+    if now_sched == 0 || rq_clock == 0 || exec_start == 0 {
+        return 0;
+    }
+    let since_update = now_sched.saturating_sub(rq_clock);
+    let now_task = rq_clock_task.saturating_add(since_update);
+    let slice = now_task.saturating_sub(exec_start);
+    if slice > MAX_CATCH_UP_NS {
+        0
+    } else {
+        slice
+    }
+}
+
+/// The wait so far of a task queued on a run queue and not yet on a CPU:
+/// `now − sched_info.last_queued` (both sched_clock: last_queued is the run queue's
+/// `clock` at enqueue; 0 when the task is not queued). 0 when inconsistent.
+#[inline(always)]
+pub fn pending_wait(now_sched: u64, last_queued: u64) -> u64 {
+    if now_sched == 0 || last_queued == 0 || now_sched <= last_queued {
+        return 0;
+    }
+    let w = now_sched - last_queued;
+    if w > MAX_CATCH_UP_NS {
+        0
+    } else {
+        w
+    }
 }
 
 /// Block requests issued (block_rq_issue) while a thread of the target was current
@@ -203,10 +274,29 @@ impl IfName {
     }
 }
 
+/// A run of consecutive u64 words of a kernel struct that the snapshot copies with one
+/// probe read (each bpf_probe_read_kernel costs a call and a fault-safe copy: one read
+/// of 12 words is cheaper than six reads of two). At most [`WINDOW_WORDS`] words.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Window {
+    /// Byte offset of the first word in the struct.
+    pub off: u32,
+    /// Words to copy (1..=WINDOW_WORDS).
+    pub words: u32,
+}
+
+/// Longest [`Window`], in u64 words.
+pub const WINDOW_WORDS: u32 = 16;
+
 /// Byte offsets of the fields the programs read, set by user space at load time as the
 /// read-only global `OFFSETS`: tracepoint fields from tracefs
-/// `events/<category>/<name>/format`, task_struct fields from the kernel's BTF (both
+/// `events/<category>/<name>/format`, kernel struct fields from the kernel's BTF (both
 /// differ between kernel versions and configurations; Rust eBPF has no CO-RE).
+///
+/// The task_struct fields a snapshot reads are grouped in five windows; the `*_at`
+/// fields are positions inside a window: word indices, or byte positions for the u32
+/// fields of `head`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Offsets {
@@ -220,22 +310,57 @@ pub struct Offsets {
     pub recv_name: u32,
     /// `pid` in `struct task_struct` (`tgid` follows it: one 8-byte read gives both).
     pub task_pid: u32,
-    /// `se.sum_exec_runtime`.
-    pub task_sum_exec_runtime: u32,
-    /// `se.nr_migrations`.
-    pub task_nr_migrations: u32,
-    /// `sched_info.pcount` (`run_delay` follows it).
-    pub task_pcount: u32,
-    /// `nvcsw` (`nivcsw` follows it).
-    pub task_nvcsw: u32,
+    /// `flags` (PF_EXITING: a thread already exiting is not given a slot).
+    pub task_flags: u32,
     /// `ioac`: seven consecutive u64 (rchar … cancelled_write_bytes).
     pub task_ioac: u32,
     /// `stats.nr_wakeups`, or 0 when the kernel keeps no wakeup count (no
     /// CONFIG_SCHEDSTATS, or schedstats off).
     pub task_nr_wakeups: u32,
-    /// `flags` (PF_EXITING: a thread already exiting is not given a slot).
-    pub task_flags: u32,
-    pub _pad: u32,
+    /// task_struct from `thread_info.cpu` to `on_cpu`: byte positions of those and of
+    /// `__state` (u32 each).
+    pub head: Window,
+    pub head_cpu_at: u32,
+    pub head_state_at: u32,
+    pub head_on_cpu_at: u32,
+    /// `se` (sched_entity) from `exec_start` on: word indices of `exec_start`,
+    /// `sum_exec_runtime`, `nr_migrations`, `cfs_rq`.
+    pub se: Window,
+    pub se_exec_start_at: u32,
+    pub se_sum_exec_runtime_at: u32,
+    pub se_nr_migrations_at: u32,
+    pub se_cfs_rq_at: u32,
+    /// `sched_info` from `pcount` to `last_queued`.
+    pub sched_info: Window,
+    pub si_pcount_at: u32,
+    pub si_run_delay_at: u32,
+    pub si_last_queued_at: u32,
+    /// task_struct from `utime` to `maj_flt` (utime, stime, prev_cputime, nvcsw, nivcsw,
+    /// min_flt, maj_flt).
+    pub times: Window,
+    pub tm_utime_at: u32,
+    pub tm_stime_at: u32,
+    pub tm_prev_utime_at: u32,
+    pub tm_prev_stime_at: u32,
+    pub tm_nvcsw_at: u32,
+    pub tm_nivcsw_at: u32,
+    pub tm_min_flt_at: u32,
+    pub tm_maj_flt_at: u32,
+    /// `rq` in `struct cfs_rq` (the run queue a running task's clocks come from); 0: no
+    /// running slice is added (a kernel without CONFIG_FAIR_GROUP_SCHED).
+    pub cfs_rq_rq: u32,
+    /// `struct rq` from `clock` to `clock_task`; word index of `clock_task`.
+    pub rq_clocks: Window,
+    pub rq_clock_task_at: u32,
+    /// `event` in the perf program's real context (`struct bpf_perf_event_data_kern`),
+    /// and `hw.prev_count` in `struct perf_event`: the cpu-clock event's local_clock()
+    /// at its latest update (the snapshot's sched_clock "now"). 0: none.
+    pub perf_ctx_event: u32,
+    pub perf_event_prev_count: u32,
+}
+
+const fn win(off: u32, words: u32) -> Window {
+    Window { off, words }
 }
 
 impl Offsets {
@@ -249,14 +374,36 @@ impl Offsets {
         recv_len: 16,
         recv_name: 20,
         task_pid: 1264,
-        task_sum_exec_runtime: 232,
-        task_nr_migrations: 264,
-        task_pcount: 880,
-        task_nvcsw: 1640,
-        task_ioac: 2584,
-        task_nr_wakeups: 0,
         task_flags: 44,
-        _pad: 0,
+        task_ioac: 2152,
+        task_nr_wakeups: 0,
+        head: win(16, 5),
+        head_cpu_at: 4,
+        head_state_at: 8,
+        head_on_cpu_at: 36,
+        se: win(224, 10),
+        se_exec_start_at: 0,
+        se_sum_exec_runtime_at: 1,
+        se_nr_migrations_at: 6,
+        se_cfs_rq_at: 9,
+        sched_info: win(1008, 6),
+        si_pcount_at: 0,
+        si_run_delay_at: 1,
+        si_last_queued_at: 5,
+        times: win(1488, 12),
+        tm_utime_at: 0,
+        tm_stime_at: 1,
+        tm_prev_utime_at: 3,
+        tm_prev_stime_at: 4,
+        tm_nvcsw_at: 6,
+        tm_nivcsw_at: 7,
+        tm_min_flt_at: 10,
+        tm_maj_flt_at: 11,
+        cfs_rq_rq: 312,
+        rq_clocks: win(2776, 6),
+        rq_clock_task_at: 5,
+        perf_ctx_event: 16,
+        perf_event_prev_count: 504,
     };
 }
 
@@ -277,6 +424,7 @@ mod pod {
     unsafe impl aya::Pod for super::IfName {}
     unsafe impl aya::Pod for super::NetIf {}
     unsafe impl aya::Pod for super::Offsets {}
+    unsafe impl aya::Pod for super::Window {}
 }
 
 #[cfg(test)]
@@ -296,18 +444,69 @@ mod tests {
 
     #[test]
     fn map_types_have_the_layout_the_kernel_side_writes() {
-        assert_eq!(core::mem::size_of::<ThreadCounters>(), 14 * 8);
-        assert_eq!(core::mem::size_of::<ThreadSlot>(), 16 + 14 * 8);
-        assert_eq!(core::mem::size_of::<SnapRecord>(), 24 + 14 * 8 + 4 * 8);
+        // 8 counters, io[7], minflt, majflt, 4 cputimes, then four u32.
+        assert_eq!(core::mem::size_of::<ThreadCounters>(), 23 * 8);
+        assert_eq!(core::mem::size_of::<ThreadSlot>(), 16 + 23 * 8);
+        assert_eq!(core::mem::size_of::<SnapRecord>(), 24 + 23 * 8 + 4 * 8);
         assert_eq!(core::mem::size_of::<NetRecord>(), 24 + 4 * 8);
         assert_eq!(core::mem::size_of::<TickRecord>(), 6 * 8);
         assert_eq!(core::mem::size_of::<TickState>(), 4 * 8);
         assert_eq!(core::mem::size_of::<NetStats>(), 4 * 8);
         assert_eq!(core::mem::size_of::<NetIf>(), 8);
-        assert_eq!(core::mem::size_of::<Offsets>(), 16 * 4);
+        assert_eq!(core::mem::size_of::<Offsets>(), 43 * 4);
+        assert_eq!(core::mem::size_of::<Window>(), 8);
+        // The snapshot reads these by field; user space by the same struct.
+        use core::mem::offset_of;
+        assert_eq!(offset_of!(ThreadCounters, on_cpu_ns), 0);
+        assert_eq!(offset_of!(ThreadCounters, sum_exec_runtime), 8);
+        assert_eq!(offset_of!(ThreadCounters, io), 8 * 8);
+        assert_eq!(offset_of!(ThreadCounters, minflt), 15 * 8);
+        assert_eq!(offset_of!(ThreadCounters, majflt), 16 * 8);
+        assert_eq!(offset_of!(ThreadCounters, utime_ns), 17 * 8);
+        assert_eq!(offset_of!(ThreadCounters, prev_stime_ns), 20 * 8);
+        assert_eq!(offset_of!(ThreadCounters, task_state), 21 * 8);
+        assert_eq!(offset_of!(ThreadCounters, cpu), 21 * 8 + 4);
+        assert_eq!(offset_of!(ThreadCounters, on_cpu), 22 * 8);
+        assert_eq!(offset_of!(ThreadCounters, exact), 22 * 8 + 4);
+        assert_eq!(offset_of!(SnapRecord, counters), 24);
+        assert_eq!(offset_of!(Offsets, head), 11 * 4);
+        assert_eq!(offset_of!(Offsets, se), 16 * 4);
+        assert_eq!(offset_of!(Offsets, rq_clocks), 38 * 4);
+        assert_eq!(offset_of!(Offsets, perf_event_prev_count), 42 * 4);
         // Every record starts with its kind, so user space can tell them apart.
         assert_eq!(core::mem::offset_of!(SnapRecord, kind), 0);
         assert_eq!(core::mem::offset_of!(NetRecord, kind), 0);
         assert_eq!(core::mem::offset_of!(TickRecord, kind), 0);
+    }
+
+    #[test]
+    fn a_running_slice_is_carried_forward_in_the_run_queues_task_clock() {
+        // rq updated at sched_clock 1_000 (clock_task 900: 100 ns of steal so far); the
+        // task's exec_start is that update; now is 1_400.
+        assert_eq!(running_slice(1_400, 1_000, 900, 900), 400);
+        // exec_start after the rq update (set at the switch-in with a later clock_task).
+        assert_eq!(running_slice(1_400, 1_000, 900, 950), 350);
+        // now before the rq's update (read race): only clock_task − exec_start.
+        assert_eq!(running_slice(900, 1_000, 900, 800), 100);
+        // exec_start ahead of the carried clock: nothing.
+        assert_eq!(running_slice(1_400, 1_000, 900, 2_000), 0);
+    }
+
+    #[test]
+    fn missing_or_inconsistent_clocks_add_nothing() {
+        assert_eq!(running_slice(0, 1_000, 900, 900), 0, "no sched_clock now");
+        assert_eq!(running_slice(1_400, 0, 0, 900), 0, "no run queue read");
+        assert_eq!(running_slice(1_400, 1_000, 900, 0), 0, "no exec_start");
+        let far = 1_000 + MAX_CATCH_UP_NS + 1;
+        assert_eq!(
+            running_slice(far + 900, 1_000, 900, 900),
+            0,
+            "a slice over 1 s"
+        );
+        assert_eq!(pending_wait(5_000, 3_000), 2_000);
+        assert_eq!(pending_wait(5_000, 0), 0, "not queued");
+        assert_eq!(pending_wait(0, 3_000), 0, "no sched_clock now");
+        assert_eq!(pending_wait(3_000, 5_000), 0, "queued after now");
+        assert_eq!(pending_wait(MAX_CATCH_UP_NS + 10, 5), 0, "a wait over 1 s");
     }
 }

@@ -27,9 +27,15 @@ pub fn target_tgid() -> u32 {
     unsafe { core::ptr::read_volatile(&TARGET_TGID) }
 }
 
+/// The offsets, by reference: the struct is too large to copy onto the 512-byte BPF
+/// stack. The pointer goes through a volatile read so the compiler cannot fold the
+/// initial values (the loader rewrites them).
 #[inline(always)]
-pub fn offsets() -> Offsets {
-    unsafe { core::ptr::read_volatile(&OFFSETS) }
+pub fn offsets() -> &'static Offsets {
+    let p: *const Offsets = &raw const OFFSETS;
+    // SAFETY: `p` points to a static; reading the local pointer volatile-ly only hides
+    // its target from the optimizer.
+    unsafe { &*core::ptr::read_volatile(&p) }
 }
 
 #[inline(always)]

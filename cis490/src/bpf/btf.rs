@@ -14,6 +14,8 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
+use cis490_common::{Offsets, Window, WINDOW_WORDS};
+
 use crate::error::{Error, Result};
 
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
@@ -21,26 +23,55 @@ pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 const MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
 
-/// Byte offsets in `struct task_struct` of what the programs read.
+/// Byte offsets in `struct task_struct` (and the structs reached from it) of what the
+/// programs read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TaskLayout {
     /// `pid` (the thread id); `tgid` follows it directly, so one 8-byte read gets both.
     pub pid: u32,
     /// `flags` (PF_EXITING).
     pub flags: u32,
+    /// `thread_info.cpu` (u32): the CPU the task runs or last ran on.
+    pub cpu: u32,
+    /// `__state` (u32).
+    pub state: u32,
+    /// `on_cpu` (int).
+    pub on_cpu: u32,
+    /// `se.exec_start`: the run queue's clock_task when `sum_exec_runtime` was last
+    /// brought up to date.
+    pub exec_start: u32,
     /// `se.sum_exec_runtime`: the scheduler's on-CPU time of the task, the first field
     /// of /proc/<pid>/task/<tid>/schedstat.
     pub sum_exec_runtime: u32,
     /// `se.nr_migrations`.
     pub nr_migrations: u32,
+    /// `se.cfs_rq` (CONFIG_FAIR_GROUP_SCHED): the way to the task's run queue.
+    pub cfs_rq: Option<u32>,
     /// `sched_info.pcount`, followed by `sched_info.run_delay` (schedstat fields 3, 2).
     pub pcount: u32,
+    /// `sched_info.last_queued`: the run queue clock when the task was queued, 0 when not.
+    pub last_queued: u32,
+    /// `utime`, `stime`, `prev_cputime.utime`, `prev_cputime.stime`.
+    pub utime: u32,
+    pub stime: u32,
+    pub prev_utime: u32,
+    pub prev_stime: u32,
     /// `nvcsw`, followed by `nivcsw`.
     pub nvcsw: u32,
+    /// `min_flt`, `maj_flt`.
+    pub min_flt: u32,
+    pub maj_flt: u32,
     /// `ioac`: the seven u64 of `struct task_io_accounting`, in /proc's io order.
     pub ioac: u32,
     /// `stats.nr_wakeups`, where the kernel has CONFIG_SCHEDSTATS.
     pub nr_wakeups: Option<u32>,
+    /// `cfs_rq.rq`, `rq.clock`, `rq.clock_task` (absent without CONFIG_FAIR_GROUP_SCHED).
+    pub cfs_rq_rq: Option<u32>,
+    pub rq_clock: Option<u32>,
+    pub rq_clock_task: Option<u32>,
+    /// `bpf_perf_event_data_kern.event` and `perf_event.hw.prev_count`.
+    pub perf_ctx_event: Option<u32>,
+    pub perf_event_prev_count: Option<u32>,
 }
 
 /// The members of `struct task_io_accounting`, in the order the snapshot reads them.
@@ -256,24 +287,46 @@ pub fn task_layout<R: Read + Seek>(r: R) -> Result<TaskLayout> {
         ("task_struct", "pid"),
         ("task_struct", "tgid"),
         ("task_struct", "flags"),
+        ("task_struct", "thread_info"),
+        ("task_struct", "__state"),
+        ("task_struct", "on_cpu"),
         ("task_struct", "se"),
         ("task_struct", "sched_info"),
+        ("task_struct", "utime"),
+        ("task_struct", "stime"),
+        ("task_struct", "prev_cputime"),
         ("task_struct", "nvcsw"),
         ("task_struct", "nivcsw"),
+        ("task_struct", "min_flt"),
+        ("task_struct", "maj_flt"),
         ("task_struct", "ioac"),
         ("task_struct", "stats"),
+        ("thread_info", "cpu"),
+        ("sched_entity", "exec_start"),
         ("sched_entity", "sum_exec_runtime"),
         ("sched_entity", "nr_migrations"),
+        ("sched_entity", "cfs_rq"),
         ("sched_info", "pcount"),
         ("sched_info", "run_delay"),
+        ("sched_info", "last_queued"),
+        ("prev_cputime", "utime"),
+        ("prev_cputime", "stime"),
         ("sched_statistics", "nr_wakeups"),
+        ("cfs_rq", "rq"),
+        ("rq", "clock"),
+        ("rq", "clock_task"),
+        ("bpf_perf_event_data_kern", "event"),
+        ("perf_event", "hw"),
+        ("hw_perf_event", "prev_count"),
     ];
     wanted.extend(IOAC_MEMBERS.iter().map(|m| ("task_io_accounting", *m)));
     let found = find_members(r, &wanted)?;
     for s in [
         "task_struct",
+        "thread_info",
         "sched_entity",
         "sched_info",
+        "prev_cputime",
         "task_io_accounting",
     ] {
         if !found.structs.contains_key(s) {
@@ -282,8 +335,10 @@ pub fn task_layout<R: Read + Seek>(r: R) -> Result<TaskLayout> {
     }
     let pid = follows(&found, "task_struct", "pid", "tgid", 4)?;
     let flags = byte_offset(&found, "task_struct", "flags")?;
+    let ti = struct_member(&found, "task_struct", "thread_info", "thread_info")?;
     let se = struct_member(&found, "task_struct", "se", "sched_entity")?;
     let si = struct_member(&found, "task_struct", "sched_info", "sched_info")?;
+    let pc = struct_member(&found, "task_struct", "prev_cputime", "prev_cputime")?;
     let ioac = struct_member(&found, "task_struct", "ioac", "task_io_accounting")?;
     for (i, pair) in IOAC_MEMBERS.windows(2).enumerate() {
         let at = follows(&found, "task_io_accounting", pair[0], pair[1], 8)?;
@@ -303,16 +358,155 @@ pub fn task_layout<R: Read + Seek>(r: R) -> Result<TaskLayout> {
         (Ok(st), Ok(w)) => Some(st + w),
         _ => None,
     };
+    // The running slice needs the run queue (CONFIG_FAIR_GROUP_SCHED gives se.cfs_rq and
+    // cfs_rq.rq) and the perf event's clock; without them it is simply not added.
+    let opt = |s: &str, m: &str| byte_offset(&found, s, m).ok();
+    let rq_path = match (opt("sched_entity", "cfs_rq"), opt("cfs_rq", "rq")) {
+        (Some(c), Some(r)) => Some((se + c, r)),
+        _ => None,
+    };
+    let perf = match (
+        opt("bpf_perf_event_data_kern", "event"),
+        struct_member(&found, "perf_event", "hw", "hw_perf_event").ok(),
+        opt("hw_perf_event", "prev_count"),
+    ) {
+        (Some(e), Some(hw), Some(p)) => Some((e, hw + p)),
+        _ => None,
+    };
     Ok(TaskLayout {
         pid,
         flags,
+        cpu: ti + byte_offset(&found, "thread_info", "cpu")?,
+        state: byte_offset(&found, "task_struct", "__state")?,
+        on_cpu: byte_offset(&found, "task_struct", "on_cpu")?,
+        exec_start: se + byte_offset(&found, "sched_entity", "exec_start")?,
         sum_exec_runtime: se + byte_offset(&found, "sched_entity", "sum_exec_runtime")?,
         nr_migrations: se + byte_offset(&found, "sched_entity", "nr_migrations")?,
+        cfs_rq: rq_path.map(|p| p.0),
         pcount: si + follows(&found, "sched_info", "pcount", "run_delay", 8)?,
+        last_queued: si + byte_offset(&found, "sched_info", "last_queued")?,
+        utime: byte_offset(&found, "task_struct", "utime")?,
+        stime: byte_offset(&found, "task_struct", "stime")?,
+        prev_utime: pc + byte_offset(&found, "prev_cputime", "utime")?,
+        prev_stime: pc + byte_offset(&found, "prev_cputime", "stime")?,
         nvcsw: follows(&found, "task_struct", "nvcsw", "nivcsw", 8)?,
+        min_flt: byte_offset(&found, "task_struct", "min_flt")?,
+        maj_flt: byte_offset(&found, "task_struct", "maj_flt")?,
         ioac,
         nr_wakeups,
+        cfs_rq_rq: rq_path.map(|p| p.1),
+        rq_clock: opt("rq", "clock"),
+        rq_clock_task: opt("rq", "clock_task"),
+        perf_ctx_event: perf.map(|p| p.0),
+        perf_event_prev_count: perf.map(|p| p.1),
     })
+}
+
+/// A window over the given byte offsets of one struct: from the lowest, rounded down to
+/// a word, to the end of the word holding the highest. `what` names it in errors.
+fn window_over(what: &str, offsets: &[u32]) -> Result<Window> {
+    let lo = offsets.iter().min().copied().unwrap_or(0) & !7;
+    let hi = offsets.iter().max().copied().unwrap_or(0);
+    let words = (hi - lo) / 8 + 1;
+    if words > WINDOW_WORDS {
+        return Err(bad(format!(
+            "{what}: fields {lo}..{hi} span {words} words, more than the {WINDOW_WORDS} one read takes"
+        )));
+    }
+    Ok(Window { off: lo, words })
+}
+
+/// Word index of 8-byte field `at` in window `w` (it must be word aligned).
+fn word_at(w: &Window, what: &str, at: u32) -> Result<u32> {
+    if !at.is_multiple_of(8) {
+        return Err(bad(format!("{what} at {at} is not 8-byte aligned")));
+    }
+    Ok((at - w.off) / 8)
+}
+
+/// Byte position of 4-byte field `at` in window `w` (it must be 4-byte aligned).
+fn u32_at(w: &Window, what: &str, at: u32) -> Result<u32> {
+    if !at.is_multiple_of(4) {
+        return Err(bad(format!("{what} at {at} is not 4-byte aligned")));
+    }
+    Ok(at - w.off)
+}
+
+/// Fill the task_struct part of the snapshot program's `Offsets` from a layout: the
+/// fields grouped into windows read with one probe each (pure: unit-tested).
+pub fn snapshot_offsets(l: &TaskLayout, o: &mut Offsets) -> Result<()> {
+    o.task_pid = l.pid;
+    o.task_flags = l.flags;
+    o.task_ioac = l.ioac;
+    o.head = window_over(
+        "task_struct cpu/__state/on_cpu",
+        &[l.cpu, l.state, l.on_cpu],
+    )?;
+    o.head_cpu_at = u32_at(&o.head, "thread_info.cpu", l.cpu)?;
+    o.head_state_at = u32_at(&o.head, "__state", l.state)?;
+    o.head_on_cpu_at = u32_at(&o.head, "on_cpu", l.on_cpu)?;
+    let mut se = vec![l.exec_start, l.sum_exec_runtime, l.nr_migrations];
+    se.extend(l.cfs_rq);
+    o.se = window_over("sched_entity", &se)?;
+    o.se_exec_start_at = word_at(&o.se, "se.exec_start", l.exec_start)?;
+    o.se_sum_exec_runtime_at = word_at(&o.se, "se.sum_exec_runtime", l.sum_exec_runtime)?;
+    o.se_nr_migrations_at = word_at(&o.se, "se.nr_migrations", l.nr_migrations)?;
+    o.se_cfs_rq_at = match l.cfs_rq {
+        Some(c) => word_at(&o.se, "se.cfs_rq", c)?,
+        None => 0,
+    };
+    o.sched_info = window_over("sched_info", &[l.pcount, l.pcount + 8, l.last_queued])?;
+    o.si_pcount_at = word_at(&o.sched_info, "sched_info.pcount", l.pcount)?;
+    o.si_run_delay_at = o.si_pcount_at + 1;
+    o.si_last_queued_at = word_at(&o.sched_info, "sched_info.last_queued", l.last_queued)?;
+    o.times = window_over(
+        "task_struct utime..maj_flt",
+        &[
+            l.utime,
+            l.stime,
+            l.prev_utime,
+            l.prev_stime,
+            l.nvcsw,
+            l.nvcsw + 8,
+            l.min_flt,
+            l.maj_flt,
+        ],
+    )?;
+    let t = o.times;
+    o.tm_utime_at = word_at(&t, "utime", l.utime)?;
+    o.tm_stime_at = word_at(&t, "stime", l.stime)?;
+    o.tm_prev_utime_at = word_at(&t, "prev_cputime.utime", l.prev_utime)?;
+    o.tm_prev_stime_at = word_at(&t, "prev_cputime.stime", l.prev_stime)?;
+    o.tm_nvcsw_at = word_at(&t, "nvcsw", l.nvcsw)?;
+    o.tm_nivcsw_at = o.tm_nvcsw_at + 1;
+    o.tm_min_flt_at = word_at(&t, "min_flt", l.min_flt)?;
+    o.tm_maj_flt_at = word_at(&t, "maj_flt", l.maj_flt)?;
+    // The running slice: all of the run queue path and the perf clock, or none.
+    match (
+        l.cfs_rq_rq,
+        l.rq_clock,
+        l.rq_clock_task,
+        l.perf_ctx_event,
+        l.perf_event_prev_count,
+    ) {
+        (Some(rq), Some(clock), Some(clock_task), Some(ev), Some(prev))
+            if clock_task > clock && l.cfs_rq.is_some() =>
+        {
+            o.cfs_rq_rq = rq;
+            o.rq_clocks = window_over("rq clock..clock_task", &[clock, clock_task])?;
+            o.rq_clock_task_at = word_at(&o.rq_clocks, "rq.clock_task", clock_task)?;
+            if o.rq_clocks.off != clock {
+                return Err(bad(format!("rq.clock at {clock} is not 8-byte aligned")));
+            }
+            o.perf_ctx_event = ev;
+            o.perf_event_prev_count = prev;
+        }
+        _ => {
+            o.cfs_rq_rq = 0;
+            o.perf_event_prev_count = 0;
+        }
+    }
+    Ok(())
 }
 
 /// The running kernel's `task_struct` layout, from /sys/kernel/btf/vmlinux.
@@ -384,7 +578,8 @@ mod tests {
         }
     }
 
-    /// A kernel-like layout with the kinds a reader must step over around the structs.
+    /// A kernel-like layout (Linux 6.18 x86_64's offsets) with the kinds a reader must
+    /// step over around the structs.
     fn kernel_like(tgid_bits: u32, se_type: u32) -> Vec<u8> {
         let mut b = Blob::new();
         b.ty("int", 1, 0, false, 4); // 1
@@ -394,66 +589,150 @@ mod tests {
         b.ty("", 13, 2, false, 0); // 3: FUNC_PROTO with two params
         b.u32s(&[0, 1, 0, 2]);
         b.ty("pid_t", 8, 0, false, 1); // 4: typedef
-        b.ty("sched_entity", 4, 3, false, 64); // 5
+        b.ty("sched_entity", 4, 5, false, 256); // 5
         b.member("load", 2, 0);
-        b.member("sum_exec_runtime", 2, 128);
-        b.member("nr_migrations", 2, 320);
+        b.member("exec_start", 2, 96 * 8);
+        b.member("sum_exec_runtime", 2, 104 * 8);
+        b.member("nr_migrations", 2, 144 * 8);
+        b.member("cfs_rq", 2, 168 * 8);
         b.ty("", 3, 0, false, 0); // 6: array
         b.u32s(&[1, 1, 16]);
         b.ty("state", 6, 2, false, 4); // 7: enum
         b.u32s(&[0, 0, 0, 1]);
-        b.ty("sched_info", 4, 3, false, 48); // 8
+        b.ty("sched_info", 4, 4, false, 48); // 8
         b.member("pcount", 2, 0);
         b.member("run_delay", 2, 64);
-        b.member("last_arrival", 2, 128);
+        b.member("last_arrival", 2, 32 * 8);
+        b.member("last_queued", 2, 40 * 8);
         b.ty("task_io_accounting", 4, 7, false, 56); // 9
         for (i, m) in IOAC_MEMBERS.iter().enumerate() {
             b.member(m, 2, i as u32 * 64);
         }
-        // 10: task_struct with a bitfield (kind_flag: offsets carry a bitfield size).
-        b.ty("task_struct", 4, 10, true, 4096);
-        b.member("flags", 1, 3 << 24 | 64);
-        b.member("se", se_type, 1024);
-        b.member("sched_info", 8, 8064);
-        b.member("pid", 4, 10112);
+        b.ty("thread_info", 4, 2, false, 24); // 10
+        b.member("flags", 2, 0);
+        b.member("cpu", 1, 20 * 8);
+        b.ty("prev_cputime", 4, 2, false, 24); // 11
+        b.member("utime", 2, 0);
+        b.member("stime", 2, 64);
+        // 12: task_struct with a bitfield (kind_flag: offsets carry a bitfield size).
+        b.ty("task_struct", 4, 20, true, 4096);
+        b.member("thread_info", 10, 0);
+        b.member("__state", 1, 24 * 8);
+        b.member("flags", 1, (3 << 24) | (44 * 8));
+        b.member("on_cpu", 1, 52 * 8);
+        b.member("se", se_type, 128 * 8);
+        b.member("sched_info", 8, 1008 * 8);
+        b.member("pid", 4, 1264 * 8);
         b.member("tgid", 4, tgid_bits);
-        b.member("comm", 6, 12000);
-        b.member("nvcsw", 2, 12800);
-        b.member("nivcsw", 2, 12864);
-        b.member("ioac", 9, 16384);
-        b.member("unused", 2, 20000);
-        b.ty("task_struct", 7, 0, false, 0); // 11: a FWD of the same name is no struct
+        b.member("comm", 6, 1400 * 8);
+        b.member("utime", 2, 1488 * 8);
+        b.member("stime", 2, 1496 * 8);
+        b.member("gtime", 2, 1504 * 8);
+        b.member("prev_cputime", 11, 1512 * 8);
+        b.member("nvcsw", 2, 1536 * 8);
+        b.member("nivcsw", 2, 1544 * 8);
+        b.member("min_flt", 2, 1568 * 8);
+        b.member("maj_flt", 2, 1576 * 8);
+        b.member("ioac", 9, 2152 * 8);
+        b.member("unused", 2, 3000 * 8);
+        b.member("last", 2, 4000 * 8);
+        b.ty("task_struct", 7, 0, false, 0); // 13: a FWD of the same name is no struct
+        b.ty("cfs_rq", 4, 1, false, 512); // 14
+        b.member("rq", 2, 312 * 8);
+        b.ty("rq", 4, 2, false, 3584); // 15
+        b.member("clock", 2, 2776 * 8);
+        b.member("clock_task", 2, 2816 * 8);
+        b.ty("bpf_perf_event_data_kern", 4, 1, false, 24); // 16
+        b.member("event", 2, 16 * 8);
+        b.ty("perf_event", 4, 1, false, 1352); // 17
+        b.member("hw", 18, 360 * 8);
+        b.ty("hw_perf_event", 4, 1, false, 208); // 18
+        b.member("prev_count", 2, 144 * 8);
         b.bytes()
     }
 
     #[test]
     fn finds_task_struct_layout_in_a_hand_built_blob() {
-        let l = task_layout(Cursor::new(kernel_like(10144, 5))).unwrap();
+        let l = task_layout(Cursor::new(kernel_like(1268 * 8, 5))).unwrap();
         assert_eq!(
-            l,
-            TaskLayout {
-                pid: 1264,
-                flags: 8,
-                sum_exec_runtime: 128 + 16,
-                nr_migrations: 128 + 40,
-                pcount: 1008,
-                nvcsw: 1600,
-                ioac: 2048,
-                nr_wakeups: None,
-            }
+            (l.pid, l.flags, l.cpu, l.state, l.on_cpu),
+            (1264, 44, 20, 24, 52)
+        );
+        assert_eq!(
+            (l.exec_start, l.sum_exec_runtime, l.nr_migrations, l.cfs_rq),
+            (224, 232, 272, Some(296))
+        );
+        assert_eq!((l.pcount, l.last_queued), (1008, 1048));
+        assert_eq!(
+            (l.utime, l.stime, l.prev_utime, l.prev_stime, l.nvcsw),
+            (1488, 1496, 1512, 1520, 1536)
+        );
+        assert_eq!(
+            (l.min_flt, l.maj_flt, l.ioac, l.nr_wakeups),
+            (1568, 1576, 2152, None)
+        );
+        assert_eq!(
+            (l.cfs_rq_rq, l.rq_clock, l.rq_clock_task),
+            (Some(312), Some(2776), Some(2816))
+        );
+        assert_eq!(
+            (l.perf_ctx_event, l.perf_event_prev_count),
+            (Some(16), Some(504))
+        );
+    }
+
+    #[test]
+    fn windows_of_a_linux_6_18_layout_are_the_built_in_offsets() {
+        let l = task_layout(Cursor::new(kernel_like(1268 * 8, 5))).unwrap();
+        // Start from nonsense in every task field: all must be set from the layout.
+        let mut o = Offsets::LINUX_6_18;
+        let w = Window { off: 9, words: 99 };
+        (o.head, o.se, o.sched_info, o.times, o.rq_clocks) = (w, w, w, w, w);
+        o.head_on_cpu_at = 77;
+        o.se_cfs_rq_at = 77;
+        o.si_last_queued_at = 77;
+        o.tm_maj_flt_at = 77;
+        o.rq_clock_task_at = 77;
+        o.perf_event_prev_count = 77;
+        snapshot_offsets(&l, &mut o).unwrap();
+        assert_eq!(o, Offsets::LINUX_6_18);
+    }
+
+    #[test]
+    fn without_the_run_queue_path_no_running_slice_is_configured() {
+        let mut l = task_layout(Cursor::new(kernel_like(1268 * 8, 5))).unwrap();
+        l.cfs_rq_rq = None;
+        let mut o = Offsets::LINUX_6_18;
+        snapshot_offsets(&l, &mut o).unwrap();
+        assert_eq!((o.cfs_rq_rq, o.perf_event_prev_count), (0, 0));
+    }
+
+    #[test]
+    fn fields_too_far_apart_for_one_window_are_refused_with_their_names() {
+        let mut l = task_layout(Cursor::new(kernel_like(1268 * 8, 5))).unwrap();
+        l.maj_flt = l.utime + 8 * WINDOW_WORDS;
+        let e = snapshot_offsets(&l, &mut Offsets::default()).unwrap_err();
+        assert!(e.to_string().contains("utime..maj_flt"), "{e}");
+        let mut l = task_layout(Cursor::new(kernel_like(1268 * 8, 5))).unwrap();
+        l.min_flt += 4;
+        let e = snapshot_offsets(&l, &mut Offsets::default()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("min_flt at 1572 is not 8-byte aligned"),
+            "{e}"
         );
     }
 
     #[test]
     fn layout_errors_say_what_is_wrong() {
-        let e = task_layout(Cursor::new(kernel_like(10208, 5))).unwrap_err();
+        let e = task_layout(Cursor::new(kernel_like(1276 * 8, 5))).unwrap_err();
         assert!(e.to_string().contains("does not follow pid"), "{e}");
-        let e = task_layout(Cursor::new(kernel_like(10144, 2))).unwrap_err();
+        let e = task_layout(Cursor::new(kernel_like(1268 * 8, 2))).unwrap_err();
         assert!(e.to_string().contains("not a struct sched_entity"), "{e}");
-        let mut blob = kernel_like(10144, 5);
+        let mut blob = kernel_like(1268 * 8, 5);
         blob.truncate(200);
         assert!(task_layout(Cursor::new(blob)).is_err());
-        let mut blob = kernel_like(10144, 5);
+        let mut blob = kernel_like(1268 * 8, 5);
         blob[0] = 0;
         let e = task_layout(Cursor::new(blob)).unwrap_err();
         assert!(e.to_string().contains("magic"), "{e}");
@@ -483,5 +762,11 @@ mod tests {
         ] {
             assert!(off > 0 && off < 16384, "{l:?}");
         }
+        let mut o = Offsets::LINUX_6_18;
+        snapshot_offsets(&l, &mut o).unwrap();
+        assert!(
+            o.perf_event_prev_count != 0,
+            "the sched_clock source: {l:?}"
+        );
     }
 }

@@ -281,13 +281,7 @@ pub fn load(
     // Read (streaming, a few KiB) before aya's loader parses the same BTF in full, so the
     // two are never in memory together.
     let task = btf::vmlinux_task_layout().map_err(|e| e.to_string())?;
-    offsets.task_pid = task.pid;
-    offsets.task_flags = task.flags;
-    offsets.task_sum_exec_runtime = task.sum_exec_runtime;
-    offsets.task_nr_migrations = task.nr_migrations;
-    offsets.task_pcount = task.pcount;
-    offsets.task_nvcsw = task.nvcsw;
-    offsets.task_ioac = task.ioac;
+    btf::snapshot_offsets(&task, &mut offsets).map_err(|e| format!("{}: {e}", btf::VMLINUX))?;
     offsets.task_nr_wakeups = match task.nr_wakeups {
         Some(off) if schedstats_on() => off,
         _ => 0,
@@ -429,8 +423,10 @@ mod tests {
 
     #[test]
     fn ring_holds_half_a_second_within_bounds() {
-        // 1 kHz, 9 threads: (18 × 168 + 56) B × 500 ≈ 1.5 MB → 2 MiB.
-        assert_eq!(ring_bytes(1_000_000, 9, 0), 2 << 20);
+        // 1 kHz, 9 threads: (18 × 248 + 56) B × 500 ≈ 2.3 MB → 4 MiB.
+        assert_eq!(ring_bytes(1_000_000, 9, 0), 4 << 20);
+        // 1 kHz, 4 threads: (8 × 248 + 56) B × 500 ≈ 1 MB → 1 MiB.
+        assert_eq!(ring_bytes(1_000_000, 4, 0), 1 << 20);
         // 10 Hz: the floor.
         assert_eq!(ring_bytes(100_000_000, 9, 0), 256 << 10);
         // Very many threads at 1 kHz: the ceiling.

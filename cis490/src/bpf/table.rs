@@ -14,8 +14,8 @@
 
 use std::collections::BTreeMap;
 
-/// Room for the counters of either stream (`bpf-io` has the most, 11).
-pub const MAX_WIDTH: usize = 12;
+/// Room for the values of either stream (`bpf-sched` has the most, 13).
+pub const MAX_WIDTH: usize = 16;
 
 /// A counter the kernel does not keep on this machine (e.g. wakeups without
 /// CONFIG_SCHEDSTATS); written as null, and a total with it is null too.
@@ -47,6 +47,9 @@ pub struct ThreadTable {
     threads: BTreeMap<u32, Values>,
     gone: Values,
     out: Update,
+    /// Bit i set: column i is a gauge (a state letter, a CPU number), reported as read,
+    /// never clamped, and not summed: its total is UNAVAILABLE (the caller decides).
+    gauges: u32,
 }
 
 fn add(into: &mut Values, v: &Values) {
@@ -61,14 +64,26 @@ impl ThreadTable {
         Self::default()
     }
 
+    /// A table whose columns in `gauges` (bit i = column i) are gauges, not counters.
+    pub fn with_gauges(gauges: u32) -> Self {
+        Self {
+            gauges,
+            ..Self::default()
+        }
+    }
+
     /// `entries`: one snapshot's threads. The result stays valid until the next update.
     pub fn update(&mut self, entries: &[Entry]) -> &Update {
         let out = &mut self.out;
         out.threads.clear();
         for e in entries {
             let t = self.threads.entry(e.tid).or_insert([0; MAX_WIDTH]);
-            for (r, v) in t.iter_mut().zip(&e.values) {
-                *r = (*r).max(*v);
+            for (i, (r, v)) in t.iter_mut().zip(&e.values).enumerate() {
+                *r = if self.gauges & (1 << i) != 0 {
+                    *v
+                } else {
+                    (*r).max(*v)
+                };
             }
             out.threads.push((e.tid, *t));
             if e.exited {
@@ -79,6 +94,11 @@ impl ThreadTable {
         out.total = self.gone;
         for t in self.threads.values() {
             add(&mut out.total, t);
+        }
+        for (i, v) in out.total.iter_mut().enumerate() {
+            if self.gauges & (1 << i) != 0 {
+                *v = UNAVAILABLE;
+            }
         }
         &self.out
     }
@@ -141,5 +161,18 @@ mod tests {
             e(2, &[6, UNAVAILABLE], false),
         ]);
         assert_eq!(u.total, v(&[11, UNAVAILABLE]));
+    }
+
+    #[test]
+    fn gauges_follow_the_kernel_both_ways_and_have_no_total() {
+        let mut t = ThreadTable::with_gauges(0b10);
+        t.update(&[e(1, &[10, 3], false), e(2, &[5, 1], false)]);
+        let u = t.update(&[e(1, &[9, 0], false), e(2, &[6, 1], false)]);
+        assert_eq!(
+            u.threads[0],
+            (1, v(&[10, 0])),
+            "counter clamped, gauge as read"
+        );
+        assert_eq!(u.total, v(&[16, UNAVAILABLE]));
     }
 }
