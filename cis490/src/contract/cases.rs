@@ -442,7 +442,13 @@ fn bpf_writer_column_names_are_the_declared_ones() {
             let c = declared
                 .column(col)
                 .unwrap_or_else(|| panic!("{name} writes {col}, which it does not declare"));
-            assert_eq!(c.ty, super::ColumnType::UInt64, "{name}.{col}");
+            // `state` is the one letter proc prints; every other column is a number.
+            let ty = if *col == "state" {
+                super::ColumnType::Dict
+            } else {
+                super::ColumnType::UInt64
+            };
+            assert_eq!(c.ty, ty, "{name}.{col}");
             assert!(
                 c.nullable,
                 "{name}.{col}: the kernel may not have it (written null)"
@@ -458,6 +464,10 @@ fn bpf_writer_column_names_are_the_declared_ones() {
             "tid",
             "comm",
             "vcpu",
+            // Written by `push_process_only` (values on the process row, null on thread rows).
+            "num_threads",
+            "rss_kb",
+            "vsize_bytes",
         ];
         for c in declared.columns {
             if c.presence == super::Presence::Always && !header.contains(&c.name) {

@@ -232,34 +232,55 @@ const BPF_SCHED: &[C] = &[
         "sched_info.pcount (= proc's timeslices_count)",
     ),
     counter("migrations", "count", "se.nr_migrations"),
-    // Declared ahead of the bpf-sched columns issue 11 part 2 adds (branch bpfexact):
-    // optional until they are written in every row, then `.optional()` goes.
+    counter(
+        "minflt",
+        "count",
+        "min_flt (= proc's minflt); process row: sum over the threads seen since attach",
+    ),
+    counter(
+        "majflt",
+        "count",
+        "maj_flt (= proc's majflt); process row: sum over the threads seen since attach",
+    ),
+    counter(
+        "utime_ticks",
+        "USER_HZ ticks",
+        "utime after the kernel's cputime_adjust (= proc's utime_ticks)",
+    ),
+    counter(
+        "stime_ticks",
+        "USER_HZ ticks",
+        "stime after the kernel's cputime_adjust (= proc's stime_ticks)",
+    ),
     C::new(
         "state",
         Dict,
         "one letter",
-        "task state, the letter proc prints (pending: issue 11 part 2)",
+        "task state, the letter proc prints; process row: the main thread's, null once it ended",
     )
-    .nullable()
-    .optional(),
-    counter("utime_ticks", "USER_HZ ticks", "as proc's (pending)").optional(),
-    counter("stime_ticks", "USER_HZ ticks", "as proc's (pending)").optional(),
-    counter("minflt", "count", "as proc's (pending)").optional(),
-    counter("majflt", "count", "as proc's (pending)").optional(),
-    counter("last_cpu", "CPU index", "as proc's (pending)").optional(),
-    counter("rss_kb", "KiB", "total row only, as proc's (pending)").optional(),
-    counter(
-        "vsize_bytes",
-        "bytes",
-        "total row only, as proc's (pending)",
+    .nullable(),
+    C::new(
+        "last_cpu",
+        UInt64,
+        "CPU index",
+        "CPU the thread last ran on (= proc's last_cpu); process row: the main thread's",
     )
-    .optional(),
+    .nullable(),
     counter(
         "num_threads",
         "count",
-        "total row only, as proc's (pending)",
-    )
-    .optional(),
+        "process row only: threads in the snapshot (= proc's num_threads up to 512 threads); null on thread rows",
+    ),
+    counter(
+        "rss_kb",
+        "KiB",
+        "always null for now: mm_struct's rss counters are not yet located by the BTF reader (docs/data-model.md)",
+    ),
+    counter(
+        "vsize_bytes",
+        "bytes",
+        "always null for now: mm_struct's total_vm is not yet located by the BTF reader (docs/data-model.md)",
+    ),
 ];
 
 const IO_SOURCE: &[&str] = &["bpf-io"];
