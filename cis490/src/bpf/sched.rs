@@ -293,20 +293,8 @@ impl Collector for SnapCollector {
             // Slot order is the kernel's; rows go by tid.
             self.entries.sort_unstable_by_key(|e| e.tid);
             let update = self.table.update(&self.entries);
-            for (tid, values) in &update.threads {
-                let row = out.new_row(tick.stamp, self.stream.source(), false);
-                row.seq = Some(tick.seq);
-                row.thread_columns = true;
-                row.tid = Some(*tid);
-                row.comm = self.comms.get(*tid, now);
-                row.vcpu = self.vcpus.get(*tid);
-                for (name, v) in names.iter().zip(values) {
-                    push_counter(row, name, *v);
-                }
-                if self.stream == Stream::Sched {
-                    push_process_only(row, None);
-                }
-            }
+            // The process row first, as proc writes it: a reader that types columns from
+            // the first rows (polars) then sees num_threads as a number, not as null.
             let mut total = update.total;
             if self.stream == Stream::Sched {
                 // The process's state and CPU are its main thread's, as in /proc/<pid>/stat.
@@ -325,6 +313,20 @@ impl Collector for SnapCollector {
             if self.stream == Stream::Sched {
                 let live = self.entries.iter().filter(|e| !e.exited).count() as u64;
                 push_process_only(row, Some(live));
+            }
+            for (tid, values) in &update.threads {
+                let row = out.new_row(tick.stamp, self.stream.source(), false);
+                row.seq = Some(tick.seq);
+                row.thread_columns = true;
+                row.tid = Some(*tid);
+                row.comm = self.comms.get(*tid, now);
+                row.vcpu = self.vcpus.get(*tid);
+                for (name, v) in names.iter().zip(values) {
+                    push_counter(row, name, *v);
+                }
+                if self.stream == Stream::Sched {
+                    push_process_only(row, None);
+                }
             }
             for e in &self.entries {
                 if e.exited {
