@@ -474,7 +474,7 @@ fn spawn_pair(
 // ---------------------------------------------------------------------------------------
 // The guest side.
 
-/// Typed into the guest's root shell (a heredoc, one line at a time). Runs as
+/// Typed into the guest's console (into `cat > /tmp/soak.sh`, one line at a time). Runs as
 /// `sh /tmp/soak.sh AGENT_RATE_HZ PAUSE_S`.
 const GUEST_SCRIPT: &str = r#"# cis490 soak: the real agent and a flooder share the agent port through a FIFO
 PORT=/dev/virtio-ports/cis490.guest.agent
@@ -504,34 +504,91 @@ while :; do
 done > ga.fifo
 "#;
 
-/// Type `lines` on the guest console (one connection, a short pause per line so the
-/// tty's input buffer never overflows) and wait for `marker` in the console log.
-fn console_run(
-    console: &Path,
-    log: &Path,
-    lines: &[&str],
-    marker: &str,
-    timeout: Duration,
-) -> anyhow::Result<String> {
-    let skip = std::fs::metadata(log).map_or(0, |m| m.len() as usize);
-    let mut s = UnixStream::connect(console)
-        .with_context(|| format!("connecting {}", console.display()))?;
-    for l in lines {
-        s.write_all(l.as_bytes())?;
-        s.write_all(b"\n")?;
-        std::thread::sleep(Duration::from_millis(30));
+/// The guest's serial console: typed lines go in through the socket, what the guest
+/// prints (including the echo of typed lines) is read back from the log file.
+struct Console {
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Console {
+    fn log_len(&self) -> usize {
+        std::fs::metadata(&self.log).map_or(0, |m| m.len() as usize)
     }
-    let t = Instant::now();
-    loop {
-        let all = std::fs::read(log).unwrap_or_default();
-        let text = String::from_utf8_lossy(all.get(skip..).unwrap_or_default()).into_owned();
-        if text.contains(marker) {
-            return Ok(text);
+
+    /// Type `lines`, a short pause after each so the tty's input buffer never overflows.
+    fn type_lines(&self, lines: &[&str]) -> anyhow::Result<()> {
+        let mut s = UnixStream::connect(&self.socket)
+            .with_context(|| format!("connecting {}", self.socket.display()))?;
+        for l in lines {
+            s.write_all(l.as_bytes())?;
+            s.write_all(b"\n")?;
+            std::thread::sleep(Duration::from_millis(30));
         }
-        if t.elapsed() > timeout {
-            bail!("no {marker:?} on the guest console within {timeout:?}:\n{text}");
+        Ok(())
+    }
+
+    /// Wait for `marker` in what the guest printed after byte `skip` of the log.
+    fn wait_for(&self, skip: usize, marker: &str, timeout: Duration) -> anyhow::Result<String> {
+        let t = Instant::now();
+        loop {
+            let all = std::fs::read(&self.log).unwrap_or_default();
+            let text = String::from_utf8_lossy(all.get(skip..).unwrap_or_default()).into_owned();
+            if text.contains(marker) {
+                return Ok(text);
+            }
+            if t.elapsed() > timeout {
+                bail!(
+                    "no {marker:?} on the guest console within {timeout:?}:\n{}",
+                    tail(&text, 30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    /// Type one command and wait for `marker`.
+    fn run(&self, cmd: &str, marker: &str, timeout: Duration) -> anyhow::Result<String> {
+        let skip = self.log_len();
+        self.type_lines(&[cmd])?;
+        self.wait_for(skip, marker, timeout)
+    }
+
+    /// Write `text` to `path` in the guest, checked by its size. It goes through a plain
+    /// `cat` reading the tty (canonical mode, ended by ^D), never through the shell's line
+    /// editor, which reads ahead in raw mode and loses what was typed before the command
+    /// it is reading starts; so the content is typed only once the `cat` line has been
+    /// echoed in full. A short write (a slow, loaded guest) is retried.
+    fn write_file(&self, path: &str, text: &str) -> anyhow::Result<()> {
+        let want = text.len();
+        let mut got = None;
+        for _ in 0..3 {
+            let skip = self.log_len();
+            let cmd = format!("cat > {path}");
+            self.type_lines(&[&cmd])?;
+            self.wait_for(skip, &format!("{cmd}\r\n"), Duration::from_secs(120))?;
+            std::thread::sleep(Duration::from_secs(1));
+            let mut lines: Vec<&str> = text.lines().collect();
+            let check = format!("\u{4}echo \"soak-size: $(wc -c < {path}) bytes, $((6*7))\"");
+            lines.push(&check);
+            let skip = self.log_len();
+            self.type_lines(&lines)?;
+            let out = self.wait_for(skip, " bytes, 42", Duration::from_secs(120))?;
+            // The echo of the typed line has "soak-size: $(wc", the answer a number.
+            got = out.lines().find_map(|l| {
+                l.split("soak-size: ")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            });
+            if got == Some(want) {
+                return Ok(());
+            }
+            eprintln!("soak: {path} in the guest has {got:?} bytes, not {want}; typing it again");
+        }
+        bail!("could not write {path} in the guest ({got:?} bytes, want {want})")
     }
 }
 
@@ -592,6 +649,9 @@ struct Minute {
     qmp_stale: u64,
     qmp_recovered: u64,
     agent_rejects: u64,
+    /// Agent rows from the real agent (its lines carry the guest's `mono_ns`; the
+    /// flood's do not).
+    agent_real_rows: u64,
     qmp_events: u64,
 }
 
@@ -742,10 +802,11 @@ fn read_episode(
         let mut bad = 0u64;
         read_lines(&f, |line| match row_head(line) {
             Some((t, s)) => {
-                *mins[minute_of(t, minutes)]
-                    .rows
-                    .entry(name.clone())
-                    .or_default() += 1;
+                let m = &mut mins[minute_of(t, minutes)];
+                *m.rows.entry(name.clone()).or_default() += 1;
+                if name == "agent" && line.contains("\"guest_mono_ns\":") {
+                    m.agent_real_rows += 1;
+                }
                 if let (true, Some(s)) = (counted, s) {
                     acct.row(s);
                 }
@@ -807,6 +868,9 @@ struct RunFacts {
     trace_ok: bool,
     episode: PathBuf,
     episode_bytes: u64,
+    samples: Vec<Sample>,
+    /// Each stall window as absolute CLOCK_MONOTONIC ns (start, end).
+    stall_windows_mono: Vec<(u64, u64)>,
 }
 
 pub fn run(args: &SoakArgs) -> anyhow::Result<()> {
@@ -847,26 +911,19 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<()> {
             .map(|(_, v)| v.clone())
             .unwrap_or_default()
     };
-    let result = (|| -> anyhow::Result<(RunFacts, Vec<Sample>, Vec<(u64, u64)>)> {
+    let result = (|| -> anyhow::Result<RunFacts> {
         let qemu_pid: u32 = get("PID").parse().context("vm PID")?;
-        let console = PathBuf::from(get("CONSOLE"));
-        let console_log = PathBuf::from(get("CONSOLE_LOG"));
-        // The hostile guest: script written through a heredoc, then started detached.
-        let mut lines = vec!["cat > /tmp/soak.sh <<'SOAKEOF'"];
-        lines.extend(GUEST_SCRIPT.lines());
-        lines.push("SOAKEOF");
+        let console = Console {
+            socket: PathBuf::from(get("CONSOLE")),
+            log: PathBuf::from(get("CONSOLE_LOG")),
+        };
+        // The hostile guest: the script, then started detached from the console.
+        console.write_file("/tmp/soak.sh", GUEST_SCRIPT)?;
         let start = format!(
             "setsid sh /tmp/soak.sh {} {} </dev/null >/dev/null 2>&1 &",
             args.agent_rate_hz, args.flood_pause_s
         );
-        lines.push(&start);
-        console_run(
-            &console,
-            &console_log,
-            &lines,
-            "soak-flood: 42 started",
-            Duration::from_secs(120),
-        )?;
+        console.run(&start, "soak-flood: 42 started", Duration::from_secs(120))?;
         eprintln!("soak: guest flooder running");
 
         let proxy_sock = run_dir.join("qmp-soak-proxy.sock");
@@ -932,24 +989,23 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<()> {
             eprintln!("soak: cis490 stderr:\n{}", tail(&stderr, 20));
         }
         // How many flood rounds the guest wrote.
-        let flood_rounds = console_run(
-            &console,
-            &console_log,
-            &["echo \"FLOODN=$(cat /tmp/flood.n) END$((40+2))\""],
-            "END42",
-            Duration::from_secs(30),
-        )
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.contains("END42") && l.contains("FLOODN="))?
-                .split("FLOODN=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        });
+        let flood_rounds = console
+            .run(
+                "echo \"FLOODN=$(cat /tmp/flood.n) END$((40+2))\"",
+                "END42",
+                Duration::from_secs(30),
+            )
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find(|l| l.contains("END42") && l.contains("FLOODN="))?
+                    .split("FLOODN=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            });
         let v = Command::new(&cis490)
             .arg("validate")
             .arg(&episode)
@@ -963,7 +1019,7 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<()> {
             )
         };
         let windows = schedule
-            .windows(Duration::from_secs(secs + 60))
+            .windows(Duration::from_secs(secs))
             .into_iter()
             .map(|(a, b)| {
                 (
@@ -972,25 +1028,28 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<()> {
                 )
             })
             .collect();
-        Ok((
-            RunFacts {
-                command: command.clone(),
-                started_at,
-                accel: get("ACCEL"),
-                flood_rounds,
-                proxy: proxy_stats,
-                validate,
-                trace_ok: status.success(),
-                episode_bytes: dir_bytes(&episode),
-                episode,
-            },
+        Ok(RunFacts {
+            command: command.clone(),
+            started_at,
+            accel: get("ACCEL"),
+            flood_rounds,
+            proxy: proxy_stats,
+            validate,
+            trace_ok: status.success(),
+            episode_bytes: dir_bytes(&episode),
+            episode,
             samples,
-            windows,
-        ))
+            stall_windows_mono: windows,
+        })
     })();
     let _ = vm::stop(&run_dir);
-    let (facts, samples, windows) = result?;
-    let ep = read_episode(&facts.episode, args.minutes as usize, &samples, &windows)?;
+    let facts = result?;
+    let ep = read_episode(
+        &facts.episode,
+        args.minutes as usize,
+        &facts.samples,
+        &facts.stall_windows_mono,
+    )?;
     let md = render(args, &facts, &ep);
     if !args.keep {
         let _ = std::fs::remove_dir_all(&facts.episode);
@@ -1108,12 +1167,15 @@ fn render(args: &SoakArgs, f: &RunFacts, ep: &EpisodeFacts) -> String {
     for s in &streams {
         let _ = write!(md, " rows {s} |");
     }
-    let _ = writeln!(md, " agent rejects | qmp stale / recovered | qmp events |");
+    let _ = writeln!(
+        md,
+        " real agent rows | agent rejects | qmp stale / recovered | qmp events |"
+    );
     let _ = write!(md, "|---|---|---|---|---|---|");
     for _ in &streams {
         let _ = write!(md, "---|");
     }
-    let _ = writeln!(md, "---|---|---|");
+    let _ = writeln!(md, "---|---|---|---|");
     let pct = |p: Option<f64>| p.map_or("—".into(), |p| format!("{p:.1} %"));
     for (i, m) in ep.minutes.iter().enumerate() {
         let _ = write!(
@@ -1131,8 +1193,8 @@ fn render(args: &SoakArgs, f: &RunFacts, ep: &EpisodeFacts) -> String {
         }
         let _ = writeln!(
             md,
-            " {} | {} / {} | {} |",
-            m.agent_rejects, m.qmp_stale, m.qmp_recovered, m.qmp_events
+            " {} | {} | {} / {} | {} |",
+            m.agent_real_rows, m.agent_rejects, m.qmp_stale, m.qmp_recovered, m.qmp_events
         );
     }
     let _ = writeln!(md);
@@ -1157,10 +1219,14 @@ fn render(args: &SoakArgs, f: &RunFacts, ep: &EpisodeFacts) -> String {
     let mut detail = Vec::new();
     for (n, r) in &host {
         detail.push(format!(
-            "{n}: {} ticks with rows, {} declared by gap events, {} undeclared{}",
+            "{n}: {} ticks with rows, {} declared by gap events, {} undeclared{}{}",
             r.ticks_with_rows,
             r.declared,
             r.undeclared,
+            match r.declared_but_present {
+                0 => String::new(),
+                n => format!(" ({n} declared ticks nonetheless have rows)"),
+            },
             if r.undeclared_ranges.is_empty() {
                 String::new()
             } else {
@@ -1202,7 +1268,7 @@ fn render(args: &SoakArgs, f: &RunFacts, ep: &EpisodeFacts) -> String {
             let at =
                 |t: Option<u64>| t.map_or("never".into(), |t| format!("{:.1} s", t as f64 / 1e9));
             format!(
-                "{:.0}–{:.0} s: stale at {}, recovered at {}, {} host ticks missed",
+                "{:.1}–{:.1} s: stale at {}, recovered at {}, {} host ticks missed",
                 s.from_ns as f64 / 1e9,
                 s.to_ns as f64 / 1e9,
                 at(s.stale_at_ns),
@@ -1213,9 +1279,11 @@ fn render(args: &SoakArgs, f: &RunFacts, ep: &EpisodeFacts) -> String {
         .collect();
     let _ = writeln!(
         md,
-        "- **QMP stalls: {} injected, {marked} marked stale, {recovered} recovered** ({}). QMP seq holes without a gap event: {}.",
+        "- **QMP stalls: {} injected, {marked} marked stale, {recovered} recovered** ({}; for comparison, the host ticks missed in any {} s at the capture's average rate: {:.0}). QMP seq holes without a gap event: {}.",
         ep.stalls.len(),
         stall_detail.join("; "),
+        args.stall_s + 1,
+        missed as f64 / scheduled.max(1) as f64 * f64::from(args.rate_hz) * (args.stall_s + 1) as f64,
         ep.seq.get("qmp").map_or("—".into(), |r| r.undeclared.to_string())
     );
     let agent = ep.meta["sources"]
@@ -1225,8 +1293,12 @@ fn render(args: &SoakArgs, f: &RunFacts, ep: &EpisodeFacts) -> String {
         .unwrap_or(Value::Null);
     let _ = writeln!(
         md,
-        "- Agent: {} rows, {} bytes received, {} connects; rejects {}.",
-        agent["rows"], agent["bytes"], agent["connects"], agent["rejects"]
+        "- Agent: {} rows ({} from the real agent), {} bytes received, {} connects; rejects {}.",
+        agent["rows"],
+        ep.minutes.iter().map(|m| m.agent_real_rows).sum::<u64>(),
+        agent["bytes_read"],
+        agent["connects"],
+        agent["rejects"]
     );
     let _ = writeln!(
         md,
