@@ -569,11 +569,23 @@ impl Console {
             self.wait_for(skip, &format!("{cmd}\r\n"), Duration::from_secs(120))?;
             std::thread::sleep(Duration::from_secs(1));
             let mut lines: Vec<&str> = text.lines().collect();
-            let check = format!("\u{4}echo \"soak-size: $(wc -c < {path}) bytes, $((6*7))\"");
-            lines.push(&check);
-            let skip = self.log_len();
+            // ^D at the start of a line ends `cat`; the newline after it is an empty
+            // command for the shell.
+            lines.push("\u{4}");
             self.type_lines(&lines)?;
-            let out = self.wait_for(skip, " bytes, 42", Duration::from_secs(120))?;
+            std::thread::sleep(Duration::from_secs(2));
+            // The check line is typed on its own, and again if a loaded guest lost it.
+            let check = format!("echo \"soak-size: $(wc -c < {path}) bytes, $((6*7))\"");
+            let mut out = String::new();
+            for _ in 0..4 {
+                match self.run(&check, " bytes, 42", Duration::from_secs(60)) {
+                    Ok(text) => {
+                        out = text;
+                        break;
+                    }
+                    Err(e) => eprintln!("soak: no size check from the guest yet ({e:#})"),
+                }
+            }
             // The echo of the typed line has "soak-size: $(wc", the answer a number.
             got = out.lines().find_map(|l| {
                 l.split("soak-size: ")
@@ -667,6 +679,11 @@ struct EpisodeFacts {
     /// Each stall window on the episode's time axis, with the qmp stale/recovered event
     /// times around it.
     stalls: Vec<StallSeen>,
+    /// Seconds into the capture at which VmRSS rose by at least 1 MiB from the previous
+    /// sample, and by how much (KiB).
+    rss_steps: Vec<(f64, u64)>,
+    /// Largest VmRSS after the capture's duration (the close sequence), KiB.
+    close_max_rss_kib: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -709,10 +726,27 @@ fn read_episode(
     // Process samples, on the episode's axis.
     let tck = clk_tck() as f64;
     let mut by_min: Vec<Vec<Sample>> = vec![Vec::new(); minutes];
+    let capture_ns = minutes as u64 * 60_000_000_000;
+    let mut close_max_rss_kib = None;
+    let mut rss_steps = Vec::new();
+    let mut prev_rss = None;
     for s in samples {
-        if let Some(t) = s.mono_ns.checked_sub(origin) {
-            by_min[minute_of(t, minutes)].push(*s);
+        let Some(t) = s.mono_ns.checked_sub(origin) else {
+            continue;
+        };
+        // Samples after the duration are the close sequence (flush, manifest hashing),
+        // not the steady state the table is about.
+        if t >= capture_ns {
+            close_max_rss_kib = close_max_rss_kib.max(Some(s.mem.vm_rss_kib));
+            continue;
         }
+        if let Some(p) = prev_rss {
+            if s.mem.vm_rss_kib >= p + 1024 {
+                rss_steps.push((t as f64 / 1e9, s.mem.vm_rss_kib - p));
+            }
+        }
+        prev_rss = Some(s.mem.vm_rss_kib);
+        by_min[minute_of(t, minutes)].push(*s);
     }
     let mut prev_last: Option<Sample> = None;
     for (m, ss) in by_min.iter().enumerate() {
@@ -852,6 +886,8 @@ fn read_episode(
         seq,
         meta,
         stalls,
+        rss_steps,
+        close_max_rss_kib,
     })
 }
 
@@ -1157,7 +1193,7 @@ fn render(args: &SoakArgs, f: &RunFacts, ep: &EpisodeFacts) -> String {
     );
     let _ = writeln!(
         md,
-        "- RSS and CPU: cis490's /proc/<pid>/status and stat, read every second (RSS: the minute's largest VmRSS; CPU: share of one core over the minute, all threads). Rows: lines of each telemetry file whose `t_mono_ns` falls in the minute (the close sequence counts in the last).\n"
+        "- RSS and CPU: cis490's /proc/<pid>/status and stat, read every second (RSS: the minute's largest VmRSS; CPU: share of one core over the minute, all threads; samples after the duration, the close sequence, are reported apart). Rows: lines of each telemetry file whose `t_mono_ns` falls in the minute (the close sequence counts in the last).\n"
     );
     let streams: Vec<&String> = ep.streams.iter().collect();
     let _ = write!(
@@ -1209,6 +1245,22 @@ fn render(args: &SoakArgs, f: &RunFacts, ep: &EpisodeFacts) -> String {
         ep.minutes.len(),
         growth as f64 / 1024.0,
         mib(ep.minutes.last().map_or(0, |m| m.hwm_kib))
+    );
+    let steps: Vec<String> = ep
+        .rss_steps
+        .iter()
+        .take(12)
+        .map(|(t, d)| format!("{t:.0} s +{} MiB", mib(*d)))
+        .collect();
+    let _ = writeln!(
+        md,
+        "- VmRSS steps of 1 MiB or more between two samples: {}; largest VmRSS during the close sequence (after the duration): {} MiB.",
+        if steps.is_empty() {
+            "none".to_owned()
+        } else {
+            steps.join(", ")
+        },
+        ep.close_max_rss_kib.map_or("—".into(), mib)
     );
     let host: Vec<(&String, &SeqResult)> = ep
         .seq
