@@ -684,6 +684,8 @@ struct EpisodeFacts {
     rss_steps: Vec<(f64, u64)>,
     /// Largest VmRSS after the capture's duration (the close sequence), KiB.
     close_max_rss_kib: Option<u64>,
+    /// VmHWM of the last sample (close sequence included), KiB.
+    last_hwm_kib: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -888,6 +890,7 @@ fn read_episode(
         stalls,
         rss_steps,
         close_max_rss_kib,
+        last_hwm_kib: samples.last().map_or(0, |s| s.mem.vm_hwm_kib),
     })
 }
 
@@ -1011,7 +1014,7 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<()> {
                 std::thread::sleep(Duration::from_secs(10));
                 signal(&child, libc::SIGKILL);
             }
-            std::thread::sleep(Duration::from_secs(1));
+            std::thread::sleep(Duration::from_millis(250));
         };
         let proxy_started = proxy.started_mono_ns;
         let proxy_stats = proxy.finish();
@@ -1193,7 +1196,7 @@ fn render(args: &SoakArgs, f: &RunFacts, ep: &EpisodeFacts) -> String {
     );
     let _ = writeln!(
         md,
-        "- RSS and CPU: cis490's /proc/<pid>/status and stat, read every second (RSS: the minute's largest VmRSS; CPU: share of one core over the minute, all threads; samples after the duration, the close sequence, are reported apart). Rows: lines of each telemetry file whose `t_mono_ns` falls in the minute (the close sequence counts in the last).\n"
+        "- RSS and CPU: cis490's /proc/<pid>/status and stat, read every 250 ms (RSS: the minute's largest VmRSS; CPU: share of one core over the minute, all threads; samples after the duration, the close sequence, are reported apart). Rows: lines of each telemetry file whose `t_mono_ns` falls in the minute (the close sequence counts in the last).\n"
     );
     let streams: Vec<&String> = ep.streams.iter().collect();
     let _ = write!(
@@ -1254,13 +1257,18 @@ fn render(args: &SoakArgs, f: &RunFacts, ep: &EpisodeFacts) -> String {
         .collect();
     let _ = writeln!(
         md,
-        "- VmRSS steps of 1 MiB or more between two samples: {}; largest VmRSS during the close sequence (after the duration): {} MiB.",
+        "- VmRSS steps of 1 MiB or more between two samples: {}; largest VmRSS during the close sequence (after the duration): {}; VmHWM at the last sample: {} MiB.",
         if steps.is_empty() {
             "none".to_owned()
         } else {
             steps.join(", ")
         },
-        ep.close_max_rss_kib.map_or("—".into(), mib)
+        ep.close_max_rss_kib
+            .map_or("no sample (it took under 250 ms)".into(), |k| format!(
+                "{} MiB",
+                mib(k)
+            )),
+        mib(ep.last_hwm_kib)
     );
     let host: Vec<(&String, &SeqResult)> = ep
         .seq
