@@ -1541,6 +1541,99 @@ mod tests {
     }
 
     #[test]
+    fn an_episode_is_read_into_minutes_holes_and_stalls() {
+        // A two-minute episode in cis490's format: bpf-sched ticks 0..=9 at 0 s and 60 s,
+        // tick 4 declared by a gap, tick 7 missing without one; agent rows from the real
+        // agent (guest_mono_ns) and from the flood; a qmp stall marked and recovered.
+        let dir = std::env::temp_dir().join(format!("soak-episode-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let origin = 1_000_000_000_000u64;
+        std::fs::write(
+            dir.join("meta.json"),
+            serde_json::json!({
+                "clock": {"mono_origin_ns": origin},
+                "backend": {"used": "bpf"},
+                "result": {"ticks_scheduled": 10, "ticks_missed": 1},
+                "sources": [],
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let mut sched = String::new();
+        for seq in (0..10u64).filter(|&s| s != 4 && s != 7) {
+            let t = if seq < 5 { seq } else { 60_000_000_000 + seq };
+            for tid in [1, 2] {
+                sched.push_str(&format!("{{\"t_mono_ns\":{t},\"t_wall_ns\":1,\"source\":\"bpf-sched\",\"available_in_deployment\":false,\"seq\":{seq},\"tid\":{tid}}}\n"));
+            }
+        }
+        std::fs::write(dir.join("telemetry-bpf-sched.jsonl"), sched).unwrap();
+        std::fs::write(
+            dir.join("telemetry-agent.jsonl"),
+            "{\"t_mono_ns\":5,\"t_wall_ns\":1,\"source\":\"agent\",\"available_in_deployment\":true,\"seq\":0,\"guest_seq\":3,\"guest_mono_ns\":9}\n\
+             {\"t_mono_ns\":6,\"t_wall_ns\":1,\"source\":\"agent\",\"available_in_deployment\":true,\"seq\":1,\"guest_seq\":7,\"guest_flood\":1}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("events.jsonl"),
+            [
+                r#"{"t_mono_ns":4,"t_wall_ns":1,"event":"gap","source":"bpf-sched","from_seq":4,"to_seq":4}"#,
+                r#"{"t_mono_ns":31000000000,"t_wall_ns":1,"event":"source_stale","source":"qmp"}"#,
+                r#"{"t_mono_ns":40000000000,"t_wall_ns":1,"event":"source_recovered","source":"qmp"}"#,
+                r#"{"t_mono_ns":70000000000,"t_wall_ns":1,"event":"agent_rejects","source":"agent","since_last_event":{"rate_limited":40,"nul":2}}"#,
+            ]
+            .join("\n"),
+        )
+        .unwrap();
+        let sample = |t_s: u64, rss: u64| Sample {
+            mono_ns: origin + t_s * 1_000_000_000,
+            mem: MemStatus {
+                vm_rss_kib: rss,
+                vm_hwm_kib: rss,
+            },
+            cpu_ticks: t_s * 10,
+            qemu_cpu_ticks: 0,
+        };
+        let samples = [
+            sample(1, 9000),
+            sample(59, 9100),
+            sample(61, 11000),
+            sample(119, 9500),
+        ];
+        let windows = [(origin + 30_000_000_000, origin + 40_000_000_000)];
+        let ep = read_episode(&dir, 2, &samples, &windows).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let r = &ep.seq["bpf-sched"];
+        assert_eq!((r.ticks_with_rows, r.declared, r.undeclared), (8, 1, 1));
+        assert_eq!(r.undeclared_ranges, vec![(7, 7)]);
+        assert!(
+            !ep.seq.contains_key("agent"),
+            "agent seqs are not host ticks"
+        );
+        assert_eq!(ep.minutes[0].rows["bpf-sched"], 8);
+        assert_eq!(ep.minutes[1].rows["bpf-sched"], 8);
+        assert_eq!(ep.minutes[0].missed_ticks, 1);
+        assert_eq!(
+            (ep.minutes[0].rows["agent"], ep.minutes[0].agent_real_rows),
+            (2, 1)
+        );
+        assert_eq!(ep.minutes[1].agent_rejects, 42);
+        assert_eq!(
+            (ep.minutes[0].qmp_stale, ep.minutes[0].qmp_recovered),
+            (1, 1)
+        );
+        assert_eq!(ep.minutes[1].max_rss_kib, 11000);
+        assert_eq!(ep.rss_steps, vec![(61.0, 1900)]);
+        // 10 ticks/s of CPU time at 100 ticks/s = 10 % (CLK_TCK is 100 on Linux).
+        let cpu = ep.minutes[0].cpu_pct.unwrap();
+        assert!((cpu - 1000.0 / clk_tck() as f64).abs() < 0.01, "{cpu}");
+        assert_eq!(ep.stalls.len(), 1);
+        assert_eq!(ep.stalls[0].stale_at_ns, Some(31_000_000_000));
+        assert_eq!(ep.stalls[0].recovered_at_ns, Some(40_000_000_000));
+    }
+
+    #[test]
     fn the_proxy_withholds_qemu_bytes_during_a_stall_and_forwards_after() {
         // A real pair of Unix sockets: a stand-in upstream echoing a reply per line.
         let dir = std::env::temp_dir().join(format!("soak-proxy-test-{}", std::process::id()));
