@@ -1090,7 +1090,9 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<()> {
         &facts.stall_windows_mono,
     )?;
     let md = render(args, &facts, &ep);
-    if !args.keep {
+    if args.keep {
+        eprintln!("soak: episode kept in {}", facts.episode.display());
+    } else {
         let _ = std::fs::remove_dir_all(&facts.episode);
     }
     match &args.out {
