@@ -506,20 +506,34 @@ done > ga.fifo
 
 /// The guest's serial console: typed lines go in through the socket, what the guest
 /// prints (including the echo of typed lines) is read back from the log file.
+///
+/// One connection for the whole soak: QEMU reads the socket only as fast as the guest's
+/// UART takes bytes, and drops what is still unread when the client hangs up, so a
+/// connection per command loses the end of what was typed into a slow (loaded TCG)
+/// guest.
 struct Console {
-    socket: PathBuf,
+    stream: UnixStream,
     log: PathBuf,
 }
 
 impl Console {
+    fn connect(socket: &Path, log: &Path) -> anyhow::Result<Self> {
+        let stream = UnixStream::connect(socket)
+            .with_context(|| format!("connecting {}", socket.display()))?;
+        stream.set_write_timeout(Some(Duration::from_secs(120)))?;
+        Ok(Self {
+            stream,
+            log: log.to_owned(),
+        })
+    }
+
     fn log_len(&self) -> usize {
         std::fs::metadata(&self.log).map_or(0, |m| m.len() as usize)
     }
 
     /// Type `lines`, a short pause after each so the tty's input buffer never overflows.
     fn type_lines(&self, lines: &[&str]) -> anyhow::Result<()> {
-        let mut s = UnixStream::connect(&self.socket)
-            .with_context(|| format!("connecting {}", self.socket.display()))?;
+        let mut s = &self.stream;
         for l in lines {
             s.write_all(l.as_bytes())?;
             s.write_all(b"\n")?;
@@ -952,10 +966,7 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<()> {
     };
     let result = (|| -> anyhow::Result<RunFacts> {
         let qemu_pid: u32 = get("PID").parse().context("vm PID")?;
-        let console = Console {
-            socket: PathBuf::from(get("CONSOLE")),
-            log: PathBuf::from(get("CONSOLE_LOG")),
-        };
+        let console = Console::connect(Path::new(&get("CONSOLE")), Path::new(&get("CONSOLE_LOG")))?;
         // The hostile guest: the script, then started detached from the console.
         console.write_file("/tmp/soak.sh", GUEST_SCRIPT)?;
         let start = format!(
