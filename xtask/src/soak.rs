@@ -507,39 +507,32 @@ done > ga.fifo
 /// The guest's serial console: typed lines go in through the socket, what the guest
 /// prints (including the echo of typed lines) is read back from the log file.
 ///
-/// One connection for the whole soak: QEMU reads the socket only as fast as the guest's
-/// UART takes bytes, and drops what is still unread when the client hangs up, so a
-/// connection per command loses the end of what was typed into a slow (loaded TCG)
-/// guest.
+/// QEMU reads the socket only as fast as the guest's UART takes bytes and drops what is
+/// still unread when the client hangs up, so a connection is held until the guest has
+/// shown (by its echo or its answer) that it got everything typed on it.
 struct Console {
-    stream: UnixStream,
+    socket: PathBuf,
     log: PathBuf,
 }
 
 impl Console {
-    fn connect(socket: &Path, log: &Path) -> anyhow::Result<Self> {
-        let stream = UnixStream::connect(socket)
-            .with_context(|| format!("connecting {}", socket.display()))?;
-        stream.set_write_timeout(Some(Duration::from_secs(120)))?;
-        Ok(Self {
-            stream,
-            log: log.to_owned(),
-        })
-    }
-
     fn log_len(&self) -> usize {
         std::fs::metadata(&self.log).map_or(0, |m| m.len() as usize)
     }
 
-    /// Type `lines`, a short pause after each so the tty's input buffer never overflows.
-    fn type_lines(&self, lines: &[&str]) -> anyhow::Result<()> {
-        let mut s = &self.stream;
+    /// Type `lines` on a new connection, a short pause after each so the tty's input
+    /// buffer never overflows. The connection is returned: keep it until the guest
+    /// answered.
+    fn type_lines(&self, lines: &[&str]) -> anyhow::Result<UnixStream> {
+        let mut s = UnixStream::connect(&self.socket)
+            .with_context(|| format!("connecting {}", self.socket.display()))?;
+        s.set_write_timeout(Some(Duration::from_secs(120)))?;
         for l in lines {
             s.write_all(l.as_bytes())?;
             s.write_all(b"\n")?;
             std::thread::sleep(Duration::from_millis(30));
         }
-        Ok(())
+        Ok(s)
     }
 
     /// Wait for `marker` in what the guest printed after byte `skip` of the log.
@@ -564,7 +557,7 @@ impl Console {
     /// Type one command and wait for `marker`.
     fn run(&self, cmd: &str, marker: &str, timeout: Duration) -> anyhow::Result<String> {
         let skip = self.log_len();
-        self.type_lines(&[cmd])?;
+        let _held = self.type_lines(&[cmd])?;
         self.wait_for(skip, marker, timeout)
     }
 
@@ -579,27 +572,29 @@ impl Console {
         for _ in 0..3 {
             let skip = self.log_len();
             let cmd = format!("cat > {path}");
-            self.type_lines(&[&cmd])?;
-            self.wait_for(skip, &format!("{cmd}\r\n"), Duration::from_secs(120))?;
-            std::thread::sleep(Duration::from_secs(1));
-            let mut lines: Vec<&str> = text.lines().collect();
-            // ^D at the start of a line ends `cat`; the newline after it is an empty
-            // command for the shell.
-            lines.push("\u{4}");
-            self.type_lines(&lines)?;
-            std::thread::sleep(Duration::from_secs(2));
-            // The check line is typed on its own, and again if a loaded guest lost it.
-            let check = format!("echo \"soak-size: $(wc -c < {path}) bytes, $((6*7))\"");
-            let mut out = String::new();
-            for _ in 0..4 {
-                match self.run(&check, " bytes, 42", Duration::from_secs(60)) {
-                    Ok(text) => {
-                        out = text;
-                        break;
-                    }
-                    Err(e) => eprintln!("soak: no size check from the guest yet ({e:#})"),
-                }
+            {
+                let _held = self.type_lines(&[&cmd])?;
+                self.wait_for(skip, &format!("{cmd}\r\n"), Duration::from_secs(120))?;
             }
+            std::thread::sleep(Duration::from_secs(1));
+            // ^D at the start of a line ends `cat`; the check line after it goes to the
+            // shell, on the same connection, held until the answer came.
+            let check = format!("echo \"soak-size: $(wc -c < {path}) bytes, $((6*7))\"");
+            let mut lines: Vec<&str> = text.lines().collect();
+            lines.push("\u{4}");
+            lines.push(&check);
+            let skip = self.log_len();
+            let held = self.type_lines(&lines)?;
+            let mut out = self.wait_for(skip, " bytes, 42", Duration::from_secs(120));
+            drop(held);
+            // A loaded guest may have lost the check line: type it again on its own.
+            for _ in 0..3 {
+                if out.is_ok() {
+                    break;
+                }
+                out = self.run(&check, " bytes, 42", Duration::from_secs(60));
+            }
+            let out = out.unwrap_or_default();
             // The echo of the typed line has "soak-size: $(wc", the answer a number.
             got = out.lines().find_map(|l| {
                 l.split("soak-size: ")
@@ -966,7 +961,10 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<()> {
     };
     let result = (|| -> anyhow::Result<RunFacts> {
         let qemu_pid: u32 = get("PID").parse().context("vm PID")?;
-        let console = Console::connect(Path::new(&get("CONSOLE")), Path::new(&get("CONSOLE_LOG")))?;
+        let console = Console {
+            socket: PathBuf::from(get("CONSOLE")),
+            log: PathBuf::from(get("CONSOLE_LOG")),
+        };
         // The hostile guest: the script, then started detached from the console.
         console.write_file("/tmp/soak.sh", GUEST_SCRIPT)?;
         let start = format!(
