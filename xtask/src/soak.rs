@@ -509,10 +509,22 @@ done > ga.fifo
 ///
 /// QEMU reads the socket only as fast as the guest's UART takes bytes and drops what is
 /// still unread when the client hangs up, so a connection is held until the guest has
-/// shown (by its echo or its answer) that it got everything typed on it.
+/// shown (by its echo or its answer) that it got everything typed on it. While held,
+/// what QEMU sends back on it is read and discarded: unread, a few hundred echoed
+/// characters (one socket buffer entry each) fill the socket and stall the guest's UART,
+/// and with it the tty's echo and input.
 struct Console {
     socket: PathBuf,
     log: PathBuf,
+}
+
+/// A console connection; dropping it hangs up (which also ends its draining thread).
+struct HeldConnection(UnixStream);
+
+impl Drop for HeldConnection {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 impl Console {
@@ -523,16 +535,21 @@ impl Console {
     /// Type `lines` on a new connection, a short pause after each so the tty's input
     /// buffer never overflows. The connection is returned: keep it until the guest
     /// answered.
-    fn type_lines(&self, lines: &[&str]) -> anyhow::Result<UnixStream> {
+    fn type_lines(&self, lines: &[&str]) -> anyhow::Result<HeldConnection> {
         let mut s = UnixStream::connect(&self.socket)
             .with_context(|| format!("connecting {}", self.socket.display()))?;
         s.set_write_timeout(Some(Duration::from_secs(120)))?;
+        let mut reader = s.try_clone()?;
+        std::thread::spawn(move || {
+            let mut sink = [0u8; 4096];
+            while matches!(reader.read(&mut sink), Ok(n) if n > 0) {}
+        });
         for l in lines {
             s.write_all(l.as_bytes())?;
             s.write_all(b"\n")?;
             std::thread::sleep(Duration::from_millis(30));
         }
-        Ok(s)
+        Ok(HeldConnection(s))
     }
 
     /// Wait for `marker` in what the guest printed after byte `skip` of the log.
