@@ -1367,12 +1367,15 @@ fn render(args: &SoakArgs, f: &RunFacts, ep: &EpisodeFacts) -> String {
         .collect();
     let _ = writeln!(
         md,
-        "- **QMP stalls: {} injected, {marked} marked stale, {recovered} recovered** ({}; for comparison, the host ticks missed in any {} s at the capture's average rate: {:.0}). QMP seq holes without a gap event: {}.",
+        "- **QMP stalls: {} injected, {marked} marked stale, {recovered} recovered** ({}; for comparison, the host ticks missed in any {} s at the capture's average rate: {:.0}). QMP seq holes without a gap event: {}; QMP polls a gap event declares missing that nonetheless have rows: {}.",
         ep.stalls.len(),
         stall_detail.join("; "),
         args.stall_s + 1,
         missed as f64 / scheduled.max(1) as f64 * f64::from(args.rate_hz) * (args.stall_s + 1) as f64,
-        ep.seq.get("qmp").map_or("—".into(), |r| r.undeclared.to_string())
+        ep.seq.get("qmp").map_or("—".into(), |r| r.undeclared.to_string()),
+        ep.seq
+            .get("qmp")
+            .map_or("—".into(), |r| r.declared_but_present.to_string())
     );
     let agent = ep.meta["sources"]
         .as_array()
