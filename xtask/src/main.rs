@@ -3,10 +3,12 @@
 //! setup  installs what a fresh machine lacks (apt packages, rust-src, bpf-linker, tracefs)
 //! demo   traces a bundled target for a few seconds and prints the episode and a summary
 //! test   builds everything and runs the whole test suite (what CI runs)
+//! soak   a long 1 kHz capture of the test VM under a flooding guest and stalling QMP
 
 mod bench;
 mod demo;
 mod setup;
+mod soak;
 mod util;
 mod vm;
 
@@ -42,6 +44,9 @@ enum Command {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// Long 1 kHz capture of the test VM with a flooding guest agent and a QMP socket
+    /// that stalls every minute; reports RSS, CPU, missed ticks and rows lost per minute.
+    Soak(soak::SoakArgs),
     /// The test VM: start | stop | status | build.
     Vm {
         #[command(subcommand)]
@@ -65,6 +70,11 @@ fn main() -> anyhow::Result<()> {
         Command::Bench { quick, only, out } => {
             setup::all()?;
             bench::run(quick, &only, out)
+        }
+        Command::Soak(args) => {
+            setup::all()?;
+            setup::vm()?;
+            soak::run(&args)
         }
         Command::Vm { command } => {
             if !matches!(
