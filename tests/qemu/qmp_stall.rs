@@ -712,3 +712,41 @@ fn qmp_server_without_greeting_marks_the_source_stale_without_a_hang() {
         .iter()
         .any(|e| e["source"] == "qmp" && e["message"].as_str().unwrap().contains("greeting")));
 }
+
+/// A reply withheld after the poll already wrote rows (query-status answered, then
+/// query-blockstats never): the poll is partial, so the gap declared after the reconnect
+/// must start at the next seq, and the episode must pass `cis490 validate` (found by
+/// `cargo xtask soak`: "gap event declares seq N..=M missing, but rows with seq N exist").
+#[test]
+fn qmp_reply_withheld_mid_poll_declares_a_gap_validate_accepts() {
+    let target = cis490_tests::Load::start(&["--spin", "0", "--switch", "2"]);
+    let tids = two_tids(target.pid());
+    let secs = 8;
+    let o = hostile_capture(
+        Hostile {
+            tids,
+            withhold: Some("query-blockstats"),
+            ..Hostile::default()
+        },
+        target.pid(),
+        secs,
+    );
+    qmp_stale_and_on_time(&o, secs);
+    let rows = read_jsonl(&o.dir.join("telemetry-qmp.jsonl"));
+    assert!(
+        rows.iter().any(|r| r["kind"] == "vm"),
+        "no vm row was written before the withheld reply"
+    );
+    assert!(count_events(&o.dir, "gap") >= 1, "no gap declared");
+    let out = std::process::Command::new(bin("cis490"))
+        .arg("validate")
+        .arg(&o.dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "validate failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
