@@ -181,6 +181,42 @@ fn trace_real_vm_with_all_sources_until_qemu_is_killed() {
     assert!(agent
         .iter()
         .all(|r| r["guest_t_guest_ns"].is_u64() && r["guest_mono_ns"].is_u64()));
+    // Sampling instants on the host clock (issue 11, part 3): from the third line on,
+    // never after arrival and within a sane bound of it (the first line after the
+    // connect can be seconds old; later ones cross virtio-serial in well under 0.5 s).
+    for (i, r) in agent.iter().enumerate() {
+        let arrival = r["t_mono_ns"].as_i64().unwrap();
+        match r["t_sample_mono_ns"].as_i64() {
+            Some(sampled) => {
+                assert!(sampled <= arrival, "row {i} sampled after arrival: {r}");
+                if i >= 5 {
+                    assert!(
+                        arrival - sampled < 500_000_000,
+                        "row {i}: sampled {} ms before arrival",
+                        (arrival - sampled) / 1_000_000
+                    );
+                }
+            }
+            None => assert!(i < 2, "row {i} has no sampling instant: {r}"),
+        }
+    }
+    let clock_map = &source_meta(&meta, "agent")["clock_map"];
+    eprintln!("agent clock_map: {clock_map}");
+    assert!(clock_map["samples"].as_u64().unwrap() as usize >= agent.len() - 1);
+    assert!(clock_map["uncertainty_ns"].as_u64().unwrap() < 100_000_000);
+    assert!(clock_map["drift_ppm"].as_f64().unwrap().abs() < 10_000.0);
+    // The agent's floats are floats in every row (issue 11, part 4).
+    for key in [
+        "guest_load1",
+        "guest_load5",
+        "guest_load15",
+        "guest_uptime_s",
+    ] {
+        assert!(
+            agent.iter().all(|r| r[key].is_f64()),
+            "{key} is not always a float"
+        );
+    }
 
     for name in [host, "qmp", "agent"] {
         assert!(

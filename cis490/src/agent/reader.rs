@@ -81,6 +81,8 @@ pub fn default_max_bytes(dir: &std::path::Path) -> u64 {
     })
 }
 
+// The statvfs field types differ between targets: the conversions are not useless on all.
+#[allow(clippy::useless_conversion)]
 fn free_bytes(dir: &std::path::Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
@@ -139,6 +141,7 @@ impl AgentReader {
             writer,
             line: Vec::with_capacity(MAX_LINE),
             discarding: false,
+            skip_reason: None,
             tokens: FLOOD_BURST,
             byte_tokens: cfg.max_bytes_per_s as f64,
             budget_left: max_bytes,
@@ -280,6 +283,9 @@ struct Worker {
     line: Vec<u8>,
     /// Inside a too-long line: skip to its newline.
     discarding: bool,
+    /// Why the line being discarded is dropped, when it is counted at its newline (the
+    /// byte budgets; a too-long line is counted when it is found too long).
+    skip_reason: Option<Reject>,
     tokens: f64,
     /// Bytes the stream may still grow by this second (may go one row negative).
     byte_tokens: f64,
@@ -325,6 +331,7 @@ impl Worker {
             let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
             self.line.clear();
             self.discarding = false;
+            self.skip_reason = None;
             let mut last_line = Instant::now();
             let mut chunk = vec![0u8; CHUNK];
             loop {
@@ -371,7 +378,10 @@ impl Worker {
                 }
                 if !stale && last_line.elapsed() > STALE_AFTER {
                     stale = true;
-                    self.mark_stale(&format!("no agent line for {} s", STALE_AFTER.as_secs()));
+                    self.mark_stale(&format!(
+                        "no agent row written for {} s",
+                        STALE_AFTER.as_secs()
+                    ));
                 }
                 self.report_rejects(false);
                 if let Err(e) = self.writer.flush_if_due() {
@@ -429,6 +439,7 @@ impl Worker {
         }
         self.line.clear();
         self.discarding = false;
+        self.skip_reason = None;
         self.shared.errors.fetch_add(1, Ordering::Relaxed);
         self.mark_stale(reason);
     }
@@ -466,13 +477,30 @@ impl Worker {
         }
     }
 
-    fn take_token(&mut self) -> bool {
+    fn refill(&mut self) {
         let now = Instant::now();
         let dt = now.duration_since(self.last_refill).as_secs_f64();
         self.last_refill = now;
         self.tokens = (self.tokens + dt * FLOOD_RATE).min(FLOOD_BURST);
         let rate = self.cfg.max_bytes_per_s as f64;
         self.byte_tokens = (self.byte_tokens + dt * rate).min(rate);
+    }
+
+    /// Whether the byte budgets leave room for a line: checked when a line starts, so a
+    /// line over budget is skipped to its newline without being copied or parsed.
+    fn byte_budget_reject(&mut self) -> Option<Reject> {
+        self.refill();
+        if self.byte_tokens <= 0.0 {
+            Some(Reject::ByteRate)
+        } else if self.budget_left < MIN_ROW_BYTES {
+            Some(Reject::ByteBudget)
+        } else {
+            None
+        }
+    }
+
+    fn take_token(&mut self) -> bool {
+        self.refill();
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -485,15 +513,24 @@ impl Worker {
     fn feed(&mut self, mut data: &[u8]) -> Result<usize, Error> {
         let mut written = 0;
         while !data.is_empty() {
-            let nl = data.iter().position(|&b| b == b'\n');
+            let nl = memchr::memchr(b'\n', data);
             let (part, rest, complete) = match nl {
                 Some(i) => (&data[..i], &data[i + 1..], true),
                 None => (data, &data[data.len()..], false),
             };
             data = rest;
+            if !self.discarding && self.line.is_empty() {
+                if let Some(r) = self.byte_budget_reject() {
+                    self.skip_reason = Some(r);
+                    self.discarding = true;
+                }
+            }
             if self.discarding {
                 if complete {
                     self.discarding = false;
+                    if let Some(r) = self.skip_reason.take() {
+                        self.reject(r);
+                    }
                 }
                 continue;
             }
@@ -514,18 +551,6 @@ impl Worker {
             }
             if !self.take_token() {
                 self.reject(Reject::RateLimited);
-                self.line.clear();
-                continue;
-            }
-            // Byte budgets before parsing, so a flood costs no parse: the per-second
-            // bucket must not be empty, and the episode must have room for a row.
-            if self.byte_tokens <= 0.0 {
-                self.reject(Reject::ByteRate);
-                self.line.clear();
-                continue;
-            }
-            if self.budget_left < MIN_ROW_BYTES {
-                self.reject(Reject::ByteBudget);
                 self.line.clear();
                 continue;
             }
