@@ -46,15 +46,26 @@ fn trace_real_vm_with_all_sources_until_qemu_is_killed() {
         &["--qemu-pid", &qemu_pid.to_string(), "--rate-hz", "10"],
     );
 
-    std::thread::sleep(Duration::from_secs(3));
     // QMP's start facts are in meta.json while the capture runs (not only at the end).
-    let live_dir = std::fs::read_dir(root.join("episodes"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let live_meta = read_json(&live_dir.join("meta.json"));
+    // Wait for them (up to 20 s: a loaded 2-core machine can be slow to start a debug
+    // build), rather than a fixed 3 s.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let live_meta = loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let live = std::fs::read_dir(root.join("episodes"))
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(Result::ok)
+            .map(|e| e.path().join("meta.json"))
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        match live {
+            Some(m) if m["host_fingerprint"]["qemu_version"].is_string() => break m,
+            Some(m) if Instant::now() > deadline => break m,
+            None if Instant::now() > deadline => panic!("no episode meta.json after 20 s"),
+            _ => {}
+        }
+    };
     assert!(live_meta["result"].is_null(), "capture already ended");
     assert!(
         live_meta["host_fingerprint"]["qemu_version"].is_string(),
