@@ -171,6 +171,16 @@ struct TraceArgs {
     /// 0640). Default: owner only (0700/0600), or the data root's group when it is setgid.
     #[arg(long, value_name = "NAME")]
     group: Option<String>,
+    /// Most bytes per second the guest agent's stream may grow by (token bucket, one
+    /// second of burst); lines over it are dropped unparsed and counted (byte_rate).
+    #[arg(long, value_name = "BYTES", default_value_t = cis490::agent::reader::DEFAULT_MAX_BYTES_PER_S,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    agent_max_bytes_per_s: u64,
+    /// Most bytes the guest agent's stream may hold per episode; lines past it are
+    /// dropped and counted (byte_budget). Default: a quarter of the free space where the
+    /// episode is written, at most 1 GiB.
+    #[arg(long, value_name = "BYTES")]
+    agent_max_bytes: Option<u64>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -326,6 +336,8 @@ fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
             no_qmp: args.no_qmp,
             agent: args.agent,
             no_agent: args.no_agent,
+            agent_max_bytes_per_s: args.agent_max_bytes_per_s,
+            agent_max_bytes: args.agent_max_bytes,
         },
     };
     let result = trace::run(cfg, stop)?;

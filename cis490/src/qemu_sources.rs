@@ -21,6 +21,10 @@ pub struct QemuSourceOptions {
     /// Agent chardev socket; None = autodetect.
     pub agent: Option<PathBuf>,
     pub no_agent: bool,
+    /// Byte budgets of the agent stream (`--agent-max-bytes-per-s`, `--agent-max-bytes`;
+    /// None = the reader's default, see `agent::reader::default_max_bytes`).
+    pub agent_max_bytes_per_s: u64,
+    pub agent_max_bytes: Option<u64>,
 }
 
 impl Default for QemuSourceOptions {
@@ -31,6 +35,8 @@ impl Default for QemuSourceOptions {
             no_qmp: false,
             agent: None,
             no_agent: false,
+            agent_max_bytes_per_s: crate::agent::reader::DEFAULT_MAX_BYTES_PER_S,
+            agent_max_bytes: None,
         }
     }
 }
@@ -94,7 +100,11 @@ pub fn start(
                     json!({"source": "agent", "socket": socket, "autodetected": opts.agent.is_none()}),
                 );
                 background.push(Box::new(AgentReader::start(
-                    AgentReaderConfig { socket },
+                    AgentReaderConfig {
+                        socket,
+                        max_bytes_per_s: opts.agent_max_bytes_per_s,
+                        max_bytes: opts.agent_max_bytes,
+                    },
                     ctx,
                 )?));
             }

@@ -141,10 +141,10 @@ impl ProcFiles {
         let mono = clock::mono_raw_ns();
         let _ = write!(
             out,
-            "{{\"seq\":{seq},\"t_guest_ns\":{},\"mono_ns\":{mono},\"uptime_s\":{:.2}",
+            "{{\"seq\":{seq},\"t_guest_ns\":{},\"mono_ns\":{mono}",
             clock::wall_ns(),
-            mono as f64 / 1e9
         );
+        push_f64(out, "uptime_s", (mono / 10_000_000) as f64 / 100.0);
         format_loadavg(self.bufs[0].trim(), out);
         format_meminfo(&self.bufs[1], out);
         format_stat(&self.bufs[2], clk_tck, out);
@@ -164,6 +164,17 @@ impl ProcFiles {
     }
 }
 
+/// A float always with a fraction or exponent (`0.0`, not `0`): the host keeps a JSON
+/// number's kind, and a column's first value fixes its type for the episode, so an
+/// integer-looking float would make `load1` an integer column (issue 11, part 4).
+/// Non-finite values (not valid JSON) are left out.
+pub fn push_f64(out: &mut String, key: &str, v: f64) {
+    if v.is_finite() {
+        // `{:?}` of an f64 always has a `.` or an exponent.
+        let _ = write!(out, ",\"{key}\":{v:?}");
+    }
+}
+
 fn push_str(out: &mut String, key: &str, value: &str) {
     let _ = write!(out, ",\"{key}\":");
     out.push_str(&serde_json::to_string(value).unwrap_or_else(|_| "null".into()));
@@ -176,7 +187,7 @@ pub fn format_loadavg(text: &str, out: &mut String) {
     let f: Vec<&str> = text.split_whitespace().collect();
     for (i, key) in ["load1", "load5", "load15"].iter().enumerate() {
         if let Some(v) = f.get(i).and_then(|s| s.parse::<f64>().ok()) {
-            let _ = write!(out, ",\"{key}\":{v}");
+            push_f64(out, key, v);
         }
     }
     if let Some((run, total)) = f.get(3).and_then(|s| s.split_once('/')) {
@@ -358,6 +369,22 @@ mod tests {
         );
         assert!(o["processes_count"].as_u64().unwrap() > 0);
         assert!(o.values().all(|v| !v.is_object() && !v.is_array()));
+        // Floats are written as floats, whatever their value.
+        assert!(o["uptime_s"].is_f64() && o["load1"].is_f64() && o["load15"].is_f64());
+    }
+
+    #[test]
+    fn float_columns_are_written_with_a_fraction_even_when_whole() {
+        let mut s = String::new();
+        format_loadavg("0.00 1.00 0.08 1/56 122", &mut s);
+        assert_eq!(
+            s,
+            ",\"loadavg\":\"0.00 1.00 0.08 1/56 122\",\"load1\":0.0,\"load5\":1.0,\"load15\":0.08,\"runnable_count\":1,\"threads_count\":56"
+        );
+        let mut s = String::new();
+        push_f64(&mut s, "x", 1e21);
+        push_f64(&mut s, "y", f64::NAN);
+        assert_eq!(s, ",\"x\":1e21");
     }
 
     #[test]

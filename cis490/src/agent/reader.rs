@@ -7,10 +7,16 @@
 //! token bucket ([`FLOOD_RATE`] lines/s, burst [`FLOOD_BURST`]) drops floods before they
 //! are parsed, so a flooding guest costs this thread one newline scan per line and never
 //! touches the host sampler (own thread, own stream, no shared lock on the hot path).
+//! Bytes are budgeted too, per second (token bucket, checked before parsing) and per
+//! episode (checked exactly, against the row's own size), so a guest can fill at most its
+//! share of the disk and never cost the host's own streams a row (issue 16, F4).
 //! Rejects are counted per reason (meta.sources[].rejects) and summarized in at most one
 //! `agent_rejects` event per second. A line is stamped when it arrives; its own guest
 //! clocks (`guest_t_guest_ns`, `guest_mono_ns`) are kept as they are, so the stale
-//! first line after a connect (written while no host listened) stays recognizable.
+//! first line after a connect (written while no host listened) stays recognizable, and
+//! `guest_mono_ns` against the arrival stamps gives the guest → host clock map
+//! ([`super::clockmap`]) that places each line's sampling instant on the episode clock
+//! (`t_sample_mono_ns`).
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -21,14 +27,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map};
 
-use super::line::{self, Reject, MAX_LINE};
+use super::clockmap::ClockMap;
+use super::line::{self, Columns, Reject, ValueIssue, MAX_LINE};
 use crate::collector::{BackgroundSource, SourceContext};
 use crate::episode::meta::SourceMeta;
 use crate::episode::telemetry_file;
 use crate::error::Error;
 use crate::jsonl::{FileStats, JsonlWriter};
 use crate::qmp::collector::sleep_unless;
-use crate::row::Row;
+use crate::row::{Row, Value};
 
 pub const SOURCE: &str = "agent";
 pub const FLOOD_RATE: f64 = 1000.0;
@@ -38,9 +45,62 @@ pub const FLOOD_BURST: f64 = 200.0;
 pub const STALE_AFTER: Duration = Duration::from_secs(5);
 const CHUNK: usize = 64 * 1024;
 
+/// Default of `--agent-max-bytes-per-s`: ~70× what the lab agent writes at 10 Hz.
+pub const DEFAULT_MAX_BYTES_PER_S: u64 = 1024 * 1024;
+/// Ceiling of the default per-episode budget (see [`default_max_bytes`]).
+pub const DEFAULT_MAX_BYTES_CAP: u64 = 1024 * 1024 * 1024;
+/// Below this much budget left no row fits (the header alone is ~100 bytes): lines are
+/// then dropped before parsing.
+const MIN_ROW_BYTES: u64 = 128;
+
 #[derive(Debug, Clone)]
 pub struct AgentReaderConfig {
     pub socket: PathBuf,
+    /// Bytes of telemetry-agent.jsonl per second (token bucket, burst one second).
+    pub max_bytes_per_s: u64,
+    /// Bytes of telemetry-agent.jsonl per episode; None = [`default_max_bytes`].
+    pub max_bytes: Option<u64>,
+}
+
+impl AgentReaderConfig {
+    pub fn new(socket: PathBuf) -> Self {
+        Self {
+            socket,
+            max_bytes_per_s: DEFAULT_MAX_BYTES_PER_S,
+            max_bytes: None,
+        }
+    }
+}
+
+/// The per-episode budget when none is given: a quarter of the space free for
+/// unprivileged users where the episode is written, at most 1 GiB. A guest can then
+/// never take the space the host's own streams need, even on a small file system.
+pub fn default_max_bytes(dir: &std::path::Path) -> u64 {
+    free_bytes(dir).map_or(DEFAULT_MAX_BYTES_CAP, |free| {
+        (free / 4).min(DEFAULT_MAX_BYTES_CAP)
+    })
+}
+
+// The statvfs field types differ between targets: the conversions are not useless on all.
+#[allow(clippy::useless_conversion)]
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: an all-zero statvfs is a valid value to be overwritten.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `st` is a valid, writable statvfs.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+}
+
+/// The clock map's state for meta.json (see [`ClockMap`]).
+#[derive(Default)]
+struct ClockSummary {
+    fit: Option<super::clockmap::Fit>,
+    samples: u64,
+    resets: u64,
 }
 
 #[derive(Default)]
@@ -50,8 +110,13 @@ struct Shared {
     connects: AtomicU64,
     bytes: AtomicU64,
     stale_count: AtomicU64,
-    dropped_values: AtomicU64,
     rejects: [AtomicU64; Reject::ALL.len()],
+    value_issues: [AtomicU64; ValueIssue::ALL.len()],
+    bytes_written: AtomicU64,
+    max_bytes: AtomicU64,
+    clock: std::sync::Mutex<ClockSummary>,
+    /// Guest column name → kind, set when the worker ends.
+    columns: std::sync::Mutex<Vec<(String, Option<&'static str>)>>,
 }
 
 pub struct AgentReader {
@@ -66,6 +131,8 @@ impl AgentReader {
         let writer = JsonlWriter::create(&ctx.dir, &telemetry_file(SOURCE))?;
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared::default());
+        let max_bytes = cfg.max_bytes.unwrap_or_else(|| default_max_bytes(&ctx.dir));
+        shared.max_bytes.store(max_bytes, Ordering::Relaxed);
         let w = Worker {
             cfg: cfg.clone(),
             ctx: ctx.clone(),
@@ -74,9 +141,15 @@ impl AgentReader {
             writer,
             line: Vec::with_capacity(MAX_LINE),
             discarding: false,
+            skip_reason: None,
             tokens: FLOOD_BURST,
+            byte_tokens: cfg.max_bytes_per_s as f64,
+            budget_left: max_bytes,
             last_refill: Instant::now(),
-            reported: [0; Reject::ALL.len()],
+            columns: Columns::new(),
+            clock: ClockMap::new(),
+            scratch: Vec::with_capacity(MAX_LINE * 2),
+            reported: [0; Reject::ALL.len() + ValueIssue::ALL.len()],
             last_report: Instant::now(),
             seq: 0,
         };
@@ -98,15 +171,20 @@ impl AgentReader {
     }
 }
 
+/// Whole lines dropped, by reason, then single values dropped or altered, by reason.
 fn rejects_map(s: &Shared) -> Map<String, serde_json::Value> {
-    Reject::ALL
+    let lines = Reject::ALL
         .iter()
-        .map(|r| {
-            (
-                r.as_str().to_owned(),
-                s.rejects[r.index()].load(Ordering::Relaxed).into(),
-            )
-        })
+        .map(|r| (r.as_str(), s.rejects[r.index()].load(Ordering::Relaxed)));
+    let values = ValueIssue::ALL.iter().map(|r| {
+        (
+            r.as_str(),
+            s.value_issues[r.index()].load(Ordering::Relaxed),
+        )
+    });
+    lines
+        .chain(values)
+        .map(|(k, v)| (k.to_owned(), v.into()))
         .collect()
 }
 
@@ -119,7 +197,7 @@ impl BackgroundSource for AgentReader {
         let stats = crate::collector::stop_and_join(&self.stop, self.handle.take(), "agent reader");
         let s = &self.shared;
         let rejects = rejects_map(s);
-        let total: u64 = rejects.values().filter_map(|v| v.as_u64()).sum();
+        let total: u64 = s.rejects.iter().map(|r| r.load(Ordering::Relaxed)).sum();
         let mut extra = Map::new();
         extra.insert(
             "socket".into(),
@@ -135,7 +213,48 @@ impl BackgroundSource for AgentReader {
         extra.insert("rejects".into(), rejects.into());
         extra.insert(
             "dropped_values".into(),
-            s.dropped_values.load(Ordering::Relaxed).into(),
+            s.value_issues[ValueIssue::Array.index()]
+                .load(Ordering::Relaxed)
+                .into(),
+        );
+        extra.insert(
+            "bytes_written".into(),
+            s.bytes_written.load(Ordering::Relaxed).into(),
+        );
+        extra.insert(
+            "byte_budget".into(),
+            json!({"max_bytes": s.max_bytes.load(Ordering::Relaxed),
+                   "max_bytes_per_s": self.cfg.max_bytes_per_s}),
+        );
+        let clock = s.clock.lock().unwrap_or_else(|p| p.into_inner());
+        extra.insert(
+            "clock_map".into(),
+            match clock.fit {
+                Some(f) => json!({
+                    "guest_clock": "guest_mono_ns",
+                    "offset_ns": clamp_i64(f.offset_ns()),
+                    "drift_ppm": (f.drift_ppm() * 1000.0).round() / 1000.0,
+                    "uncertainty_ns": f.uncertainty_ns,
+                    "samples": clock.samples,
+                    "drift_estimated": f.drift_estimated,
+                    "span_s": f.span_ns as f64 / 1e9,
+                    "ref_guest_mono_ns": f.ref_guest_ns,
+                    "ref_t_mono_ns": clamp_i64(f.ref_host_ns),
+                    "host_ns_per_guest_ns": 1.0 + f.slope,
+                    "resets": clock.resets,
+                }),
+                None => serde_json::Value::Null,
+            },
+        );
+        drop(clock);
+        let columns = s.columns.lock().unwrap_or_else(|p| p.into_inner());
+        extra.insert(
+            "guest_columns".into(),
+            columns
+                .iter()
+                .map(|(n, k)| (n.clone(), (*k).into()))
+                .collect::<Map<_, _>>()
+                .into(),
         );
         let meta = SourceMeta {
             name: SOURCE.into(),
@@ -164,9 +283,20 @@ struct Worker {
     line: Vec<u8>,
     /// Inside a too-long line: skip to its newline.
     discarding: bool,
+    /// Why the line being discarded is dropped, when it is counted at its newline (the
+    /// byte budgets; a too-long line is counted when it is found too long).
+    skip_reason: Option<Reject>,
     tokens: f64,
+    /// Bytes the stream may still grow by this second (may go one row negative).
+    byte_tokens: f64,
+    /// Bytes the stream may still grow by in this episode.
+    budget_left: u64,
     last_refill: Instant,
-    reported: [u64; Reject::ALL.len()],
+    columns: Columns,
+    clock: ClockMap,
+    /// A row serialized to measure it against the byte budgets.
+    scratch: Vec<u8>,
+    reported: [u64; Reject::ALL.len() + ValueIssue::ALL.len()],
     last_report: Instant,
     seq: u64,
 }
@@ -201,6 +331,7 @@ impl Worker {
             let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
             self.line.clear();
             self.discarding = false;
+            self.skip_reason = None;
             let mut last_line = Instant::now();
             let mut chunk = vec![0u8; CHUNK];
             loop {
@@ -247,7 +378,10 @@ impl Worker {
                 }
                 if !stale && last_line.elapsed() > STALE_AFTER {
                     stale = true;
-                    self.mark_stale(&format!("no agent line for {} s", STALE_AFTER.as_secs()));
+                    self.mark_stale(&format!(
+                        "no agent row written for {} s",
+                        STALE_AFTER.as_secs()
+                    ));
                 }
                 self.report_rejects(false);
                 if let Err(e) = self.writer.flush_if_due() {
@@ -259,7 +393,25 @@ impl Worker {
                 break;
             }
         }
+        // Stopped (not disconnected) with half a line pending: the guest's last words.
+        if !self.line.is_empty() || self.discarding {
+            self.reject(Reject::PartialAtStop);
+        }
         self.report_rejects(true);
+        *self.shared.clock.lock().unwrap_or_else(|p| p.into_inner()) = ClockSummary {
+            fit: self.clock.fit(),
+            samples: self.clock.samples(),
+            resets: self.clock.resets(),
+        };
+        *self
+            .shared
+            .columns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = self
+            .columns
+            .kinds()
+            .map(|(n, k)| (n.to_owned(), k.map(line::Kind::as_str)))
+            .collect();
         let closed = self.writer.close();
         match fatal {
             Some(e) => {
@@ -287,6 +439,7 @@ impl Worker {
         }
         self.line.clear();
         self.discarding = false;
+        self.skip_reason = None;
         self.shared.errors.fetch_add(1, Ordering::Relaxed);
         self.mark_stale(reason);
     }
@@ -302,13 +455,19 @@ impl Worker {
         }
         self.last_report = Instant::now();
         let mut delta = Map::new();
-        for r in Reject::ALL {
-            let now = self.shared.rejects[r.index()].load(Ordering::Relaxed);
-            let d = now - self.reported[r.index()];
+        let counters = self
+            .shared
+            .rejects
+            .iter()
+            .zip(Reject::ALL.map(Reject::as_str));
+        let values = (self.shared.value_issues.iter()).zip(ValueIssue::ALL.map(ValueIssue::as_str));
+        for (i, (counter, name)) in counters.chain(values).enumerate() {
+            let now = counter.load(Ordering::Relaxed);
+            let d = now - self.reported[i];
             if d > 0 {
-                delta.insert(r.as_str().into(), d.into());
+                delta.insert(name.into(), d.into());
             }
-            self.reported[r.index()] = now;
+            self.reported[i] = now;
         }
         if !delta.is_empty() {
             self.ctx.events.emit(
@@ -318,11 +477,30 @@ impl Worker {
         }
     }
 
-    fn take_token(&mut self) -> bool {
+    fn refill(&mut self) {
         let now = Instant::now();
         let dt = now.duration_since(self.last_refill).as_secs_f64();
         self.last_refill = now;
         self.tokens = (self.tokens + dt * FLOOD_RATE).min(FLOOD_BURST);
+        let rate = self.cfg.max_bytes_per_s as f64;
+        self.byte_tokens = (self.byte_tokens + dt * rate).min(rate);
+    }
+
+    /// Whether the byte budgets leave room for a line: checked when a line starts, so a
+    /// line over budget is skipped to its newline without being copied or parsed.
+    fn byte_budget_reject(&mut self) -> Option<Reject> {
+        self.refill();
+        if self.byte_tokens <= 0.0 {
+            Some(Reject::ByteRate)
+        } else if self.budget_left < MIN_ROW_BYTES {
+            Some(Reject::ByteBudget)
+        } else {
+            None
+        }
+    }
+
+    fn take_token(&mut self) -> bool {
+        self.refill();
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -335,15 +513,24 @@ impl Worker {
     fn feed(&mut self, mut data: &[u8]) -> Result<usize, Error> {
         let mut written = 0;
         while !data.is_empty() {
-            let nl = data.iter().position(|&b| b == b'\n');
+            let nl = memchr::memchr(b'\n', data);
             let (part, rest, complete) = match nl {
                 Some(i) => (&data[..i], &data[i + 1..], true),
                 None => (data, &data[data.len()..], false),
             };
             data = rest;
+            if !self.discarding && self.line.is_empty() {
+                if let Some(r) = self.byte_budget_reject() {
+                    self.skip_reason = Some(r);
+                    self.discarding = true;
+                }
+            }
             if self.discarding {
                 if complete {
                     self.discarding = false;
+                    if let Some(r) = self.skip_reason.take() {
+                        self.reject(r);
+                    }
                 }
                 continue;
             }
@@ -368,20 +555,38 @@ impl Worker {
                 continue;
             }
             let stamp = self.ctx.clock.stamp();
-            let res = line::check(&self.line);
+            let res = line::check(&self.line, &mut self.columns);
             self.line.clear();
             match res {
                 Ok(acc) => {
+                    for i in ValueIssue::ALL {
+                        let n = acc.issue(i);
+                        if n > 0 {
+                            self.shared.value_issues[i.index()]
+                                .fetch_add(u64::from(n), Ordering::Relaxed);
+                        }
+                    }
                     let mut row = Row::new(stamp, SOURCE, true);
                     row.seq = Some(self.seq);
-                    self.seq += 1;
-                    row.fields = acc.fields;
-                    if acc.dropped_values > 0 {
-                        self.shared
-                            .dropped_values
-                            .fetch_add(u64::from(acc.dropped_values), Ordering::Relaxed);
+                    let sampled = guest_mono_ns(&acc.fields)
+                        .and_then(|g| self.clock.observe(g, stamp.t_mono_ns))
+                        .map_or(Value::Null, |t| Value::I64(clamp_i64(t)));
+                    row.fields.reserve(acc.fields.len() + 1);
+                    row.push("t_sample_mono_ns", sampled);
+                    row.fields.extend(acc.fields);
+                    // The exact size of what would be written, against the budgets.
+                    self.scratch.clear();
+                    row.write_json_line(&mut self.scratch);
+                    let len = self.scratch.len() as u64;
+                    if len > self.budget_left {
+                        self.reject(Reject::ByteBudget);
+                        continue;
                     }
+                    self.budget_left -= len;
+                    self.byte_tokens -= len as f64;
+                    self.seq += 1;
                     self.writer.write_row(&row)?;
+                    self.shared.bytes_written.fetch_add(len, Ordering::Relaxed);
                     self.shared.rows.fetch_add(1, Ordering::Relaxed);
                     written += 1;
                 }
@@ -390,4 +595,16 @@ impl Worker {
         }
         Ok(written)
     }
+}
+
+/// The guest's sampling clock of a line, if it sent one as an integer.
+fn guest_mono_ns(fields: &[(crate::row::FieldName, Value)]) -> Option<u64> {
+    fields.iter().find_map(|(k, v)| match v {
+        Value::U64(g) if k == "guest_mono_ns" => Some(*g),
+        _ => None,
+    })
+}
+
+fn clamp_i64(v: i128) -> i64 {
+    v.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
 }
