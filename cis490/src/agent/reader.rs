@@ -131,7 +131,9 @@ impl AgentReader {
         let writer = JsonlWriter::create(&ctx.dir, &telemetry_file(SOURCE))?;
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared::default());
-        let max_bytes = cfg.max_bytes.unwrap_or_else(|| default_max_bytes(&ctx.dir));
+        let max_bytes = cfg
+            .max_bytes
+            .unwrap_or_else(|| default_max_bytes(ctx.dir.path()));
         shared.max_bytes.store(max_bytes, Ordering::Relaxed);
         let w = Worker {
             cfg: cfg.clone(),

@@ -167,11 +167,19 @@ fn qmp_rows_from_real_replies_meet_the_declaration() {
 fn agent_rows_from_the_lab_agents_lines_meet_the_declaration() {
     let mut check = TypeCheck::for_stream(s("agent"));
     let text = fixture("tcg/guest-agent.sample.jsonl");
+    let mut columns = crate::agent::line::Columns::new();
     for (i, line) in text.lines().enumerate() {
-        let acc = crate::agent::line::check(line.as_bytes()).unwrap();
+        let acc = crate::agent::line::check(line.as_bytes(), &mut columns).unwrap();
         let mut row = Row::new(EpisodeClock::start().stamp(), "agent", true);
         row.seq = Some(i as u64);
-        row.fields = acc.fields;
+        // As the reader writes it: null until the clock map has enough lines.
+        let sampled = if i < 2 {
+            crate::row::Value::Null
+        } else {
+            crate::row::Value::I64(-5)
+        };
+        row.push("t_sample_mono_ns", sampled);
+        row.fields.extend(acc.fields);
         let obj = written(&row);
         assert_meets("agent", &obj);
         assert!(check.check(&obj).is_empty(), "line {i}");
@@ -221,6 +229,7 @@ fn events_as_the_event_log_writes_them_meet_the_declaration() {
 fn the_row_writer_writes_floats_as_floats() {
     let mut row = Row::new(EpisodeClock::start().stamp(), "agent", true);
     row.seq = Some(0);
+    row.push("t_sample_mono_ns", crate::row::Value::Null);
     row.push("guest_load1", 0.0).push("guest_uptime_s", 2.0);
     let obj = written(&row);
     assert!(obj["guest_load1"].is_f64(), "{obj:?}");
@@ -262,7 +271,7 @@ fn null_in_a_non_nullable_column_is_caught() {
 
 #[test]
 fn integer_in_a_float_column_is_caught() {
-    let row = json!({"t_mono_ns": 1, "t_wall_ns": 2, "source": "agent",
+    let row = json!({"t_mono_ns": 1, "t_wall_ns": 2, "source": "agent", "t_sample_mono_ns": null,
         "available_in_deployment": true, "seq": 0, "guest_load1": 0});
     assert_eq!(kinds("agent", row.clone()), vec![V::IntInFloat]);
     assert_eq!(kinds("agent", with(row, "guest_load1", json!(0.0))), vec![]);
@@ -308,7 +317,7 @@ fn unknown_column_matching_no_pattern_is_caught() {
         vec![V::UnknownColumn]
     );
     // Agent columns are open-ended only under guest_.
-    let row = json!({"t_mono_ns": 1, "t_wall_ns": 2, "source": "agent",
+    let row = json!({"t_mono_ns": 1, "t_wall_ns": 2, "source": "agent", "t_sample_mono_ns": null,
         "available_in_deployment": true, "seq": 0, "guest_anything": "x", "host_x": 1});
     assert_eq!(kinds("agent", row), vec![V::UnknownColumn]);
 }
@@ -361,7 +370,7 @@ fn value_outside_a_closed_set_is_caught() {
 #[test]
 fn family_column_that_changes_type_is_caught_but_int_to_float_widens() {
     let row = |v: Value| {
-        json!({"t_mono_ns": 1, "t_wall_ns": 2, "source": "agent",
+        json!({"t_mono_ns": 1, "t_wall_ns": 2, "source": "agent", "t_sample_mono_ns": null,
             "available_in_deployment": true, "seq": 0, "guest_custom": v})
     };
     let mut check = TypeCheck::for_stream(s("agent"));
@@ -374,7 +383,7 @@ fn family_column_that_changes_type_is_caught_but_int_to_float_widens() {
     assert_eq!(p.len(), 1, "{p:?}");
     assert!(p[0].contains("guest_custom changed type"), "{p:?}");
     // A family with an exact type is checked like a declared column.
-    let disk = json!({"t_mono_ns": 1, "t_wall_ns": 2, "source": "agent",
+    let disk = json!({"t_mono_ns": 1, "t_wall_ns": 2, "source": "agent", "t_sample_mono_ns": null,
         "available_in_deployment": true, "seq": 0, "guest_disk_vda_read_bytes": 1.5});
     assert_eq!(kinds("agent", disk), vec![V::FloatInInt]);
 }

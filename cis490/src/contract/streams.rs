@@ -479,12 +479,11 @@ const AGENT: &[C] = &[
     C::new("seq", UInt64, "line", "accepted line number, from 0"),
     C::new(
         "t_sample_mono_ns",
-        UInt64,
+        Int64,
         "ns",
-        "estimated guest sampling instant on t_mono_ns's axis (pending: issue 11 part 3)",
+        "the guest's sampling instant mapped onto t_mono_ns's axis (guest clock offset and drift estimated from the lines' own timestamps; negative when sampled before the episode began; null for the first lines after a connect)",
     )
-    .nullable()
-    .optional(),
+    .nullable(),
     guest("guest_seq", UInt64, "tick", "the agent's own tick number"),
     guest(
         "guest_t_guest_ns",
