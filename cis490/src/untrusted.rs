@@ -203,7 +203,7 @@ impl<R: BufRead> LineReader<R> {
                     (_, false) => LineRead::Line { terminated: false },
                 });
             }
-            let (take, done) = match avail.iter().position(|&b| b == b'\n') {
+            let (take, done) = match memchr::memchr(b'\n', avail) {
                 Some(i) => (i + 1, true),
                 None => (avail.len(), false),
             };

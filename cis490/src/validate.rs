@@ -966,10 +966,21 @@ impl<R: std::io::Read> std::io::Read for RawHasher<R> {
 /// Feed every line of `reader` to `scan` through the line cap: memory stays bounded by
 /// [`MAX_LINE_BYTES`] whatever the file (or a compressed stream) expands to. `check`
 /// false only hashes and counts (files that are not JSON lines, e.g. meta.json).
-fn scan_lines(reader: impl BufRead, scan: &mut FileScan, check: bool) -> std::io::Result<()> {
+/// `hash` false: the caller hashes the raw file itself (a compressed stream's size and
+/// sha256 are those of the compressed bytes, so hashing the decoded ones would be waste).
+fn scan_lines(
+    reader: impl BufRead,
+    scan: &mut FileScan,
+    check: bool,
+    hash: bool,
+) -> std::io::Result<()> {
     let mut lines = LineReader::new(reader, MAX_LINE_BYTES);
     loop {
-        let got = lines.next_line(|raw| scan.absorb(raw))?;
+        let got = lines.next_line(|raw| {
+            if hash {
+                scan.absorb(raw)
+            }
+        })?;
         match got {
             LineRead::Eof => return Ok(()),
             LineRead::Line { terminated } if !check => scan.lines += u64::from(terminated),
@@ -996,7 +1007,7 @@ fn scan_zstd_file(path: &Path, name: &str, kind: FileKind) -> Result<ScannedFile
         let reader = BufReader::with_capacity(1 << 16, decoder);
         // What decoded before an error was checked; a frame cut short (a capture killed
         // hard) ends there.
-        if let Err(e) = scan_lines(reader, &mut scan, true) {
+        if let Err(e) = scan_lines(reader, &mut scan, true, false) {
             decode_error = Some(e.to_string());
         }
     }
@@ -1024,7 +1035,7 @@ fn scan_file(path: &Path, name: &str, kind: Option<FileKind>) -> Result<ScannedF
     // Files that are not JSON lines (meta.json) are only hashed: treat them as an events
     // file whose lines are not checked.
     let mut scan = FileScan::new(name, kind.clone().unwrap_or(FileKind::Events));
-    scan_lines(reader, &mut scan, kind.is_some()).map_err(|e| e.to_string())?;
+    scan_lines(reader, &mut scan, kind.is_some(), true).map_err(|e| e.to_string())?;
     Ok(scan.finish())
 }
 
@@ -1262,6 +1273,51 @@ mod tests {
         assert!(msgs[2].contains(":4: t_mono_ns missing"), "{msgs:?}");
         assert!(msgs[3].contains(":5: field x is nested"), "{msgs:?}");
         assert!(msgs[4].contains(":6: not valid JSON"), "{msgs:?}");
+    }
+
+    #[test]
+    fn f9_duplicate_keys_in_a_row_are_a_problem() {
+        let f = tele(&[
+            r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":0,"kvm_exits":1,"kvm_exits":2}"#,
+            r#"{"t_mono_ns":2,"t_wall_ns":2,"seq":1,"kvm_exits":1}"#,
+        ]);
+        assert_eq!(f.problems.len(), 1, "{:?}", f.problems);
+        assert_eq!(f.problems[0].line, Some(1));
+        assert!(
+            f.problems[0]
+                .message
+                .contains(r#"duplicate keys ["kvm_exits"]"#),
+            "{:?}",
+            f.problems
+        );
+        let ev = scan_bytes(
+            "events.jsonl",
+            FileKind::Events,
+            b"{\"t_mono_ns\":1,\"t_wall_ns\":1,\"event\":\"x\",\"event\":\"gap\"}\n",
+        );
+        assert!(
+            ev.problems[0].message.contains("duplicate keys"),
+            "{:?}",
+            ev.problems
+        );
+    }
+
+    #[test]
+    fn f8_line_over_the_cap_is_a_problem_with_file_and_line() {
+        let mut data = b"{\"t_mono_ns\":1,\"t_wall_ns\":1,\"event\":\"x\"}\n".to_vec();
+        data.extend(std::iter::repeat_n(b' ', MAX_LINE_BYTES + 1));
+        data.push(b'\n');
+        let f = scan_bytes("events.jsonl", FileKind::Events, &data);
+        assert_eq!(f.lines, 2);
+        assert_eq!(f.bytes, data.len() as u64);
+        let p = f.problems[0].to_string();
+        assert!(
+            p.starts_with(&format!(
+                "events.jsonl:2: line is {} bytes, over the {MAX_LINE_BYTES}-byte line cap",
+                MAX_LINE_BYTES + 2
+            )),
+            "{p}"
+        );
     }
 
     #[test]
