@@ -5,10 +5,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(accepted) = cis490::agent::line::check(data) {
-        // What is accepted must respect the documented bounds.
+        // The one bound the row writer relies on: a guest cannot add unbounded columns.
         assert!(accepted.fields.len() <= cis490::agent::line::MAX_FIELDS);
-        for (key, _) in &accepted.fields {
-            assert!(key.len() <= cis490::agent::line::MAX_KEY + "guest_".len());
-        }
     }
 });

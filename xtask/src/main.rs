@@ -3,9 +3,11 @@
 //! setup  installs what a fresh machine lacks (apt packages, rust-src, bpf-linker, tracefs)
 //! demo   traces a bundled target for a few seconds and prints the episode and a summary
 //! test   builds everything and runs the whole test suite (what CI runs)
+//! fuzz   fuzzes every parser of untrusted input for a bounded time (docs/fuzzing.md)
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod util;
 mod vm;
@@ -47,6 +49,16 @@ enum Command {
         #[command(subcommand)]
         command: vm::VmCommand,
     },
+    /// Fuzz every parser of untrusted input (fuzz/, cargo-fuzz): seed corpora from real
+    /// fixtures, then each target for a bounded time. Fails on a crash.
+    Fuzz {
+        /// Seconds of fuzzing per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (default: all).
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// Set up, build, and run every test (the command CI runs).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -54,6 +66,10 @@ enum Command {
         cargo_test_args: Vec<String>,
     },
 }
+
+/// Seconds each fuzz target runs in `cargo xtask test` (6 targets: 2 minutes, plus the
+/// fuzz crate's build).
+const CI_FUZZ_SECONDS: u64 = 20;
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
@@ -75,6 +91,10 @@ fn main() -> anyhow::Result<()> {
             }
             vm::run(command)
         }
+        Command::Fuzz { seconds, target } => {
+            setup::all()?;
+            fuzz::run(seconds, target.as_deref()).map(drop)
+        }
         Command::Test { cargo_test_args } => {
             setup::all()?;
             util::cargo(&["build", "--locked", "--workspace", "--bins"])?;
@@ -86,7 +106,10 @@ fn main() -> anyhow::Result<()> {
             // samplers (and then, truthfully, miss ticks).
             args.push("--test-threads=1");
             args.extend(cargo_test_args.iter().map(String::as_str));
-            util::cargo(&args)
+            util::cargo(&args)?;
+            // Replay every fuzz corpus (seeded from the real fixtures) and fuzz each target
+            // briefly: a parser change that crashes on a known or nearby input fails CI.
+            fuzz::run(CI_FUZZ_SECONDS, None).map(drop)
         }
     }
 }
