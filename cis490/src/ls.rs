@@ -235,6 +235,14 @@ fn state_of(
     files: &[(String, std::fs::Metadata)],
     meta_readable: bool,
 ) -> (String, Option<String>) {
+    // validate's order: no readable meta.json is not an episode (FAIL) even without
+    // done.marker; only then does a missing done.marker make it INCOMPLETE.
+    if !meta_readable {
+        return (
+            "FAIL".into(),
+            Some(format!("{META}: missing or unreadable")),
+        );
+    }
     if !complete {
         return ("INCOMPLETE".into(), None);
     }
@@ -258,12 +266,6 @@ fn state_of(
                     Some(format!(
                         "{name}: not a regular file (an episode holds only files)"
                     )),
-                );
-            }
-            if !meta_readable {
-                return (
-                    "FAIL".into(),
-                    Some(format!("{META}: missing or unreadable")),
                 );
             }
             ("sealed".into(), None)
@@ -352,6 +354,25 @@ mod tests {
     fn phases_are_distinct_in_order_and_skip_partial_lines() {
         let t = "{\"phase\":\"clean\"}\n{\"phase\":\"armed\"}\n{\"phase\":\"clean\"}\n{\"phase\":\"dorm";
         assert_eq!(phases_of_labels(t), vec!["clean", "armed"]);
+    }
+
+    /// Found by the `episode` fuzz target: labels.jsonl without meta.json or done.marker
+    /// was INCOMPLETE in ls but FAIL in validate (not an episode).
+    #[test]
+    fn fuzz_regression_no_meta_and_no_done_marker_is_fail_like_validate() {
+        let d = tempfile::tempdir().unwrap();
+        let ep = d.path().join("01JFUZZ0000000000000000000");
+        std::fs::create_dir(&ep).unwrap();
+        std::fs::write(
+            ep.join(LABELS),
+            "{\"t_mono_ns\":1,\"t_wall_ns\":1,\"phase\":\"clean\",\"prev\":null}\n",
+        )
+        .unwrap();
+        assert_eq!(validate::validate_dir(&ep).verdict(), Verdict::Fail);
+        for check in [Check::Full, Check::Quick] {
+            let s = summarize_with(&ep, check).unwrap();
+            assert_eq!(s.state, "FAIL", "{check:?}");
+        }
     }
 
     #[test]

@@ -1097,9 +1097,8 @@ pub fn validate_dir(dir: &Path) -> EpisodeReport {
     let mut order: Vec<&(String, std::fs::Metadata)> = names.iter().collect();
     order.sort_by_key(|(n, _)| n != EVENTS);
     for (name, md) in order {
-        if name == DONE || name == MANIFEST {
-            continue;
-        }
+        // done.marker and manifest.json too must be regular files; their contents are
+        // checked elsewhere (manifest) or not at all (done.marker).
         if !md.is_file() {
             // A running (or killed) capture's control socket is expected until it closes.
             if name == crate::episode::CONTROL_SOCKET && !complete {
@@ -1110,6 +1109,9 @@ pub fn validate_dir(dir: &Path) -> EpisodeReport {
                 None,
                 "not a regular file (an episode holds only files)",
             ));
+            continue;
+        }
+        if name == DONE || name == MANIFEST {
             continue;
         }
         let kind = FileKind::of(name);
