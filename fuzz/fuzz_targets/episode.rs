@@ -47,7 +47,12 @@ fuzz_target!(|data: &[u8]| {
             cis490::validate::Verdict::Fail => s.state == "FAIL",
             cis490::validate::Verdict::Incomplete => s.state == "INCOMPLETE",
         };
-        assert!(agrees, "ls says {} but validate {:?}", s.state, report.verdict());
+        assert!(
+            agrees,
+            "ls says {} but validate {:?}",
+            s.state,
+            report.verdict()
+        );
         let _ = cis490::ls::format_table(&[s]);
     }
     let _ = cis490::report::load(&dir);
