@@ -27,6 +27,7 @@ pub mod sampler;
 pub mod status;
 pub mod target;
 pub mod trace;
+pub mod untrusted;
 pub mod validate;
 
 pub use error::{Error, Result};

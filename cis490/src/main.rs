@@ -63,6 +63,10 @@ enum Command {
         /// One JSON array for scripts.
         #[arg(long)]
         json: bool,
+        /// Do not validate file contents (no hashing, no row checks): a complete episode
+        /// shows `sealed:<reason>` instead of `ok:<reason>`.
+        #[arg(long)]
+        quick: bool,
     },
     /// Internal: load and attach the BPF programs, hand the fds to the capture on stdin
     /// (see bpf/handoff.rs).
@@ -224,7 +228,11 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             episode_dir,
             output,
         } => cmd_report(&episode_dir, output),
-        Command::Ls { data_root, json } => cmd_ls(&data_root, json),
+        Command::Ls {
+            data_root,
+            json,
+            quick,
+        } => cmd_ls(&data_root, json, quick),
         Command::Recover { episode_dir } => {
             let outcome = cis490::recover::run(&episode_dir)?;
             print!("{}", outcome.describe());
@@ -383,8 +391,13 @@ fn cmd_report(dir: &std::path::Path, output: Option<PathBuf>) -> Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_ls(root: &std::path::Path, json: bool) -> Result<ExitCode, Error> {
-    let episodes = cis490::ls::list(root)?;
+fn cmd_ls(root: &std::path::Path, json: bool, quick: bool) -> Result<ExitCode, Error> {
+    let check = if quick {
+        cis490::ls::Check::Quick
+    } else {
+        cis490::ls::Check::Full
+    };
+    let episodes = cis490::ls::list_with(root, check)?;
     if json {
         println!(
             "{}",

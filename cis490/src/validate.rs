@@ -6,15 +6,15 @@
 //! is checked in constant memory (except one small record per seq hole).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::episode::{DONE, EVENTS, LABELS, MANIFEST, META};
 use crate::labels::Phase;
+use crate::untrusted::{self, LineRead, LineReader, MAX_LINE_BYTES};
 
 /// At most this many problems of one file are listed; the rest are counted.
 const MAX_PROBLEMS_PER_FILE: usize = 20;
@@ -137,6 +137,44 @@ impl FileKind {
     }
 }
 
+/// One row parsed with its duplicate keys noticed: serde_json (with preserve_order) keeps
+/// one value of `{"a":1,"a":2}` silently, so a row that says two things would pass.
+struct RowObject {
+    map: Map<String, Value>,
+    duplicates: Vec<String>,
+}
+
+impl<'de> serde::Deserialize<'de> for RowObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct RowVisitor;
+        impl<'de> serde::de::Visitor<'de> for RowVisitor {
+            type Value = RowObject;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<RowObject, A::Error> {
+                let mut map = Map::new();
+                let mut duplicates = Vec::new();
+                while let Some(key) = a.next_key::<String>()? {
+                    let value: Value = a.next_value()?;
+                    if map.contains_key(&key) {
+                        if !duplicates.contains(&key) {
+                            duplicates.push(key);
+                        }
+                    } else {
+                        map.insert(key, value);
+                    }
+                }
+                Ok(RowObject { map, duplicates })
+            }
+        }
+        d.deserialize_map(RowVisitor)
+    }
+}
+
 /// Streaming check of one JSON-lines file: every line a JSON object with integer clock
 /// fields, t_mono_ns never decreasing, seq never decreasing (holes recorded), and the
 /// byte/line/sha256 bookkeeping the manifest is compared against.
@@ -207,8 +245,44 @@ impl FileScan {
     /// Feed one chunk as read by `read_until(b'\n')`: a full line with its newline, or the
     /// final bytes of the file without one.
     pub fn feed(&mut self, chunk: &[u8]) {
-        self.hasher.update(chunk);
-        self.bytes += chunk.len() as u64;
+        self.absorb(chunk);
+        if chunk.len() > MAX_LINE_BYTES {
+            self.too_long(chunk.len() as u64, chunk.ends_with(b"\n"));
+        } else {
+            self.check_line(chunk);
+        }
+    }
+
+    /// Count and hash raw bytes (what the manifest describes), checked or not.
+    fn absorb(&mut self, raw: &[u8]) {
+        self.hasher.update(raw);
+        self.bytes += raw.len() as u64;
+    }
+
+    /// A line over [`MAX_LINE_BYTES`]: counted, reported with its length, never parsed.
+    fn too_long(&mut self, bytes: u64, terminated: bool) {
+        let n = self.lines + 1;
+        if terminated {
+            self.lines += 1;
+        } else {
+            self.partial_tail = Some(bytes);
+        }
+        self.problem(
+            Some(n),
+            format!(
+                "line is {bytes} bytes, over the {MAX_LINE_BYTES}-byte line cap (not parsed{})",
+                if terminated {
+                    ""
+                } else {
+                    "; no newline either"
+                }
+            ),
+        );
+    }
+
+    /// The per-line checks of one line at most [`MAX_LINE_BYTES`] long (bytes already
+    /// absorbed).
+    fn check_line(&mut self, chunk: &[u8]) {
         let Some(body) = chunk.strip_suffix(b"\n") else {
             if !chunk.is_empty() {
                 self.partial_tail = Some(chunk.len() as u64);
@@ -225,17 +299,28 @@ impl FileScan {
         };
         self.lines += 1;
         let n = self.lines;
-        let value: Value = match serde_json::from_slice(body) {
+        let row: RowObject = match serde_json::from_slice(body) {
             Ok(v) => v,
             Err(e) => {
-                self.problem(Some(n), format!("not valid JSON: {e}"));
+                // Parsed again only to tell a non-object from invalid JSON.
+                let msg = match serde_json::from_slice::<Value>(body) {
+                    Ok(_) => "not a JSON object".to_owned(),
+                    Err(_) => format!("not valid JSON: {e}"),
+                };
+                self.problem(Some(n), msg);
                 return;
             }
         };
-        let Value::Object(obj) = &value else {
-            self.problem(Some(n), "not a JSON object".into());
-            return;
-        };
+        if !row.duplicates.is_empty() {
+            self.problem(
+                Some(n),
+                format!(
+                    "duplicate keys {:?}: a reader would silently keep only one value",
+                    row.duplicates
+                ),
+            );
+        }
+        let obj = &row.map;
         let mut clock_ok = true;
         for key in ["t_mono_ns", "t_wall_ns"] {
             if obj.get(key).and_then(Value::as_u64).is_none() {
@@ -269,7 +354,7 @@ impl FileScan {
         }
     }
 
-    fn telemetry_row(&mut self, n: u64, t: u64, obj: &serde_json::Map<String, Value>) {
+    fn telemetry_row(&mut self, n: u64, t: u64, obj: &Map<String, Value>) {
         for (key, v) in obj {
             if v.is_object() || v.is_array() {
                 self.problem(Some(n), format!("field {key} is nested; rows must be flat"));
@@ -332,7 +417,7 @@ impl FileScan {
         self.last_seq = Some((seq, t));
     }
 
-    fn event_row(&mut self, n: u64, t: u64, obj: &serde_json::Map<String, Value>) {
+    fn event_row(&mut self, n: u64, t: u64, obj: &Map<String, Value>) {
         let Some(event) = obj.get("event").and_then(Value::as_str) else {
             self.problem(Some(n), "event name missing or not a string".into());
             return;
@@ -365,7 +450,7 @@ impl FileScan {
         }
     }
 
-    fn label_row(&mut self, n: u64, t: u64, obj: &serde_json::Map<String, Value>) {
+    fn label_row(&mut self, n: u64, t: u64, obj: &Map<String, Value>) {
         let phase = obj.get("phase").and_then(Value::as_str);
         let prev = match obj.get("prev") {
             None => {
@@ -878,11 +963,6 @@ pub fn check_manifest(
     out
 }
 
-fn read_json(path: &Path) -> Result<Value, String> {
-    let data = std::fs::read(path).map_err(|e| e.to_string())?;
-    serde_json::from_slice(&data).map_err(|e| format!("not valid JSON: {e}"))
-}
-
 /// Hashes and counts the raw bytes of a compressed stream as the decoder reads them.
 struct RawHasher<R> {
     inner: R,
@@ -899,10 +979,38 @@ impl<R: std::io::Read> std::io::Read for RawHasher<R> {
     }
 }
 
+/// Feed every line of `reader` to `scan` through the line cap: memory stays bounded by
+/// [`MAX_LINE_BYTES`] whatever the file (or a compressed stream) expands to. `check`
+/// false only hashes and counts (files that are not JSON lines, e.g. meta.json).
+/// `hash` false: the caller hashes the raw file itself (a compressed stream's size and
+/// sha256 are those of the compressed bytes, so hashing the decoded ones would be waste).
+fn scan_lines(
+    reader: impl BufRead,
+    scan: &mut FileScan,
+    check: bool,
+    hash: bool,
+) -> std::io::Result<()> {
+    let mut lines = LineReader::new(reader, MAX_LINE_BYTES);
+    loop {
+        let got = lines.next_line(|raw| {
+            if hash {
+                scan.absorb(raw)
+            }
+        })?;
+        match got {
+            LineRead::Eof => return Ok(()),
+            LineRead::Line { terminated } if !check => scan.lines += u64::from(terminated),
+            LineRead::TooLong { terminated, .. } if !check => scan.lines += u64::from(terminated),
+            LineRead::Line { .. } => scan.check_line(lines.line()),
+            LineRead::TooLong { bytes, terminated } => scan.too_long(bytes, terminated),
+        }
+    }
+}
+
 /// A `.jsonl.zst` stream: rows are checked on the decoded lines, while size and sha256
 /// (what the manifest lists) are those of the compressed file.
 fn scan_zstd_file(path: &Path, name: &str, kind: FileKind) -> Result<ScannedFile, String> {
-    let file = File::open(path).map_err(|e| e.to_string())?;
+    let (file, _) = untrusted::open_regular(path).map_err(|e| e.to_string())?;
     let mut scan = FileScan::new(name, kind).with_contract();
     let mut counted = RawHasher {
         inner: file,
@@ -911,24 +1019,12 @@ fn scan_zstd_file(path: &Path, name: &str, kind: FileKind) -> Result<ScannedFile
     };
     let mut decode_error = None;
     {
-        let decoder = zstd::stream::read::Decoder::new(&mut counted).map_err(|e| e.to_string())?;
-        let mut reader = BufReader::with_capacity(1 << 16, decoder);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match reader.read_until(b'\n', &mut buf) {
-                Ok(0) => break,
-                Ok(_) => scan.feed(&buf),
-                Err(e) => {
-                    // What decoded so far was checked; a frame cut short (a capture killed
-                    // hard) ends here.
-                    if !buf.is_empty() {
-                        scan.feed(&buf);
-                    }
-                    decode_error = Some(e.to_string());
-                    break;
-                }
-            }
+        let decoder = untrusted::zstd_decoder(&mut counted).map_err(|e| e.to_string())?;
+        let reader = BufReader::with_capacity(1 << 16, decoder);
+        // What decoded before an error was checked; a frame cut short (a capture killed
+        // hard) ends there.
+        if let Err(e) = scan_lines(reader, &mut scan, true, false) {
+            decode_error = Some(e.to_string());
         }
     }
     // Hash whatever the decoder did not need to read (trailing bytes after an error).
@@ -950,30 +1046,12 @@ fn scan_file(path: &Path, name: &str, kind: Option<FileKind>) -> Result<ScannedF
     if let (true, Some(kind)) = (name.ends_with(".zst"), kind.clone()) {
         return scan_zstd_file(path, name, kind);
     }
-    let file = File::open(path).map_err(|e| e.to_string())?;
-    let mut reader = BufReader::with_capacity(1 << 16, file);
+    let (file, _) = untrusted::open_regular(path).map_err(|e| e.to_string())?;
+    let reader = BufReader::with_capacity(1 << 16, file);
     // Files that are not JSON lines (meta.json) are only hashed: treat them as an events
     // file whose lines are not checked.
     let mut scan = FileScan::new(name, kind.clone().unwrap_or(FileKind::Events)).with_contract();
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        let n = reader
-            .read_until(b'\n', &mut buf)
-            .map_err(|e| e.to_string())?;
-        if n == 0 {
-            break;
-        }
-        if kind.is_some() {
-            scan.feed(&buf);
-        } else {
-            scan.hasher.update(&buf);
-            scan.bytes += n as u64;
-            if buf.ends_with(b"\n") {
-                scan.lines += 1;
-            }
-        }
-    }
+    scan_lines(reader, &mut scan, kind.is_some(), true).map_err(|e| e.to_string())?;
     Ok(scan.finish())
 }
 
@@ -1035,9 +1113,8 @@ pub fn validate_dir(dir: &Path) -> EpisodeReport {
     let mut order: Vec<&(String, std::fs::Metadata)> = names.iter().collect();
     order.sort_by_key(|(n, _)| n != EVENTS);
     for (name, md) in order {
-        if name == DONE || name == MANIFEST {
-            continue;
-        }
+        // done.marker and manifest.json too must be regular files; their contents are
+        // checked elsewhere (manifest) or not at all (done.marker).
         if !md.is_file() {
             // A running (or killed) capture's control socket is expected until it closes.
             if name == crate::episode::CONTROL_SOCKET && !complete {
@@ -1048,6 +1125,9 @@ pub fn validate_dir(dir: &Path) -> EpisodeReport {
                 None,
                 "not a regular file (an episode holds only files)",
             ));
+            continue;
+        }
+        if name == DONE || name == MANIFEST {
             continue;
         }
         let kind = FileKind::of(name);
@@ -1093,10 +1173,13 @@ pub fn validate_dir(dir: &Path) -> EpisodeReport {
             errors.get(source).map(Vec::as_slice).unwrap_or(&[]),
         ));
     }
-    let meta = match read_json(&dir.join(META)) {
+    let listed_on_disk = |name: &str| names.iter().any(|(n, _)| n == name);
+    // Read only what the directory listing showed, through the safe reader: a FIFO or a
+    // symlink named meta.json is refused (and already reported above), never opened.
+    let meta = match untrusted::read_json(&dir.join(META), untrusted::MAX_META_BYTES) {
         Ok(m) => Some(m),
         Err(e) => {
-            if dir.join(META).exists() {
+            if listed_on_disk(META) {
                 problems.push(Problem::new(Some(META), None, e));
             }
             None
@@ -1107,8 +1190,8 @@ pub fn validate_dir(dir: &Path) -> EpisodeReport {
         problems.extend(check_meta(meta, dir_name.as_deref(), complete, &scanned));
     }
     let manifest_path = dir.join(MANIFEST);
-    if manifest_path.exists() {
-        match read_json(&manifest_path) {
+    if listed_on_disk(MANIFEST) {
+        match untrusted::read_json(&manifest_path, untrusted::MAX_MANIFEST_BYTES) {
             Ok(manifest) => problems.extend(check_manifest(
                 &manifest,
                 meta.as_ref().and_then(|m| m["episode_id"].as_str()),
@@ -1208,6 +1291,51 @@ mod tests {
         assert!(msgs[2].contains(":4: t_mono_ns missing"), "{msgs:?}");
         assert!(msgs[3].contains(":5: field x is nested"), "{msgs:?}");
         assert!(msgs[4].contains(":6: not valid JSON"), "{msgs:?}");
+    }
+
+    #[test]
+    fn f9_duplicate_keys_in_a_row_are_a_problem() {
+        let f = tele(&[
+            r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":0,"kvm_exits":1,"kvm_exits":2}"#,
+            r#"{"t_mono_ns":2,"t_wall_ns":2,"seq":1,"kvm_exits":1}"#,
+        ]);
+        assert_eq!(f.problems.len(), 1, "{:?}", f.problems);
+        assert_eq!(f.problems[0].line, Some(1));
+        assert!(
+            f.problems[0]
+                .message
+                .contains(r#"duplicate keys ["kvm_exits"]"#),
+            "{:?}",
+            f.problems
+        );
+        let ev = scan_bytes(
+            "events.jsonl",
+            FileKind::Events,
+            b"{\"t_mono_ns\":1,\"t_wall_ns\":1,\"event\":\"x\",\"event\":\"gap\"}\n",
+        );
+        assert!(
+            ev.problems[0].message.contains("duplicate keys"),
+            "{:?}",
+            ev.problems
+        );
+    }
+
+    #[test]
+    fn f8_line_over_the_cap_is_a_problem_with_file_and_line() {
+        let mut data = b"{\"t_mono_ns\":1,\"t_wall_ns\":1,\"event\":\"x\"}\n".to_vec();
+        data.extend(std::iter::repeat_n(b' ', MAX_LINE_BYTES + 1));
+        data.push(b'\n');
+        let f = scan_bytes("events.jsonl", FileKind::Events, &data);
+        assert_eq!(f.lines, 2);
+        assert_eq!(f.bytes, data.len() as u64);
+        let p = f.problems[0].to_string();
+        assert!(
+            p.starts_with(&format!(
+                "events.jsonl:2: line is {} bytes, over the {MAX_LINE_BYTES}-byte line cap",
+                MAX_LINE_BYTES + 2
+            )),
+            "{p}"
+        );
     }
 
     #[test]

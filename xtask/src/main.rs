@@ -4,9 +4,11 @@
 //! demo   traces a bundled target for a few seconds and prints the episode and a summary
 //! test   builds everything and runs the whole test suite (what CI runs)
 //! soak   a long 1 kHz capture of the test VM under a flooding guest and stalling QMP
+//! fuzz   fuzzes every parser of untrusted input for a bounded time (docs/fuzzing.md)
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod soak;
 mod util;
@@ -52,6 +54,16 @@ enum Command {
         #[command(subcommand)]
         command: vm::VmCommand,
     },
+    /// Fuzz every parser of untrusted input (fuzz/, cargo-fuzz): seed corpora from real
+    /// fixtures, then each target for a bounded time. Fails on a crash.
+    Fuzz {
+        /// Seconds of fuzzing per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (default: all).
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// Set up, build, and run every test (the command CI runs).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -59,6 +71,10 @@ enum Command {
         cargo_test_args: Vec<String>,
     },
 }
+
+/// Seconds each fuzz target runs in `cargo xtask test` (6 targets: 2 minutes, plus the
+/// fuzz crate's build).
+const CI_FUZZ_SECONDS: u64 = 20;
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
@@ -85,6 +101,10 @@ fn main() -> anyhow::Result<()> {
             }
             vm::run(command)
         }
+        Command::Fuzz { seconds, target } => {
+            setup::all()?;
+            fuzz::run(seconds, target.as_deref()).map(drop)
+        }
         Command::Test { cargo_test_args } => {
             setup::all()?;
             util::cargo(&["build", "--locked", "--workspace", "--bins"])?;
@@ -96,7 +116,10 @@ fn main() -> anyhow::Result<()> {
             // samplers (and then, truthfully, miss ticks).
             args.push("--test-threads=1");
             args.extend(cargo_test_args.iter().map(String::as_str));
-            util::cargo(&args)
+            util::cargo(&args)?;
+            // Replay every fuzz corpus (seeded from the real fixtures) and fuzz each target
+            // briefly: a parser change that crashes on a known or nearby input fails CI.
+            fuzz::run(CI_FUZZ_SECONDS, None).map(drop)
         }
     }
 }

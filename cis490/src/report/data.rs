@@ -5,7 +5,6 @@
 //! skipped, like any line that does not parse.
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::path::Path;
 
 use serde_json::{Map, Value};
@@ -76,21 +75,27 @@ pub struct Sample {
     pub fields: Vec<(String, f64)>,
 }
 
-/// Read every complete, parseable line of a JSON-lines file.
+/// Read every complete, parseable line of a JSON-lines file, opened with the safe reader
+/// (a FIFO or symlink is an error, never a hang). A line over
+/// [`crate::untrusted::MAX_LINE_BYTES`] is skipped in constant memory, like any line that
+/// does not parse (`cis490 validate` names it).
 pub fn for_each_object(path: &Path, mut f: impl FnMut(&Map<String, Value>)) -> Result<(), Error> {
-    let mut reader = crate::jsonl::open_stream(path)
-        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    let mut buf = Vec::new();
+    use crate::untrusted::{LineRead, LineReader, MAX_LINE_BYTES};
+    let reader = crate::untrusted::open_stream(path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e.into()))?;
+    let mut lines = LineReader::new(reader, MAX_LINE_BYTES);
     loop {
-        buf.clear();
-        let n = reader
-            .read_until(b'\n', &mut buf)
+        let got = lines
+            .next_line(|_| {})
             .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-        if n == 0 || !buf.ends_with(b"\n") {
-            return Ok(());
-        }
-        if let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(&buf) {
-            f(&obj);
+        match got {
+            LineRead::Eof | LineRead::Line { terminated: false } => return Ok(()),
+            LineRead::Line { terminated: true } => {
+                if let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(lines.line()) {
+                    f(&obj);
+                }
+            }
+            LineRead::TooLong { .. } => {}
         }
     }
 }

@@ -45,15 +45,16 @@ const PROC_IO: [&str; 4] = ["read_bytes", "write_bytes", "rchar", "wchar"];
 
 /// Load an episode directory into the report model.
 pub fn load(dir: &Path) -> Result<Model, Error> {
-    let meta: Value = std::fs::read(dir.join(META))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .ok_or_else(|| {
-            Error::Usage(format!(
-                "{} is not an episode directory (no readable meta.json)",
-                dir.display()
-            ))
-        })?;
+    // The safe reader: a FIFO or symlink named meta.json is refused, never opened.
+    let meta: Value =
+        crate::untrusted::read_json(&dir.join(META), crate::untrusted::MAX_META_BYTES).map_err(
+            |e| {
+                Error::Usage(format!(
+                    "{} is not an episode directory (no readable meta.json: {e})",
+                    dir.display()
+                ))
+            },
+        )?;
     let interval_ns = meta["schedule"]["interval_ns"]
         .as_u64()
         .unwrap_or(100_000_000);

@@ -2,13 +2,16 @@
 //! cheap when already done.
 
 mod bpf;
+mod fuzz;
 mod vm;
 
 pub use bpf::bpf;
+pub use fuzz::fuzz;
 pub use vm::vm;
 
 pub fn all() -> anyhow::Result<()> {
     bpf()?;
+    fuzz()?;
     vm()?;
     Ok(())
 }
