@@ -50,19 +50,7 @@ fn fixtures() -> PathBuf {
 /// `cargo +nightly fuzz ...` with cargo-fuzz from target/tools/bin and the environment
 /// of the outer `cargo xtask` removed (its toolchain and flags must not apply).
 fn cargo_fuzz() -> Command {
-    let mut c = Command::new("cargo");
-    for k in [
-        "RUSTUP_TOOLCHAIN",
-        "RUSTC",
-        "RUSTC_WRAPPER",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-    ] {
-        c.env_remove(k);
-    }
+    let mut c = crate::setup::clean("cargo");
     let tools = util::root().join("target/tools/bin");
     let path = std::env::var_os("PATH").unwrap_or_default();
     let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();

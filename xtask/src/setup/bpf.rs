@@ -48,7 +48,7 @@ struct Nightly {
 
 /// A command with the environment cargo sets for `cargo xtask` removed, so the
 /// `+nightly` toolchain and its own flags apply.
-fn clean(program: &str) -> Command {
+pub fn clean(program: &str) -> Command {
     let mut c = Command::new(program);
     for k in [
         "RUSTUP_TOOLCHAIN",

@@ -5,7 +5,7 @@ mod bpf;
 mod fuzz;
 mod vm;
 
-pub use bpf::bpf;
+pub use bpf::{bpf, clean};
 pub use fuzz::fuzz;
 pub use vm::vm;
 
