@@ -740,9 +740,13 @@ fn spinner_is_exact_at_every_tick(rate_hz: u32, lo: u64, hi: u64) {
         );
         return;
     }
-    assert_eq!(
-        zeros, 0,
-        "ticks with no on-CPU time for a thread that ran through"
+    // The same bound as for on_cpu + wait above, for the same reason: steal time (the host
+    // took this VM's vCPU) counted into the running slice before the kernel subtracted it,
+    // then held flat by the never-decrease clamp. Seen 2 in 2,691 ticks on an idle CI run.
+    assert!(
+        zeros * 500 <= deltas.len(),
+        "{zeros} of {} ticks with no on-CPU time for a thread that ran through",
+        deltas.len()
     );
     assert!(
         pct(0.05) >= lo && pct(0.95) <= hi,
