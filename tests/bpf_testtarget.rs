@@ -3,11 +3,19 @@
 //! start a capture first and only then make the target do the work being measured.
 //!
 //!   spin N          N threads spinning; prints "tids <t1> <t2> ..."; runs until stdin closes
+//!   spin-truth      one thread spinning that also records its own counters as the kernel
+//!                   gives them to the thread itself, every ~20 µs: (CLOCK_MONOTONIC,
+//!                   CLOCK_THREAD_CPUTIME_ID, schedstat run_delay). Prints "tids <t>"; on
+//!                   "dump PATH" writes the last 2^20 samples to PATH, one "mono cpu
+//!                   run_delay" line each, and prints "dumped"
 //!   io PATH         waits for "go", then one new thread does the I/O below on PATH and
 //!                   prints "done <tid> <write_bytes> <write_ops> <read_bytes> <read_ops>"
 //!   late            waits for "go", then starts 2 threads that spin 0.3 s of CPU each
 //!                   and exit;
 //!                   prints "late <t1> <t2>" when they are joined
+//!   burst N         waits for "go", then two threads each start N/2 sleeping threads as
+//!                   fast as they can (thread creation racing on two CPUs); prints
+//!                   "burst <t1> <t2> ..." once all run; they sleep until stdin closes
 //!   udp-echo ADDR   echoes UDP datagrams on ADDR (used inside a network namespace)
 //!   tap NAME        creates tap interface NAME on /dev/net/tun and holds its fd, as QEMU
 //!                   does with `-netdev tap,fd=N`; prints "ready"; runs until stdin closes
@@ -40,20 +48,72 @@ fn spin_for(d: Duration) {
 /// Spin until this thread has used `d` of CPU: unlike a wall-clock spin, it gets the same
 /// on-CPU time on a loaded machine, so thresholds on it hold under load.
 fn spin_cpu(d: Duration) {
-    let cpu_ns = || {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: valid clock id and out pointer.
-        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-        ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
-    };
-    let end = cpu_ns() + d.as_nanos();
+    let end = clock_ns(libc::CLOCK_THREAD_CPUTIME_ID) as u128 + d.as_nanos();
     let mut x = 0u64;
-    while cpu_ns() < end {
+    while (clock_ns(libc::CLOCK_THREAD_CPUTIME_ID) as u128) < end {
         x = std::hint::black_box(x.wrapping_add(1));
     }
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and out pointer.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The spinning thread of `spin-truth`. CLOCK_THREAD_CPUTIME_ID asks the kernel for the
+/// thread's runtime brought up to the instant of the call (task_sched_runtime): the exact
+/// value a snapshot of the running thread should report, without steal time, which the
+/// kernel subtracts. run_delay in the thread's own schedstat is complete whenever the
+/// thread runs (a wait is added when it ends), so a sample taken by the running thread is
+/// exact too. Between two samples ~20 µs apart the thread ran; a longer gap is time it
+/// waited (run_delay grows), was stolen by the host (neither grows) or both.
+fn spin_recording(stop: &std::sync::atomic::AtomicBool) -> Vec<(u64, u64, u64)> {
+    use std::os::unix::fs::FileExt;
+    const KEEP: usize = 1 << 20;
+    const MAX_SAMPLE_NS: u64 = 10_000;
+    let f = std::fs::File::open("/proc/thread-self/schedstat").expect("own schedstat");
+    let mut buf = [0u8; 128];
+    let mut ring: Vec<(u64, u64, u64)> = Vec::with_capacity(KEEP);
+    let mut next = 0usize;
+    let mut last = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let now = clock_ns(libc::CLOCK_MONOTONIC);
+        if now < last + 20_000 {
+            continue;
+        }
+        let cpu = clock_ns(libc::CLOCK_THREAD_CPUTIME_ID);
+        let n = f.read_at(&mut buf, 0).expect("read own schedstat");
+        let text = std::str::from_utf8(&buf[..n]).expect("schedstat text");
+        let run_delay: u64 = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|x| x.parse().ok())
+            .expect("schedstat run_delay");
+        // The instant is the middle of the two clock reads around the counter reads. A
+        // sample whose reads took long (the thread was interrupted, preempted or its vCPU
+        // taken between them) has no one instant and is not kept.
+        let end = clock_ns(libc::CLOCK_MONOTONIC);
+        if end - now > MAX_SAMPLE_NS {
+            continue;
+        }
+        let sample = (now + (end - now) / 2, cpu, run_delay);
+        if ring.len() < KEEP {
+            ring.push(sample);
+        } else {
+            ring[next] = sample;
+        }
+        next = (next + 1) % KEEP;
+        last = now;
+    }
+    if ring.len() == KEEP {
+        ring.rotate_left(next);
+    }
+    ring
 }
 
 fn say(s: &str) {
@@ -208,6 +268,66 @@ fn main() {
             say(&format!("tids {}", tids.join(" ")));
             while wait_line().is_some() {}
         }
+        Some("spin-truth") => {
+            use std::sync::atomic::{AtomicBool, Ordering};
+            use std::sync::Arc;
+            let stop = Arc::new(AtomicBool::new(false));
+            let (tx, rx) = std::sync::mpsc::channel();
+            let spinner = {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    tx.send(tid()).unwrap();
+                    spin_recording(&stop)
+                })
+            };
+            say(&format!("tids {}", rx.recv().unwrap()));
+            let mut spinner = Some(spinner);
+            while let Some(line) = wait_line() {
+                if let (Some(path), Some(h)) = (line.strip_prefix("dump "), spinner.take()) {
+                    stop.store(true, Ordering::Relaxed);
+                    let samples = h.join().unwrap();
+                    let mut out = std::io::BufWriter::new(
+                        std::fs::File::create(path.trim()).expect("truth file"),
+                    );
+                    for (m, c, r) in samples {
+                        writeln!(out, "{m} {c} {r}").unwrap();
+                    }
+                    out.flush().unwrap();
+                    say("dumped");
+                }
+            }
+        }
+        Some("burst") => {
+            let n: usize = args[2].parse().expect("thread count");
+            say("ready");
+            if wait_line().as_deref() == Some("go") {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let spawners: Vec<_> = (0..2)
+                    .map(|_| {
+                        let tx = tx.clone();
+                        std::thread::spawn(move || {
+                            for _ in 0..n / 2 {
+                                let tx = tx.clone();
+                                std::thread::spawn(move || {
+                                    tx.send(tid()).unwrap();
+                                    loop {
+                                        std::thread::sleep(Duration::from_secs(3600));
+                                    }
+                                });
+                            }
+                        })
+                    })
+                    .collect();
+                for h in spawners {
+                    h.join().unwrap();
+                }
+                let tids: Vec<String> = (0..n / 2 * 2)
+                    .map(|_| rx.recv().unwrap().to_string())
+                    .collect();
+                say(&format!("burst {}", tids.join(" ")));
+            }
+            while wait_line().is_some() {}
+        }
         Some("io") => {
             let path = args[2].clone();
             let mut bufs = Bufs {
@@ -251,6 +371,22 @@ fn main() {
             }
             while wait_line().is_some() {}
         }
+        Some("mem") => {
+            // `grow N`: allocate N MiB and touch every page (kept until exit).
+            let mut kept: Vec<Vec<u8>> = Vec::new();
+            say("ready");
+            while let Some(line) = wait_line() {
+                if let Some(n) = line.strip_prefix("grow ") {
+                    let mib: usize = n.trim().parse().expect("MiB");
+                    let mut v = vec![0u8; mib << 20];
+                    for page in v.chunks_mut(4096) {
+                        page[0] = 1;
+                    }
+                    kept.push(std::hint::black_box(v));
+                    say("grown");
+                }
+            }
+        }
         Some("tap") => {
             let _fd = open_tap(&args[2]);
             say("ready");
@@ -266,7 +402,7 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: cis490-bpf-testtarget spin N | io PATH | late | udp-echo ADDR");
+            eprintln!("usage: cis490-bpf-testtarget spin N | io PATH | late | mem | tap NAME | udp-echo ADDR");
             std::process::exit(2);
         }
     }

@@ -735,3 +735,112 @@ fn zstd_streams_decode_to_the_rows_the_manifest_counts() {
         String::from_utf8_lossy(&v.stdout)
     );
 }
+
+/// `--rows changed`, on both backends: the busy thread has a row at every tick, the
+/// sleeping ones only when a value changed or a second passed, no written row repeats
+/// the previous one of its thread within a second (so nothing but a repeat is left out:
+/// the filter's unit tests in collector.rs show what is kept).
+#[test]
+fn rows_changed_leaves_out_only_repeats_and_writes_each_thread_every_second() {
+    // 10 threads: 1 busy, 9 sleeping 100 ms at a time.
+    let load = Load::start(&["--spin", "1", "--switch", "0", "--threads", "10"]);
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    for backend in ["proc", "bpf"] {
+        let root = tempfile::tempdir().unwrap();
+        let out = trace(
+            load.pid(),
+            root.path(),
+            &[
+                "--backend",
+                backend,
+                "--duration",
+                "3",
+                "--rate-hz",
+                "100",
+                "--rows",
+                "changed",
+            ],
+        );
+        if !out.status.success() && backend == "bpf" && !ci {
+            eprintln!(
+                "bpf unavailable here: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            continue;
+        }
+        assert!(
+            out.status.success(),
+            "{backend}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dir = episode_dir_from(&out);
+        let file = if backend == "bpf" {
+            "telemetry-bpf-sched.jsonl"
+        } else {
+            "telemetry-proc.jsonl"
+        };
+        let rows = read_jsonl(&dir.join(file));
+        let meta = read_json(&dir.join("meta.json"));
+        let src = meta["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["file"] == file)
+            .unwrap();
+        assert_eq!(src["rows_mode"], "changed", "{src}");
+        let ticks: BTreeSet<u64> = rows
+            .iter()
+            .filter(|r| r["tid"].is_null())
+            .map(|r| r["seq"].as_u64().unwrap())
+            .collect();
+        let mut by_tid: HashMap<u64, Vec<&Value>> = HashMap::new();
+        for r in rows.iter().filter(|r| !r["tid"].is_null()) {
+            by_tid
+                .entry(r["tid"].as_u64().unwrap())
+                .or_default()
+                .push(r);
+        }
+        assert_eq!(by_tid.len(), 10, "{backend}: threads {:?}", by_tid.keys());
+        let strip = |r: &Value| {
+            let mut m = r.as_object().unwrap().clone();
+            for k in ["t_mono_ns", "t_wall_ns", "seq"] {
+                m.remove(k);
+            }
+            m
+        };
+        let mut sparse = 0;
+        for (tid, rs) in &by_tid {
+            for w in rs.windows(2) {
+                let dt = w[1]["t_mono_ns"].as_u64().unwrap() - w[0]["t_mono_ns"].as_u64().unwrap();
+                assert!(
+                    dt <= 1_000_000_000 + 20_000_000,
+                    "{backend} tid {tid}: {dt} ns without a row"
+                );
+                assert!(
+                    strip(w[0]) != strip(w[1]) || dt >= 1_000_000_000,
+                    "{backend} tid {tid}: a repeated row {} ns after the last",
+                    dt
+                );
+            }
+            if rs.len() * 2 < ticks.len() {
+                sparse += 1;
+            }
+        }
+        // The sleepers wake 10 times a second: far fewer rows than ticks.
+        assert!(sparse >= 8, "{backend}: only {sparse} threads had few rows");
+        assert!(src["rows_unchanged_skipped"].as_u64().unwrap() > 0, "{src}");
+        // The busy thread changes at every tick, so it has a row at (nearly) every one.
+        let busiest = by_tid.values().map(Vec::len).max().unwrap();
+        assert!(
+            busiest * 100 >= ticks.len() * 95,
+            "{backend}: the busy thread has {busiest} rows in {} ticks",
+            ticks.len()
+        );
+        let v = cis490().arg("validate").arg(&dir).output().unwrap();
+        assert!(
+            v.status.success(),
+            "{backend}: {}",
+            String::from_utf8_lossy(&v.stdout)
+        );
+    }
+}

@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use cis490::contract::events::EventLine;
 use cis490::contract::{self, TypeCheck};
-use cis490_tests::qemu_harness::{spawn_trace, wait_trace, TestVm};
-use cis490_tests::{cis490, episode_dir_from, read_json, Load};
+use cis490_tests::{cis490, episode_dir_from, read_json, spawn_trace, wait_trace, Load, TestVm};
 use serde_json::Value;
 
 /// What checking one episode found.

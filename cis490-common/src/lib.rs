@@ -5,6 +5,8 @@
 //! is a `u64` or `u32` with explicit padding, so both sides agree on the layout.
 #![no_std]
 
+pub mod grid;
+
 /// Threads of the target the snapshot program can follow at once (slots of map
 /// `SLOTS`). QEMU has a few dozen threads (vCPUs, I/O threads, a worker pool); every
 /// snapshot walks all slots (an inlined array access each, ~1 ns), so this stays small.
@@ -33,8 +35,9 @@ pub const SLOT_EXITED: u32 = 2;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ThreadCounters {
     /// On-CPU time as of the snapshot: `se.sum_exec_runtime` plus, for a thread that is
-    /// on a CPU, the slice it has run since the scheduler last brought that counter up
-    /// to date ([`running_slice`]).
+    /// on a CPU, the slice it has run between the scheduler's last update of that counter
+    /// and the snapshot's instant ([`running_slice`], negative when that update came after
+    /// the instant).
     pub on_cpu_ns: u64,
     /// `se.sum_exec_runtime` as the kernel holds it (schedstat field 1; what /proc's
     /// utime/stime split is scaled to).
@@ -87,22 +90,35 @@ pub const EXACT_WAIT: u32 = 2;
 /// task just left): nothing is added then.
 pub const MAX_CATCH_UP_NS: u64 = 1_000_000_000;
 
-/// The time a task that is on a CPU has run since the scheduler last updated its
-/// `sum_exec_runtime`: `now − se.exec_start`, with `now` in the domain of exec_start,
-/// the run queue's `clock_task` (sched_clock minus IRQ and steal time). `now_sched` is
-/// sched_clock (local_clock) at the snapshot; the run queue's `clock`/`clock_task` pair
-/// from its last update carries clock_task forward: `clock_task + (now_sched − clock)`
-/// (IRQ/steal time since that update, at most one tick, is not subtracted). 0 when any
-/// input is missing or inconsistent.
+/// The time a task that is on a CPU has run between the scheduler's last update of its
+/// `sum_exec_runtime` and the snapshot's instant: `now − se.exec_start`, with `now` in the
+/// domain of exec_start, the run queue's `clock_task` (sched_clock minus IRQ and steal
+/// time). `now_sched` is sched_clock (local_clock) at the snapshot; the run queue's
+/// `clock`/`clock_task` pair from its last update carries clock_task to it:
+/// `clock_task + (now_sched − clock)` (IRQ/steal time since that update, at most one
+/// tick, is not subtracted).
+///
+/// Signed, because the snapshot can reach a task late: when the task's CPU ran its tick
+/// after the snapshot's instant (the snapshot's own CPU was interrupted or its vCPU taken
+/// by the host between taking `now_sched` and reading the task), `sum_exec_runtime` is
+/// already past the instant, and the time run since then is taken back off. That is
+/// exact for a task that ran through that time, and for one that got its CPU only after
+/// the instant a lower bound, within `clock − now_sched` of the truth. Seen here: single
+/// rows 30–320 µs ahead of the thread's own clock before this was signed. 0 when any input
+/// is missing or inconsistent.
 #[inline(always)]
-pub fn running_slice(now_sched: u64, rq_clock: u64, rq_clock_task: u64, exec_start: u64) -> u64 {
+pub fn running_slice(now_sched: u64, rq_clock: u64, rq_clock_task: u64, exec_start: u64) -> i64 {
     if now_sched == 0 || rq_clock == 0 || exec_start == 0 {
         return 0;
     }
-    let since_update = now_sched.saturating_sub(rq_clock);
-    let now_task = rq_clock_task.saturating_add(since_update);
-    let slice = now_task.saturating_sub(exec_start);
-    if slice > MAX_CATCH_UP_NS {
+    let since_update = now_sched.wrapping_sub(rq_clock) as i64;
+    let ran_before = rq_clock_task.wrapping_sub(exec_start) as i64;
+    if since_update.unsigned_abs() > MAX_CATCH_UP_NS || ran_before.unsigned_abs() > MAX_CATCH_UP_NS
+    {
+        return 0;
+    }
+    let slice = ran_before + since_update;
+    if slice.unsigned_abs() > MAX_CATCH_UP_NS {
         0
     } else {
         slice
@@ -194,12 +210,29 @@ pub struct TickRecord {
     pub ktime_ns: u64,
     /// How late this snapshot ran after its scheduled instant (see `TickState`).
     pub late_ns: u64,
-    /// Records the ring buffer had no room for, since attach (user space turns a rise
-    /// into `gap` events).
+    /// Records the ring buffer had no room for, since attach (reported in `source_error`
+    /// events; the snapshots they belonged to are gaps, see `lost_in_snapshot`).
     pub lost_records: u64,
     /// Threads of the target that got no slot (all `MAX_SLOTS` taken), since attach.
     pub unslotted: u64,
+    /// The process's resident pages (`mm->rss_stat`: file + anon + shmem, each clamped at
+    /// 0 as /proc's VmRSS does), read once per snapshot through a live thread's `mm`;
+    /// [`MM_UNKNOWN`] when not read (no live thread, no `mm`, offsets unknown).
+    pub mm_rss_pages: u64,
+    /// `mm->total_vm` (pages: /proc's VmSize and stat's vsize), or [`MM_UNKNOWN`].
+    pub mm_total_vm: u64,
+    /// Records of this snapshot the ring buffer had no room for: user space then drops
+    /// the snapshot's other records and declares its seq a gap (a tick with some
+    /// threads missing would otherwise look complete).
+    pub lost_in_snapshot: u64,
 }
+
+/// `TickRecord::mm_*` not read.
+pub const MM_UNKNOWN: u64 = u64::MAX;
+
+/// The `mm->rss_stat[]` counters /proc's VmRSS sums: MM_FILEPAGES, MM_ANONPAGES and
+/// MM_SHMEMPAGES (MM_SWAPENTS, index 2, is not resident).
+pub const RSS_COUNTERS: [u32; 3] = [0, 1, 3];
 
 /// Map `TICK` (one element): the snapshot program's schedule.
 ///
@@ -217,6 +250,38 @@ pub struct TickState {
     pub runs: u64,
     pub lost_records: u64,
     pub unslotted: u64,
+    /// sched_clock − CLOCK_MONOTONIC, from the last snapshot whose clock reads were close
+    /// together ([`TickState::sched_clock_at`]); 0 until one was.
+    pub sched_minus_mono_ns: i64,
+}
+
+/// Two CLOCK_MONOTONIC reads around the sched_clock read at most this far apart pair
+/// the clocks to within half of it.
+pub const CLOCK_PAIR_TIGHT_NS: u64 = 2_000;
+
+impl TickState {
+    /// sched_clock at the snapshot's instant `mono_before` (CLOCK_MONOTONIC, the rows'
+    /// timestamp). `sched` was read after it and before `mono_after`; an interrupt (or the
+    /// host taking the vCPU) between the reads would put `sched` later than the instant
+    /// the rows claim, by up to tens of µs seen here. When the reads are close together
+    /// the offset between the clocks is measured (and kept); otherwise the last measured
+    /// offset carries `mono_before` into sched_clock (the two clocks drift apart by at
+    /// most NTP's 500 ppm: 5 µs over the 10 ms between snapshots at 100 Hz). 0 when
+    /// `sched` is 0 (unknown).
+    #[inline(always)]
+    pub fn sched_clock_at(&mut self, mono_before: u64, sched: u64, mono_after: u64) -> u64 {
+        if sched == 0 {
+            return 0;
+        }
+        let spread = mono_after.wrapping_sub(mono_before);
+        if spread <= CLOCK_PAIR_TIGHT_NS {
+            let mid = mono_before + spread / 2;
+            self.sched_minus_mono_ns = sched.wrapping_sub(mid) as i64;
+        } else if self.sched_minus_mono_ns == 0 {
+            return sched;
+        }
+        mono_before.wrapping_add_signed(self.sched_minus_mono_ns)
+    }
 }
 
 /// Load-time settings of the snapshot program (read-only global `SNAP_CONFIG`).
@@ -357,6 +422,15 @@ pub struct Offsets {
     /// at its latest update (the snapshot's sched_clock "now"). 0: none.
     pub perf_ctx_event: u32,
     pub perf_event_prev_count: u32,
+    /// `mm` in task_struct; 0: the process row's rss_kb and vsize_bytes are not read.
+    pub task_mm: u32,
+    /// `total_vm` and `rss_stat` in mm_struct (both inside an anonymous struct there).
+    pub mm_total_vm: u32,
+    pub mm_rss_stat: u32,
+    /// `rss_stat[]`'s element: its size and where its s64 `count` is (a `struct
+    /// percpu_counter` since Linux 6.2, whose `count` is what /proc reads).
+    pub rss_counter_size: u32,
+    pub rss_counter_count: u32,
 }
 
 const fn win(off: u32, words: u32) -> Window {
@@ -404,6 +478,11 @@ impl Offsets {
         rq_clock_task_at: 5,
         perf_ctx_event: 16,
         perf_event_prev_count: 504,
+        task_mm: 1136,
+        mm_total_vm: 368,
+        mm_rss_stat: 968,
+        rss_counter_size: 40,
+        rss_counter_count: 8,
     };
 }
 
@@ -449,11 +528,11 @@ mod tests {
         assert_eq!(core::mem::size_of::<ThreadSlot>(), 16 + 23 * 8);
         assert_eq!(core::mem::size_of::<SnapRecord>(), 24 + 23 * 8 + 4 * 8);
         assert_eq!(core::mem::size_of::<NetRecord>(), 24 + 4 * 8);
-        assert_eq!(core::mem::size_of::<TickRecord>(), 6 * 8);
-        assert_eq!(core::mem::size_of::<TickState>(), 4 * 8);
+        assert_eq!(core::mem::size_of::<TickRecord>(), 9 * 8);
+        assert_eq!(core::mem::size_of::<TickState>(), 5 * 8);
         assert_eq!(core::mem::size_of::<NetStats>(), 4 * 8);
         assert_eq!(core::mem::size_of::<NetIf>(), 8);
-        assert_eq!(core::mem::size_of::<Offsets>(), 43 * 4);
+        assert_eq!(core::mem::size_of::<Offsets>(), 48 * 4);
         assert_eq!(core::mem::size_of::<Window>(), 8);
         // The snapshot reads these by field; user space by the same struct.
         use core::mem::offset_of;
@@ -473,6 +552,11 @@ mod tests {
         assert_eq!(offset_of!(Offsets, se), 16 * 4);
         assert_eq!(offset_of!(Offsets, rq_clocks), 38 * 4);
         assert_eq!(offset_of!(Offsets, perf_event_prev_count), 42 * 4);
+        assert_eq!(offset_of!(Offsets, task_mm), 43 * 4);
+        assert_eq!(offset_of!(Offsets, rss_counter_count), 47 * 4);
+        assert_eq!(offset_of!(TickRecord, unslotted), 5 * 8);
+        assert_eq!(offset_of!(TickRecord, mm_rss_pages), 6 * 8);
+        assert_eq!(offset_of!(TickRecord, mm_total_vm), 7 * 8);
         // Every record starts with its kind, so user space can tell them apart.
         assert_eq!(core::mem::offset_of!(SnapRecord, kind), 0);
         assert_eq!(core::mem::offset_of!(NetRecord, kind), 0);
@@ -486,10 +570,48 @@ mod tests {
         assert_eq!(running_slice(1_400, 1_000, 900, 900), 400);
         // exec_start after the rq update (set at the switch-in with a later clock_task).
         assert_eq!(running_slice(1_400, 1_000, 900, 950), 350);
-        // now before the rq's update (read race): only clock_task − exec_start.
-        assert_eq!(running_slice(900, 1_000, 900, 800), 100);
-        // exec_start ahead of the carried clock: nothing.
-        assert_eq!(running_slice(1_400, 1_000, 900, 2_000), 0);
+        // The task ran 100 ns between exec_start and the rq's update, 300 ns since.
+        assert_eq!(running_slice(1_300, 1_000, 900, 800), 400);
+    }
+
+    #[test]
+    fn a_task_read_after_its_cpus_tick_passed_the_snapshot_is_taken_back_to_it() {
+        // The snapshot's instant is sched_clock 900; its CPU was held up, and before it
+        // read the task the task's CPU ticked at 1_000 (clock_task 1_000) and brought
+        // sum_exec_runtime up to then (exec_start = 1_000): 100 ns too many.
+        assert_eq!(running_slice(900, 1_000, 1_000, 1_000), -100);
+        // The tick was at 1_000, the task ran on 50 ns after it: still 100 ns back.
+        assert_eq!(running_slice(900, 1_000, 1_000, 950), -50);
+        // exec_start set by the switch-in at clock_task 2_000, after the snapshot (now_task
+        // 1_300): the task's runtime then was 700 ns less (a lower bound if it was not
+        // running at the instant).
+        assert_eq!(running_slice(1_400, 1_000, 900, 2_000), -700);
+    }
+
+    #[test]
+    fn the_snapshots_sched_clock_is_taken_at_its_monotonic_instant() {
+        let mut st = TickState::default();
+        // Tight reads (1 µs apart): the offset is measured at their middle.
+        assert_eq!(st.sched_clock_at(10_000, 50_700, 11_000), 50_200);
+        assert_eq!(st.sched_minus_mono_ns, 40_200);
+        // 30 µs between the reads: sched (read late) is not used, the kept offset is.
+        assert_eq!(
+            st.sched_clock_at(1_010_000, 1_080_000, 1_040_000),
+            1_050_200
+        );
+        assert_eq!(
+            st.sched_minus_mono_ns, 40_200,
+            "a loose pair measures nothing"
+        );
+        // No offset yet: the read as it is.
+        let mut fresh = TickState::default();
+        assert_eq!(fresh.sched_clock_at(10_000, 80_000, 40_000), 80_000);
+        // sched_clock unknown stays unknown.
+        assert_eq!(st.sched_clock_at(10_000, 0, 10_100), 0);
+        // A negative offset (sched_clock behind CLOCK_MONOTONIC).
+        let mut behind = TickState::default();
+        assert_eq!(behind.sched_clock_at(100_000, 60_500, 101_000), 60_000);
+        assert_eq!(behind.sched_minus_mono_ns, -40_000);
     }
 
     #[test]
@@ -502,6 +624,11 @@ mod tests {
             running_slice(far + 900, 1_000, 900, 900),
             0,
             "a slice over 1 s"
+        );
+        assert_eq!(
+            running_slice(1_000, far + 1_000, far + 1_000, far + 1_000),
+            0,
+            "a run queue updated over 1 s after the snapshot"
         );
         assert_eq!(pending_wait(5_000, 3_000), 2_000);
         assert_eq!(pending_wait(5_000, 0), 0, "not queued");

@@ -24,6 +24,7 @@ static SNAP_CONFIG: SnapConfig = SnapConfig {
 #[inline(always)]
 pub fn target_tgid() -> u32 {
     // Volatile so the compiler does not fold the initial value; the loader rewrites it.
+    // SAFETY: a read of a `u32` static that nothing in the program writes.
     unsafe { core::ptr::read_volatile(&TARGET_TGID) }
 }
 
@@ -40,6 +41,8 @@ pub fn offsets() -> &'static Offsets {
 
 #[inline(always)]
 pub fn snap_config() -> SnapConfig {
+    // SAFETY: a volatile copy of a plain-data static that nothing in the program writes
+    // (volatile for the same reason as `target_tgid`).
     unsafe { core::ptr::read_volatile(&SNAP_CONFIG) }
 }
 
@@ -53,6 +56,8 @@ pub fn current() -> (u32, u32) {
 /// A `T` at `offset` bytes into the kernel object at `addr`.
 #[inline(always)]
 pub fn read<T>(addr: u64, offset: u32) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel never faults: a bad address is an error return, and
+    // `T` is a plain integer or byte array at every call site.
     unsafe { bpf_probe_read_kernel((addr as usize + offset as usize) as *const T) }.ok()
 }
 

@@ -29,6 +29,8 @@ pub fn cis490_block_rq_issue(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let off = offsets();
+    // SAFETY (both reads): read_at is a bounded probe read of the tracepoint record at
+    // offsets the loader took from this kernel's format file.
     let Ok(bytes) = (unsafe { ctx.read_at::<u32>(off.blk_bytes as usize) }) else {
         return 0;
     };
@@ -52,6 +54,8 @@ pub fn cis490_block_rq_issue(ctx: TracePointContext) -> u32 {
             e
         }
     };
+    // SAFETY: `e` points at this thread's map value, valid for the program run; only this
+    // thread's context updates it (see the insert above).
     unsafe {
         match kind {
             b'R' => {

@@ -30,8 +30,8 @@ use aya_ebpf::{
 use cis490_common::{
     pending_wait, running_slice, NetRecord, NetStats, Offsets, SnapRecord, ThreadCounters,
     ThreadSlot, TickRecord, TickState, Window, EXACT_SLICE, EXACT_WAIT, MAX_CPUS, MAX_NET_IFS,
-    MAX_SLOTS, REC_NET, REC_THREAD, REC_THREAD_EXITED, REC_TICK, SLOT_EXITED, SLOT_FREE, SLOT_LIVE,
-    WINDOW_WORDS,
+    MAX_SLOTS, MM_UNKNOWN, REC_NET, REC_THREAD, REC_THREAD_EXITED, REC_TICK, RSS_COUNTERS,
+    SLOT_EXITED, SLOT_FREE, SLOT_LIVE, WINDOW_WORDS,
 };
 
 use crate::globals::{current, offsets, read, snap_config, target_tgid, task_ids};
@@ -46,6 +46,17 @@ static SLOTS: Array<ThreadSlot> = Array::with_max_entries(MAX_SLOTS, 0);
 /// add threads of the target at the same instant.
 #[map]
 static SLOT_CLAIMS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SLOTS, 0);
+
+/// One past the highest slot index ever claimed (element 0). Slots are claimed lowest
+/// free first, so the slots in use lie below it and a snapshot lists only those instead
+/// of all 512 (at 10 threads, most of the snapshot's fixed cost). Raised by claimers
+/// with a plain read-then-write, which two CPUs claiming at once can race: each then
+/// takes a new slot at or above the old bound, so a lost raise leaves a slot in use at
+/// most (claiming CPUs − 1) above it. The snapshot therefore also lists
+/// `BOUND_MARGIN` slots beyond the bound, raises it when it finds one in use there, and
+/// every `FULL_LIST_EVERY` snapshots lists all slots.
+#[map]
+static SLOT_BOUND: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Sized by the loader (`set_max_entries`) from the rate and the thread count.
 #[map]
@@ -71,18 +82,18 @@ static CONTROL: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static WAKEUPS: HashMap<u32, u64> = HashMap::with_max_entries(MAX_SLOTS, 0);
 
-/// Where one record is built (a SnapRecord is too large for the 512-byte BPF stack
-/// together with the loop's state).
-#[map]
-static SCRATCH: PerCpuArray<SnapRecord> = PerCpuArray::with_max_entries(1, 0);
-
 const PF_EXITING: u32 = 0x4;
 
 /// Copy `words` u64 from the kernel object at `addr + offset` straight into `dst` (map
 /// memory): no stack copy, no memcpy call (the verifier would walk a byte loop per
 /// thread per snapshot).
+///
+/// # Safety
+/// `dst` must point to `words` writable u64 of map memory. `addr + offset` may be any
+/// number: bpf_probe_read_kernel returns an error, never faults, on a bad kernel address.
 #[inline(always)]
-fn probe(dst: *mut u64, words: u32, addr: u64, offset: u32) -> bool {
+unsafe fn probe(dst: *mut u64, words: u32, addr: u64, offset: u32) -> bool {
+    // SAFETY: the caller vouches for `dst`; the source is only read through the helper.
     unsafe {
         bpf_probe_read_kernel(
             dst as *mut c_void,
@@ -115,8 +126,11 @@ pub const WIN_EXIT: u32 = 1;
 /// Copy window `w` of the kernel object at `addr` into `dst` (map memory, WINDOW_WORDS
 /// long): one probe read. The word count is bounded here so the verifier can prove the
 /// copy stays inside `dst`.
+///
+/// # Safety
+/// `dst` must point to WINDOW_WORDS writable u64 of map memory.
 #[inline(always)]
-fn probe_window(dst: *mut u64, addr: u64, w: Window) -> bool {
+unsafe fn probe_window(dst: *mut u64, addr: u64, w: Window) -> bool {
     let words = w.words;
     if words == 0 || words > WINDOW_WORDS {
         return false;
@@ -148,8 +162,11 @@ fn word32(w: &[u64; WINDOW_WORDS as usize], at: u32) -> u32 {
 
 /// The kernel's counters of live task `tid`, read into `c` (map memory). `now_sched`:
 /// sched_clock at the snapshot (0 from the exit program: nothing is brought forward).
+///
+/// # Safety
+/// `c` and `bufs` must be map values of this CPU, valid for the program run.
 #[inline(always)]
-fn read_counters(
+unsafe fn read_counters(
     tid: u32,
     task: u64,
     o: &Offsets,
@@ -204,7 +221,7 @@ fn read_counters(
         if slice != 0 {
             exact |= EXACT_SLICE;
         }
-        (*c).on_cpu_ns = sum + slice;
+        (*c).on_cpu_ns = sum.saturating_add_signed(slice);
         let mut wait = 0;
         if on_cpu == 0 {
             wait = pending_wait(now_sched, word(&b.si, o.si_last_queued_at));
@@ -230,55 +247,152 @@ fn read_counters(
 }
 
 /// `*dst = *src` word by word (volatile, so the compiler emits no memcpy loop).
+///
+/// # Safety
+/// `dst` and `src` must be valid, 8-byte aligned `T`s (map values or stack), and `T` a
+/// plain-data struct whose size is a multiple of 8.
 #[inline(always)]
-fn copy_words<T>(dst: *mut T, src: *const T) {
+unsafe fn copy_words<T>(dst: *mut T, src: *const T) {
     let n = core::mem::size_of::<T>() / 8;
     let (d, s) = (dst.cast::<u64>(), src.cast::<u64>());
     for k in 0..n {
+        // SAFETY: k < size_of::<T>() / 8 words inside both valid `T`s (the caller's
+        // promise).
         unsafe { core::ptr::write_volatile(d.add(k), core::ptr::read_volatile(s.add(k))) };
     }
+}
+
+/// A search over the slots with bpf_loop (context on the caller's stack). One loop body
+/// for the verifier instead of 512 (or 1,024) unrolled iterations: loading the fork, exit
+/// and seeding programs cost ~30-45 ms of verifier time each, most of a capture's start-up.
+#[repr(C)]
+struct SlotSearch {
+    tid: u32,
+    /// The slot found, or `MAX_SLOTS`.
+    found: u32,
+    task: u64,
+    /// `match_slot`: only a slot in state LIVE matches (else any slot in use).
+    live_only: u32,
+    _pad: u32,
+}
+
+impl SlotSearch {
+    #[inline(always)]
+    fn new(tid: u32, task: u64, live_only: bool) -> Self {
+        Self {
+            tid,
+            found: MAX_SLOTS,
+            task,
+            live_only: u32::from(live_only),
+            _pad: 0,
+        }
+    }
+}
+
+/// bpf_loop callback: stop at the slot that holds `tid`.
+#[inline(never)]
+extern "C" fn match_slot(i: u32, ctx: *mut c_void) -> i64 {
+    let q = ctx.cast::<SlotSearch>();
+    let Some(s) = SLOTS.get_ptr(i) else {
+        return 1;
+    };
+    // SAFETY: `q` is the caller's stack value, `s` a map value; both outlive the call.
+    unsafe {
+        let state = (*s).state;
+        let wanted = if (*q).live_only != 0 {
+            state == SLOT_LIVE
+        } else {
+            state != SLOT_FREE
+        };
+        if wanted && (*s).tid == (*q).tid {
+            (*q).found = i;
+            return 1;
+        }
+    }
+    0
+}
+
+/// bpf_loop callback: claim the first free slot for `tid` and stop.
+#[inline(never)]
+extern "C" fn claim_free_slot(i: u32, ctx: *mut c_void) -> i64 {
+    let q = ctx.cast::<SlotSearch>();
+    let Some(s) = SLOTS.get_ptr_mut(i) else {
+        return 1;
+    };
+    // SAFETY: `q` is the caller's stack value, `s` a map value; both outlive the call.
+    unsafe {
+        if (*s).state != SLOT_FREE {
+            return 0;
+        }
+        if SLOT_CLAIMS
+            .insert(&i, &(*q).tid, BPF_NOEXIST as u64)
+            .is_err()
+        {
+            return 0; // another CPU took it a moment ago
+        }
+        (*s).task = (*q).task;
+        (*s).tid = (*q).tid;
+        // Last: a snapshot on another CPU reads task and tid only once it sees LIVE
+        // (x86 keeps stores in order; the volatile write keeps the compiler's order).
+        core::ptr::write_volatile(&raw mut (*s).state, SLOT_LIVE);
+        (*q).found = i;
+        raise_bound(i);
+    }
+    1
+}
+
+/// Make `SLOT_BOUND` cover slot `i` (see there for the race this tolerates).
+#[inline(always)]
+fn raise_bound(i: u32) {
+    if let Some(b) = SLOT_BOUND.get_ptr_mut(0) {
+        // SAFETY: the single value of an array map, valid for the program run.
+        unsafe {
+            if core::ptr::read_volatile(b) <= i {
+                core::ptr::write_volatile(b, i + 1);
+            }
+        }
+    }
+}
+
+/// Run `cb` over every slot index with `q` as its context; returns `q.found`.
+#[inline(always)]
+fn search_slots(cb: extern "C" fn(u32, *mut c_void) -> i64, q: &mut SlotSearch) -> u32 {
+    // SAFETY: bpf_loop calls `cb` with `q`, a stack value that outlives the call.
+    unsafe {
+        bpf_loop(
+            MAX_SLOTS,
+            cb as *mut c_void,
+            (q as *mut SlotSearch).cast::<c_void>(),
+            0,
+        );
+    }
+    q.found
 }
 
 /// Give thread `tid` (task_struct at `task`) a slot, unless it has one.
 #[inline(always)]
 fn claim_slot(tid: u32, task: u64) {
-    for i in 0..MAX_SLOTS {
-        let Some(s) = SLOTS.get_ptr(i) else {
-            return;
-        };
-        unsafe {
-            if (*s).state != SLOT_FREE && (*s).tid == tid {
-                return;
-            }
-        }
+    let mut q = SlotSearch::new(tid, task, false);
+    if search_slots(match_slot, &mut q) < MAX_SLOTS {
+        return;
     }
-    for i in 0..MAX_SLOTS {
-        let Some(s) = SLOTS.get_ptr_mut(i) else {
-            return;
-        };
-        unsafe {
-            if (*s).state != SLOT_FREE {
-                continue;
-            }
-            if SLOT_CLAIMS.insert(&i, &tid, BPF_NOEXIST as u64).is_err() {
-                continue; // another CPU took it a moment ago
-            }
-            (*s).task = task;
-            (*s).tid = tid;
-            // Last: a snapshot on another CPU reads task and tid only once it sees LIVE
-            // (x86 keeps stores in order; the volatile write keeps the compiler's order).
-            core::ptr::write_volatile(&raw mut (*s).state, SLOT_LIVE);
-        }
+    let mut q = SlotSearch::new(tid, task, false);
+    if search_slots(claim_free_slot, &mut q) < MAX_SLOTS {
         return;
     }
     if let Some(t) = TICK.get_ptr_mut(0) {
+        // SAFETY: the single value of an array map, valid for the program run.
         unsafe { (*t).unslotted += 1 };
     }
 }
 
 /// Free slot `i` (the claim goes last, so nobody takes the slot before it is cleared).
+///
+/// # Safety
+/// `s` must be slot `i`'s value in map SLOTS.
 #[inline(always)]
-fn free_slot(i: u32, s: *mut ThreadSlot) {
+unsafe fn free_slot(i: u32, s: *mut ThreadSlot) {
+    // SAFETY: `s` is a SLOTS value (the caller's promise), valid for the program run.
     unsafe {
         core::ptr::write_volatile(&raw mut (*s).state, SLOT_FREE);
         (*s).task = 0;
@@ -330,6 +444,7 @@ pub fn cis490_sched_wakeup(ctx: RawTracePointContext) -> u32 {
     match WAKEUPS.get_ptr_mut(&tid) {
         // Not atomic (the Rust BPF target has none): two CPUs waking the same thread in
         // the same instant can lose one count. A thread is woken by one waker at a time.
+        // SAFETY: a map value of this tid, valid for the program run.
         Some(n) => unsafe { *n += 1 },
         None => {
             let _ = WAKEUPS.insert(&tid, &1, BPF_NOEXIST as u64);
@@ -359,56 +474,29 @@ pub fn cis490_sched_exit(_ctx: RawTracePointContext) -> u32 {
     if tgid != target_tgid() {
         return 0;
     }
+    // SAFETY: a helper without preconditions; the result is only used as a number.
     let task = unsafe { bpf_get_current_task() };
     let o = offsets();
     let Some(bufs) = WINDOWS.get_ptr_mut(WIN_EXIT) else {
         return 0;
     };
-    for i in 0..MAX_SLOTS {
-        let Some(s) = SLOTS.get_ptr_mut(i) else {
-            return 0;
-        };
-        unsafe {
-            if (*s).state == SLOT_LIVE && (*s).tid == tid {
-                // No sched_clock here: the final on-CPU time is the kernel's as of its
-                // last update (the exiting task is running: up to a tick behind).
-                if read_counters(tid, task, o, &raw mut (*s).last, bufs, 0) {
-                    core::ptr::write_volatile(&raw mut (*s).state, SLOT_EXITED);
-                } else {
-                    free_slot(i, s);
-                }
-                return 0;
-            }
+    let mut q = SlotSearch::new(tid, task, true);
+    let i = search_slots(match_slot, &mut q);
+    let Some(s) = SLOTS.get_ptr_mut(i) else {
+        return 0; // no slot (MAX_SLOTS is out of the array's range)
+    };
+    // SAFETY: `s` is a map value and `bufs` this CPU's scratch value, both valid for the
+    // program run; kernel memory is read only through bpf_probe_read_kernel.
+    unsafe {
+        // No sched_clock here: the final on-CPU time is the kernel's as of its last
+        // update (the exiting task is running: up to a tick behind).
+        if read_counters(tid, task, o, &raw mut (*s).last, bufs, 0) {
+            core::ptr::write_volatile(&raw mut (*s).state, SLOT_EXITED);
+        } else {
+            free_slot(i, s);
         }
     }
     0
-}
-
-/// The tick this run belongs to and how late it is (see `TickState`): the latest grid
-/// instant at or before `now` (an hrtimer never fires early; one that fires a period or
-/// more late skips the instants in between, which become holes).
-#[inline(always)]
-fn schedule(st: *mut TickState, grid: *mut u64, now: u64, interval: u64) -> (u64, u64) {
-    unsafe {
-        if *grid == 0 || *grid > now {
-            // No grid from user space: the first run's time is the best guess.
-            *grid = now;
-        }
-        let d = now - *grid;
-        let mut seq = d / interval;
-        if (*st).runs > 0 && seq <= (*st).last_seq {
-            seq = (*st).last_seq + 1;
-        }
-        (*st).runs += 1;
-        (*st).last_seq = seq;
-        let due = *grid + seq * interval;
-        if now < due {
-            *grid -= due - now;
-            (seq, 0)
-        } else {
-            (seq, now - due)
-        }
-    }
 }
 
 /// The slots in use at this snapshot, listed by a cheap pass over all of them (per CPU,
@@ -450,19 +538,23 @@ extern "C" fn snapshot_slot(k: u32, ctx: *mut c_void) -> i64 {
     let Some(s) = SLOTS.get_ptr_mut(i) else {
         return 1;
     };
-    let Some(rec) = SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
     let Some(bufs) = WINDOWS.get_ptr_mut(WIN_SNAPSHOT) else {
         return 1;
     };
-    // SAFETY: `walk` is the caller's stack value; `s`, `rec` and `bufs` are map values
-    // of this CPU; kernel memory is read only through bpf_probe_read_kernel.
+    // SAFETY: `walk` is the caller's stack value; `s` and `bufs` are map values of this
+    // CPU, `rec` is ring buffer memory reserved for this record (written in place: no
+    // scratch copy, which cost a 240-byte memcpy per thread); kernel memory is read
+    // only through bpf_probe_read_kernel.
     unsafe {
         let state = (*s).state;
         if state == SLOT_FREE {
             return 0;
         }
+        let Some(mut entry) = SNAPS.reserve::<SnapRecord>(0) else {
+            (*walk).lost += 1;
+            return 0;
+        };
+        let rec = entry.as_mut_ptr();
         let tid = (*s).tid;
         (*rec).tid = tid;
         (*rec).seq = (*walk).seq;
@@ -477,6 +569,7 @@ extern "C" fn snapshot_slot(k: u32, ctx: *mut c_void) -> i64 {
             match task_ids(task, o) {
                 Some((tg, t)) if tg == target_tgid() && t == tid => {}
                 _ => {
+                    entry.discard(0);
                     free_slot(i, s);
                     return 0;
                 }
@@ -484,6 +577,7 @@ extern "C" fn snapshot_slot(k: u32, ctx: *mut c_void) -> i64 {
             (*rec).kind = REC_THREAD;
             let now_sched = (*walk).now_sched;
             if !read_counters(tid, task, o, &raw mut (*rec).counters, bufs, now_sched) {
+                entry.discard(0);
                 return 0;
             }
         }
@@ -491,14 +585,8 @@ extern "C" fn snapshot_slot(k: u32, ctx: *mut c_void) -> i64 {
             Some(b) => copy_words(&raw mut (*rec).blk, b),
             None => copy_words(&raw mut (*rec).blk, &BLK_ZERO),
         }
-        if SNAPS
-            .output::<SnapRecord>(&*rec, BPF_RB_NO_WAKEUP as u64)
-            .is_ok()
-        {
-            (*walk).threads += 1;
-        } else {
-            (*walk).lost += 1;
-        }
+        entry.submit(BPF_RB_NO_WAKEUP as u64);
+        (*walk).threads += 1;
         if state == SLOT_EXITED {
             free_slot(i, s);
             let _ = BLK.remove(&tid);
@@ -542,13 +630,155 @@ fn sched_clock_now(ctx: &PerfEventContext, o: &Offsets) -> u64 {
     }
 }
 
+/// Slots listed per `list_active` call: few enough for the verifier to check one body
+/// quickly, many enough that the per-call cost of bpf_loop (~6 ns) stays small (32 calls
+/// per snapshot; one call per slot made the snapshot 45 % dearer).
+const LIST_CHUNK: u32 = 16;
+/// Slots listed beyond `SLOT_BOUND` (a bound lowered by racing claimers is off by less
+/// than the number of CPUs claiming at once).
+const BOUND_MARGIN: u32 = 64;
+/// Every this many snapshots all slots are listed, whatever the bound.
+const FULL_LIST_EVERY: u64 = 256;
+
+/// How many chunks of slots snapshot `seq` lists.
+#[inline(always)]
+fn chunks_to_list(seq: u64) -> u32 {
+    let all = MAX_SLOTS / LIST_CHUNK;
+    if seq % FULL_LIST_EVERY == 0 {
+        return all;
+    }
+    let bound = match SLOT_BOUND.get(0) {
+        Some(b) => *b,
+        None => return all,
+    };
+    let chunks = (bound.saturating_add(BOUND_MARGIN) + LIST_CHUNK - 1) / LIST_CHUNK;
+    if chunks < all {
+        chunks
+    } else {
+        all
+    }
+}
+
+/// bpf_loop callback: list the in-use slots of chunk `c` in `ACTIVE`.
+#[inline(never)]
+extern "C" fn list_active(c: u32, _ctx: *mut c_void) -> i64 {
+    let Some(active) = ACTIVE.get_ptr_mut(0) else {
+        return 1;
+    };
+    for j in 0..LIST_CHUNK {
+        let i = c * LIST_CHUNK + j;
+        let Some(s) = SLOTS.get_ptr(i) else {
+            return 1;
+        };
+        // SAFETY: map values valid for the program run; the index is masked into the
+        // array.
+        unsafe {
+            if (*s).state != SLOT_FREE {
+                let n = core::ptr::read_volatile(&raw const (*active).n);
+                (*active).idx[(n & (MAX_SLOTS - 1)) as usize] = i;
+                core::ptr::write_volatile(&raw mut (*active).n, n + 1);
+                raise_bound(i);
+            }
+        }
+    }
+    0
+}
+
+/// One interface's packet counters summed over the CPUs (bpf_loop context).
+#[repr(C)]
+struct NetSum {
+    slot: u32,
+    _pad: u32,
+    sum: NetStats,
+}
+
+/// bpf_loop callback: add CPU `cpu`'s counters of interface `slot` into the sum.
+#[inline(never)]
+extern "C" fn add_cpu_net(cpu: u32, ctx: *mut c_void) -> i64 {
+    let q = ctx.cast::<NetSum>();
+    // SAFETY: `q` is the caller's stack value, valid for the call; the per-CPU lookup
+    // returns null or a map value.
+    unsafe {
+        let key = (*q).slot;
+        let p = bpf_map_lookup_percpu_elem(
+            core::ptr::addr_of!(NET) as *mut c_void,
+            &key as *const u32 as *const c_void,
+            cpu,
+        ) as *const NetStats;
+        if !p.is_null() {
+            (*q).sum.rx_bytes += (*p).rx_bytes;
+            (*q).sum.rx_packets += (*p).rx_packets;
+            (*q).sum.tx_bytes += (*p).tx_bytes;
+            (*q).sum.tx_packets += (*p).tx_packets;
+        }
+    }
+    0
+}
+
+/// The process's resident pages and total_vm, read once per snapshot through the first
+/// live thread among the listed slots (every thread of a process shares its `mm`):
+/// what /proc prints as VmRSS (file + anon + shmem `rss_stat` counters, each clamped at 0
+/// like get_mm_counter) and as stat's vsize. `MM_UNKNOWN` when there is nothing to read.
+#[inline(always)]
+fn process_memory(o: &Offsets) -> (u64, u64) {
+    const UNKNOWN: (u64, u64) = (MM_UNKNOWN, MM_UNKNOWN);
+    if o.task_mm == 0 {
+        return UNKNOWN;
+    }
+    let Some(active) = ACTIVE.get_ptr(0) else {
+        return UNKNOWN;
+    };
+    // SAFETY: this CPU's ACTIVE value, filled by this run's listing; constant indices.
+    let n = unsafe { core::ptr::read_volatile(&raw const (*active).n) };
+    for k in 0..4u32 {
+        if k >= n {
+            break;
+        }
+        // SAFETY: as above (k < 4 <= MAX_SLOTS).
+        let i = unsafe { (*active).idx[k as usize] };
+        let Some(s) = SLOTS.get_ptr(i) else {
+            break;
+        };
+        // SAFETY: a SLOTS value, valid for the program run.
+        let (state, task) = unsafe { ((*s).state, (*s).task) };
+        if state != SLOT_LIVE {
+            continue;
+        }
+        // Probe reads: a task that exits meanwhile gives an error or a NULL mm, never a
+        // fault.
+        let Some(mm) = read::<u64>(task, o.task_mm) else {
+            continue;
+        };
+        if mm == 0 {
+            continue;
+        }
+        let Some(total_vm) = read::<u64>(mm, o.mm_total_vm) else {
+            continue;
+        };
+        let mut rss = 0u64;
+        for c in RSS_COUNTERS {
+            let at = o.mm_rss_stat + c * o.rss_counter_size + o.rss_counter_count;
+            match read::<i64>(mm, at) {
+                Some(v) if v > 0 => rss += v as u64,
+                _ => {}
+            }
+        }
+        return (rss, total_vm);
+    }
+    UNKNOWN
+}
+
 /// Runs every `SNAP_CONFIG.interval_ns` on one CPU (perf cpu-clock event): one record per
 /// followed thread, one per watched interface, then the tick record.
 #[perf_event]
 pub fn cis490_snapshot(ctx: PerfEventContext) -> u32 {
     let o = offsets();
-    let now_sched = sched_clock_now(&ctx, o);
+    // The snapshot's instant, and sched_clock read just after it: paired below.
+    // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    let sched_read = sched_clock_now(&ctx, o);
+    // SAFETY: a helper without preconditions.
+    let after = unsafe { bpf_ktime_get_ns() };
     let cfg = snap_config();
     if cfg.interval_ns == 0 {
         return 0;
@@ -563,7 +793,12 @@ pub fn cis490_snapshot(ctx: PerfEventContext) -> u32 {
     let Some(grid) = GRID.get_ptr_mut(0) else {
         return 0;
     };
-    let (seq, late_ns) = schedule(st, grid, now, cfg.interval_ns);
+    // SAFETY: `st` and `grid` point at the values of single-entry array maps, valid for
+    // the whole program run; the timer runs on one CPU, so no other run aliases them.
+    let cis490_common::grid::Scheduled { seq, late_ns } =
+        unsafe { (*st).schedule(&mut *grid, now, cfg.interval_ns) };
+    // SAFETY: as above.
+    let now_sched = unsafe { (*st).sched_clock_at(now, sched_read, after) };
     let mut walk = SlotWalk {
         now,
         now_sched,
@@ -575,19 +810,16 @@ pub fn cis490_snapshot(ctx: PerfEventContext) -> u32 {
     let Some(active) = ACTIVE.get_ptr_mut(0) else {
         return 0;
     };
-    // SAFETY: `active` is this CPU's map value; indices are masked into its array.
+    // SAFETY: `active` is this CPU's map value. bpf_loop calls `list_active` once per
+    // chunk of slots (no context): the verifier checks one chunk, not 512 slots.
     unsafe {
         (*active).n = 0;
-        for i in 0..MAX_SLOTS {
-            let Some(s) = SLOTS.get_ptr(i) else {
-                break;
-            };
-            if (*s).state != SLOT_FREE {
-                let n = core::ptr::read_volatile(&raw const (*active).n);
-                (*active).idx[(n & (MAX_SLOTS - 1)) as usize] = i;
-                core::ptr::write_volatile(&raw mut (*active).n, n + 1);
-            }
-        }
+        bpf_loop(
+            chunks_to_list(seq),
+            list_active as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        );
     }
     // SAFETY: bpf_loop calls `snapshot_slot` once per slot in use with `walk`, a stack
     // value that outlives the call. One loop body for the verifier to check, instead of
@@ -617,32 +849,24 @@ pub fn cis490_snapshot(ctx: PerfEventContext) -> u32 {
         if slot >= nifs {
             break;
         }
-        let mut sum = NetStats {
+        let sum = NetStats {
             rx_bytes: 0,
             rx_packets: 0,
             tx_bytes: 0,
             tx_packets: 0,
         };
-        for cpu in 0..MAX_CPUS {
-            if cpu >= ncpus {
-                break;
-            }
-            let p = unsafe {
-                bpf_map_lookup_percpu_elem(
-                    core::ptr::addr_of!(NET) as *mut c_void,
-                    &slot as *const u32 as *const c_void,
-                    cpu,
-                )
-            } as *const NetStats;
-            if !p.is_null() {
-                unsafe {
-                    sum.rx_bytes += (*p).rx_bytes;
-                    sum.rx_packets += (*p).rx_packets;
-                    sum.tx_bytes += (*p).tx_bytes;
-                    sum.tx_packets += (*p).tx_packets;
-                }
-            }
+        let mut q = NetSum { slot, _pad: 0, sum };
+        // SAFETY: bpf_loop calls `add_cpu_net` once per CPU with `q`, a stack value that
+        // outlives the call (one body for the verifier instead of MAX_CPUS copies).
+        unsafe {
+            bpf_loop(
+                ncpus,
+                add_cpu_net as *mut c_void,
+                (&raw mut q).cast::<c_void>(),
+                0,
+            );
         }
+        let sum = q.sum;
         let r = NetRecord {
             kind: REC_NET,
             slot,
@@ -657,6 +881,8 @@ pub fn cis490_snapshot(ctx: PerfEventContext) -> u32 {
             lost += 1;
         }
     }
+    let (mm_rss_pages, mm_total_vm) = process_memory(o);
+    // SAFETY: `st` is the single value of an array map, valid for the program run.
     unsafe {
         (*st).lost_records += lost;
         let t = TickRecord {
@@ -667,6 +893,9 @@ pub fn cis490_snapshot(ctx: PerfEventContext) -> u32 {
             late_ns,
             lost_records: (*st).lost_records,
             unslotted: (*st).unslotted,
+            mm_rss_pages,
+            mm_total_vm,
+            lost_in_snapshot: lost,
         };
         // The tick record wakes no one either: user space drains on its own schedule.
         if SNAPS

@@ -39,6 +39,8 @@ pub struct BackendOptions {
     pub cmdline: Vec<String>,
     /// The capture's sampling interval (the BPF snapshot timer's period).
     pub interval_ns: u64,
+    /// `--rows`: every thread at every tick, or only threads that changed.
+    pub rows: crate::collector::RowsMode,
 }
 
 pub struct Selected {
@@ -57,7 +59,7 @@ pub struct Selected {
 /// The interfaces to watch: `--net-if` as given (validated), else the target's taps.
 pub fn net_interfaces(pid: u32, opts: &BackendOptions) -> Result<Vec<String>, Error> {
     if opts.net_ifs.is_empty() {
-        return Ok(bpf::net::detect_taps(pid, &opts.cmdline));
+        return Ok(crate::net::detect_taps(pid, &opts.cmdline));
     }
     let mut out: Vec<String> = Vec::new();
     for n in &opts.net_ifs {
@@ -90,9 +92,11 @@ pub fn select(
     let net_ifs = net_interfaces(pid, opts)?;
     let proc_backend = |fallback_reason: Option<String>, reason: String| {
         let mut collectors: Vec<Box<dyn Collector>> =
-            vec![Box::new(ProcCollector::new(pid, vcpus.clone()))];
+            vec![Box::new(ProcCollector::new(pid, vcpus.clone(), opts.rows))];
         if !net_ifs.is_empty() {
-            collectors.push(Box::new(bpf::net::SysfsNetCollector::new(net_ifs.clone())));
+            collectors.push(Box::new(crate::net::SysfsNetCollector::new(
+                net_ifs.clone(),
+            )));
         }
         Selected {
             collectors,
@@ -110,7 +114,7 @@ pub fn select(
         .iter()
         .map(|n| bpf::loader::NetIfSpec {
             name: n.clone(),
-            rx_header_len: bpf::net::rx_header_len(n),
+            rx_header_len: crate::net::rx_header_len(n),
         })
         .collect();
     let snap = bpf::loader::SnapSpec {
@@ -118,7 +122,7 @@ pub fn select(
         count_wakeups: opts.bpf_wakeups,
         timer_cpu: opts.bpf_timer_cpu,
     };
-    match bpf::start(pid, vcpus, &specs, opts.bpf_stats, snap) {
+    match bpf::start(pid, vcpus, &specs, opts.bpf_stats, snap, opts.rows) {
         Ok(b) => Ok(Selected {
             collectors: b.collectors,
             used: "bpf",
@@ -132,7 +136,7 @@ pub fn select(
         }),
         Err(why) if requested == BackendChoice::Bpf => Err(Error::BpfUnavailable(why)),
         Err(why) => Ok(proc_backend(
-            Some(why.clone()),
+            Some(why.to_string()),
             format!("bpf unavailable: {why}; using /proc"),
         )),
     }

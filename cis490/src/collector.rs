@@ -64,6 +64,11 @@ impl TickOutput {
         &mut self.rows[self.len - 1]
     }
 
+    /// Take back the row appended last (a row `--rows changed` does not keep).
+    pub fn pop_row(&mut self) {
+        self.len = self.len.saturating_sub(1);
+    }
+
     /// Row `index` of this tick, to finish filling in (a total written before the rows
     /// it sums).
     pub fn row_mut(&mut self, index: usize) -> &mut Row {
@@ -170,5 +175,187 @@ pub fn stop_and_join(
     match handle.map(std::thread::JoinHandle::join) {
         Some(Ok(r)) => r,
         _ => Err(Error::Other(format!("{thread} thread panicked"))),
+    }
+}
+
+/// `--rows`: which thread rows a per-thread host stream writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RowsMode {
+    /// Every thread at every tick.
+    #[default]
+    All,
+    /// A thread's row only when one of its values (counters, state, CPU, name, vCPU)
+    /// differs from its last written row, and at least every [`KEYFRAME_NS`]; its final
+    /// row always. The process row is written at every tick.
+    Changed,
+}
+
+impl RowsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RowsMode::All => "all",
+            RowsMode::Changed => "changed",
+        }
+    }
+}
+
+/// With `--rows changed`, every thread still gets a row at least this often, so a reader
+/// that looks at any one-second window sees every live thread.
+pub const KEYFRAME_NS: u64 = 1_000_000_000;
+
+/// The `--rows changed` filter of one stream: remembers each thread's last written row.
+#[derive(Debug, Default)]
+pub struct ChangedRows {
+    mode: RowsMode,
+    last: std::collections::HashMap<u32, LastRow>,
+    /// Thread rows not written because nothing changed.
+    pub skipped: u64,
+}
+
+#[derive(Debug)]
+struct LastRow {
+    t_mono_ns: u64,
+    comm: Option<Arc<str>>,
+    vcpu: Option<u32>,
+    fields: Vec<(crate::row::FieldName, crate::row::Value)>,
+}
+
+impl ChangedRows {
+    pub fn new(mode: RowsMode) -> Self {
+        Self {
+            mode,
+            ..Self::default()
+        }
+    }
+
+    /// Decide on the thread row just appended to `out` (its last row): with
+    /// `--rows changed`, take it back when it repeats the thread's last written row
+    /// (all but stamp and seq) less than [`KEYFRAME_NS`] after it. `keep`: write it
+    /// anyway (a thread's final row).
+    pub fn filter_last(&mut self, out: &mut TickOutput, keep: bool) {
+        if self.mode == RowsMode::All {
+            return;
+        }
+        let Some(row) = out.rows().last() else {
+            return;
+        };
+        let Some(tid) = row.tid else {
+            return;
+        };
+        let t = row.stamp.t_mono_ns;
+        if let Some(prev) = self.last.get_mut(&tid) {
+            let same = prev.fields == row.fields && prev.comm == row.comm && prev.vcpu == row.vcpu;
+            if same && !keep && t.saturating_sub(prev.t_mono_ns) < KEYFRAME_NS {
+                self.skipped += 1;
+                out.pop_row();
+                return;
+            }
+            prev.t_mono_ns = t;
+            prev.comm.clone_from(&row.comm);
+            prev.vcpu = row.vcpu;
+            prev.fields.clone_from(&row.fields);
+        } else {
+            self.last.insert(
+                tid,
+                LastRow {
+                    t_mono_ns: t,
+                    comm: row.comm.clone(),
+                    vcpu: row.vcpu,
+                    fields: row.fields.clone(),
+                },
+            );
+        }
+    }
+
+    /// A thread that ended: nothing more to compare against.
+    pub fn forget(&mut self, tid: u32) {
+        self.last.remove(&tid);
+    }
+
+    /// For meta.sources: the mode, and the rows it left out.
+    pub fn summary(&self, m: &mut serde_json::Map<String, serde_json::Value>) {
+        m.insert("rows_mode".into(), self.mode.as_str().into());
+        if self.mode == RowsMode::Changed {
+            m.insert("rows_unchanged_skipped".into(), self.skipped.into());
+        }
+    }
+}
+
+#[cfg(test)]
+mod changed_rows_tests {
+    use super::*;
+    use crate::clock::Stamp;
+
+    fn thread_row(out: &mut TickOutput, t: u64, tid: u32, on_cpu: u64) {
+        let row = out.new_row(
+            Stamp {
+                t_mono_ns: t,
+                t_wall_ns: t,
+            },
+            "proc",
+            false,
+        );
+        row.tid = Some(tid);
+        row.seq = Some(t / 1_000_000);
+        row.push("on_cpu_ns", on_cpu);
+    }
+
+    #[test]
+    fn changed_keeps_a_thread_row_only_when_a_value_changed_or_a_second_passed() {
+        let mut f = ChangedRows::new(RowsMode::Changed);
+        let mut out = TickOutput::default();
+        let ms = 1_000_000;
+        // t = 0: first row of tid 7 kept; 1 ms later the same values: left out.
+        thread_row(&mut out, 0, 7, 100);
+        f.filter_last(&mut out, false);
+        thread_row(&mut out, ms, 7, 100);
+        f.filter_last(&mut out, false);
+        assert_eq!(out.rows().len(), 1);
+        // Changed: kept.
+        thread_row(&mut out, 2 * ms, 7, 150);
+        f.filter_last(&mut out, false);
+        assert_eq!(out.rows().len(), 2);
+        // Unchanged, but a second after the last written row: kept (the keyframe).
+        thread_row(&mut out, 2 * ms + KEYFRAME_NS - 1, 7, 150);
+        f.filter_last(&mut out, false);
+        assert_eq!(out.rows().len(), 2);
+        thread_row(&mut out, 2 * ms + KEYFRAME_NS, 7, 150);
+        f.filter_last(&mut out, false);
+        assert_eq!(out.rows().len(), 3);
+        // A final row is written whatever it repeats.
+        thread_row(&mut out, 3 * KEYFRAME_NS / 2, 7, 150);
+        f.filter_last(&mut out, true);
+        assert_eq!(out.rows().len(), 4);
+        assert_eq!(f.skipped, 2);
+        // Another thread's first row, and a name change, are kept.
+        thread_row(&mut out, 3 * KEYFRAME_NS / 2, 8, 150);
+        f.filter_last(&mut out, false);
+        thread_row(&mut out, 3 * KEYFRAME_NS / 2 + ms, 8, 150);
+        out.rows.last_mut().unwrap().comm = Some("renamed".into());
+        f.filter_last(&mut out, false);
+        assert_eq!(out.rows().len(), 6);
+    }
+
+    #[test]
+    fn all_keeps_every_row_and_process_rows_are_never_filtered() {
+        let mut f = ChangedRows::new(RowsMode::All);
+        let mut out = TickOutput::default();
+        for t in 0..3 {
+            thread_row(&mut out, t, 7, 100);
+            f.filter_last(&mut out, false);
+        }
+        assert_eq!(out.rows().len(), 3);
+        let mut f = ChangedRows::new(RowsMode::Changed);
+        let mut out = TickOutput::default();
+        for t in 0..3 {
+            thread_row(&mut out, t, 7, 100);
+            out.rows.last_mut().unwrap().tid = None;
+            f.filter_last(&mut out, false);
+        }
+        assert_eq!(
+            out.rows().len(),
+            3,
+            "the process row is written at every tick"
+        );
     }
 }

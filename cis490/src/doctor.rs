@@ -144,8 +144,14 @@ pub fn run() -> (Vec<Check>, String) {
         count_wakeups: true,
         timer_cpu: None,
     };
-    let verdict = match crate::bpf::start(std::process::id(), &Default::default(), &[], false, snap)
-    {
+    let verdict = match crate::bpf::start(
+        std::process::id(),
+        &Default::default(),
+        &[],
+        false,
+        snap,
+        crate::collector::RowsMode::All,
+    ) {
         Ok(_) => "--backend auto would use: bpf (programs load and attach here)".to_owned(),
         Err(why) => format!("--backend auto would use: proc (BPF unavailable: {why})"),
     };

@@ -20,7 +20,9 @@ pub enum Error {
     #[error("episode {0} already exists; episode ids are never reused")]
     EpisodeExists(PathBuf),
     #[error("BPF backend unavailable: {0}")]
-    BpfUnavailable(String),
+    BpfUnavailable(#[source] crate::bpf::error::BpfError),
+    #[error("export: {0}")]
+    Export(#[from] crate::export::ExportError),
     #[error("{0}")]
     Other(String),
 }

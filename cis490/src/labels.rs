@@ -250,13 +250,15 @@ fn apply(line: &str, labels: &Arc<Mutex<Labels>>, events: &EventLog) -> MarkRepl
         ));
     };
     let mut labels = labels.lock().unwrap_or_else(|p| p.into_inner());
-    let prev = labels.current().map(|p| p.as_str().to_owned());
+    let prev_phase = labels.current();
+    let prev = prev_phase.map(|p| p.as_str().to_owned());
     match labels.transition(phase, req.reason.as_deref()) {
         Ok(t) => {
-            events.emit(
-                "phase",
-                serde_json::json!({"phase": phase.as_str(), "prev": prev, "reason": req.reason}),
-            );
+            events.record(&crate::contract::events::Event::Phase {
+                phase,
+                prev: prev_phase,
+                reason: req.reason.clone(),
+            });
             MarkReply {
                 ok: true,
                 error: None,

@@ -45,6 +45,26 @@ enum Command {
         #[arg(required = true)]
         episode_dirs: Vec<PathBuf>,
     },
+    /// Export episodes into a typed Parquet dataset, Hive-partitioned by episode
+    /// (`OUT/<stream>/episode_id=<id>/part-0.parquet`, and `OUT/episodes/…` with one row
+    /// per episode; docs/datasets.md). Refuses an episode validate does not pass unless
+    /// --allow-incomplete.
+    Export {
+        #[arg(required = true)]
+        episode_dirs: Vec<PathBuf>,
+        /// The dataset's root directory (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "parquet")]
+        format: ExportFormat,
+        /// Export incomplete or invalid episodes too; the episodes table records
+        /// `complete`, `valid` and the problem count.
+        #[arg(long)]
+        allow_incomplete: bool,
+        /// Read every written file back and compare every value with the episode.
+        #[arg(long)]
+        verify: bool,
+    },
     /// Plot an episode (stacked panels on one time axis) and print a per-phase summary.
     Report {
         episode_dir: PathBuf,
@@ -98,6 +118,11 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ExportFormat {
+    Parquet,
+}
+
 #[derive(clap::Args)]
 struct TraceArgs {
     /// Process id of the QEMU process to trace.
@@ -144,6 +169,16 @@ struct TraceArgs {
     /// DuckDB and pandas); useful for long 1 kHz captures.
     #[arg(long, value_enum, default_value_t = Compression::None)]
     compress: Compression,
+    /// Thread rows of the host streams: `all` (every thread at every tick) or `changed`
+    /// (a thread's row only when a value of it changed since its last row, and at least
+    /// once a second; the process row at every tick). Loses no counter value: a left-out
+    /// row repeats the thread's last one.
+    #[arg(long, value_enum, default_value = "all")]
+    rows: cis490::collector::RowsMode,
+    /// At close, export the episode into `<data-root>/dataset/` (the same layout as
+    /// `cis490 export`); the episode path is still the last line on stdout.
+    #[arg(long, value_enum)]
+    export: Option<ExportFormat>,
     /// Run the host sampler thread SCHED_FIFO (needs CAP_SYS_NICE) for tighter timing,
     /// whatever the rate. Default: SCHED_FIFO from 100 Hz up when permitted.
     #[arg(long, conflicts_with = "no_realtime")]
@@ -224,6 +259,13 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { episode_dirs } => Ok(cmd_validate(&episode_dirs)),
+        Command::Export {
+            episode_dirs,
+            out,
+            format: ExportFormat::Parquet,
+            allow_incomplete,
+            verify,
+        } => cmd_export(&episode_dirs, &out, allow_incomplete, verify),
         Command::Report {
             episode_dir,
             output,
@@ -312,6 +354,7 @@ fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
         signal_hook::flag::register(sig, stop.clone())
             .map_err(|e| Error::io("installing signal handler", e))?;
     }
+    let export_root = args.export.map(|_| args.data_root.join("dataset"));
     let cfg = TraceConfig {
         pid: args.qemu_pid,
         duration: args.duration,
@@ -325,6 +368,7 @@ fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
         bpf_wakeups: args.bpf_wakeups,
         bpf_timer_cpu: args.bpf_timer_cpu,
         compression: args.compress,
+        rows: args.rows,
         access: cis490::episode::Access {
             group: args
                 .group
@@ -349,7 +393,7 @@ fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
         },
     };
     let result = trace::run(cfg, stop)?;
-    let code = match &result.error {
+    let mut code = match &result.error {
         Some(e) => {
             eprintln!("cis490: error: episode ended early: {e}");
             ExitCode::from(1)
@@ -357,6 +401,25 @@ fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
         None => ExitCode::SUCCESS,
     };
     tracing::info!(end_reason = result.end_reason.as_str(), "episode closed");
+    if let Some(root) = export_root {
+        // The dataset gets the episode directory's own mode (private unless --group).
+        let mode = std::fs::metadata(&result.dir)
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
+            .unwrap_or(0o700);
+        let done = cis490::export::out::OutDir::open_root(&root, mode)
+            .and_then(|out| cis490::export::export_episode(&result.dir, &out, Default::default()));
+        match done {
+            Ok(e) => tracing::info!(
+                dataset = %root.display(),
+                streams = e.streams.len(),
+                "episode exported"
+            ),
+            Err(e) => {
+                eprintln!("cis490: error: export: {e}");
+                code = ExitCode::from(1);
+            }
+        }
+    }
     println!("{}", result.dir.display());
     Ok(code)
 }
@@ -382,6 +445,49 @@ fn cmd_validate(dirs: &[PathBuf]) -> ExitCode {
     } else {
         ExitCode::from(1)
     }
+}
+
+fn cmd_export(
+    dirs: &[PathBuf],
+    out: &std::path::Path,
+    allow_incomplete: bool,
+    verify: bool,
+) -> Result<ExitCode, Error> {
+    use cis490::export;
+    let root = export::out::OutDir::open_root(out, 0o755)?;
+    let opts = export::ExportOptions { allow_incomplete };
+    let mut failed = 0;
+    for dir in dirs {
+        let done = export::export_episode(dir, &root, opts).and_then(|e| {
+            if verify {
+                for s in &e.streams {
+                    s.verify(&e.phases)?;
+                }
+            }
+            Ok(e)
+        });
+        match done {
+            Ok(e) => {
+                let rows: u64 = e.streams.iter().map(|s| s.counts.rows).sum();
+                println!(
+                    "{}: {} streams, {rows} rows{} -> {}",
+                    dir.display(),
+                    e.streams.len(),
+                    if verify { ", verified" } else { "" },
+                    out.display()
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("cis490: error: {e}");
+            }
+        }
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn cmd_report(dir: &std::path::Path, output: Option<PathBuf>) -> Result<ExitCode, Error> {

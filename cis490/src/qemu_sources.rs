@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_json::json;
+use crate::contract::events::Event;
 
 use crate::agent::reader::{AgentReader, AgentReaderConfig};
 use crate::collector::{BackgroundSource, SourceContext};
@@ -64,11 +64,12 @@ pub fn start(
             .or_else(|| qemu_args::qmp_socket(cmdline).map(|p| qemu_args::resolve(pid, p)));
         match found {
             Some(socket) => {
-                ctx.events.emit(
-                    "source_started",
-                    json!({"source": "qmp", "socket": socket, "rate_hz": opts.qmp_rate_hz,
-                           "autodetected": opts.qmp.is_none()}),
-                );
+                ctx.events.record(&Event::SourceStarted {
+                    source: "qmp".into(),
+                    socket: Some(socket.display().to_string()),
+                    rate_hz: Some(opts.qmp_rate_hz.into()),
+                    autodetected: Some(opts.qmp.is_none()),
+                });
                 let src = QmpSource::start(
                     QmpConfig {
                         socket,
@@ -82,10 +83,10 @@ pub fn start(
                 qmp_facts = Some(src.facts_handle());
                 background.push(Box::new(src));
             }
-            None => ctx.events.emit(
-                "source_skipped",
-                json!({"source": "qmp", "reason": "no --qmp and no QMP unix socket in the QEMU command line"}),
-            ),
+            None => ctx.events.record(&Event::SourceSkipped {
+                source: "qmp".into(),
+                reason: "no --qmp and no QMP unix socket in the QEMU command line".into(),
+            }),
         }
     }
     if !opts.no_agent {
@@ -95,10 +96,12 @@ pub fn start(
             .or_else(|| qemu_args::agent_socket(cmdline).map(|p| qemu_args::resolve(pid, p)));
         match found {
             Some(socket) => {
-                ctx.events.emit(
-                    "source_started",
-                    json!({"source": "agent", "socket": socket, "autodetected": opts.agent.is_none()}),
-                );
+                ctx.events.record(&Event::SourceStarted {
+                    source: "agent".into(),
+                    socket: Some(socket.display().to_string()),
+                    rate_hz: None,
+                    autodetected: Some(opts.agent.is_none()),
+                });
                 background.push(Box::new(AgentReader::start(
                     AgentReaderConfig {
                         socket,
@@ -108,12 +111,13 @@ pub fn start(
                     ctx,
                 )?));
             }
-            None => ctx.events.emit(
-                "source_skipped",
-                json!({"source": "agent", "reason": format!(
+            None => ctx.events.record(&Event::SourceSkipped {
+                source: "agent".into(),
+                reason: format!(
                     "no --agent and no socket chardev behind a {} virtserialport in the QEMU command line",
-                    qemu_args::AGENT_PORT_NAME)}),
-            ),
+                    qemu_args::AGENT_PORT_NAME
+                ),
+            }),
         }
     }
     Ok(Started {

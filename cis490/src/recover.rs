@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
+use crate::contract::EndReason;
 use crate::episode::dir::{is_temp_name, temp_name, try_lock};
 use crate::episode::meta::{ResultMeta, SourceMeta};
 use crate::episode::{
@@ -298,11 +299,11 @@ pub fn run(path: &Path) -> Result<RecoverOutcome, Error> {
     // A recovery that was itself interrupted after writing meta.json: keep the capture's
     // own end reason, not "recovered".
     let previous_end_reason = match previous.as_ref() {
-        Some(r) if r.end_reason == "recovered" => extra
+        Some(r) if r.end_reason == EndReason::Recovered => extra
             .get("recovered")
             .and_then(|r| r["previous_end_reason"].as_str())
             .map(str::to_owned),
-        Some(r) => Some(r.end_reason.clone()),
+        Some(r) => Some(r.end_reason.as_str().to_owned()),
         None => None,
     };
     extra.insert(
@@ -322,7 +323,7 @@ pub fn run(path: &Path) -> Result<RecoverOutcome, Error> {
         meta.clock.wall_origin_ns + span_ns,
     ));
     meta.result = Some(ResultMeta {
-        end_reason: "recovered".into(),
+        end_reason: EndReason::Recovered,
         phases_observed: phases,
         // Whether the target outlived the capture is unknown after a kill; keep what the
         // capture had recorded, else false.

@@ -9,6 +9,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::contract::events::Event;
 use serde_json::json;
 
 use crate::clock::{self, EpisodeClock};
@@ -46,24 +47,9 @@ impl Slot {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndReason {
-    Duration,
-    TargetExit,
-    Signal,
-    Error,
-}
-
-impl EndReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EndReason::Duration => "duration",
-            EndReason::TargetExit => "target_exit",
-            EndReason::Signal => "signal",
-            EndReason::Error => "error",
-        }
-    }
-}
+/// Why the sampling loop ended: the contract's end reasons (the loop never ends as
+/// `Recovered`, which only `cis490 recover` writes).
+pub use crate::contract::EndReason;
 
 pub struct Outcome {
     /// How late each sampled tick woke up (ns after its deadline).
@@ -112,10 +98,9 @@ impl Sampler {
                 }
             }
             if self.stop.load(Ordering::SeqCst) {
-                self.events.emit(
-                    "signal",
-                    json!({"message": "SIGINT/SIGTERM received; closing the episode"}),
-                );
+                self.events.record(&Event::Signal {
+                    message: "SIGINT/SIGTERM received; closing the episode".into(),
+                });
                 break (EndReason::Signal, None);
             }
             let now = self.clock.rel(clock::mono_raw_ns());
@@ -126,11 +111,12 @@ impl Sampler {
                     next = next.min(d.div_ceil(self.interval_ns));
                 }
                 for slot in self.slots.iter().filter(|s| !s.collector.kernel_clocked()) {
-                    self.events.emit(
-                        "gap",
-                        json!({"source": slot.collector.source(), "from_seq": seq, "to_seq": next - 1,
-                               "late_ns": now - due}),
-                    );
+                    self.events.record(&Event::gap(
+                        slot.collector.source(),
+                        seq,
+                        next - 1,
+                        Some(now - due),
+                    ));
                 }
                 missed += next - seq;
                 if let Some(live) = &self.live {
@@ -141,8 +127,9 @@ impl Sampler {
             }
             lateness.record(now.saturating_sub(due));
             if !self.target.alive() {
-                self.events
-                    .emit("target_exit", json!({"pid": self.target.pid()}));
+                self.events.record(&Event::TargetExit {
+                    pid: self.target.pid().into(),
+                });
                 break (EndReason::TargetExit, None);
             }
             let tick = Tick {
@@ -214,17 +201,13 @@ impl Sampler {
                 );
             }
             for (from, to) in &out.gaps {
-                self.events.emit(
-                    "gap",
-                    json!({"source": slot.collector.source(), "from_seq": from, "to_seq": to}),
-                );
+                self.events
+                    .record(&Event::gap(slot.collector.source(), *from, *to, None));
             }
             for problem in &out.problems {
                 slot.errors += 1;
-                self.events.emit(
-                    "source_error",
-                    json!({"source": slot.collector.source(), "message": problem}),
-                );
+                self.events
+                    .record(&Event::source_error(slot.collector.source(), problem));
             }
             if let Err(e) = res {
                 // The target exiting mid-tick shows up here first; that is not a source error.
@@ -240,10 +223,8 @@ impl Sampler {
                 let msg = e.to_string();
                 // One event per distinct failure, not one per tick.
                 if slot.last_error.as_deref() != Some(msg.as_str()) {
-                    self.events.emit(
-                        "source_error",
-                        json!({"source": slot.collector.source(), "message": msg}),
-                    );
+                    self.events
+                        .record(&Event::source_error(slot.collector.source(), &msg));
                     slot.last_error = Some(msg);
                 }
             } else {
@@ -355,18 +336,24 @@ fn tune_sampler_thread(realtime: Realtime, interval_ns: u64, events: &EventLog) 
     let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
     if rc == 0 {
         policy.fifo = true;
-        events.emit(
-            "sampler_realtime",
-            json!({"ok": true, "policy": "SCHED_FIFO", "priority": SAMPLER_PRIORITY,
-                   "realtime": realtime.as_str()}),
-        );
+        events.record(&Event::SamplerRealtime {
+            ok: true,
+            realtime: realtime.as_str().into(),
+            policy: Some("SCHED_FIFO".into()),
+            priority: Some(SAMPLER_PRIORITY as u64),
+            message: None,
+        });
     } else {
         let e = std::io::Error::last_os_error();
-        events.emit(
-            "sampler_realtime",
-            json!({"ok": false, "realtime": realtime.as_str(),
-                   "message": format!("SCHED_FIFO refused: {e}; sampling at normal priority")}),
-        );
+        events.record(&Event::SamplerRealtime {
+            ok: false,
+            realtime: realtime.as_str().into(),
+            policy: None,
+            priority: None,
+            message: Some(format!(
+                "SCHED_FIFO refused: {e}; sampling at normal priority"
+            )),
+        });
         if realtime == Realtime::On {
             tracing::warn!("--realtime: SCHED_FIFO refused ({e}); sampling at normal priority");
         }

@@ -11,6 +11,7 @@ use serde_json::json;
 use crate::backend::{self, BackendChoice};
 use crate::clock::EpisodeClock;
 use crate::collector::{BackgroundSource, VcpuMap};
+use crate::contract::events::Event;
 use crate::episode::meta::{
     BackendMeta, ClockMeta, HostFingerprint, Meta, ResultMeta, Schedule, Tool, UserMeta, Vm,
     SCHEMA_VERSION,
@@ -40,6 +41,8 @@ pub struct TraceConfig {
     /// `--bpf-timer-cpu`.
     pub bpf_timer_cpu: Option<u32>,
     pub compression: Compression,
+    /// `--rows`: every thread at every tick, or only the threads that changed.
+    pub rows: crate::collector::RowsMode,
     /// Who may read the episode besides its owner (`--group`).
     pub access: crate::episode::Access,
     pub realtime: crate::sampler::Realtime,
@@ -99,6 +102,7 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         bpf_timer_cpu: cfg.bpf_timer_cpu,
         cmdline: cmdline.clone(),
         interval_ns,
+        rows: cfg.rows,
     };
     let mut selected = backend::select(cfg.backend, cfg.pid, &vcpus, &backend_opts)?;
     let bpf_session = selected.session.take();
@@ -166,16 +170,22 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         )));
     }
     let events = EventLog::create(&dir, clock)?;
-    events.emit(
-        "episode_start",
-        json!({"episode_id": id, "target_pid": cfg.pid, "rate_hz": cfg.rate_hz}),
-    );
-    events.emit(
-        "backend_selected",
-        json!({"requested": cfg.backend.as_str(), "used": selected.used, "reason": selected.reason,
-               "fallback_reason": selected.fallback_reason, "net_interfaces": selected.net_ifs,
-               "bpf_loader": bpf_session.as_ref().and_then(|s| s.loader.clone())}),
-    );
+    events.record(&Event::EpisodeStart {
+        episode_id: id.to_string(),
+        target_pid: cfg.pid.into(),
+        rate_hz: cfg.rate_hz.into(),
+    });
+    events.record(&Event::BackendSelected {
+        requested: cfg.backend.as_str().into(),
+        used: selected.used.to_string(),
+        reason: Some(selected.reason.clone()),
+        fallback_reason: selected.fallback_reason.clone(),
+        net_interfaces: json!(selected.net_ifs),
+        bpf_loader: bpf_session
+            .as_ref()
+            .and_then(|s| s.loader.as_ref())
+            .map(|l| json!(l)),
+    });
     if let Some(why) = &selected.fallback_reason {
         tracing::warn!("BPF unavailable ({why}); falling back to /proc");
     }
@@ -184,7 +194,12 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
 
     let mut slots = Vec::new();
     for c in selected.collectors {
-        events.emit("source_started", json!({"source": c.source()}));
+        events.record(&Event::SourceStarted {
+            source: c.source().into(),
+            socket: None,
+            rate_hz: None,
+            autodetected: None,
+        });
         slots.push(Slot::new(c, &dir, cfg.compression)?);
     }
 
@@ -222,7 +237,9 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         live: Some(live.clone()),
     };
     if let Some(session) = &bpf_session {
-        session.start_snapshots().map_err(Error::Other)?;
+        session
+            .start_snapshots()
+            .map_err(|e| Error::Other(e.to_string()))?;
     }
     tracing::info!(episode = %dir.path().display(), rate_hz = cfg.rate_hz, backend = selected.used, "capture started");
     let handle = std::thread::Builder::new()
@@ -261,19 +278,19 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
 
     // Closing sequence.
     for slot in &sampler.slots {
-        events.emit(
-            "source_stopped",
-            json!({"source": slot.collector.source(), "rows": slot.rows}),
-        );
+        events.record(&Event::SourceStopped {
+            source: slot.collector.source().into(),
+            rows: slot.rows,
+        });
     }
     let pid_alive_at_end = sampler.target.alive();
     let (mut sources, mut stats, mut close_err) = Sampler::close_streams(sampler.slots);
     for b in background {
         let (source_meta, file_stats) = b.finish();
-        events.emit(
-            "source_stopped",
-            json!({"source": source_meta.name, "rows": source_meta.rows}),
-        );
+        events.record(&Event::SourceStopped {
+            source: source_meta.name.clone(),
+            rows: source_meta.rows,
+        });
         match file_stats {
             Ok(s) => stats.push(s),
             Err(e) => {
@@ -305,11 +322,11 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     } else {
         outcome.end_reason
     };
-    let mut end_fields = json!({"end_reason": end_reason.as_str()});
-    if let Some(e) = &error {
-        end_fields["error"] = e.to_string().into();
-    }
-    events.emit("episode_end", end_fields);
+    events.record(&Event::EpisodeEnd {
+        end_reason,
+        error: error.as_ref().map(|e| e.to_string()),
+        recovered_by: None,
+    });
     if let Some(msg) = events.failure() {
         error.get_or_insert(Error::Other(format!("events.jsonl: {msg}")));
     }
@@ -351,7 +368,7 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         }
     };
     meta.result = Some(ResultMeta {
-        end_reason: end_reason.as_str().into(),
+        end_reason,
         phases_observed,
         pid_alive_at_end,
         duration_observed_s: end_stamp.t_mono_ns as f64 / 1e9,

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cis490_tests::qemu_harness::*;
+use cis490_tests::clock::mono_raw_ns;
+use cis490_tests::*;
 
 fn good(seq: u64) -> String {
     format!("{{\"seq\":{seq},\"t_guest_ns\":1795314808324962000,\"mono_ns\":{},\"loadavg\":\"0.00 0.00 0.00 1/56 126\",\"meminfo_free_kb\":191544}}\n", seq * 100_000_000)
@@ -210,24 +211,6 @@ fn hostile_agent_input_is_bounded_counted_and_survived() {
         "host sampler missed {missed} of {scheduled} ticks"
     );
     assert!(source_meta(&meta, "proc")["rows"].as_u64().unwrap() > 0);
-}
-
-/// Raw CLOCK_MONOTONIC, the clock the capture's `t_mono_ns` counts from.
-fn mono_raw_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid, writable timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// utime + stime of a live process, in clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let f: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
 /// Peak RSS and last CPU ticks of a capture, sampled until it exits.

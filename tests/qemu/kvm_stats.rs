@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cis490_tests::qemu_harness::*;
+use cis490_tests::*;
 
 #[test]
 fn kvm_query_stats_become_vm_and_vcpu_rows() {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cis490_tests::qemu_harness::*;
+use cis490_tests::*;
 use serde_json::Value;
 
 /// The captured reply for a command, with the request's id put in.
@@ -423,17 +423,6 @@ struct Outcome {
     dir: PathBuf,
     elapsed: Duration,
     hwm_kb: u64,
-}
-
-/// utime + stime of a live process, in ms (USER_HZ 100 assumed from sysconf).
-fn cpu_ms(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Some(ticks * 1000 / hz)
 }
 
 /// Run `cis490 trace` against a hostile server for `secs` seconds, watching its memory and CPU.

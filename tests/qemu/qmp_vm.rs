@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use cis490_tests::qemu_harness::*;
+use cis490_tests::*;
 use serde_json::Value;
 
 /// Trace the VM's QEMU for `secs` with `backend`; the episode directory.

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use cis490_tests::qemu_harness::*;
+use cis490_tests::*;
 
 const DD_MIB: u64 = 8;
 
@@ -117,6 +117,29 @@ fn trace_real_vm_with_all_sources_until_qemu_is_killed() {
         "cis490 validate: {}",
         String::from_utf8_lossy(&v.stdout)
     );
+    // The Parquet export of a real VM episode (QMP's kvm_* and the agent's guest_*
+    // families included) reads back value for value.
+    let dataset = tempfile::tempdir().unwrap();
+    let x = std::process::Command::new(cis490_tests::bin("cis490"))
+        .arg("export")
+        .arg(&dir)
+        .arg("--out")
+        .arg(dataset.path())
+        .arg("--verify")
+        .output()
+        .unwrap();
+    assert!(
+        x.status.success(),
+        "cis490 export --verify: {}{}",
+        String::from_utf8_lossy(&x.stdout),
+        String::from_utf8_lossy(&x.stderr)
+    );
+    for stream in ["qmp", "agent", "episodes"] {
+        assert!(
+            dataset.path().join(stream).exists(),
+            "no {stream} in the VM episode's export"
+        );
+    }
     assert_eq!(
         meta["result"]["end_reason"], "target_exit",
         "{}",

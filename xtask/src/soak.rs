@@ -17,6 +17,7 @@
 //!   seq holes of the host streams not declared by a gap event (rows lost: must be 0),
 //!   stale/recovered events, agent rejects, meta.json's result, and `cis490 validate`.
 
+use crate::util::mono_ns;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -632,16 +633,6 @@ impl Console {
 
 // ---------------------------------------------------------------------------------------
 // Sampling and reading the episode.
-
-fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 fn clk_tck() -> u64 {
     // SAFETY: sysconf has no preconditions.

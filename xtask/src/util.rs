@@ -27,3 +27,15 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
     run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(args))
 }
+
+/// Raw CLOCK_MONOTONIC in ns, the clock an episode's `t_mono_ns` counts from (xtask does
+/// not link the cis490 crate, whose `clock::mono_raw_ns` is the same read).
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -30,6 +30,7 @@ use serde_json::{json, Map};
 use super::clockmap::ClockMap;
 use super::line::{self, Columns, Reject, ValueIssue, MAX_LINE};
 use crate::collector::{BackgroundSource, SourceContext};
+use crate::contract::events::Event;
 use crate::episode::meta::SourceMeta;
 use crate::episode::telemetry_file;
 use crate::error::Error;
@@ -326,10 +327,10 @@ impl Worker {
             };
             backoff = Duration::from_millis(100);
             self.shared.connects.fetch_add(1, Ordering::Relaxed);
-            self.ctx.events.emit(
-                "agent_connected",
-                json!({"source": SOURCE, "socket": self.cfg.socket}),
-            );
+            self.ctx.events.record(&Event::AgentConnected {
+                source: SOURCE.into(),
+                socket: Some(self.cfg.socket.display().to_string()),
+            });
             let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
             self.line.clear();
             self.discarding = false;
@@ -354,9 +355,10 @@ impl Worker {
                                 last_line = Instant::now();
                                 if stale {
                                     stale = false;
-                                    self.ctx
-                                        .events
-                                        .emit("source_recovered", json!({"source": SOURCE}));
+                                    self.ctx.events.record(&Event::SourceRecovered {
+                                        source: SOURCE.into(),
+                                        socket: None,
+                                    });
                                 }
                             }
                             Err(e) => {
@@ -417,10 +419,11 @@ impl Worker {
         let closed = self.writer.close();
         match fatal {
             Some(e) => {
-                self.ctx.events.emit(
-                    "source_error",
-                    json!({"source": SOURCE, "message": e.to_string(), "fatal": true}),
-                );
+                self.ctx.events.record(&Event::SourceError {
+                    source: SOURCE.into(),
+                    message: e.to_string(),
+                    fatal: Some(true),
+                });
                 Err(e)
             }
             None => closed,
@@ -429,10 +432,11 @@ impl Worker {
 
     fn mark_stale(&self, reason: &str) {
         self.shared.stale_count.fetch_add(1, Ordering::Relaxed);
-        self.ctx.events.emit(
-            "source_stale",
-            json!({"source": SOURCE, "socket": self.cfg.socket, "message": reason}),
-        );
+        self.ctx.events.record(&Event::SourceStale {
+            source: SOURCE.into(),
+            socket: Some(self.cfg.socket.display().to_string()),
+            message: reason.into(),
+        });
     }
 
     fn end_of_connection(&mut self, reason: &str) {
@@ -472,10 +476,10 @@ impl Worker {
             self.reported[i] = now;
         }
         if !delta.is_empty() {
-            self.ctx.events.emit(
-                "agent_rejects",
-                json!({"source": SOURCE, "since_last_event": delta}),
-            );
+            self.ctx.events.record(&Event::AgentRejects {
+                source: SOURCE.into(),
+                since_last_event: serde_json::Value::Object(delta),
+            });
         }
     }
 

@@ -22,6 +22,7 @@ pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
 const MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
 
 /// Byte offsets in `struct task_struct` (and the structs reached from it) of what the
 /// programs read.
@@ -72,6 +73,20 @@ pub struct TaskLayout {
     /// `bpf_perf_event_data_kern.event` and `perf_event.hw.prev_count`.
     pub perf_ctx_event: Option<u32>,
     pub perf_event_prev_count: Option<u32>,
+    /// The process's memory counters (the process row's rss_kb, vsize_bytes): `mm` in
+    /// task_struct, `total_vm` and `rss_stat` in mm_struct, and `rss_stat`'s element size
+    /// and counter offset. None: not found, those columns stay null.
+    pub mm: Option<MmLayout>,
+}
+
+/// Where the process's memory counters are (see [`TaskLayout::mm`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmLayout {
+    pub task_mm: u32,
+    pub total_vm: u32,
+    pub rss_stat: u32,
+    pub counter_size: u32,
+    pub counter_count: u32,
 }
 
 /// The members of `struct task_io_accounting`, in the order the snapshot reads them.
@@ -97,6 +112,61 @@ pub struct Member {
 pub struct Found {
     pub structs: HashMap<String, u32>,
     pub members: HashMap<(String, String), Member>,
+    /// Byte size of each wanted struct.
+    pub sizes: HashMap<String, u32>,
+}
+
+/// Members of anonymous structs and unions met while streaming: the wanted-named ones
+/// and the anonymous ones nested in them, by the anonymous type's id. Anonymous types
+/// can come before or after the struct that embeds them, so the embedding is resolved
+/// after the stream ([`resolve_anonymous`]).
+#[derive(Default)]
+struct Anonymous {
+    /// Anonymous members of the wanted structs: (struct, type id, bit offset).
+    in_wanted: Vec<(String, u32, u32)>,
+    /// Anonymous type id → its members with a wanted name.
+    named: HashMap<u32, Vec<(String, Member)>>,
+    /// Anonymous type id → its own anonymous members (type id, bit offset).
+    nested: HashMap<u32, Vec<(u32, u32)>>,
+}
+
+/// Wanted members not found directly in their struct, looked up through its anonymous
+/// members (recursively; offsets add up), as C code names `mm->total_vm` although
+/// total_vm sits in an anonymous struct inside mm_struct.
+fn resolve_anonymous(found: &mut Found, anon: &Anonymous, wanted: &[(&str, &str)]) {
+    fn search(anon: &Anonymous, ty: u32, base: u32, m: &str, depth: u32) -> Option<Member> {
+        if depth > 8 {
+            return None;
+        }
+        if let Some(hit) = anon
+            .named
+            .get(&ty)
+            .and_then(|v| v.iter().find(|(n, _)| n == m))
+        {
+            return Some(Member {
+                bit_offset: base + hit.1.bit_offset,
+                type_id: hit.1.type_id,
+            });
+        }
+        anon.nested
+            .get(&ty)?
+            .iter()
+            .find_map(|&(inner, off)| search(anon, inner, base + off, m, depth + 1))
+    }
+    for (s, m) in wanted {
+        let key = ((*s).to_owned(), (*m).to_owned());
+        if found.members.contains_key(&key) {
+            continue;
+        }
+        let hit = anon
+            .in_wanted
+            .iter()
+            .filter(|(st, _, _)| st == s)
+            .find_map(|&(_, ty, off)| search(anon, ty, off, m, 0));
+        if let Some(member) = hit {
+            found.members.insert(key, member);
+        }
+    }
 }
 
 fn bad(detail: impl Into<String>) -> Error {
@@ -116,7 +186,7 @@ fn read_u32s<const N: usize>(r: &mut impl Read, what: &str) -> Result<[u32; N]> 
 }
 
 /// Size of the kind-specific data after a `btf_type` record.
-fn tail_len(kind: u32, vlen: u32) -> Result<u64> {
+pub(super) fn tail_len(kind: u32, vlen: u32) -> Result<u64> {
     let vlen = u64::from(vlen);
     Ok(match kind {
         // INT, VAR, DECL_TAG: one u32.
@@ -187,12 +257,13 @@ pub fn find_members<R: Read + Seek>(r: R, wanted: &[(&str, &str)]) -> Result<Fou
     if pos != str_len {
         return Err(bad(format!("string section: {pos} of {str_len} bytes")));
     }
-    let name_of = |off: u32| -> Option<&str> {
-        names
-            .iter()
-            .find(|(_, offs)| offs.contains(&off))
-            .map(|(n, _)| *n)
-    };
+    let by_offset: HashMap<u32, &str> = names
+        .iter()
+        .flat_map(|(n, offs)| offs.iter().map(move |o| (*o, *n)))
+        .collect();
+    let name_of = |off: u32| -> Option<&str> { by_offset.get(&off).copied() };
+    let is_wanted_member = |m: &str| wanted.iter().any(|(_, w)| *w == m);
+    let mut anon = Anonymous::default();
 
     // 2. Stream the type records; decode members only of the wanted structs.
     r.seek(SeekFrom::Start(base + u64::from(type_off)))
@@ -202,12 +273,40 @@ pub fn find_members<R: Read + Seek>(r: R, wanted: &[(&str, &str)]) -> Result<Fou
     let mut id = 0u32;
     while done < u64::from(type_len) {
         id += 1;
-        let [name_off, info, _size] = read_u32s::<3>(&mut r, "type record")?;
+        let [name_off, info, size] = read_u32s::<3>(&mut r, "type record")?;
         let kind = (info >> 24) & 0x1f;
         let vlen = info & 0xffff;
         let kind_flag = info >> 31 == 1;
         let tail = tail_len(kind, vlen)?;
         done += 12 + tail;
+        let bit_off = |m_off: u32| {
+            if kind_flag {
+                m_off & 0x00ff_ffff
+            } else {
+                m_off
+            }
+        };
+        if (kind == KIND_STRUCT || kind == KIND_UNION) && name_off == 0 {
+            // An anonymous struct or union: keep what a wanted member lookup may need.
+            for _ in 0..vlen {
+                let [m_name, m_type, m_off] = read_u32s::<3>(&mut r, "anonymous member")?;
+                if m_name == 0 {
+                    anon.nested
+                        .entry(id)
+                        .or_default()
+                        .push((m_type, bit_off(m_off)));
+                } else if let Some(mname) = name_of(m_name).filter(|n| is_wanted_member(n)) {
+                    anon.named.entry(id).or_default().push((
+                        mname.to_owned(),
+                        Member {
+                            bit_offset: bit_off(m_off),
+                            type_id: m_type,
+                        },
+                    ));
+                }
+            }
+            continue;
+        }
         let sname = (kind == KIND_STRUCT).then(|| name_of(name_off)).flatten();
         let Some(sname) = sname.filter(|n| wanted.iter().any(|(s, _)| s == n)) else {
             r.seek_relative(tail as i64)
@@ -217,8 +316,14 @@ pub fn find_members<R: Read + Seek>(r: R, wanted: &[(&str, &str)]) -> Result<Fou
         if found.structs.insert(sname.to_owned(), id).is_some() {
             return Err(bad(format!("two structs named {sname}")));
         }
+        found.sizes.insert(sname.to_owned(), size);
         for _ in 0..vlen {
             let [m_name, m_type, m_off] = read_u32s::<3>(&mut r, "struct member")?;
+            if m_name == 0 {
+                anon.in_wanted
+                    .push((sname.to_owned(), m_type, bit_off(m_off)));
+                continue;
+            }
             let Some(mname) = name_of(m_name) else {
                 continue;
             };
@@ -242,6 +347,7 @@ pub fn find_members<R: Read + Seek>(r: R, wanted: &[(&str, &str)]) -> Result<Fou
     if done != u64::from(type_len) {
         return Err(bad(format!("type section overruns its {type_len} bytes")));
     }
+    resolve_anonymous(&mut found, &anon, wanted);
     Ok(found)
 }
 
@@ -318,6 +424,11 @@ pub fn task_layout<R: Read + Seek>(r: R) -> Result<TaskLayout> {
         ("bpf_perf_event_data_kern", "event"),
         ("perf_event", "hw"),
         ("hw_perf_event", "prev_count"),
+        ("task_struct", "mm"),
+        ("mm_struct", "total_vm"),
+        ("mm_struct", "rss_stat"),
+        ("percpu_counter", "count"),
+        ("mm_rss_stat", "count"),
     ];
     wanted.extend(IOAC_MEMBERS.iter().map(|m| ("task_io_accounting", *m)));
     let found = find_members(r, &wanted)?;
@@ -373,7 +484,37 @@ pub fn task_layout<R: Read + Seek>(r: R) -> Result<TaskLayout> {
         (Some(e), Some(hw), Some(p)) => Some((e, hw + p)),
         _ => None,
     };
+    // rss_stat: an array of `struct percpu_counter` since Linux 6.2 (/proc reads each
+    // one's `count`); before, a `struct mm_rss_stat` of atomic_long_t count[].
+    let mm = (|| {
+        let task_mm = opt("task_struct", "mm")?;
+        let total_vm = opt("mm_struct", "total_vm")?;
+        let rss = found
+            .members
+            .get(&("mm_struct".to_owned(), "rss_stat".to_owned()))?;
+        if rss.bit_offset % 8 != 0 {
+            return None;
+        }
+        let old = found.structs.get("mm_rss_stat") == Some(&rss.type_id);
+        let (rss_stat, counter_size, counter_count) = if old {
+            (rss.bit_offset / 8 + opt("mm_rss_stat", "count")?, 8, 0)
+        } else {
+            (
+                rss.bit_offset / 8,
+                *found.sizes.get("percpu_counter")?,
+                opt("percpu_counter", "count")?,
+            )
+        };
+        Some(MmLayout {
+            task_mm,
+            total_vm,
+            rss_stat,
+            counter_size,
+            counter_count,
+        })
+    })();
     Ok(TaskLayout {
+        mm,
         pid,
         flags,
         cpu: ti + byte_offset(&found, "thread_info", "cpu")?,
@@ -506,6 +647,16 @@ pub fn snapshot_offsets(l: &TaskLayout, o: &mut Offsets) -> Result<()> {
             o.perf_event_prev_count = 0;
         }
     }
+    match l.mm {
+        Some(m) => {
+            o.task_mm = m.task_mm;
+            o.mm_total_vm = m.total_vm;
+            o.mm_rss_stat = m.rss_stat;
+            o.rss_counter_size = m.counter_size;
+            o.rss_counter_count = m.counter_count;
+        }
+        None => o.task_mm = 0,
+    }
     Ok(())
 }
 
@@ -559,6 +710,10 @@ mod tests {
         fn member(&mut self, name: &str, type_id: u32, off: u32) {
             let n = self.s(name);
             self.u32s(&[n, type_id, off]);
+        }
+        /// An anonymous member (name offset 0, as in real BTF).
+        fn anon_member(&mut self, type_id: u32, off: u32) {
+            self.u32s(&[0, type_id, off]);
         }
         fn bytes(&self) -> Vec<u8> {
             let mut out = Vec::new();
@@ -615,7 +770,8 @@ mod tests {
         b.member("utime", 2, 0);
         b.member("stime", 2, 64);
         // 12: task_struct with a bitfield (kind_flag: offsets carry a bitfield size).
-        b.ty("task_struct", 4, 20, true, 4096);
+        b.ty("task_struct", 4, 21, true, 4096);
+        b.member("mm", 2, 1136 * 8);
         b.member("thread_info", 10, 0);
         b.member("__state", 1, 24 * 8);
         b.member("flags", 1, (3 << 24) | (44 * 8));
@@ -648,6 +804,22 @@ mod tests {
         b.member("hw", 18, 360 * 8);
         b.ty("hw_perf_event", 4, 1, false, 208); // 18
         b.member("prev_count", 2, 144 * 8);
+        // mm_struct as Linux 6.18 has it: everything in an anonymous struct (defined
+        // after it), total_vm one level deeper in an anonymous union, rss_stat an array
+        // of struct percpu_counter.
+        b.ty("mm_struct", 4, 2, false, 1472); // 19
+        b.anon_member(21, 0);
+        b.member("cpu_bitmap", 2, 1464 * 8);
+        b.ty("percpu_counter", 4, 2, false, 40); // 20
+        b.member("lock", 1, 0);
+        b.member("count", 2, 64);
+        b.ty("", 4, 2, false, 1464); // 21: anonymous struct
+        b.anon_member(22, 8 * 8);
+        b.member("rss_stat", 23, 968 * 8);
+        b.ty("", 5, 1, false, 1400); // 22: anonymous union
+        b.member("total_vm", 2, 360 * 8);
+        b.ty("", 3, 0, false, 0); // 23: percpu_counter[4]
+        b.u32s(&[20, 1, 4]);
         b.bytes()
     }
 
@@ -679,6 +851,35 @@ mod tests {
             (l.perf_ctx_event, l.perf_event_prev_count),
             (Some(16), Some(504))
         );
+        // Through two anonymous levels: 0 + 8 + 360 = 368.
+        assert_eq!(
+            l.mm,
+            Some(MmLayout {
+                task_mm: 1136,
+                total_vm: 368,
+                rss_stat: 968,
+                counter_size: 40,
+                counter_count: 8
+            })
+        );
+    }
+
+    #[test]
+    fn members_in_anonymous_types_defined_before_their_struct_are_found() {
+        let mut b = Blob::new();
+        b.ty("long", 1, 0, false, 8); // 1
+        b.u32s(&[64]);
+        b.ty("", 5, 1, false, 8); // 2: anonymous union, before its struct
+        b.member("total_vm", 1, 0);
+        b.ty("mm_struct", 4, 2, false, 64); // 3
+        b.member("x", 1, 0);
+        b.anon_member(2, 16 * 8);
+        let f = find_members(Cursor::new(b.bytes()), &[("mm_struct", "total_vm")]).unwrap();
+        assert_eq!(
+            f.members[&("mm_struct".to_owned(), "total_vm".to_owned())].bit_offset,
+            16 * 8
+        );
+        assert_eq!(f.sizes["mm_struct"], 64);
     }
 
     #[test]
@@ -767,6 +968,12 @@ mod tests {
         assert!(
             o.perf_event_prev_count != 0,
             "the sched_clock source: {l:?}"
+        );
+        // mm_struct keeps its counters in an anonymous struct (6.18): found through it.
+        let mm = l.mm.expect("mm_struct's total_vm and rss_stat");
+        assert!(
+            mm.total_vm > 0 && mm.rss_stat > 0 && mm.counter_size >= 8,
+            "{mm:?}"
         );
     }
 }

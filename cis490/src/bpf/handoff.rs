@@ -25,7 +25,13 @@ use rustix::net::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::error::BpfError;
 use super::loader::{self, NetIfSpec, SnapSpec};
+
+/// An error of this stage (see [`BpfError`]).
+fn handoff_err(msg: impl Into<String>) -> BpfError {
+    BpfError::Handoff(msg.into())
+}
 
 /// The hidden subcommand the helper runs as.
 pub const SUBCOMMAND: &str = "__bpf-loader";
@@ -60,7 +66,7 @@ enum Reply {
         /// [`loader::WakeupSource::as_str`].
         wakeups: String,
     },
-    Err(String),
+    Err(BpfError),
 }
 
 /// Everything the capture needs from a load, wherever it happened.
@@ -104,7 +110,7 @@ pub fn load_in_process(
     net_ifs: &[NetIfSpec],
     bpf_stats: bool,
     snap: SnapSpec,
-) -> Result<Attached, String> {
+) -> Result<Attached, BpfError> {
     let l = loader::load(pid, net_ifs, bpf_stats, snap)?;
     let programs = program_ids(&l.ebpf, &l.programs);
     Ok(Attached {
@@ -125,7 +131,7 @@ pub fn load(
     net_ifs: &[NetIfSpec],
     bpf_stats: bool,
     snap: SnapSpec,
-) -> Result<Attached, String> {
+) -> Result<Attached, BpfError> {
     let exe = match std::env::current_exe() {
         Ok(p) if p.exists() => p,
         other => {
@@ -139,7 +145,7 @@ pub fn load(
         SocketFlags::CLOEXEC,
         None,
     )
-    .map_err(|e| format!("socketpair for the BPF loader: {e}"))?;
+    .map_err(|e| handoff_err(format!("socketpair for the BPF loader: {e}")))?;
     let mut cmd = Command::new(&exe);
     cmd.arg(SUBCOMMAND).arg("--pid").arg(pid.to_string());
     for s in net_ifs {
@@ -175,9 +181,11 @@ pub fn load(
         let _ = child.kill();
     }
     let status = child.wait();
-    let (reply, fds) = got.map_err(|e| match &status {
-        Ok(s) if !s.success() => format!("the BPF loader process failed ({s}): {e}"),
-        _ => format!("the BPF loader process: {e}"),
+    let (reply, fds) = got.map_err(|e| {
+        handoff_err(match &status {
+            Ok(s) if !s.success() => format!("the BPF loader process failed ({s}): {e}"),
+            _ => format!("the BPF loader process: {e}"),
+        })
     })?;
     let (maps, programs, holds, peak_rss_kib, wakeups) = match reply {
         Reply::Ok {
@@ -187,14 +195,15 @@ pub fn load(
             peak_rss_kib,
             wakeups,
         } => (maps, programs, holds, peak_rss_kib, wakeups),
+        // The helper's own error, with its stage.
         Reply::Err(why) => return Err(why),
     };
     if fds.len() != maps.len() + holds {
-        return Err(format!(
+        return Err(handoff_err(format!(
             "the BPF loader process sent {} fds, expected {}",
             fds.len(),
             maps.len() + holds
-        ));
+        )));
     }
     let mut fds = fds.into_iter();
     let mut snaps = None;
@@ -207,35 +216,40 @@ pub fn load(
             timer_fd = Some(fd);
             continue;
         }
-        let data = MapData::from_fd(fd).map_err(|e| format!("map {name} from the loader: {e}"))?;
+        let data = MapData::from_fd(fd)
+            .map_err(|e| handoff_err(format!("map {name} from the loader: {e}")))?;
         match name.as_str() {
             "SNAPS" => {
                 snaps = Some(
                     RingBuf::try_from(Map::RingBuf(data))
-                        .map_err(|e| format!("map SNAPS from the loader: {e}"))?,
+                        .map_err(|e| handoff_err(format!("map SNAPS from the loader: {e}")))?,
                 )
             }
             "CONTROL" => {
                 control = Some(
                     Array::try_from(Map::Array(data))
-                        .map_err(|e| format!("map CONTROL from the loader: {e}"))?,
+                        .map_err(|e| handoff_err(format!("map CONTROL from the loader: {e}")))?,
                 )
             }
             "GRID" => {
                 grid = Some(
                     Array::try_from(Map::Array(data))
-                        .map_err(|e| format!("map GRID from the loader: {e}"))?,
+                        .map_err(|e| handoff_err(format!("map GRID from the loader: {e}")))?,
                 )
             }
-            other => return Err(format!("the BPF loader process sent unknown map {other}")),
+            other => {
+                return Err(handoff_err(format!(
+                    "the BPF loader process sent unknown map {other}"
+                )))
+            }
         }
     }
     Ok(Attached {
-        snaps: snaps.ok_or("the BPF loader process sent no SNAPS map")?,
-        control: control.ok_or("the BPF loader process sent no CONTROL map")?,
+        snaps: snaps.ok_or(handoff_err("the BPF loader process sent no SNAPS map"))?,
+        control: control.ok_or(handoff_err("the BPF loader process sent no CONTROL map"))?,
         timer: super::timer::SnapTimer::new(
-            timer_fd.ok_or("the BPF loader process sent no snapshot timer")?,
-            grid.ok_or("the BPF loader process sent no GRID map")?,
+            timer_fd.ok_or(handoff_err("the BPF loader process sent no snapshot timer"))?,
+            grid.ok_or(handoff_err("the BPF loader process sent no GRID map"))?,
             snap.interval_ns,
         ),
         wakeups: [
@@ -246,7 +260,7 @@ pub fn load(
         .into_iter()
         .map(loader::WakeupSource::as_str)
         .find(|s| *s == wakeups)
-        .ok_or_else(|| format!("the BPF loader process sent wakeups = {wakeups:?}"))?,
+        .ok_or_else(|| handoff_err(format!("the BPF loader process sent wakeups = {wakeups:?}")))?,
         programs,
         keepalive: KeepAlive::Fds(fds.collect()),
         loader: Some(LoaderReport {
@@ -257,13 +271,13 @@ pub fn load(
     })
 }
 
-fn receive(sock: &OwnedFd) -> Result<(Reply, Vec<OwnedFd>), String> {
+fn receive(sock: &OwnedFd) -> Result<(Reply, Vec<OwnedFd>), BpfError> {
     rustix::net::sockopt::set_socket_timeout(
         sock,
         rustix::net::sockopt::Timeout::Recv,
         Some(REPLY_TIMEOUT),
     )
-    .map_err(|e| format!("setting a receive timeout: {e}"))?;
+    .map_err(|e| handoff_err(format!("setting a receive timeout: {e}")))?;
     let mut buf = vec![0u8; 256 * 1024];
     let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
@@ -273,9 +287,11 @@ fn receive(sock: &OwnedFd) -> Result<(Reply, Vec<OwnedFd>), String> {
         &mut control,
         RecvFlags::CMSG_CLOEXEC,
     )
-    .map_err(|e| match e {
-        rustix::io::Errno::AGAIN => format!("no reply within {} s", REPLY_TIMEOUT.as_secs()),
-        e => format!("receiving its reply: {e}"),
+    .map_err(|e| {
+        handoff_err(match e {
+            rustix::io::Errno::AGAIN => format!("no reply within {} s", REPLY_TIMEOUT.as_secs()),
+            e => format!("receiving its reply: {e}"),
+        })
     })?;
     let mut fds = Vec::new();
     for m in control.drain() {
@@ -284,23 +300,23 @@ fn receive(sock: &OwnedFd) -> Result<(Reply, Vec<OwnedFd>), String> {
         }
     }
     if msg.bytes == 0 {
-        return Err("it exited without a reply".into());
+        return Err(handoff_err("it exited without a reply"));
     }
     let reply = serde_json::from_slice(&buf[..msg.bytes.min(buf.len())])
-        .map_err(|e| format!("unreadable reply: {e}"))?;
+        .map_err(|e| handoff_err(format!("unreadable reply: {e}")))?;
     Ok((reply, fds))
 }
 
 /// Parse a `--net-if NAME:RX_HEADER_LEN` argument of the helper.
-pub fn parse_net_if(arg: &str) -> Result<NetIfSpec, String> {
+pub fn parse_net_if(arg: &str) -> Result<NetIfSpec, BpfError> {
     let (name, hdr) = arg
         .rsplit_once(':')
-        .ok_or_else(|| format!("{arg:?}: expected NAME:RX_HEADER_LEN"))?;
+        .ok_or_else(|| handoff_err(format!("{arg:?}: expected NAME:RX_HEADER_LEN")))?;
     Ok(NetIfSpec {
         name: name.to_owned(),
         rx_header_len: hdr
             .parse()
-            .map_err(|_| format!("{arg:?}: bad header length"))?,
+            .map_err(|_| handoff_err(format!("{arg:?}: bad header length")))?,
     })
 }
 
@@ -308,6 +324,7 @@ pub fn parse_net_if(arg: &str) -> Result<NetIfSpec, String> {
 pub fn run_helper(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool, snap: SnapSpec) -> ! {
     // SAFETY: fd 0 is the socket the capture passed as stdin; it stays open until _exit.
     let sock = unsafe { BorrowedFd::borrow_raw(0) };
+    loader::HIDE_KERNEL_BTF.store(true, std::sync::atomic::Ordering::Relaxed);
     let outcome = loader::load(pid, net_ifs, bpf_stats, snap);
     let sent = match &outcome {
         Ok(l) => {
@@ -351,16 +368,19 @@ pub fn run_helper(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool, snap: SnapSp
     unsafe { libc::_exit(code) }
 }
 
-fn send(sock: BorrowedFd<'_>, reply: &Reply, fds: &[BorrowedFd<'_>]) -> Result<(), String> {
+fn send(sock: BorrowedFd<'_>, reply: &Reply, fds: &[BorrowedFd<'_>]) -> Result<(), BpfError> {
     if fds.len() > MAX_FDS {
-        return Err(format!("{} fds exceed one message ({MAX_FDS})", fds.len()));
+        return Err(handoff_err(format!(
+            "{} fds exceed one message ({MAX_FDS})",
+            fds.len()
+        )));
     }
-    let body = serde_json::to_vec(reply).map_err(|e| e.to_string())?;
+    let body = serde_json::to_vec(reply).map_err(|e| handoff_err(e.to_string()))?;
     let mut space =
         vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len().max(1)))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
-        return Err("control buffer too small".into());
+        return Err(handoff_err("control buffer too small"));
     }
     rustix::net::sendmsg(
         sock,
@@ -368,7 +388,7 @@ fn send(sock: BorrowedFd<'_>, reply: &Reply, fds: &[BorrowedFd<'_>]) -> Result<(
         &mut control,
         SendFlags::empty(),
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| handoff_err(e.to_string()))?;
     Ok(())
 }
 

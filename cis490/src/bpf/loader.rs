@@ -8,12 +8,18 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use aya::maps::{Array, HashMap, MapData, RingBuf};
 use aya::programs::{Iter, PerfEvent, RawTracePoint, TracePoint};
-use aya::{Btf, Ebpf, EbpfLoader};
+use aya::{Ebpf, EbpfLoader};
 use cis490_common::{
     IfName, NetIf, SnapConfig, SnapRecord, ThreadSlot, MAX_CPUS, MAX_NET_IFS, MAX_SLOTS, SLOT_FREE,
 };
 
+use super::error::BpfError;
 use super::{btf, tracefs};
+
+/// An error of this stage (see [`BpfError`]).
+fn load_err(msg: impl Into<String>) -> BpfError {
+    BpfError::Load(msg.into())
+}
 
 /// The object built by build.rs from the `cis490-ebpf` crate.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cis490-probes"));
@@ -133,34 +139,42 @@ pub fn missing_caps(caps: u64) -> Option<String> {
     ))
 }
 
-fn attach(ebpf: &mut Ebpf, prog: &str, category: &str, name: &str) -> Result<(), String> {
+fn attach(ebpf: &mut Ebpf, prog: &str, category: &str, name: &str) -> Result<(), BpfError> {
     let p: &mut TracePoint = ebpf
         .program_mut(prog)
-        .ok_or_else(|| format!("program {prog} missing from the embedded object"))?
+        .ok_or_else(|| load_err(format!("program {prog} missing from the embedded object")))?
         .try_into()
-        .map_err(|e| format!("program {prog}: {e}"))?;
+        .map_err(|e| load_err(format!("program {prog}: {e}")))?;
     if p.fd().is_err() {
         p.load()
-            .map_err(|e| format!("loading program {prog}: {}", flatten(&e)))?;
+            .map_err(|e| load_err(format!("loading program {prog}: {}", flatten(&e))))?;
     }
-    p.attach(category, name)
-        .map_err(|e| format!("attaching {prog} to {category}:{name}: {}", flatten(&e)))?;
+    p.attach(category, name).map_err(|e| {
+        load_err(format!(
+            "attaching {prog} to {category}:{name}: {}",
+            flatten(&e)
+        ))
+    })?;
     Ok(())
 }
 
 /// Attach a raw-tracepoint program (loaded on first use) to tracepoint `name`.
-fn attach_raw(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), String> {
+fn attach_raw(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), BpfError> {
     let p: &mut RawTracePoint = ebpf
         .program_mut(prog)
-        .ok_or_else(|| format!("program {prog} missing from the embedded object"))?
+        .ok_or_else(|| load_err(format!("program {prog} missing from the embedded object")))?
         .try_into()
-        .map_err(|e| format!("program {prog}: {e}"))?;
+        .map_err(|e| load_err(format!("program {prog}: {e}")))?;
     if p.fd().is_err() {
         p.load()
-            .map_err(|e| format!("loading program {prog}: {}", flatten(&e)))?;
+            .map_err(|e| load_err(format!("loading program {prog}: {}", flatten(&e))))?;
     }
-    p.attach(name)
-        .map_err(|e| format!("attaching {prog} to raw tracepoint {name}: {}", flatten(&e)))?;
+    p.attach(name).map_err(|e| {
+        load_err(format!(
+            "attaching {prog} to raw tracepoint {name}: {}",
+            flatten(&e)
+        ))
+    })?;
     Ok(())
 }
 
@@ -186,60 +200,105 @@ fn flatten(e: &dyn std::error::Error) -> String {
     }
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T, String>
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T, BpfError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
     let m = ebpf
         .take_map(name)
-        .ok_or_else(|| format!("map {name} missing from the embedded object"))?;
-    T::try_from(m).map_err(|e| format!("map {name}: {e}"))
+        .ok_or_else(|| load_err(format!("map {name} missing from the embedded object")))?;
+    T::try_from(m).map_err(|e| load_err(format!("map {name}: {e}")))
 }
 
 /// The CPU whose timer runs the snapshots: `asked` (`--bpf-timer-cpu`) if it is online,
 /// else the first online CPU.
-fn snapshot_cpu(asked: Option<u32>) -> Result<u32, String> {
-    let online = aya::util::online_cpus().map_err(|(f, e)| format!("reading {f}: {e}"))?;
+fn snapshot_cpu(asked: Option<u32>) -> Result<u32, BpfError> {
+    let online =
+        aya::util::online_cpus().map_err(|(f, e)| load_err(format!("reading {f}: {e}")))?;
     match asked {
         Some(c) if online.contains(&c) => Ok(c),
-        Some(c) => Err(format!("--bpf-timer-cpu {c}: no such online CPU")),
+        Some(c) => Err(load_err(format!("--bpf-timer-cpu {c}: no such online CPU"))),
         None => online
             .first()
             .copied()
-            .ok_or_else(|| "no online CPU".to_owned()),
+            .ok_or_else(|| load_err("no online CPU".to_owned())),
     }
+}
+
+/// Set by the loader helper process (`cis490 __bpf-loader`), which is single-threaded and
+/// exits right after loading: it may change its own mount namespace.
+pub static HIDE_KERNEL_BTF: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Hide /sys/kernel/btf from this process only: a private mount namespace with an empty
+/// read-only tmpfs over it, so that aya's `EbpfLoader::new()` finds no kernel BTF and does
+/// not parse it (aya 0.14 parses it eagerly, before `.btf(None)` can say it is not
+/// needed). Everything cis490 needs from the BTF has been read by then. Needs
+/// CAP_SYS_ADMIN, which loading BPF programs as root implies; where it fails, aya parses
+/// as before and nothing else changes.
+fn hide_kernel_btf() -> Result<(), BpfError> {
+    let os = |what: &str| load_err(format!("{what}: {}", std::io::Error::last_os_error()));
+    // SAFETY: plain syscalls with constant, NUL-terminated arguments; they change only
+    // this (single-threaded) process's view of the mount table.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(os("unshare(CLONE_NEWNS)"));
+        }
+        // Private first, so nothing mounted here propagates back to the host.
+        if libc::mount(
+            c"none".as_ptr(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(os("making / private"));
+        }
+        if libc::mount(
+            c"none".as_ptr(),
+            c"/sys/kernel/btf".as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            c"size=4k".as_ptr().cast(),
+        ) != 0
+        {
+            return Err(os("mounting tmpfs over /sys/kernel/btf"));
+        }
+    }
+    Ok(())
 }
 
 /// Run the seeding iterator once: every thread of the target that exists now gets a
 /// slot. Returns how many slots are live afterwards.
-fn seed_threads(ebpf: &mut Ebpf) -> Result<usize, String> {
-    let btf = Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {}", flatten(&e)))?;
+fn seed_threads(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<usize, BpfError> {
     let p: &mut Iter = ebpf
         .program_mut("cis490_seed_task")
-        .ok_or("program cis490_seed_task missing from the embedded object")?
+        .ok_or(load_err(
+            "program cis490_seed_task missing from the embedded object",
+        ))?
         .try_into()
-        .map_err(|e| format!("program cis490_seed_task: {e}"))?;
-    p.load("task", &btf)
-        .map_err(|e| format!("loading the task iterator: {}", flatten(&e)))?;
-    drop(btf);
+        .map_err(|e| load_err(format!("program cis490_seed_task: {e}")))?;
+    p.load("task", btf)
+        .map_err(|e| load_err(format!("loading the task iterator: {}", flatten(&e))))?;
     let id = p
         .attach()
-        .map_err(|e| format!("attaching the task iterator: {}", flatten(&e)))?;
+        .map_err(|e| load_err(format!("attaching the task iterator: {}", flatten(&e))))?;
     let link = p
         .take_link(id)
-        .map_err(|e| format!("task iterator link: {}", flatten(&e)))?;
+        .map_err(|e| load_err(format!("task iterator link: {}", flatten(&e))))?;
     let mut file = link
         .into_file()
-        .map_err(|e| format!("task iterator: {}", flatten(&e)))?;
+        .map_err(|e| load_err(format!("task iterator: {}", flatten(&e))))?;
     // The program writes nothing: reading to the end runs it over every task.
     let mut sink = Vec::new();
     file.read_to_end(&mut sink)
-        .map_err(|e| format!("running the task iterator: {e}"))?;
+        .map_err(|e| load_err(format!("running the task iterator: {e}")))?;
     let slots: Array<&MapData, ThreadSlot> = Array::try_from(
         ebpf.map("SLOTS")
-            .ok_or("map SLOTS missing from the embedded object")?,
+            .ok_or(load_err("map SLOTS missing from the embedded object"))?,
     )
-    .map_err(|e| format!("map SLOTS: {e}"))?;
+    .map_err(|e| load_err(format!("map SLOTS: {e}")))?;
     Ok(slots
         .iter()
         .filter_map(Result::ok)
@@ -249,10 +308,10 @@ fn seed_threads(ebpf: &mut Ebpf) -> Result<usize, String> {
 
 /// Let the snapshot timer take snapshots from its next run on (the capture calls this
 /// once its clock origin is set and it is about to drain).
-pub fn start_snapshots(control: &mut Array<MapData, u32>) -> Result<(), String> {
+pub fn start_snapshots(control: &mut Array<MapData, u32>) -> Result<(), BpfError> {
     control
         .set(0, 1, 0)
-        .map_err(|e| format!("starting the snapshots (map CONTROL): {e}"))
+        .map_err(|e| load_err(format!("starting the snapshots (map CONTROL): {e}")))
 }
 
 /// Whether the kernel counts wakeups per task right now (CONFIG_SCHEDSTATS and
@@ -269,19 +328,20 @@ pub fn load(
     net_ifs: &[NetIfSpec],
     bpf_stats: bool,
     snap: SnapSpec,
-) -> Result<Loaded, String> {
+) -> Result<Loaded, BpfError> {
     if let Some(why) = missing_caps(effective_caps()) {
-        return Err(why);
+        return Err(BpfError::Capability(why));
     }
     if snap.interval_ns == 0 {
-        return Err("snapshot interval of 0 ns".into());
+        return Err(load_err("snapshot interval of 0 ns"));
     }
     let root = tracefs::ensure_mounted()?;
     let mut offsets = tracefs::offsets(&root, !net_ifs.is_empty())?;
     // Read (streaming, a few KiB) before aya's loader parses the same BTF in full, so the
     // two are never in memory together.
-    let task = btf::vmlinux_task_layout().map_err(|e| e.to_string())?;
-    btf::snapshot_offsets(&task, &mut offsets).map_err(|e| format!("{}: {e}", btf::VMLINUX))?;
+    let task = btf::vmlinux_task_layout().map_err(|e| BpfError::Btf(e.to_string()))?;
+    btf::snapshot_offsets(&task, &mut offsets)
+        .map_err(|e| BpfError::Btf(format!("{}: {e}", btf::VMLINUX)))?;
     offsets.task_nr_wakeups = match task.nr_wakeups {
         Some(off) if schedstats_on() => off,
         _ => 0,
@@ -294,13 +354,15 @@ pub fn load(
         WakeupSource::None
     };
     if net_ifs.len() > MAX_NET_IFS as usize {
-        return Err(format!("at most {MAX_NET_IFS} interfaces can be watched"));
+        return Err(load_err(format!(
+            "at most {MAX_NET_IFS} interfaces can be watched"
+        )));
     }
-    let ncpus = aya::util::nr_cpus().map_err(|(f, e)| format!("reading {f}: {e}"))?;
+    let ncpus = aya::util::nr_cpus().map_err(|(f, e)| load_err(format!("reading {f}: {e}")))?;
     if ncpus > MAX_CPUS as usize && !net_ifs.is_empty() {
-        return Err(format!(
+        return Err(load_err(format!(
             "{ncpus} possible CPUs: the net counters are summed over at most {MAX_CPUS}"
-        ));
+        )));
     }
     let config = SnapConfig {
         interval_ns: snap.interval_ns,
@@ -311,16 +373,31 @@ pub fn load(
     };
     let threads_now = std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|d| d.count())
-        .map_err(|e| format!("listing /proc/{pid}/task: {e}"))?;
+        .map_err(|e| load_err(format!("listing /proc/{pid}/task: {e}")))?;
     let stats_fd = if bpf_stats {
         Some(
-            aya::sys::enable_stats(aya::sys::Stats::RunTime)
-                .map_err(|e| format!("enabling BPF run-time statistics (BPF_ENABLE_STATS): {e}"))?,
+            aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| {
+                load_err(format!(
+                    "enabling BPF run-time statistics (BPF_ENABLE_STATS): {e}"
+                ))
+            })?,
         )
     } else {
         None
     };
+    // Not aya's full parse of the kernel's BTF for the task iterator: it needs one type id.
+    let iter_btf = super::iter_btf::task_iter_btf(std::path::Path::new(btf::VMLINUX))?;
+    // No kernel BTF for aya either: EbpfLoader::new() parses all of it (~15 MiB, most of
+    // the loader's CPU) for CO-RE relocations, which Rust BPF programs do not have (the
+    // offsets come from `btf`, above). `.btf(None)` comes too late to prevent the parse;
+    // in the helper process the file is hidden from aya instead (see `hide_kernel_btf`).
+    if HIDE_KERNEL_BTF.load(std::sync::atomic::Ordering::Relaxed) {
+        if let Err(e) = hide_kernel_btf() {
+            tracing::debug!("kernel BTF stays visible to aya (it will parse it): {e}");
+        }
+    }
     let mut ebpf = EbpfLoader::new()
+        .btf(None)
         .override_global("TARGET_TGID", &pid, true)
         .override_global("OFFSETS", &offsets, true)
         .override_global("SNAP_CONFIG", &config, true)
@@ -329,7 +406,7 @@ pub fn load(
             ring_bytes(snap.interval_ns, threads_now, net_ifs.len()),
         )
         .load(OBJECT)
-        .map_err(|e| format!("loading the BPF object: {}", flatten(&e)))?;
+        .map_err(|e| load_err(format!("loading the BPF object: {}", flatten(&e))))?;
 
     // Kept until the programs are loaded: closing a map's last fd before the program that
     // uses it is loaded makes the load fail ("fd is not pointing to valid bpf_map").
@@ -337,14 +414,20 @@ pub fn load(
     if !net_ifs.is_empty() {
         let mut ifs: HashMap<MapData, IfName, NetIf> = take(&mut ebpf, "NET_IFS")?;
         for (slot, spec) in net_ifs.iter().enumerate() {
-            let key = IfName::new(&spec.name)
-                .ok_or_else(|| format!("{:?} is not a valid interface name", spec.name))?;
+            let key = IfName::new(&spec.name).ok_or_else(|| {
+                load_err(format!("{:?} is not a valid interface name", spec.name))
+            })?;
             let val = NetIf {
                 slot: slot as u32,
                 rx_header_len: spec.rx_header_len,
             };
-            ifs.insert(key, val, 0)
-                .map_err(|e| format!("configuring interface {}: {}", spec.name, flatten(&e)))?;
+            ifs.insert(key, val, 0).map_err(|e| {
+                load_err(format!(
+                    "configuring interface {}: {}",
+                    spec.name,
+                    flatten(&e)
+                ))
+            })?;
         }
         ifs_map = Some(ifs);
     }
@@ -362,14 +445,15 @@ pub fn load(
         }
         programs.push("cis490_sched_wakeup");
     }
-    let seeded = seed_threads(&mut ebpf)?;
+    let seeded = seed_threads(&mut ebpf, &iter_btf)?;
+    drop(iter_btf);
     if seeded == 0 {
-        return Err(format!(
+        return Err(load_err(format!(
             "the task iterator found no thread of process {pid} (has it exited?)"
-        ));
+        )));
     }
     if seeded > MAX_SLOTS as usize {
-        return Err(format!("more than {MAX_SLOTS} threads"));
+        return Err(load_err(format!("more than {MAX_SLOTS} threads")));
     }
     let (bc, bn) = tracefs::BLOCK_TRACEPOINT;
     attach(&mut ebpf, "cis490_block_rq_issue", bc, bn)?;
@@ -391,14 +475,16 @@ pub fn load(
     let cpu = snapshot_cpu(snap.timer_cpu)?;
     let p: &mut PerfEvent = ebpf
         .program_mut("cis490_snapshot")
-        .ok_or("program cis490_snapshot missing from the embedded object")?
+        .ok_or(load_err(
+            "program cis490_snapshot missing from the embedded object",
+        ))?
         .try_into()
-        .map_err(|e| format!("program cis490_snapshot: {e}"))?;
+        .map_err(|e| load_err(format!("program cis490_snapshot: {e}")))?;
     p.load()
-        .map_err(|e| format!("loading program cis490_snapshot: {}", flatten(&e)))?;
+        .map_err(|e| load_err(format!("loading program cis490_snapshot: {}", flatten(&e))))?;
     let prog_fd = p
         .fd()
-        .map_err(|e| format!("program cis490_snapshot: {e}"))?
+        .map_err(|e| load_err(format!("program cis490_snapshot: {e}")))?
         .as_fd();
     let timer_fd = super::timer::open(cpu, snap.interval_ns, prog_fd)?;
     programs.push("cis490_snapshot");

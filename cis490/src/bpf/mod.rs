@@ -13,7 +13,9 @@
 //! - `stats`: per-program run count / run time for `--bpf-stats`
 
 pub mod btf;
+pub mod error;
 pub mod handoff;
+pub mod iter_btf;
 pub mod loader;
 pub mod net;
 pub mod sched;
@@ -27,6 +29,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::collector::Collector;
+use error::BpfError;
 
 /// What the collectors of one capture share: what keeps the programs attached (dropping
 /// the last reference detaches everything) and the ring buffer drain.
@@ -44,7 +47,7 @@ pub struct Session {
 
 impl Session {
     /// Start the kernel's snapshots (their tick 0 is the first timer run after this).
-    pub fn start_snapshots(&self) -> Result<(), String> {
+    pub fn start_snapshots(&self) -> Result<(), BpfError> {
         loader::start_snapshots(&mut self.control.lock().unwrap_or_else(|p| p.into_inner()))?;
         self.lock_drain().started_ns = crate::clock::mono_raw_ns();
         Ok(())
@@ -62,6 +65,7 @@ impl Session {
     pub(crate) fn restart_timer_if_stalled(&self, last_tick_ns: u64) -> Option<String> {
         let mut t = self.timer.lock().unwrap_or_else(|p| p.into_inner());
         let now = crate::clock::mono_raw_ns();
+        t.inject_fault_if_due(now);
         let quiet_since = last_tick_ns.max(t.restarted_ns);
         if now.saturating_sub(quiet_since) < t.stall_ns() {
             return None;
@@ -73,7 +77,7 @@ impl Session {
                 now.saturating_sub(last_tick_ns) / 1_000_000
             )),
             Ok(()) => None,
-            Err(e) => Some(e),
+            Err(e) => Some(e.to_string()),
         }
     }
 
@@ -112,7 +116,8 @@ pub fn start(
     net_ifs: &[loader::NetIfSpec],
     bpf_stats: bool,
     snap: loader::SnapSpec,
-) -> Result<Backend, String> {
+    rows: crate::collector::RowsMode,
+) -> Result<Backend, BpfError> {
     let loaded = handoff::load(pid, net_ifs, bpf_stats, snap)?;
     let session = Arc::new(Session {
         _keepalive: loaded.keepalive,
@@ -130,12 +135,14 @@ pub fn start(
             pid,
             session.clone(),
             vcpus.clone(),
+            rows,
         )),
         Box::new(sched::SnapCollector::new(
             sched::Stream::Io,
             pid,
             session.clone(),
             vcpus.clone(),
+            rows,
         )),
     ];
     if !net_ifs.is_empty() {

@@ -194,11 +194,20 @@ pub struct SnapCollector {
     vcpus: VcpuMap,
     entries: Vec<Entry>,
     clk_tck: u64,
+    page_size: u64,
+    changed: crate::collector::ChangedRows,
 }
 
 impl SnapCollector {
-    pub fn new(stream: Stream, pid: u32, session: Arc<Session>, vcpus: VcpuMap) -> Self {
+    pub fn new(
+        stream: Stream,
+        pid: u32,
+        session: Arc<Session>,
+        vcpus: VcpuMap,
+        rows: crate::collector::RowsMode,
+    ) -> Self {
         Self {
+            changed: crate::collector::ChangedRows::new(rows),
             stream,
             pid,
             session,
@@ -210,6 +219,7 @@ impl SnapCollector {
             vcpus,
             entries: Vec::new(),
             clk_tck: clock_ticks_per_second(),
+            page_size: page_size(),
         }
     }
 }
@@ -224,13 +234,41 @@ fn push_counter(row: &mut crate::row::Row, name: &'static str, v: u64) {
     }
 }
 
+/// The process's memory as the process row reports it.
+#[derive(Clone, Copy, Default)]
+struct ProcessMemory {
+    rss_kb: Option<u64>,
+    vsize_bytes: Option<u64>,
+}
+
+impl ProcessMemory {
+    /// From a snapshot's page counts (as /proc: VmRSS in KiB, stat's vsize in bytes).
+    fn from_pages(rss_pages: Option<u64>, total_vm: Option<u64>, page_size: u64) -> Self {
+        Self {
+            rss_kb: rss_pages.map(|p| p * page_size / 1024),
+            vsize_bytes: total_vm.map(|p| p * page_size),
+        }
+    }
+}
+
 /// `bpf-sched`'s columns /proc has for the process only: null on thread rows (as in
-/// `proc`); on the process row the number of threads in the snapshot, and rss_kb and
-/// vsize_bytes null (not read from the kernel, see docs/data-model.md).
-fn push_process_only(row: &mut crate::row::Row, num_threads: Option<u64>) {
+/// `proc`); on the process row the number of threads in the snapshot and the process's
+/// memory, read by the snapshot through a live thread's `mm` (null when it could not be:
+/// see docs/data-model.md).
+fn push_process_only(row: &mut crate::row::Row, num_threads: Option<u64>, mem: ProcessMemory) {
     row.push("num_threads", num_threads)
-        .push("rss_kb", Value::Null)
-        .push("vsize_bytes", Value::Null);
+        .push("rss_kb", mem.rss_kb)
+        .push("vsize_bytes", mem.vsize_bytes);
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if v > 0 {
+        v as u64
+    } else {
+        4096
+    }
 }
 
 impl Collector for SnapCollector {
@@ -249,6 +287,7 @@ impl Collector for SnapCollector {
     fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
         let mut m = serde_json::Map::new();
         m.insert("method".into(), "kernel_snapshot".into());
+        self.changed.summary(&mut m);
         if self.stream == Stream::Sched {
             m.insert("wakeups".into(), self.session.wakeups.into());
             m.insert(
@@ -312,7 +351,9 @@ impl Collector for SnapCollector {
             }
             if self.stream == Stream::Sched {
                 let live = self.entries.iter().filter(|e| !e.exited).count() as u64;
-                push_process_only(row, Some(live));
+                let mem =
+                    ProcessMemory::from_pages(tick.mm_rss_pages, tick.mm_total_vm, self.page_size);
+                push_process_only(row, Some(live), mem);
             }
             for (tid, values) in &update.threads {
                 let row = out.new_row(tick.stamp, self.stream.source(), false);
@@ -325,12 +366,19 @@ impl Collector for SnapCollector {
                     push_counter(row, name, *v);
                 }
                 if self.stream == Stream::Sched {
-                    push_process_only(row, None);
+                    push_process_only(row, None, ProcessMemory::default());
                 }
+                // A thread's final row is always written.
+                let exited = self
+                    .entries
+                    .binary_search_by_key(tid, |e| e.tid)
+                    .is_ok_and(|i| self.entries[i].exited);
+                self.changed.filter_last(out, exited);
             }
             for e in &self.entries {
                 if e.exited {
                     self.comms.forget(e.tid);
+                    self.changed.forget(e.tid);
                 }
             }
         }

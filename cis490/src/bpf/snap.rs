@@ -15,8 +15,14 @@ use cis490_common::{
     NetRecord, SnapRecord, TickRecord, REC_NET, REC_THREAD, REC_THREAD_EXITED, REC_TICK,
 };
 
+use super::error::BpfError;
 use crate::clock::{EpisodeClock, Stamp};
 use crate::sampler::LatenessHistogram;
+
+/// An error of this stage (see [`BpfError`]).
+fn record_err(msg: impl Into<String>) -> BpfError {
+    BpfError::Record(msg.into())
+}
 
 /// How often the capture drains the ring (and the host sampler of the BPF backend ticks).
 pub const DRAIN_INTERVAL_NS: u64 = 50_000_000;
@@ -29,13 +35,13 @@ pub enum Record {
     Tick(TickRecord),
 }
 
-fn pod<T: Copy>(bytes: &[u8], what: &str) -> Result<T, String> {
+fn pod<T: Copy>(bytes: &[u8], what: &str) -> Result<T, BpfError> {
     if bytes.len() != std::mem::size_of::<T>() {
-        return Err(format!(
+        return Err(record_err(format!(
             "{what} record of {} bytes, expected {}",
             bytes.len(),
             std::mem::size_of::<T>()
-        ));
+        )));
     }
     // SAFETY: the length matches and T is a plain repr(C) integer struct (any bit
     // pattern is a valid value); the read is unaligned-safe.
@@ -43,16 +49,18 @@ fn pod<T: Copy>(bytes: &[u8], what: &str) -> Result<T, String> {
 }
 
 /// Decode one record by its leading kind.
-pub fn parse(bytes: &[u8]) -> Result<Record, String> {
+pub fn parse(bytes: &[u8]) -> Result<Record, BpfError> {
     let kind = bytes
         .get(..4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .ok_or_else(|| format!("ring buffer record of {} bytes", bytes.len()))?;
+        .ok_or_else(|| record_err(format!("ring buffer record of {} bytes", bytes.len())))?;
     match kind {
         REC_THREAD | REC_THREAD_EXITED => pod(bytes, "thread").map(Record::Thread),
         REC_NET => pod(bytes, "net").map(Record::Net),
         REC_TICK => pod(bytes, "tick").map(Record::Tick),
-        k => Err(format!("ring buffer record of unknown kind {k}")),
+        k => Err(record_err(format!(
+            "ring buffer record of unknown kind {k}"
+        ))),
     }
 }
 
@@ -149,6 +157,9 @@ pub struct Tick {
     /// Index range of its records in [`Batch::threads`] and [`Batch::nets`].
     pub threads: (usize, usize),
     pub nets: (usize, usize),
+    /// The process's resident pages and total_vm at this snapshot (None: not read).
+    pub mm_rss_pages: Option<u64>,
+    pub mm_total_vm: Option<u64>,
 }
 
 /// The snapshots of one drain, shared by the three collectors of that host tick.
@@ -210,6 +221,13 @@ impl Assembler {
                 }
                 match self.schedule.tick(&t, clock.mono_origin_ns) {
                     TickVerdict::Early => {}
+                    TickVerdict::Tick { seq, gap } if t.lost_in_snapshot > 0 => {
+                        // Some of this snapshot's records found the ring buffer full:
+                        // its rows would miss threads, so the whole snapshot is a gap.
+                        let from = gap.map_or(seq, |(a, _)| a);
+                        self.batch.gaps.push((from, seq));
+                        self.schedule.missed += 1;
+                    }
                     TickVerdict::Tick { seq, gap } => {
                         if let Some(g) = gap {
                             self.batch.gaps.push(g);
@@ -229,6 +247,10 @@ impl Assembler {
                             },
                             threads: (t0, b.threads.len()),
                             nets: (n0, b.nets.len()),
+                            mm_rss_pages: (t.mm_rss_pages != cis490_common::MM_UNKNOWN)
+                                .then_some(t.mm_rss_pages),
+                            mm_total_vm: (t.mm_total_vm != cis490_common::MM_UNKNOWN)
+                                .then_some(t.mm_total_vm),
                         });
                     }
                 }
@@ -269,7 +291,7 @@ impl Drain {
         while let Some(item) = self.ring.next() {
             match parse(&item) {
                 Ok(rec) => self.asm.push(rec, clock, wall_minus_mono),
-                Err(e) => self.asm.batch.problems.push(e),
+                Err(e) => self.asm.batch.problems.push(e.to_string()),
             }
         }
         self.asm.finish();
@@ -309,6 +331,9 @@ mod tests {
             late_ns: 7,
             lost_records: 0,
             unslotted: 0,
+            mm_rss_pages: cis490_common::MM_UNKNOWN,
+            mm_total_vm: cis490_common::MM_UNKNOWN,
+            lost_in_snapshot: 0,
         }
     }
 
@@ -325,10 +350,16 @@ mod tests {
         };
         assert_eq!(parse(&bytes(&n)), Ok(Record::Net(n)));
         let e = parse(&bytes(&t)[..100]).unwrap_err();
-        assert!(e.contains("100 bytes"), "{e}");
+        assert!(
+            matches!(&e, BpfError::Record(m) if m.contains("100 bytes")),
+            "{e}"
+        );
         let mut b = bytes(&k);
         b[0] = 99;
-        assert!(parse(&b).unwrap_err().contains("unknown kind 99"));
+        assert!(parse(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown kind 99"));
         assert!(parse(&[1, 0]).is_err());
     }
 
@@ -376,6 +407,41 @@ mod tests {
         assert_eq!(a.schedule.missed, 2);
         assert_eq!(a.schedule.scheduled(), 5);
         assert_eq!(a.schedule.lateness.quantile_ns(0.5), Some(7));
+    }
+
+    #[test]
+    fn a_snapshot_that_lost_records_is_a_gap_not_a_tick_missing_threads() {
+        let clock = EpisodeClock {
+            mono_origin_ns: 0,
+            wall_origin_ns: 0,
+        };
+        let mut a = Assembler::default();
+        a.begin();
+        a.push(Record::Thread(thread(1, 0, 5)), &clock, 0);
+        a.push(Record::Tick(tick(0, 10)), &clock, 0);
+        // Snapshot 1 got one of its two thread records into the ring, not the other.
+        a.push(Record::Thread(thread(1, 1, 6)), &clock, 0);
+        let mut t = tick(1, 20);
+        t.lost_in_snapshot = 1;
+        t.lost_records = 1;
+        a.push(Record::Tick(t), &clock, 0);
+        // Snapshot 2 never came; 3 lost records too: one gap 1..=3.
+        let mut t = tick(3, 40);
+        t.lost_in_snapshot = 2;
+        t.lost_records = 3;
+        a.push(Record::Tick(t), &clock, 0);
+        a.push(Record::Thread(thread(1, 4, 8)), &clock, 0);
+        a.push(Record::Tick(tick(4, 50)), &clock, 0);
+        a.finish();
+        let seqs: Vec<u64> = a.batch.ticks.iter().map(|t| t.seq).collect();
+        assert_eq!(seqs, vec![0, 4]);
+        assert_eq!(a.batch.gaps, vec![(1, 1), (2, 3)]);
+        assert_eq!(a.schedule.missed, 3);
+        assert_eq!(
+            a.batch.threads.len(),
+            2,
+            "the partial snapshot's record is dropped"
+        );
     }
 
     #[test]

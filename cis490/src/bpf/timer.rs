@@ -11,7 +11,13 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
+use super::error::BpfError;
 use aya::maps::{Array, MapData};
+
+/// An error of this stage (see [`BpfError`]).
+fn timer_err(msg: impl Into<String>) -> BpfError {
+    BpfError::Timer(msg.into())
+}
 
 /// The first 64 bytes of `struct perf_event_attr` (PERF_ATTR_SIZE_VER0), all this event
 /// needs. aya's own PerfEvent::attach keeps no perf event fd once it has made a bpf_link,
@@ -41,7 +47,7 @@ const PERF_EVENT_IOC_SET_BPF: libc::Ioctl = 0x4004_2408 as libc::Ioctl;
 
 /// Open a disabled cpu-clock event on `cpu` with period `interval_ns`, and make program
 /// `prog` its overflow handler (enable it with [`SnapTimer::start`]).
-pub fn open(cpu: u32, interval_ns: u64, prog: BorrowedFd<'_>) -> Result<OwnedFd, String> {
+pub fn open(cpu: u32, interval_ns: u64, prog: BorrowedFd<'_>) -> Result<OwnedFd, BpfError> {
     let attr = PerfEventAttrV0 {
         type_: PERF_TYPE_SOFTWARE,
         size: std::mem::size_of::<PerfEventAttrV0>() as u32,
@@ -62,19 +68,19 @@ pub fn open(cpu: u32, interval_ns: u64, prog: BorrowedFd<'_>) -> Result<OwnedFd,
         )
     };
     if fd < 0 {
-        return Err(format!(
+        return Err(timer_err(format!(
             "perf_event_open (cpu-clock on CPU {cpu}): {}",
             std::io::Error::last_os_error()
-        ));
+        )));
     }
     // SAFETY: a new fd, owned from here on.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     // SAFETY: SET_BPF takes the program fd as its argument.
     if unsafe { libc::ioctl(fd.as_raw_fd(), PERF_EVENT_IOC_SET_BPF, prog.as_raw_fd()) } != 0 {
-        return Err(format!(
+        return Err(timer_err(format!(
             "attaching the snapshot program to its timer: {}",
             std::io::Error::last_os_error()
-        ));
+        )));
     }
     Ok(fd)
 }
@@ -95,7 +101,17 @@ pub struct SnapTimer {
     pub restarts: u64,
     /// CLOCK_MONOTONIC of the last restart (a restarted timer gets a full stall period).
     pub restarted_ns: u64,
+    /// Fault injection for the restart test (see [`FAULT_STOP_ENV`]): when to stop the
+    /// timer once, as perf's throttling would.
+    fault_stop_at_ns: Option<u64>,
 }
+
+/// `CIS490_FAULT_TIMER_STOP_AFTER_MS=N`: N ms after the timer starts, the capture disables
+/// it once, exactly as perf leaves a throttled timer on a CPU without scheduler ticks, so
+/// that the test of the stall detection and restart (tests/bpf.rs) does not depend on
+/// whether the kernel happens to throttle. Not a user option; meta.sources[] reports the
+/// restart like any other.
+pub const FAULT_STOP_ENV: &str = "CIS490_FAULT_TIMER_STOP_AFTER_MS";
 
 const PERF_EVENT_IOC_ENABLE: libc::Ioctl = 0x2400 as libc::Ioctl;
 const PERF_EVENT_IOC_DISABLE: libc::Ioctl = 0x2401 as libc::Ioctl;
@@ -109,6 +125,21 @@ impl SnapTimer {
             interval_ns,
             restarts: 0,
             restarted_ns: 0,
+            // Counted from when the capture takes the timer over (the loader helper
+            // may have started it), which is before its first drain.
+            fault_stop_at_ns: std::env::var(FAULT_STOP_ENV)
+                .ok()
+                .and_then(|ms| ms.parse::<u64>().ok())
+                .map(|ms| crate::clock::mono_raw_ns() + ms * 1_000_000),
+        }
+    }
+
+    /// Stop the timer if the injected fault is due (called at every drain).
+    pub fn inject_fault_if_due(&mut self, now_ns: u64) {
+        if self.fault_stop_at_ns.is_some_and(|at| now_ns >= at) {
+            self.fault_stop_at_ns = None;
+            tracing::warn!("{FAULT_STOP_ENV}: stopping the snapshot timer once");
+            let _ = self.ioctl(PERF_EVENT_IOC_DISABLE, "disabling");
         }
     }
 
@@ -124,56 +155,56 @@ impl SnapTimer {
     /// hrtimer was started at that moment (cpu_clock_event_start), so `now − count` is
     /// the grid's origin. `now` is read before the count is, so the origin comes out early
     /// by at most the read's duration, never late: lateness is never understated.
-    fn enabled_at(&self) -> Result<u64, String> {
+    fn enabled_at(&self) -> Result<u64, BpfError> {
         let before = crate::clock::mono_raw_ns();
         let mut count = [0u8; 8];
         // SAFETY: the fd is a perf event this struct owns; the buffer is 8 writable bytes.
         let n = unsafe { libc::read(self.fd.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
         if n != 8 {
-            return Err(format!(
+            return Err(timer_err(format!(
                 "reading the snapshot timer: {}",
                 std::io::Error::last_os_error()
-            ));
+            )));
         }
         let count = u64::from_ne_bytes(count);
         before
             .checked_sub(count)
-            .ok_or_else(|| format!("snapshot timer count {count} ahead of the clock"))
+            .ok_or_else(|| timer_err(format!("snapshot timer count {count} ahead of the clock")))
     }
 
     /// Enable the timer and tell the program its grid (before CONTROL lets it run).
-    pub fn start(&mut self) -> Result<(), String> {
+    pub fn start(&mut self) -> Result<(), BpfError> {
         self.ioctl(PERF_EVENT_IOC_ENABLE, "enabling")?;
         let origin = self.enabled_at()?;
         self.grid
             .set(0, origin, 0)
-            .map_err(|e| format!("setting the snapshot grid (map GRID): {e}"))
+            .map_err(|e| timer_err(format!("setting the snapshot grid (map GRID): {e}")))
     }
 
-    fn ioctl(&self, req: libc::Ioctl, what: &str) -> Result<(), String> {
+    fn ioctl(&self, req: libc::Ioctl, what: &str) -> Result<(), BpfError> {
         // SAFETY: a perf event ioctl without argument on an fd this struct owns.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), req, 0) } != 0 {
-            return Err(format!(
+            return Err(timer_err(format!(
                 "{what} the snapshot timer: {}",
                 std::io::Error::last_os_error()
-            ));
+            )));
         }
         Ok(())
     }
 
     /// Restart a throttled timer (see the module comment).
-    pub fn restart(&mut self) -> Result<(), String> {
+    pub fn restart(&mut self) -> Result<(), BpfError> {
         let old = self
             .grid
             .get(&0, 0)
-            .map_err(|e| format!("reading map GRID: {e}"))?;
+            .map_err(|e| timer_err(format!("reading map GRID: {e}")))?;
         self.ioctl(PERF_EVENT_IOC_DISABLE, "disabling")?;
         self.ioctl(PERF_EVENT_IOC_RESET, "resetting")?;
         self.ioctl(PERF_EVENT_IOC_ENABLE, "enabling")?;
         let enabled = self.enabled_at()?;
         self.grid
             .set(0, aligned_origin(old, enabled, self.interval_ns), 0)
-            .map_err(|e| format!("setting the snapshot grid (map GRID): {e}"))?;
+            .map_err(|e| timer_err(format!("setting the snapshot grid (map GRID): {e}")))?;
         self.restarts += 1;
         self.restarted_ns = crate::clock::mono_raw_ns();
         Ok(())

@@ -3,7 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
+use super::error::BpfError;
 use cis490_common::Offsets;
+
+/// An error of this stage (see [`BpfError`]).
+fn tracefs_err(msg: impl Into<String>) -> BpfError {
+    BpfError::Tracefs(msg.into())
+}
 
 pub const TRACEFS: &str = "/sys/kernel/tracing";
 const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
@@ -50,7 +56,7 @@ pub fn find() -> Option<PathBuf> {
 
 /// The mounted tracefs, mounting it at /sys/kernel/tracing first if needed. `Err` is the
 /// exact cause, for `backend.fallback_reason`.
-pub fn ensure_mounted() -> Result<PathBuf, String> {
+pub fn ensure_mounted() -> Result<PathBuf, BpfError> {
     if let Some(p) = find() {
         return Ok(p);
     }
@@ -69,10 +75,10 @@ pub fn ensure_mounted() -> Result<PathBuf, String> {
     };
     if rc != 0 {
         let e = std::io::Error::last_os_error();
-        return Err(format!(
+        return Err(tracefs_err(format!(
             "tracefs is not mounted and `mount -t tracefs nodev {TRACEFS}` failed: {e} \
              (needs CAP_SYS_ADMIN; or mount it once as root)"
-        ));
+        )));
     }
     Ok(PathBuf::from(TRACEFS))
 }
@@ -118,27 +124,29 @@ pub fn parse_format(text: &str) -> Vec<Field> {
 }
 
 /// Read and parse `events/<category>/<name>/format`; `Err` says which tracepoint is missing.
-pub fn format(root: &Path, category: &str, name: &str) -> Result<Vec<Field>, String> {
+pub fn format(root: &Path, category: &str, name: &str) -> Result<Vec<Field>, BpfError> {
     let path = root.join("events").join(category).join(name).join("format");
     let text = std::fs::read_to_string(&path).map_err(|e| {
-        format!(
-            "tracepoint {category}:{name} unavailable ({}: {e})",
-            path.display()
-        )
+        tracefs_err({
+            format!(
+                "tracepoint {category}:{name} unavailable ({}: {e})",
+                path.display()
+            )
+        })
     })?;
     Ok(parse_format(&text))
 }
 
-fn field(fields: &[Field], tp: &str, name: &str, size: u32) -> Result<u32, String> {
+fn field(fields: &[Field], tp: &str, name: &str, size: u32) -> Result<u32, BpfError> {
     let f = fields
         .iter()
         .find(|f| f.name == name)
-        .ok_or_else(|| format!("tracepoint {tp} has no field `{name}`"))?;
+        .ok_or_else(|| tracefs_err(format!("tracepoint {tp} has no field `{name}`")))?;
     if f.size != size {
-        return Err(format!(
+        return Err(tracefs_err(format!(
             "tracepoint {tp} field `{name}` has size {} (expected {size})",
             f.size
-        ));
+        )));
     }
     Ok(f.offset)
 }
@@ -146,14 +154,13 @@ fn field(fields: &[Field], tp: &str, name: &str, size: u32) -> Result<u32, Strin
 /// The offsets of every tracepoint field the programs read, from the running kernel's
 /// formats (the task_struct offsets come from BTF, see `btf`).
 /// `with_net`: whether the net tracepoints are needed.
-pub fn offsets(root: &Path, with_net: bool) -> Result<Offsets, String> {
+pub fn offsets(root: &Path, with_net: bool) -> Result<Offsets, BpfError> {
     let mut o = Offsets::LINUX_6_18;
     let bl = format(root, BLOCK_TRACEPOINT.0, BLOCK_TRACEPOINT.1)?;
     o.blk_bytes = field(&bl, "block:block_rq_issue", "bytes", 4)?;
-    let rwbs = bl
-        .iter()
-        .find(|f| f.name == "rwbs")
-        .ok_or("tracepoint block:block_rq_issue has no field `rwbs`")?;
+    let rwbs = bl.iter().find(|f| f.name == "rwbs").ok_or(tracefs_err(
+        "tracepoint block:block_rq_issue has no field `rwbs`",
+    ))?;
     o.blk_rwbs = rwbs.offset;
     if with_net {
         let x = format(root, "net", "net_dev_xmit")?;
@@ -200,9 +207,14 @@ print fmt: \"prev_comm=%s\"
         assert_eq!(get("prev_comm").size, 16);
         assert_eq!(get("common_pid").offset, 4);
         assert_eq!(field(&f, "t", "next_pid", 4), Ok(56));
-        assert!(field(&f, "t", "next_pid", 8).unwrap_err().contains("size"));
+        let e = field(&f, "t", "next_pid", 8).unwrap_err();
+        assert!(
+            matches!(&e, BpfError::Tracefs(m) if m.contains("size")),
+            "{e}"
+        );
         assert!(field(&f, "t", "child_pid", 4)
             .unwrap_err()
+            .to_string()
             .contains("child_pid"));
     }
 
@@ -227,6 +239,6 @@ print fmt: \"prev_comm=%s\"
     fn missing_tracepoint_names_it() {
         let dir = tempfile::tempdir().unwrap();
         let e = format(dir.path(), "sched", "sched_switch").unwrap_err();
-        assert!(e.contains("sched:sched_switch"), "{e}");
+        assert!(e.to_string().contains("sched:sched_switch"), "{e}");
     }
 }

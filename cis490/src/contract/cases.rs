@@ -93,7 +93,7 @@ fn proc_rows_of_the_real_qemu_snapshot_meet_the_declaration() {
 
 #[test]
 fn net_rows_of_this_hosts_loopback_meet_the_declaration() {
-    let mut c = crate::bpf::net::SysfsNetCollector::new(vec!["lo".into(), "absent0".into()]);
+    let mut c = crate::net::SysfsNetCollector::new(vec!["lo".into(), "absent0".into()]);
     let mut out = TickOutput::default();
     c.collect(tick(0), &EpisodeClock::start(), &mut out)
         .unwrap();
@@ -212,17 +212,59 @@ fn events_as_the_event_log_writes_them_meet_the_declaration() {
     let dir = tempfile::tempdir().unwrap();
     let ep = crate::episode::dir::EpisodeDir::open_existing(dir.path()).unwrap();
     let log = crate::episode::EventLog::create(&ep, EpisodeClock::start()).unwrap();
-    log.emit(
-        "gap",
-        json!({"source": "proc", "from_seq": 3, "to_seq": 4, "late_ns": 12}),
-    );
-    log.emit("episode_end", json!({"end_reason": "recovered"}));
+    use super::events::Event;
+    use crate::labels::Phase;
+    let typed = [
+        Event::gap("proc", 3, 4, Some(12)),
+        Event::gap("proc", 5, 5, None),
+        Event::EpisodeEnd {
+            end_reason: super::EndReason::Recovered,
+            error: None,
+            recovered_by: Some("cis490 recover".into()),
+        },
+        Event::Phase {
+            phase: Phase::InfectedRunning,
+            prev: None,
+            reason: None,
+        },
+        Event::SourceStarted {
+            source: "qmp".into(),
+            socket: None,
+            rate_hz: Some(10),
+            autodetected: None,
+        },
+        Event::QmpEvent {
+            source: "qmp".into(),
+            qmp_event: "STOP".into(),
+            data: None,
+            qemu_timestamp_us: None,
+            data_dropped_bytes: None,
+        },
+    ];
+    for e in &typed {
+        log.record(e);
+    }
     log.close().unwrap();
     let text = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
-    for line in text.lines() {
-        let v: Value = serde_json::from_str(line).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), typed.len());
+    for (v, e) in lines.iter().zip(&typed) {
         assert_meets("events", v.as_object().unwrap());
+        // What was written reads back as the event recorded.
+        let back: Event = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(&back, e);
     }
+    // None: absent where the declaration says optional, null where it says required.
+    assert!(lines[1].get("late_ns").is_none(), "{}", lines[1]);
+    assert!(lines[2].get("error").is_none(), "{}", lines[2]);
+    assert_eq!(lines[3]["phase"], "infected_running");
+    assert!(lines[3]["prev"].is_null() && lines[3].get("prev").is_some());
+    assert!(lines[4].get("socket").is_none() && lines[4]["rate_hz"] == 10);
+    assert!(lines[5].get("data").is_some_and(Value::is_null));
+    assert!(lines[5].get("data_dropped_bytes").is_none());
 }
 
 #[test]

@@ -46,6 +46,13 @@ fn yes_no(b: bool) -> &'static str {
 fn stream_section(s: &Stream, out: &mut String) {
     let _ = writeln!(out, "### `{}`: {}\n", s.name, s.file);
     let _ = write!(out, "Written by: {}. Rows: {}.", s.written_by, s.rows);
+    if !s.entity.is_empty() {
+        let _ = write!(
+            out,
+            " One series per `{}` (the export takes a cumulative column's differences within one).",
+            s.entity.join("`, `")
+        );
+    }
     if let Some(a) = s.available_in_deployment {
         let _ = write!(out, " `available_in_deployment`: {a}.");
     }
@@ -60,7 +67,11 @@ fn stream_section(s: &Stream, out: &mut String) {
             cell(&type_of(c.ty, c.values)),
             yes_no(c.nullable),
             rows_of(c.presence),
-            cell(c.unit),
+            cell(&if c.cumulative {
+                format!("{}, cumulative", c.unit)
+            } else {
+                c.unit.to_owned()
+            }),
             cell(c.description)
         );
     }

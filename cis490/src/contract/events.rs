@@ -255,9 +255,12 @@ pub struct EventLine {
     pub event: Event,
 }
 
-/// The event kinds, tagged by `event`. Fields a kind may omit are `Option`; fields a
-/// variant does not name (newer extras) are ignored when reading.
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+/// The event kinds, tagged by `event`: what the writer emits ([`crate::episode::EventLog::record`])
+/// and what validate reads. Fields a kind may omit, or hold null in, are `Option`; which
+/// of the two a `None` becomes when written (absent or `null`) is [`EVENTS`]'s say, so
+/// the declaration stays the one place. Fields a variant does not name (newer extras)
+/// are ignored when reading.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     EpisodeStart {
@@ -373,6 +376,25 @@ pub enum Event {
 }
 
 impl Event {
+    /// A `gap`: ticks `from_seq..=to_seq` of `source` have no rows.
+    pub fn gap(source: &str, from_seq: u64, to_seq: u64, late_ns: Option<u64>) -> Event {
+        Event::Gap {
+            source: source.to_owned(),
+            from_seq,
+            to_seq,
+            late_ns,
+        }
+    }
+
+    /// A non-fatal `source_error`.
+    pub fn source_error(source: &str, message: impl Into<String>) -> Event {
+        Event::SourceError {
+            source: source.to_owned(),
+            message: message.into(),
+            fatal: None,
+        }
+    }
+
     /// The `event` name of this kind, as in [`EVENTS`].
     pub fn name(&self) -> &'static str {
         match self {

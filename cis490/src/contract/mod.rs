@@ -21,6 +21,7 @@ mod cases;
 pub mod check;
 pub mod docs;
 pub mod events;
+pub mod meta;
 mod streams;
 
 use std::collections::HashMap;
@@ -108,6 +109,9 @@ pub struct Column {
     pub presence: Presence,
     /// The allowed values of a string column, when they are a closed set.
     pub values: Option<&'static [&'static str]>,
+    /// A count since the thread, interface or device started (or since attach) that
+    /// never decreases: the export adds its per-row difference `d_<name>` beside it.
+    pub cumulative: bool,
 }
 
 impl Column {
@@ -125,7 +129,12 @@ impl Column {
             description,
             presence: Presence::Always,
             values: None,
+            cumulative: false,
         }
+    }
+    pub const fn cumulative(mut self) -> Self {
+        self.cumulative = true;
+        self
     }
     pub const fn nullable(mut self) -> Self {
         self.nullable = true;
@@ -233,6 +242,10 @@ pub struct Stream {
     pub rows: &'static str,
     pub columns: &'static [Column],
     pub families: &'static [Family],
+    /// The columns that say which series (thread, interface, QMP object) a row belongs
+    /// to: a cumulative column's difference is taken to the previous row with the same
+    /// values of these. Empty: one series (or none, for events and labels).
+    pub entity: &'static [&'static str],
 }
 
 impl Stream {

@@ -47,7 +47,15 @@ const fn source(name: &'static [&'static str]) -> C {
     C::new("source", Dict, "", "the stream's source name").values(name)
 }
 
+/// A cumulative count (never decreases for one thread, interface or device).
 const fn counter(name: &'static str, unit: &'static str, description: &'static str) -> C {
+    C::new(name, UInt64, unit, description)
+        .nullable()
+        .cumulative()
+}
+
+/// A value as of the row (a level, not a count): no difference is derived from it.
+const fn gauge(name: &'static str, unit: &'static str, description: &'static str) -> C {
     C::new(name, UInt64, unit, description).nullable()
 }
 
@@ -110,26 +118,30 @@ const PROC: &[C] = &[
         UInt64,
         "USER_HZ ticks",
         "user CPU time, stat field 14",
-    ),
+    )
+    .cumulative(),
     C::new(
         "stime_ticks",
         UInt64,
         "USER_HZ ticks",
         "system CPU time, stat field 15",
-    ),
+    )
+    .cumulative(),
     C::new(
         "minflt",
         UInt64,
         "count",
         "minor page faults, stat field 10",
-    ),
+    )
+    .cumulative(),
     C::new(
         "majflt",
         UInt64,
         "count",
         "major page faults, stat field 12",
-    ),
-    counter(
+    )
+    .cumulative(),
+    gauge(
         "last_cpu",
         "CPU index",
         "CPU the task last ran on, stat field 39",
@@ -166,17 +178,17 @@ const PROC: &[C] = &[
         "count",
         "status nonvoluntary_ctxt_switches",
     ),
-    counter(
+    gauge(
         "rss_kb",
         "KiB",
         "resident set (status VmRSS); total row only, null on thread rows",
     ),
-    counter(
+    gauge(
         "vsize_bytes",
         "bytes",
         "virtual size, stat field 23; total row only",
     ),
-    counter(
+    gauge(
         "num_threads",
         "count",
         "threads of the process, stat field 20; total row only",
@@ -266,20 +278,20 @@ const BPF_SCHED: &[C] = &[
         "CPU the thread last ran on (= proc's last_cpu); process row: the main thread's",
     )
     .nullable(),
-    counter(
+    gauge(
         "num_threads",
         "count",
         "process row only: threads in the snapshot (= proc's num_threads up to 512 threads); null on thread rows",
     ),
-    counter(
+    gauge(
         "rss_kb",
         "KiB",
-        "always null for now: mm_struct's rss counters are not yet located by the BTF reader (docs/data-model.md)",
+        "process row only: mm->rss_stat file + anon + shmem pages (their global counts; within the per-CPU batch of VmRSS, docs/data-model.md); null on thread rows",
     ),
-    counter(
+    gauge(
         "vsize_bytes",
         "bytes",
-        "always null for now: mm_struct's total_vm is not yet located by the BTF reader (docs/data-model.md)",
+        "process row only: mm->total_vm x page size (= proc's vsize_bytes); null on thread rows",
     ),
 ];
 
@@ -345,7 +357,9 @@ const BLOCK: &[&str] = &["block"];
 const STATS_KINDS: &[&str] = &["vm", "vcpu"];
 
 const fn block(name: &'static str, unit: &'static str, description: &'static str) -> C {
-    C::new(name, UInt64, unit, description).kinds(BLOCK, true)
+    C::new(name, UInt64, unit, description)
+        .kinds(BLOCK, true)
+        .cumulative()
 }
 
 const QMP: &[C] = &[
@@ -418,7 +432,13 @@ const QMP: &[C] = &[
     block("failed_flush_ops", "count", "failed_flush_operations"),
     block("invalid_read_ops", "count", "invalid_rd_operations"),
     block("invalid_write_ops", "count", "invalid_wr_operations"),
-    block("write_highest_offset_bytes", "bytes", "wr_highest_offset"),
+    C::new(
+        "write_highest_offset_bytes",
+        UInt64,
+        "bytes",
+        "wr_highest_offset",
+    )
+    .kinds(BLOCK, true),
     C::new(
         "idle_time_ns",
         UInt64,
@@ -635,6 +655,7 @@ pub static STREAMS: &[Stream] = &[
         rows: "per tick the process total first (tid null), then one per thread",
         columns: PROC,
         families: &[],
+        entity: &["tid"],
     },
     Stream {
         name: "bpf-sched",
@@ -645,6 +666,7 @@ pub static STREAMS: &[Stream] = &[
         rows: "one per thread per kernel snapshot, then the process total (tid null)",
         columns: BPF_SCHED,
         families: &[],
+        entity: &["tid"],
     },
     Stream {
         name: "bpf-io",
@@ -655,6 +677,7 @@ pub static STREAMS: &[Stream] = &[
         rows: "one per thread per kernel snapshot, then the process total (tid null)",
         columns: BPF_IO,
         families: &[],
+        entity: &["tid"],
     },
     Stream {
         name: "net",
@@ -665,6 +688,7 @@ pub static STREAMS: &[Stream] = &[
         rows: "one per interface per tick",
         columns: NET,
         families: &[],
+        entity: &["ifname"],
     },
     Stream {
         name: "qmp",
@@ -675,6 +699,7 @@ pub static STREAMS: &[Stream] = &[
         rows: "per poll: one `vm` row, one `vcpu` row per vCPU (KVM), one `block` row per device",
         columns: QMP,
         families: QMP_FAMILIES,
+        entity: &["kind", "tid", "device"],
     },
     Stream {
         name: "agent",
@@ -685,6 +710,7 @@ pub static STREAMS: &[Stream] = &[
         rows: "one per accepted guest line; guest fields are those the line had",
         columns: AGENT,
         families: AGENT_FAMILIES,
+        entity: &[],
     },
     Stream {
         name: "events",
@@ -695,6 +721,7 @@ pub static STREAMS: &[Stream] = &[
         rows: "one per event",
         columns: EVENTS,
         families: &[],
+        entity: &[],
     },
     Stream {
         name: "labels",
@@ -705,5 +732,6 @@ pub static STREAMS: &[Stream] = &[
         rows: "one per phase transition",
         columns: LABELS,
         families: &[],
+        entity: &[],
     },
 ];

@@ -117,8 +117,31 @@ impl EventLog {
         })
     }
 
+    /// Append one typed event. A `None` field the contract declares optional for its
+    /// kind is left out; one it declares required (nullable) is written as `null`.
+    pub fn record(&self, event: &crate::contract::events::Event) {
+        let name = event.name();
+        let mut fields = match serde_json::to_value(event) {
+            Ok(Value::Object(m)) => m,
+            // Every variant is a struct variant: cannot happen.
+            _ => Map::new(),
+        };
+        fields.remove("event");
+        if let Some(kind) = crate::contract::events::kind(name) {
+            fields.retain(|k, v| {
+                !v.is_null()
+                    || kind
+                        .field(k)
+                        .is_some_and(|c| c.presence == crate::contract::Presence::Always)
+            });
+        }
+        self.emit(name, Value::Object(fields));
+    }
+
     /// Append `{t_mono_ns, t_wall_ns, event, ...fields}`. A write failure is remembered
     /// (the episode then ends as `error`) rather than propagated into every caller.
+    /// Callers use [`EventLog::record`]; this untyped form is for tests that must write
+    /// what the contract forbids.
     pub fn emit(&self, event: &str, fields: Value) {
         // Stamp under the lock: events come from several threads, and a stamp taken
         // before waiting for the lock could land after a later one.

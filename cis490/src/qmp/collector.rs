@@ -33,6 +33,7 @@ use serde_json::{json, Map, Value as Json};
 use super::parse::{self, Schemas, VcpuInfo};
 use super::transport::{EventDrops, QmpConn, QmpError, EVENT_BURST, EVENT_RATE_PER_S};
 use crate::collector::{BackgroundSource, SourceContext};
+use crate::contract::events::Event;
 use crate::episode::meta::SourceMeta;
 use crate::episode::telemetry_file;
 use crate::error::Error;
@@ -388,10 +389,10 @@ impl Worker {
             }
             backoff = Duration::from_millis(100);
             if stale {
-                self.ctx.events.emit(
-                    "source_recovered",
-                    json!({"source": SOURCE, "socket": self.cfg.socket}),
-                );
+                self.ctx.events.record(&Event::SourceRecovered {
+                    source: SOURCE.into(),
+                    socket: Some(self.cfg.socket.display().to_string()),
+                });
             }
             match self.session(&mut conn) {
                 Ok(()) => break,
@@ -402,10 +403,11 @@ impl Worker {
                     self.mark_stale(&msg);
                 }
                 Err(Fault::Write(e)) => {
-                    self.ctx.events.emit(
-                        "source_error",
-                        json!({"source": SOURCE, "message": e.to_string(), "fatal": true}),
-                    );
+                    self.ctx.events.record(&Event::SourceError {
+                        source: SOURCE.into(),
+                        message: e.to_string(),
+                        fatal: Some(true),
+                    });
                     write_err = Some(e);
                     break;
                 }
@@ -437,10 +439,11 @@ impl Worker {
 
     fn mark_stale(&self, reason: &str) {
         self.shared.stale_count.fetch_add(1, Ordering::Relaxed);
-        self.ctx.events.emit(
-            "source_stale",
-            json!({"source": SOURCE, "socket": self.cfg.socket, "message": reason}),
-        );
+        self.ctx.events.record(&Event::SourceStale {
+            source: SOURCE.into(),
+            socket: Some(self.cfg.socket.display().to_string()),
+            message: reason.into(),
+        });
     }
 
     /// A command error (QEMU said no): counted, one event per distinct message.
@@ -448,9 +451,7 @@ impl Worker {
         self.shared.errors.fetch_add(1, Ordering::Relaxed);
         let msg = format!("{what}: {e}");
         if self.last_error.as_deref() != Some(msg.as_str()) {
-            self.ctx
-                .events
-                .emit("source_error", json!({"source": SOURCE, "message": msg}));
+            self.ctx.events.record(&Event::source_error(SOURCE, &msg));
             self.last_error = Some(msg);
         }
     }
@@ -534,14 +535,19 @@ impl Worker {
             .filter(|t| self.schemas.has(t))
             .map(|t| t.to_string())
             .collect();
-        self.ctx.events.emit(
-            "qmp_connected",
-            json!({"source": SOURCE, "qemu_version": facts.qemu_version, "vm_name": facts.name,
-                   "vcpu_threads": facts.vcpus.iter().map(|c| json!({"index": c.index, "tid": c.tid})).collect::<Vec<_>>(),
-                   "stats_targets": targets,
-                   "stats_vm_count": self.schemas.stat_count("vm"),
-                   "stats_vcpu_count": self.schemas.stat_count("vcpu")}),
-        );
+        self.ctx.events.record(&Event::QmpConnected {
+            source: SOURCE.into(),
+            qemu_version: facts.qemu_version.clone(),
+            vm_name: facts.name.clone(),
+            vcpu_threads: facts
+                .vcpus
+                .iter()
+                .map(|c| json!({"index": c.index, "tid": c.tid}))
+                .collect(),
+            stats_targets: json!(targets),
+            stats_vm_count: self.schemas.stat_count("vm") as u64,
+            stats_vcpu_count: self.schemas.stat_count("vcpu") as u64,
+        });
         *self
             .shared
             .stats_targets
@@ -565,14 +571,17 @@ impl Worker {
             .store(foreign.len() as u64, Ordering::Relaxed);
         let pairs: Vec<(u32, u32)> = foreign.iter().map(|c| (c.index, c.tid)).collect();
         if !pairs.is_empty() && pairs != self.last_mismatch {
-            self.ctx.events.emit(
-                "qmp_vcpu_mismatch",
-                json!({"source": SOURCE, "target_pid": pid,
-                       "message": "query-cpus-fast names thread ids that are not threads of the target (or lists one twice); they are not used",
-                       "foreign_count": pairs.len(),
-                       "foreign": pairs.iter().take(MISMATCHES_LISTED)
-                           .map(|(index, tid)| json!({"index": index, "tid": tid})).collect::<Vec<_>>()}),
-            );
+            self.ctx.events.record(&Event::QmpVcpuMismatch {
+                source: SOURCE.into(),
+                target_pid: pid.into(),
+                message: "query-cpus-fast names thread ids that are not threads of the target (or lists one twice); they are not used".into(),
+                foreign_count: pairs.len() as u64,
+                foreign: pairs
+                    .iter()
+                    .take(MISMATCHES_LISTED)
+                    .map(|(index, tid)| json!({"index": index, "tid": tid}))
+                    .collect(),
+            });
         }
         self.last_mismatch = pairs;
         self.by_qom = ours
@@ -600,10 +609,9 @@ impl Worker {
                 // Missed polls (a reconnect, a slow reply): skip to the next deadline, and
                 // say so, like the host sampler does.
                 let next = (now - self.origin_ns) / self.interval_ns + 1;
-                self.ctx.events.emit(
-                    "gap",
-                    json!({"source": SOURCE, "from_seq": self.seq, "to_seq": next - 1, "late_ns": now - due}),
-                );
+                self.ctx
+                    .events
+                    .record(&Event::gap(SOURCE, self.seq, next - 1, Some(now - due)));
                 self.shared
                     .polls_missed
                     .fetch_add(next - self.seq, Ordering::Relaxed);
@@ -647,12 +655,13 @@ impl Worker {
     fn drain_events(&mut self, conn: &mut QmpConn) {
         for ev in conn.events.drain() {
             self.shared.events.fetch_add(1, Ordering::Relaxed);
-            let mut fields = json!({"source": SOURCE, "qmp_event": ev.name, "data": ev.data,
-                                    "qemu_timestamp_us": ev.timestamp_us});
-            if let Some(n) = ev.data_dropped_bytes {
-                fields["data_dropped_bytes"] = n.into();
-            }
-            self.ctx.events.emit("qmp_event", fields);
+            self.ctx.events.record(&Event::QmpEvent {
+                source: SOURCE.into(),
+                qmp_event: ev.name,
+                data: Some(ev.data),
+                qemu_timestamp_us: ev.timestamp_us,
+                data_dropped_bytes: ev.data_dropped_bytes.map(|n| n as u64),
+            });
         }
         // Dropped events: one summary at most every second, with the counts since the
         // previous one (the totals go to meta.sources[qmp]).
@@ -663,15 +672,15 @@ impl Worker {
                 .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
         {
             let r = self.drops_reported;
-            self.ctx.events.emit(
-                "qmp_events_dropped",
-                json!({"source": SOURCE,
-                       "rate_limited": d.rate_limited - r.rate_limited,
-                       "queue_full": d.queue_full - r.queue_full,
-                       "data_dropped": d.data_dropped - r.data_dropped,
-                       "total_dropped": d.dropped(),
-                       "rate_per_s": EVENT_RATE_PER_S, "burst": EVENT_BURST}),
-            );
+            self.ctx.events.record(&Event::QmpEventsDropped {
+                source: SOURCE.into(),
+                rate_limited: d.rate_limited - r.rate_limited,
+                queue_full: d.queue_full - r.queue_full,
+                data_dropped: d.data_dropped - r.data_dropped,
+                total_dropped: d.dropped(),
+                rate_per_s: EVENT_RATE_PER_S as u64,
+                burst: EVENT_BURST as u64,
+            });
             self.drops_reported = d;
             self.last_drop_summary = Some(Instant::now());
             self.update_counters(conn);
@@ -700,11 +709,12 @@ impl Worker {
                     .stat_name_collisions
                     .store(count as u64, Ordering::Relaxed);
                 if count <= COLLISIONS_REPORTED {
-                    self.ctx.events.emit(
-                        "source_error",
-                        json!({"source": SOURCE, "message": format!(
-                            "query-stats: stat {n} maps to a column another stat of the row already has; its values are dropped")}),
-                    );
+                    self.ctx.events.record(&Event::source_error(
+                        SOURCE,
+                        format!(
+                            "query-stats: stat {n} maps to a column another stat of the row already has; its values are dropped"
+                        ),
+                    ));
                 }
             }
         }

@@ -2,10 +2,12 @@
 //! cheap when already done.
 
 mod bpf;
+mod datasets;
 mod fuzz;
 mod vm;
 
 pub use bpf::{bpf, clean};
+pub use datasets::datasets;
 pub use fuzz::fuzz;
 pub use vm::vm;
 
@@ -13,5 +15,6 @@ pub fn all() -> anyhow::Result<()> {
     bpf()?;
     fuzz()?;
     vm()?;
+    datasets()?;
     Ok(())
 }
