@@ -11,38 +11,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
-
-fn cis490() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
-    let p = target.join("debug").join("cis490");
-    assert!(
-        p.exists(),
-        "{} missing: run `cargo build --workspace --bins` first",
-        p.display()
-    );
-    p
-}
+use cis490_tests::clock::mono_raw_ns as mono_ns;
+use cis490_tests::{cis490, cis490_path};
 
 fn testtarget() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cis490-bpf-testtarget"))
-}
-
-fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// A target process driven through stdin/stdout; killed when dropped.
@@ -94,7 +67,7 @@ struct Capture {
 
 impl Capture {
     fn start(pid: u32, extra: &[&str]) -> Self {
-        Self::start_with(Command::new(cis490()), pid, extra)
+        Self::start_with(cis490(), pid, extra)
     }
     fn start_with(mut cmd: Command, pid: u32, extra: &[&str]) -> Self {
         let data = tempfile::tempdir().unwrap();
@@ -374,6 +347,65 @@ fn read_write_bytes_are_exact() {
     assert!(io.iter().all(|r| r["source"] == "bpf-io"));
 }
 
+/// Threads created in a burst from two CPUs at once (their slot claims race) each get a
+/// row in every snapshot from their first on: the snapshot lists only the slots below
+/// the claimers' bound (plus a margin), and a raise lost to the race must not hide one.
+#[test]
+fn threads_created_in_a_racing_burst_are_in_every_snapshot_after_their_first() {
+    let mut target = Target::start(&["burst", "300"]);
+    assert_eq!(target.line(), "ready");
+    let cap = Capture::start(
+        target.pid(),
+        &["--backend", "bpf", "--rate-hz", "200", "--duration", "2.5"],
+    );
+    cap.wait_rows("telemetry-bpf-sched.jsonl");
+    target.send("go");
+    let line = target.line();
+    let burst: Vec<u64> = line
+        .split(' ')
+        .skip(1)
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(burst.len(), 300);
+    let (out, data) = cap.finish();
+    let dir = single_episode(data.path());
+    assert_complete_bpf(&dir, &out);
+    let sched = rows(&dir, "telemetry-bpf-sched.jsonl");
+    let mut seqs: std::collections::HashMap<u64, Vec<u64>> = std::collections::HashMap::new();
+    for r in &sched {
+        if let Some(t) = r["tid"].as_u64() {
+            seqs.entry(t).or_default().push(u(r, "seq"));
+        }
+    }
+    // Seqs that have a process row: the snapshots that ran (missed ones, and ones that
+    // lost records to a full ring buffer, are gaps without rows).
+    let ran: std::collections::BTreeSet<u64> = sched
+        .iter()
+        .filter(|r| r["tid"].is_null())
+        .map(|r| u(r, "seq"))
+        .collect();
+    let last = *ran.iter().next_back().unwrap();
+    for t in &burst {
+        let s = seqs
+            .get(t)
+            .unwrap_or_else(|| panic!("burst thread {t} never reported"));
+        let first = s[0];
+        let have: std::collections::HashSet<u64> = s.iter().copied().collect();
+        let missing: Vec<u64> = ran
+            .range(first..=last)
+            .filter(|q| !have.contains(q))
+            .copied()
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "thread {t}: first row at seq {first}, then missing from {} snapshots (first {:?})",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+    }
+    validate(&dir);
+}
+
 #[test]
 fn threads_created_after_attach_are_counted_and_kept_in_the_total() {
     let mut target = Target::start(&["late"]);
@@ -552,12 +584,120 @@ fn an_idle_threads_counters_equal_proc_exactly() {
     assert_eq!(u(s, "runqueue_wait_ns"), proc_value(&schedstat, "1"), "{s}");
 }
 
-/// One thread spinning on its own core, traced at `rate_hz`: every snapshot's on-CPU
-/// delta is one interval (within `lo`..`hi` ns at p5 and p95), none is 0, and the total
-/// over the run is within 0.5 % of /proc's schedstat (which brings a running task up to
-/// date before printing).
+/// The process row's rss_kb and vsize_bytes (bpf-sched), read by the snapshot through the
+/// target's `mm`: vsize equal to /proc's, rss_kb within the per-CPU batch of VmRSS, for an
+/// idle process, and both following it when it grows by 64 MiB during the capture.
+#[test]
+fn the_process_rows_memory_matches_proc_and_follows_growth() {
+    let mut target = Target::start(&["mem"]);
+    assert_eq!(target.line(), "ready");
+    let pid = target.pid();
+    let cap = Capture::start(
+        pid,
+        &["--backend", "bpf", "--duration", "3", "--rate-hz", "100"],
+    );
+    // Grow only once the capture has written its first rows (a slow start-up on a
+    // loaded machine would otherwise see only the grown process).
+    cap.wait_rows("telemetry-bpf-sched.jsonl");
+    target.send("grow 64");
+    assert_eq!(target.line(), "grown");
+    let (out, data) = cap.finish();
+    let dir = single_episode(data.path());
+    assert_complete_bpf(&dir, &out);
+    // Read after the capture: the target has been idle since it grew.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let vm_rss: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // Field 23 (vsize) is the 21st after the comm's closing parenthesis.
+    let vsize: u64 = fields[20].parse().unwrap();
+    let sched = rows(&dir, "telemetry-bpf-sched.jsonl");
+    let process: Vec<&Value> = sched.iter().filter(|r| r["tid"].is_null()).collect();
+    let (first, last) = (process[0], *process.last().unwrap());
+    // rss_kb is the kernel's global count of each rss_stat counter (percpu_counter.count);
+    // /proc's VmRSS also adds the per-CPU deltas not yet folded into it, each below the
+    // counter's batch (32 pages): within 3 counters x CPUs x 32 pages, never exact by
+    // luck alone (docs/data-model.md).
+    let cpus = std::thread::available_parallelism().unwrap().get() as u64;
+    let page_kb = 4;
+    let bound = 3 * cpus * 32 * page_kb;
+    let rss = u(last, "rss_kb");
+    assert!(
+        rss.abs_diff(vm_rss) <= bound,
+        "rss_kb {rss} vs VmRSS {vm_rss} kB: more than the per-CPU batch bound {bound} kB apart; last row {last}"
+    );
+    assert_eq!(
+        u(last, "vsize_bytes"),
+        vsize,
+        "vsize {vsize}, last row {last}"
+    );
+    // Both ends carry the same per-CPU slack, so the growth is seen within one bound of
+    // 64 MiB, not exactly (CI saw 65,408 kB of 65,536: 128 kB still in per-CPU deltas).
+    let grown = u(last, "rss_kb").saturating_sub(u(first, "rss_kb"));
+    assert!(
+        grown + bound >= 64 * 1024,
+        "64 MiB touched, {grown} kB seen (bound {bound} kB): first {first}, last {last}"
+    );
+    assert!(u(last, "vsize_bytes") >= u(first, "vsize_bytes") + (64 << 20));
+    // Thread rows carry no process columns, as in proc.
+    assert!(sched
+        .iter()
+        .filter(|r| !r["tid"].is_null())
+        .all(|r| r["rss_kb"].is_null() && r["vsize_bytes"].is_null()));
+    validate(&dir);
+}
+
+/// One sample of the spinner's own counters, as the kernel gives them to the running
+/// thread itself: (CLOCK_MONOTONIC ns, CLOCK_THREAD_CPUTIME_ID ns, schedstat run_delay ns).
+type Truth = (u64, u64, u64);
+
+/// The spinner's samples just before and just after `t`.
+fn bracket(truth: &[Truth], t: u64) -> (Truth, Truth) {
+    let i = truth.partition_point(|s| s.0 <= t);
+    assert!(
+        i > 0 && i < truth.len(),
+        "t {t} outside the spinner's samples"
+    );
+    (truth[i - 1], truth[i])
+}
+
+/// Time in `a..b` in which the spinner neither ran nor waited on a run queue: its vCPU was
+/// taken by the host (steal time, which the kernel takes out of a thread's runtime). From
+/// the samples bracketing the window, so it may include up to two ~20 µs sample gaps.
+fn stolen(truth: &[Truth], a: u64, b: u64) -> u64 {
+    let (s, _) = bracket(truth, a);
+    let (_, e) = bracket(truth, b);
+    (e.0 - s.0).saturating_sub((e.1 - s.1) + (e.2 - s.2))
+}
+
+/// The spinner's on-CPU time at `t`, interpolated between the bracketing samples.
+fn truth_on_cpu(truth: &[Truth], t: u64) -> f64 {
+    let (s, e) = bracket(truth, t);
+    s.1 as f64 + (e.1 - s.1) as f64 * (t - s.0) as f64 / (e.0 - s.0).max(1) as f64
+}
+
+/// One thread spinning on its own core, traced at `rate_hz`, checked against the thread's
+/// own exact counters (the spinner samples CLOCK_THREAD_CPUTIME_ID and its run_delay every
+/// ~20 µs, see bpf_testtarget.rs):
+/// - every snapshot's on_cpu_ns and runqueue_wait_ns lie between the spinner's samples
+///   around the snapshot's instant, on_cpu_ns above it by no more than the steal time of
+///   the kernel ticks before it (docs/bpf-backend.md, "Limits");
+/// - in the ticks the thread ran through without steal, the per-tick on-CPU delta is one
+///   interval (`lo`..`hi` ns at p5 and p95) and never 0: the staircase is gone;
+/// - the total over the run is within 0.5 % of /proc's schedstat.
 fn spinner_is_exact_at_every_tick(rate_hz: u32, lo: u64, hi: u64) {
-    let mut target = Target::start(&["spin", "1"]);
+    let mut target = Target::start(&["spin-truth"]);
     let tid: u32 = target
         .line()
         .strip_prefix("tids ")
@@ -576,13 +716,13 @@ fn spinner_is_exact_at_every_tick(rate_hz: u32, lo: u64, hi: u64) {
         pid,
         &["--backend", "bpf", "--duration", "3", "--rate-hz", &rate],
     );
-    let mut truth: Vec<(u64, u64)> = Vec::new();
+    let mut schedstat: Vec<(u64, u64)> = Vec::new();
     let t0 = Instant::now();
     let mut done = false;
     while t0.elapsed() < Duration::from_secs(60) {
         let before = mono_ns();
         if let Some(v) = schedstat_on_cpu(pid, tid) {
-            truth.push((before / 2 + mono_ns() / 2, v));
+            schedstat.push((before / 2 + mono_ns() / 2, v));
         }
         if done {
             break; // one sample after the capture ended, so it brackets every row
@@ -592,6 +732,17 @@ fn spinner_is_exact_at_every_tick(rate_hz: u32, lo: u64, hi: u64) {
             .is_some_and(|d| d.join("done.marker").exists());
         std::thread::sleep(Duration::from_millis(2));
     }
+    let truth_file = tempfile::NamedTempFile::new().unwrap();
+    target.send(&format!("dump {}", truth_file.path().display()));
+    assert_eq!(target.line(), "dumped");
+    let truth: Vec<Truth> = std::fs::read_to_string(truth_file.path())
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Vec<u64> = l.split(' ').map(|x| x.parse().unwrap()).collect();
+            (v[0], v[1], v[2])
+        })
+        .collect();
     let (out, data) = cap.finish();
     assert!(
         data.path().join("episodes").exists(),
@@ -602,80 +753,96 @@ fn spinner_is_exact_at_every_tick(rate_hz: u32, lo: u64, hi: u64) {
     assert_complete_bpf(&dir, &out);
     let origin = u(&meta(&dir)["clock"], "mono_origin_ns");
     let sched = rows(&dir, "telemetry-bpf-sched.jsonl");
-    let r = thread_rows(&sched, tid);
+    let at = |x: &Value| origin + u(x, "t_mono_ns");
     // From 0.3 s in (attach settled) to the end.
-    let r: Vec<&Value> = r
+    let r: Vec<&Value> = thread_rows(&sched, tid)
         .into_iter()
         .filter(|x| u(x, "t_mono_ns") > 300_000_000)
         .collect();
+    assert!(
+        truth[0].0 < at(r[0]) && truth.last().unwrap().0 > at(r[r.len() - 1]),
+        "the spinner's samples do not cover the rows"
+    );
+
+    // 1. Every row against the spinner's own counters at its instant. The kernel takes
+    // steal time out of a running thread's runtime at its next update; until then the
+    // snapshot counts it as running, and the never-decrease clamp holds the excess until
+    // the thread has run it off: the excess is bounded by the steal time of the last few
+    // kernel ticks (30 ms covers 3 ticks at CONFIG_HZ 100 and up). Slack: a sample's
+    // instant is the middle of reads at most 10 µs apart, so 20 µs above; 50 µs below,
+    // where single rows have been seen up to 18 µs short (not explained; far from the
+    // 1–4 ms a stale counter gives).
+    let slack = 20_000u64;
+    let slack_under = 50_000u64;
+    let recent = 30_000_000u64;
+    let mut worst_over = 0i64;
+    let mut worst_under = 0i64;
+    let mut outside: Vec<String> = Vec::new();
+    let overs: Vec<i64> = r
+        .iter()
+        .map(|x| u(x, "on_cpu_ns") as i64 - truth_on_cpu(&truth, at(x)) as i64)
+        .collect();
+    for (i, x) in r.iter().enumerate() {
+        let t = at(x);
+        let (s, e) = bracket(&truth, t);
+        let on = u(x, "on_cpu_ns");
+        let allowed = stolen(&truth, t.saturating_sub(recent).max(truth[0].0), t);
+        let over = on as i64 - e.1 as i64;
+        let under = s.1 as i64 - on as i64;
+        worst_over = worst_over.max(over);
+        worst_under = worst_under.max(under);
+        let wait = u(x, "runqueue_wait_ns");
+        if on + slack_under < s.1
+            || on > e.1 + allowed + slack
+            || wait + slack_under < s.2
+            || wait > e.2 + slack
+        {
+            outside.push(format!(
+                "{x}: spinner before {s:?}, after {e:?}, steal in the last 30 ms {allowed} ns; \
+                 on_cpu minus the spinner's, rows {}..{}: {:?}",
+                i.saturating_sub(6),
+                i + 4,
+                &overs[i.saturating_sub(6)..(i + 4).min(overs.len())]
+            ));
+        }
+    }
+
+    // 2. Per tick, in the ticks the spinner ran through (ran ≥ 98 % of the interval by its
+    // own clock) with no steal since 12 ms before the tick began (the kernel subtracts
+    // steal at its next tick on that CPU: ≤ 10 ms at CONFIG_HZ 100, 4 ms here).
     let pairs: Vec<(&Value, &Value)> = r
         .windows(2)
         .filter(|w| u(w[1], "seq") == u(w[0], "seq") + 1)
         .map(|w| (w[0], w[1]))
         .collect();
-    let delta = |a: &Value, b: &Value, k: &str| u(b, k) - u(a, k);
-    // Ticks through which the thread ran (waited on a run queue for under 2 % of the
-    // interval): on the CI machine, where it has a core, nearly all; on a shared
-    // machine, the ticks in which other load left it alone.
-    let interval = 1_000_000_000 / u64::from(rate_hz);
-    let mut deltas: Vec<u64> = pairs
-        .iter()
-        .filter(|(a, b)| delta(a, b, "runqueue_wait_ns") < interval / 50)
-        .map(|(a, b)| delta(a, b, "on_cpu_ns"))
-        .collect();
-    let mut all: Vec<u64> = pairs
-        .iter()
-        .map(|(a, b)| delta(a, b, "on_cpu_ns"))
-        .collect();
+    let mut clean: Vec<u64> = Vec::new();
+    let mut all: Vec<u64> = Vec::new();
+    for (a, b) in &pairs {
+        let (ta, tb) = (at(a), at(b));
+        let d = u(b, "on_cpu_ns") - u(a, "on_cpu_ns");
+        all.push(d);
+        let ran = truth_on_cpu(&truth, tb) - truth_on_cpu(&truth, ta);
+        let from = ta.saturating_sub(12_000_000).max(truth[0].0);
+        if ran >= 0.98 * (tb - ta) as f64 && stolen(&truth, from, tb) < 2 * slack {
+            clean.push(d);
+        }
+    }
+    let total_stolen = stolen(&truth, at(r[0]), at(r[r.len() - 1]));
+    clean.sort_unstable();
     all.sort_unstable();
-    let all_zeros = all.iter().filter(|d| **d == 0).count();
-    // Judged when the thread ran through at least a quarter of the ticks. Under CI the
-    // spinner has its core, so fewer is a failure; on a shared development machine it
-    // is said and left to the load-independent checks below.
-    let judged = deltas.len() * 4 >= pairs.len();
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    assert!(
-        judged || !ci,
-        "the spinner ran through only {} of {} ticks: machine too busy to judge",
-        deltas.len(),
-        pairs.len()
-    );
-    // Running or waiting to run, the thread's on-CPU time plus its run-queue wait grows
-    // by one interval per tick whatever else the machine does: both counters are
-    // brought to the snapshot's instant.
-    let mut busy: Vec<u64> = pairs
-        .iter()
-        .map(|(a, b)| delta(a, b, "on_cpu_ns") + delta(a, b, "runqueue_wait_ns"))
-        .collect();
-    // The first few ticks that fall short, to say which in a failure.
-    let short: Vec<String> = pairs
-        .iter()
-        .filter(|(a, b)| delta(a, b, "on_cpu_ns") + delta(a, b, "runqueue_wait_ns") < lo)
-        .take(3)
-        .map(|(a, b)| format!("{a} → {b}"))
-        .collect();
-    busy.sort_unstable();
-    let zeros = deltas.iter().filter(|d| **d == 0).count();
-    deltas.sort_unstable();
-    let pct = |q: f64| {
-        deltas
-            .get(((deltas.len().max(1) - 1) as f64 * q) as usize)
-            .copied()
-            .unwrap_or(0)
-    };
-    // The total, against /proc at two of its own samples, one early and one late: of
+    let pct = |v: &[u64], q: f64| v[((v.len().max(1) - 1) as f64 * q) as usize];
+    let zeros = |v: &[u64]| v.iter().filter(|d| **d == 0).count();
+
+    // 3. The total, against /proc at two of its own samples, one early and one late: of
     // each quarter of the run the sample closest to a snapshot, where the snapshots'
     // series (exact at each snapshot) is interpolated over the least time.
-    let bpf_series: Vec<(u64, u64)> = r
-        .iter()
-        .map(|x| (origin + u(x, "t_mono_ns"), u(x, "on_cpu_ns")))
-        .collect();
+    let bpf_series: Vec<(u64, u64)> = r.iter().map(|x| (at(x), u(x, "on_cpu_ns"))).collect();
     let (t_first, t_last) = (bpf_series[0].0, bpf_series.last().unwrap().0);
     let to_snapshot = |t: u64| {
         let i = bpf_series.partition_point(|s| s.0 <= t);
         (t - bpf_series[i - 1].0).min(bpf_series[i].0 - t)
     };
-    let inside: Vec<(u64, u64)> = truth
+    let inside: Vec<(u64, u64)> = schedstat
         .iter()
         .copied()
         .filter(|(t, _)| *t > t_first && *t < t_last)
@@ -696,63 +863,61 @@ fn spinner_is_exact_at_every_tick(rate_hz: u32, lo: u64, hi: u64) {
         "the spinner ran only {proc_delta} ns between the samples: machine too busy"
     );
     let err = (bpf_delta - proc_delta).abs() / proc_delta;
-    let busy_pct = |q: f64| busy[((busy.len() - 1) as f64 * q) as usize];
-    let all_pct = |q: f64| all[((all.len() - 1) as f64 * q) as usize];
+
     eprintln!(
-        "{rate_hz} Hz: {} ticks ran through: on_cpu delta p5 {} p50 {} p95 {} ns, {zeros} zero; \
-         all {} ticks: p5 {} p50 {} p95 {} ns, {all_zeros} zero; \
-         on_cpu + runqueue_wait p5 {} p95 {} ns; \
+        "{rate_hz} Hz: {} rows, {} outside the spinner's bracket; on_cpu above the later \
+         sample by at most {worst_over} ns, below the earlier by at most {worst_under} ns; \
+         steal over the run {total_stolen} ns. {} of {} ticks ran through without steal: \
+         on_cpu delta p5 {} p50 {} p95 {} ns, {} zero; all ticks p5 {} p50 {} p95 {} ns, {} zero; \
          total bpf {bpf_delta:.0} vs schedstat {proc_delta:.0} ns ({:.3} %)",
-        deltas.len(),
-        pct(0.05),
-        pct(0.5),
-        pct(0.95),
-        all.len(),
-        all_pct(0.05),
-        all_pct(0.5),
-        all_pct(0.95),
-        busy_pct(0.05),
-        busy_pct(0.95),
+        r.len(),
+        outside.len(),
+        clean.len(),
+        pairs.len(),
+        pct(&clean, 0.05),
+        pct(&clean, 0.5),
+        pct(&clean, 0.95),
+        zeros(&clean),
+        pct(&all, 0.05),
+        pct(&all, 0.5),
+        pct(&all, 0.95),
+        zeros(&all),
         err * 100.0
     );
-    // A tick without growth: steal time (the host took this VM's vCPU) counted into the
-    // running slice before the kernel subtracted it, held by the never-decrease clamp.
-    // Seen 0–1 times in 2700 ticks here; more than 1 in 500 is a fault.
-    let stalled = busy.iter().filter(|d| **d == 0).count();
     assert!(
-        stalled * 500 <= busy.len(),
-        "{stalled} of {} ticks without on-CPU or run-queue growth; short: {short:#?}",
-        busy.len()
-    );
-    assert!(
-        busy_pct(0.05) >= lo && busy_pct(0.95) <= hi,
-        "on_cpu + runqueue_wait per tick: p5 {} / p95 {} / min {} ns outside {lo}..{hi}; short: {short:#?}",
-        busy_pct(0.05),
-        busy_pct(0.95),
-        busy[0]
+        outside.is_empty(),
+        "{} of {} rows outside the spinner's own counters: {:#?}",
+        outside.len(),
+        r.len(),
+        &outside[..outside.len().min(3)]
     );
     assert!(err < 0.005, "total off by {:.3} %", err * 100.0);
+    // Judged when the spinner ran through at least a tenth of the ticks (and 20) without
+    // steal. Under CI the spinner has its core, so fewer is a failure that says so; on a
+    // shared development machine it is said, and the checks above still hold.
+    let judged = clean.len() * 10 >= pairs.len() && clean.len() >= 20;
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    assert!(
+        judged || !ci,
+        "the spinner ran through only {} of {} ticks without steal (steal over the run \
+         {total_stolen} ns): machine too busy to judge per-tick deltas",
+        clean.len(),
+        pairs.len()
+    );
     if !judged {
-        eprintln!(
-            "on_cpu per tick not judged: the spinner ran through only {} of {} ticks (shared machine)",
-            deltas.len(),
-            pairs.len()
-        );
+        eprintln!("per-tick deltas not judged: too few clean ticks (shared machine)");
         return;
     }
-    // The same bound as for on_cpu + wait above, for the same reason: steal time (the host
-    // took this VM's vCPU) counted into the running slice before the kernel subtracted it,
-    // then held flat by the never-decrease clamp. Seen 2 in 2,691 ticks on an idle CI run.
-    assert!(
-        zeros * 500 <= deltas.len(),
-        "{zeros} of {} ticks with no on-CPU time for a thread that ran through",
-        deltas.len()
+    assert_eq!(
+        zeros(&clean),
+        0,
+        "ticks with no on-CPU time for a thread that ran through them"
     );
     assert!(
-        pct(0.05) >= lo && pct(0.95) <= hi,
+        pct(&clean, 0.05) >= lo && pct(&clean, 0.95) <= hi,
         "p5 {} / p95 {} ns outside {lo}..{hi}",
-        pct(0.05),
-        pct(0.95)
+        pct(&clean, 0.05),
+        pct(&clean, 0.95)
     );
 }
 
@@ -789,11 +954,7 @@ fn assert_seq_complete(dir: &Path, file: &str, source: &str) -> usize {
 }
 
 fn validate(dir: &Path) {
-    let out = Command::new(cis490())
-        .arg("validate")
-        .arg(dir)
-        .output()
-        .unwrap();
+    let out = cis490().arg("validate").arg(dir).output().unwrap();
     assert!(
         out.status.success(),
         "validate: {}{}",
@@ -854,8 +1015,11 @@ fn the_kernel_timer_keeps_1khz_and_declares_every_hole() {
 #[test]
 fn a_timer_on_an_idle_cpu_is_restarted_and_its_holes_declared() {
     // perf throttles the snapshot timer of a CPU that gets no scheduler tick (an idle
-    // one, NO_HZ); the capture restarts it. Put it on the last CPU, with a target that
-    // only sleeps: whatever the timer does, every tick is a row or a declared gap.
+    // one, NO_HZ) and leaves it stopped; the capture notices the silence and restarts it.
+    // Whether this kernel throttles in a given run is chance, so the test makes the case
+    // happen: the capture is told (CIS490_FAULT_TIMER_STOP_AFTER_MS) to stop its own timer
+    // once after 1 s, the state a throttled timer is in. Put it on the last CPU too, with a
+    // target that only sleeps: every tick is a row or a declared gap.
     let last_cpu = std::fs::read_to_string("/sys/devices/system/cpu/online")
         .unwrap()
         .trim()
@@ -865,7 +1029,10 @@ fn a_timer_on_an_idle_cpu_is_restarted_and_its_holes_declared() {
         .to_owned();
     let mut target = Target::start(&["spin", "0"]);
     target.line();
-    let cap = Capture::start(
+    let mut cmd = cis490();
+    cmd.env("CIS490_FAULT_TIMER_STOP_AFTER_MS", "1000");
+    let cap = Capture::start_with(
+        cmd,
         target.pid(),
         &[
             "--backend",
@@ -883,19 +1050,21 @@ fn a_timer_on_an_idle_cpu_is_restarted_and_its_holes_declared() {
     assert_complete_bpf(&dir, &out);
     let m = meta(&dir);
     let restarts = u(&m["sources"][0], "timer_restarts");
-    if restarts > 0 {
-        assert!(
-            rows(&dir, "events.jsonl")
-                .iter()
-                .any(|e| e["event"] == "source_error"
-                    && e["message"].as_str().unwrap().contains("restarted it")),
-            "a restart without its event"
-        );
-    }
     eprintln!(
         "timer on CPU {last_cpu}: {restarts} restarts, {} of {} ticks missed",
         m["result"]["ticks_missed"], m["result"]["ticks_scheduled"]
     );
+    assert!(restarts >= 1, "the stopped timer was never restarted");
+    assert!(
+        rows(&dir, "events.jsonl")
+            .iter()
+            .any(|e| e["event"] == "source_error"
+                && e["message"].as_str().unwrap().contains("restarted it")),
+        "a restart without its event"
+    );
+    // Whether the restarted timer then keeps firing is up to the kernel (on this nested VM
+    // an idle CPU's timer fires a few dozen times between stalls, docs/bpf-backend.md); what
+    // the capture owes is that every tick is a row or a declared gap.
     assert_seq_complete(&dir, "telemetry-bpf-sched.jsonl", "bpf-sched");
     assert_seq_complete(&dir, "telemetry-bpf-io.jsonl", "bpf-io");
     validate(&dir);
@@ -979,7 +1148,7 @@ fn without_capabilities_auto_falls_back_and_bpf_fails_clearly() {
             "--bounding-set=-bpf,-perfmon,-sys_admin",
             "--",
         ])
-        .arg(cis490());
+        .arg(cis490_path());
         c
     };
     // auto: a /proc episode that says why.
@@ -1212,6 +1381,39 @@ fn net_counts_match_the_interface_statistics() {
     assert_eq!(src["method"], "bpf");
 }
 
+/// Start-up (issue 17): the loader helper hides /sys/kernel/btf from aya in a mount
+/// namespace of its own, so aya parses none of it. The host must not see that mount, and
+/// the helper's peak RSS shows that no full parse happened.
+#[test]
+fn the_loader_hides_the_kernel_btf_from_aya_only_in_its_own_mount_namespace() {
+    let mut target = Target::start(&["spin", "0"]);
+    target.line();
+    let cap = Capture::start(target.pid(), &["--backend", "bpf", "--duration", "0.5"]);
+    let (out, data) = cap.finish();
+    let dir = single_episode(data.path());
+    assert_complete_bpf(&dir, &out);
+    let loader = rows(&dir, "events.jsonl")
+        .into_iter()
+        .find(|e| e["event"] == "backend_selected")
+        .expect("backend_selected")["bpf_loader"]
+        .clone();
+    let peak = u(&loader, "peak_rss_kib");
+    // These are debug binaries: the helper peaks at ~18 MiB here where the release build
+    // peaks at 10.7 MiB (BENCHMARKS.md section 7); with aya's full parse of the kernel's
+    // BTF the debug helper peaked at ~32 MiB. 24 MiB tells the two apart.
+    assert!(peak < 24 * 1024, "loader peak RSS {peak} KiB: {loader}");
+    // The host's view is untouched: the file is there and nothing is mounted over it.
+    let btf = std::fs::metadata("/sys/kernel/btf/vmlinux").expect("host still sees vmlinux BTF");
+    assert!(btf.len() > 1_000_000, "vmlinux BTF of {} bytes", btf.len());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some("/sys/kernel/btf")),
+        "a mount over /sys/kernel/btf leaked to the host:\n{mounts}"
+    );
+}
+
 #[test]
 fn bpf_stats_are_recorded_in_meta() {
     let mut target = Target::start(&["spin", "1"]);
@@ -1245,7 +1447,7 @@ fn bpf_stats_are_recorded_in_meta() {
 
 #[test]
 fn doctor_reports_what_auto_picks() {
-    let out = Command::new(cis490()).arg("doctor").output().unwrap();
+    let out = cis490().arg("doctor").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     for line in [
@@ -1272,7 +1474,7 @@ fn doctor_reports_what_auto_picks() {
             "--bounding-set=-bpf,-perfmon,-sys_admin",
             "--",
         ])
-        .arg(cis490())
+        .arg(cis490_path())
         .arg("doctor")
         .output()
         .unwrap();
