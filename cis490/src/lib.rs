@@ -26,6 +26,7 @@ pub mod recover;
 pub mod report;
 pub mod row;
 pub mod sampler;
+pub mod ship;
 pub mod status;
 pub mod target;
 pub mod trace;

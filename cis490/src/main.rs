@@ -65,6 +65,31 @@ enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// Ship every complete, valid episode under DATA_ROOT that is not yet shipped to
+    /// S3-compatible storage: its raw files and its Parquet export, each read back and
+    /// checked after upload, the episode's marker object (PREFIX/shipped/<id>.json) last.
+    /// Credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and the other AWS_*
+    /// variables); docs/datasets.md.
+    Ship {
+        data_root: PathBuf,
+        /// s3://BUCKET/PREFIX
+        #[arg(long)]
+        to: String,
+        /// The store's URL (overrides AWS_ENDPOINT); a plain http:// endpoint is accepted
+        /// when given here.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Overrides AWS_REGION (default us-east-1).
+        #[arg(long)]
+        region: Option<String>,
+        /// Keep running: ship each episode as its done.marker appears; wait out store
+        /// outages with backoff (SIGINT/SIGTERM to stop).
+        #[arg(long)]
+        watch: bool,
+        /// Files larger than this many bytes go up as multipart uploads (8 MiB parts).
+        #[arg(long, default_value_t = cis490::ship::store::SINGLE_PUT_MAX)]
+        multipart_above: u64,
+    },
     /// Plot an episode (stacked panels on one time axis) and print a per-phase summary.
     Report {
         episode_dir: PathBuf,
@@ -237,7 +262,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CIS490_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,object_store=warn")),
         )
         .init();
     let cli = Cli::parse();
@@ -266,6 +291,23 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             allow_incomplete,
             verify,
         } => cmd_export(&episode_dirs, &out, allow_incomplete, verify),
+        Command::Ship {
+            data_root,
+            to,
+            endpoint,
+            region,
+            watch,
+            multipart_above,
+        } => cmd_ship(cis490::ship::ShipOptions {
+            data_root,
+            to,
+            store: cis490::ship::StoreOptions {
+                endpoint,
+                region,
+                multipart_above: Some(multipart_above),
+            },
+            watch,
+        }),
         Command::Report {
             episode_dir,
             output,
@@ -488,6 +530,31 @@ fn cmd_export(
     } else {
         ExitCode::from(1)
     })
+}
+
+fn cmd_ship(opts: cis490::ship::ShipOptions) -> Result<ExitCode, Error> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| Error::Usage(format!("cannot handle signals: {e}")))?;
+    }
+    match cis490::ship::run(&opts, &stop) {
+        Ok(s) => {
+            println!(
+                "{} shipped ({} objects, {} already in the store, {} bytes sent in {:.1} s), {} already shipped, {} incomplete, {} not shipped",
+                s.shipped, s.objects, s.reused, s.bytes_sent, s.seconds, s.already, s.incomplete, s.refused
+            );
+            Ok(if s.refused == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Err(e) => {
+            eprintln!("cis490 ship: error: {e}");
+            Ok(ExitCode::from(2))
+        }
+    }
 }
 
 fn cmd_report(dir: &std::path::Path, output: Option<PathBuf>) -> Result<ExitCode, Error> {

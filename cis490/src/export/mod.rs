@@ -166,7 +166,7 @@ pub fn plan_for(file: &Path, s: &'static Stream) -> Result<Plan, ExportError> {
     Ok(Plan::new(s, &scan))
 }
 
-fn read_meta(dir: &Path) -> Result<Meta, ExportError> {
+pub fn read_meta(dir: &Path) -> Result<Meta, ExportError> {
     let v = crate::untrusted::read_json(&dir.join("meta.json"), 16 << 20).map_err(|message| {
         ExportError::Meta {
             dir: dir.to_path_buf(),

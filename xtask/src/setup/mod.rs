@@ -4,6 +4,7 @@
 mod bpf;
 mod datasets;
 mod fuzz;
+mod s3;
 mod vm;
 
 pub use bpf::{bpf, clean};
@@ -14,6 +15,7 @@ pub use vm::vm;
 pub fn all() -> anyhow::Result<()> {
     bpf()?;
     fuzz()?;
+    s3::s3()?;
     vm()?;
     datasets()?;
     Ok(())
