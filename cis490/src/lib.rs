@@ -26,6 +26,7 @@ pub mod recover;
 pub mod report;
 pub mod row;
 pub mod sampler;
+#[cfg(feature = "ship")]
 pub mod ship;
 pub mod status;
 pub mod target;

@@ -70,6 +70,7 @@ enum Command {
     /// checked after upload, the episode's marker object (PREFIX/shipped/<id>.json) last.
     /// Credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and the other AWS_*
     /// variables); docs/datasets.md.
+    #[cfg(feature = "ship")]
     Ship {
         data_root: PathBuf,
         /// s3://BUCKET/PREFIX
@@ -291,6 +292,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             allow_incomplete,
             verify,
         } => cmd_export(&episode_dirs, &out, allow_incomplete, verify),
+        #[cfg(feature = "ship")]
         Command::Ship {
             data_root,
             to,
@@ -532,6 +534,7 @@ fn cmd_export(
     })
 }
 
+#[cfg(feature = "ship")]
 fn cmd_ship(opts: cis490::ship::ShipOptions) -> Result<ExitCode, Error> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

@@ -103,7 +103,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Fuzz { seconds, target } => {
             setup::all()?;
-            fuzz::run(seconds, target.as_deref()).map(drop)
+            fuzz::run(seconds, target.as_deref(), fuzz::Build::Release).map(drop)
         }
         Command::Test { cargo_test_args } => {
             setup::all()?;
@@ -119,7 +119,7 @@ fn main() -> anyhow::Result<()> {
             util::cargo(&args)?;
             // Replay every fuzz corpus (seeded from the real fixtures) and fuzz each target
             // briefly: a parser change that crashes on a known or nearby input fails CI.
-            fuzz::run(CI_FUZZ_SECONDS, None).map(drop)
+            fuzz::run(CI_FUZZ_SECONDS, None, fuzz::Build::Dev).map(drop)
         }
     }
 }
