@@ -1128,6 +1128,13 @@ pub fn run(quick: bool, only: &[u32], out: Option<PathBuf>) -> anyhow::Result<()
             Err(e) => writeln!(md, "Not measured: {e:#}\n")?,
         }
     }
+    if want(11) {
+        writeln!(md, "## 11. Shipping to object storage\n")?;
+        match ship_bench(host_tool, if quick { 1 } else { 3 }, &scratch) {
+            Ok(text) => md.push_str(&text),
+            Err(e) => writeln!(md, "Not measured: {e:#}\n")?,
+        }
+    }
     let mut header = String::new();
     writeln!(header, "# cis490 benchmarks\n")?;
     writeln!(
@@ -1384,6 +1391,145 @@ fn export_bench(tool: Tool, runs: usize, scratch: &Path) -> anyhow::Result<Strin
 
 /// Run `cmd` to its end; its own CPU seconds (user + system) and peak RSS (KiB), from
 /// wait4's rusage of that one child.
+/// Section 11: `cis490 ship` of one 1 kHz 10 s episode (the export section's) to s3s-fs on
+/// 127.0.0.1 (objects stored as files on the same disk), against two baselines of the same
+/// run: `cis490 export` of the episode alone (ship exports it too) and a plain `cp -r` of
+/// its files (the disk's own floor).
+fn ship_bench(tool: Tool, runs: usize, scratch: &Path) -> anyhow::Result<String> {
+    let mut md = String::new();
+    let s3s = root().join("target/tools/bin/s3s-fs");
+    anyhow::ensure!(
+        s3s.exists(),
+        "{} missing (cargo xtask setup)",
+        s3s.display()
+    );
+    let backend = if tool == Tool::Bpf { "bpf" } else { "proc" };
+    let target = Target::start(&["--spin", "2", "--switch", "4", "--pingpong", "1"])?;
+    let data = scratch.join("ship-data");
+    let out = trace_cmd(target.pid(), 1000, backend, &data)
+        .args(["--duration", "10"])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "capture failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(target);
+    let ep = episode_of(&out);
+    let raw = dir_bytes(&ep);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let (mut ship_s, mut export_s, mut cp_s, mut sent) = (Vec::new(), Vec::new(), Vec::new(), 0u64);
+    for run in 0..runs {
+        // Export alone.
+        let xo = scratch.join(format!("ship-export-{run}"));
+        let t0 = Instant::now();
+        let o = Command::new(release_bin("cis490"))
+            .arg("export")
+            .arg(&ep)
+            .arg("--out")
+            .arg(&xo)
+            .output()?;
+        export_s.push(t0.elapsed().as_secs_f64());
+        anyhow::ensure!(
+            o.status.success(),
+            "export: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let parquet = bytes_under(&xo, ".parquet");
+        // A plain copy of the raw files and the export.
+        let co = scratch.join(format!("ship-cp-{run}"));
+        let t0 = Instant::now();
+        util::run(Command::new("cp").arg("-r").arg(&ep).arg(&xo).arg({
+            std::fs::create_dir_all(&co)?;
+            &co
+        }))?;
+        cp_s.push(t0.elapsed().as_secs_f64());
+        // Ship to a fresh store.
+        let store = scratch.join(format!("ship-store-{run}"));
+        std::fs::create_dir_all(store.join("lab"))?;
+        let mut server = Command::new(&s3s)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", "bench", "--secret-key", "bench-secret-0123"])
+            .arg(&store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let up = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(
+                up.elapsed() < Duration::from_secs(10),
+                "s3s-fs did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let t0 = Instant::now();
+        let o = Command::new(release_bin("cis490"))
+            .arg("ship")
+            .arg(&data)
+            .args([
+                "--to",
+                "s3://lab/bench",
+                "--endpoint",
+                &format!("http://127.0.0.1:{port}"),
+            ])
+            .env("AWS_ACCESS_KEY_ID", "bench")
+            .env("AWS_SECRET_ACCESS_KEY", "bench-secret-0123")
+            .output()?;
+        ship_s.push(t0.elapsed().as_secs_f64());
+        let _ = server.kill();
+        let _ = server.wait();
+        anyhow::ensure!(
+            o.status.success(),
+            "ship: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        sent = raw + parquet;
+        let _ = std::fs::remove_dir_all(&store);
+        let _ = std::fs::remove_dir_all(&co);
+        let _ = std::fs::remove_dir_all(&xo);
+    }
+    let (sh, _, _) = stats(&ship_s);
+    let (ex, _, _) = stats(&export_s);
+    let (cp, _, _) = stats(&cp_s);
+    let mb = sent as f64 / 1e6;
+    writeln!(
+        md,
+        "Episode: the 8-thread target traced 10 s at 1 kHz ({backend}), {:.1} MB of raw files; `cis490 ship` (release) to s3s-fs 0.14.1 on 127.0.0.1 of the raw files and the export ({mb:.1} MB in all), each object read back and hashed; median of {runs} runs, each into an empty store.\n",
+        raw as f64 / 1e6
+    )?;
+    writeln!(
+        md,
+        "| step | seconds | MB/s of what is shipped | vs plain copy |"
+    )?;
+    writeln!(md, "|---|---|---|---|")?;
+    writeln!(
+        md,
+        "| `cp -r` of the files and the export (baseline) | {cp:.3} | {:.0} | 1 |",
+        mb / cp
+    )?;
+    writeln!(
+        md,
+        "| `cis490 export` alone | {ex:.3} | {:.0} | {:.1}x |",
+        mb / ex,
+        ex / cp
+    )?;
+    writeln!(
+        md,
+        "| `cis490 ship` (validate, export, upload, read back) | {sh:.3} | {:.0} | {:.1}x |\n",
+        mb / sh,
+        sh / cp
+    )?;
+    writeln!(
+        md,
+        "Upload and read-back beyond the export: {:.3} s, {:.0} MB/s.\n",
+        (sh - ex).max(0.0),
+        mb / (sh - ex).max(1e-6)
+    )?;
+    Ok(md)
+}
+
 fn run_measured(cmd: &mut Command) -> anyhow::Result<(std::process::ExitStatus, f64, u64, String)> {
     let child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
     let pid = child.id() as libc::pid_t;

@@ -24,7 +24,6 @@ pub use store::{Store, StoreOptions};
 
 use crate::export::{self, out::OutDir};
 use crate::untrusted;
-use crate::validate::{validate_dir, Verdict};
 
 /// What happened to one episode in a pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,19 +91,6 @@ pub fn ship_episode(store: &Store, dir: &Path) -> Result<Outcome, ShipError> {
     if store.marker(&id)?.is_some() {
         return Ok(Outcome::AlreadyShipped);
     }
-    let report = validate_dir(dir);
-    if report.verdict() != Verdict::Pass {
-        let first = report
-            .problems
-            .first()
-            .map(|p| p.to_string())
-            .unwrap_or_default();
-        return Ok(Outcome::Refused(format!(
-            "{} ({} problem(s): {first})",
-            report.verdict().as_str(),
-            report.problems.len()
-        )));
-    }
     let manifest = untrusted::read_json(&dir.join("manifest.json"), 16 << 20).map_err(|m| {
         ShipError::Episode {
             dir: dir.to_path_buf(),
@@ -130,7 +116,15 @@ pub fn ship_episode(store: &Store, dir: &Path) -> Result<Outcome, ShipError> {
         .tempdir()
         .map_err(ShipError::io(std::env::temp_dir()))?;
     let out = OutDir::open_root(tmp.path(), 0o700)?;
-    let exported = export::export_episode(dir, &out, Default::default())?;
+    // The export runs validate beside its streams and refuses an episode it does not pass
+    // (one validation, not two: it reads every file, the largest cost here).
+    let exported = match export::export_episode(dir, &out, Default::default()) {
+        Ok(e) => e,
+        Err(e @ export::ExportError::NotValid { .. }) => {
+            return Ok(Outcome::Refused(e.to_string()))
+        }
+        Err(e) => return Err(e.into()),
+    };
     let streams: Vec<(String, PathBuf)> = exported
         .streams
         .iter()
