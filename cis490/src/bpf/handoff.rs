@@ -48,6 +48,9 @@ pub struct LoaderReport {
     pub pid: u32,
     /// VmHWM of the helper when it handed over (where aya's BTF parse shows).
     pub peak_rss_kib: Option<u64>,
+    /// VmHWM less the mapped files' pages then (RssFile: mostly the binary's text, which
+    /// follows the binary's size and build profile): the helper's own data at its peak.
+    pub peak_data_kib: Option<u64>,
     pub elapsed_ms: u64,
 }
 
@@ -63,6 +66,7 @@ enum Reply {
         /// Number of fds after the maps that only keep attachments alive.
         holds: usize,
         peak_rss_kib: Option<u64>,
+        peak_data_kib: Option<u64>,
         /// [`loader::WakeupSource::as_str`].
         wakeups: String,
     },
@@ -187,14 +191,15 @@ pub fn load(
             _ => format!("the BPF loader process: {e}"),
         })
     })?;
-    let (maps, programs, holds, peak_rss_kib, wakeups) = match reply {
+    let (maps, programs, holds, peak_rss_kib, peak_data_kib, wakeups) = match reply {
         Reply::Ok {
             maps,
             programs,
             holds,
             peak_rss_kib,
+            peak_data_kib,
             wakeups,
-        } => (maps, programs, holds, peak_rss_kib, wakeups),
+        } => (maps, programs, holds, peak_rss_kib, peak_data_kib, wakeups),
         // The helper's own error, with its stage.
         Reply::Err(why) => return Err(why),
     };
@@ -266,6 +271,7 @@ pub fn load(
         loader: Some(LoaderReport {
             pid: child.id(),
             peak_rss_kib,
+            peak_data_kib,
             elapsed_ms: started.elapsed().as_millis() as u64,
         }),
     })
@@ -339,7 +345,10 @@ pub fn run_helper(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool, snap: SnapSp
                 maps: maps.iter().map(|(n, _)| (*n).to_owned()).collect(),
                 programs: program_ids(&l.ebpf, &l.programs),
                 holds: holds.len(),
-                peak_rss_kib: vm_hwm_kib(),
+                peak_rss_kib: status_kib("VmHWM:"),
+                peak_data_kib: status_kib("VmHWM:")
+                    .zip(status_kib("RssFile:"))
+                    .map(|(h, f)| h.saturating_sub(f)),
                 wakeups: l.wakeups.as_str().to_owned(),
             };
             let fds: Vec<BorrowedFd<'_>> = maps
@@ -422,12 +431,13 @@ fn is_attachment(link_target: &str) -> bool {
     )
 }
 
-fn vm_hwm_kib() -> Option<u64> {
+/// A kB field of /proc/self/status (`VmHWM:`, `RssFile:`).
+fn status_kib(field: &str) -> Option<u64> {
     std::fs::read_to_string("/proc/self/status")
         .ok()?
         .lines()
         .find_map(|l| {
-            l.strip_prefix("VmHWM:")?
+            l.strip_prefix(field)?
                 .trim()
                 .trim_end_matches("kB")
                 .trim()
@@ -474,6 +484,7 @@ mod tests {
             programs: vec![("p".into(), 7)],
             holds: 3,
             peak_rss_kib: Some(1),
+            peak_data_kib: Some(1),
             wakeups: "not_counted".into(),
         };
         let back: Reply = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();

@@ -57,7 +57,7 @@ pub static EVENTS: &[EventKind] = &[
             req(
                 "bpf_loader",
                 Json,
-                "{pid, peak_rss_kib, elapsed_ms} of the BPF loader process; null on /proc",
+                "{pid, peak_rss_kib, peak_data_kib (VmHWM less mapped files), elapsed_ms} of the BPF loader process; null on /proc",
             )
             .nullable(),
         ],
