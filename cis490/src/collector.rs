@@ -110,6 +110,12 @@ pub trait Collector: Send {
     fn kernel_clocked(&self) -> bool {
         false
     }
+    /// Whether the source reads on its own period (a multiple of the host tick) and numbers
+    /// its reads itself (`seq` counts reads, not ticks): a missed host tick only delays its
+    /// next read, so the sampler declares no gap for it.
+    fn own_schedule(&self) -> bool {
+        false
+    }
     /// Extra facts for `meta.sources[]` at the end (e.g. counts of rejected input).
     fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
         serde_json::Map::new()

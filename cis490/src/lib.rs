@@ -18,6 +18,7 @@ pub mod jsonl;
 pub mod labels;
 pub mod ls;
 pub mod net;
+pub mod perf;
 pub mod procfs;
 pub mod qemu_args;
 pub mod qemu_sources;

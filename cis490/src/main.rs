@@ -201,6 +201,14 @@ struct TraceArgs {
     /// row repeats the thread's last one.
     #[arg(long, value_enum, default_value = "all")]
     rows: cis490::collector::RowsMode,
+    /// How often the `perf` source reads its counters (perf_event_open, per thread), on
+    /// the host sampler's ticks: at most the sampler's own rate (20 Hz with BPF below
+    /// that, else --rate-hz).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    perf_rate_hz: u32,
+    /// No `perf` source.
+    #[arg(long)]
+    no_perf: bool,
     /// At close, export the episode into `<data-root>/dataset/` (the same layout as
     /// `cis490 export`); the episode path is still the last line on stdout.
     #[arg(long, value_enum)]
@@ -413,6 +421,7 @@ fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
         bpf_timer_cpu: args.bpf_timer_cpu,
         compression: args.compress,
         rows: args.rows,
+        perf_rate_hz: (!args.no_perf).then_some(args.perf_rate_hz),
         access: cis490::episode::Access {
             group: args
                 .group

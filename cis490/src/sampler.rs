@@ -110,7 +110,11 @@ impl Sampler {
                 if let Some(d) = self.duration_ns {
                     next = next.min(d.div_ceil(self.interval_ns));
                 }
-                for slot in self.slots.iter().filter(|s| !s.collector.kernel_clocked()) {
+                for slot in self
+                    .slots
+                    .iter()
+                    .filter(|s| !s.collector.kernel_clocked() && !s.collector.own_schedule())
+                {
                     self.events.record(&Event::gap(
                         slot.collector.source(),
                         seq,

@@ -43,6 +43,8 @@ pub struct TraceConfig {
     pub compression: Compression,
     /// `--rows`: every thread at every tick, or only the threads that changed.
     pub rows: crate::collector::RowsMode,
+    /// `--perf-rate-hz`; None with `--no-perf`.
+    pub perf_rate_hz: Option<u32>,
     /// Who may read the episode besides its owner (`--group`).
     pub access: crate::episode::Access,
     pub realtime: crate::sampler::Realtime,
@@ -201,6 +203,16 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
             autodetected: None,
         });
         slots.push(Slot::new(c, &dir, cfg.compression)?);
+    }
+    if let Some(rate) = cfg.perf_rate_hz {
+        let perf = crate::perf::PerfCollector::new(cfg.pid, vcpus.clone(), rate);
+        events.record(&Event::SourceStarted {
+            source: crate::perf::counts::SOURCE.into(),
+            socket: None,
+            rate_hz: Some(rate.into()),
+            autodetected: None,
+        });
+        slots.push(Slot::new(Box::new(perf), &dir, cfg.compression)?);
     }
 
     // Sources on their own threads (QMP, guest agent) start here; they share the clock

@@ -645,6 +645,58 @@ const LABELS: &[C] = &[
     .nullable(),
 ];
 
+const PERF_SOURCE: &[&str] = &["perf"];
+
+/// A perf_event count of the thread (kernel mode included), cumulative since the source
+/// first saw the thread; null where the event could not be opened (meta.sources[perf]).
+const fn perf_count(name: &'static str, description: &'static str) -> C {
+    counter(name, "count", description)
+}
+
+const PERF: &[C] = &[
+    T_MONO,
+    T_WALL,
+    source(PERF_SOURCE),
+    AVAILABLE,
+    C::new(
+        "seq",
+        UInt64,
+        "read",
+        "read number of the perf source (at --perf-rate-hz), from 0",
+    ),
+    TID,
+    C::new(
+        "comm",
+        Dict,
+        "",
+        "thread name when the source first saw the thread (process name on the total row)",
+    )
+    .nullable(),
+    VCPU,
+    perf_count("cycles", "CPU cycles (hardware group)"),
+    perf_count("instructions", "instructions retired (hardware group)"),
+    perf_count("ref_cycles", "reference cycles, not scaled by frequency (hardware group)"),
+    perf_count("cache_references", "last-level cache references (hardware group)"),
+    perf_count("cache_misses", "last-level cache misses (hardware group)"),
+    perf_count("branch_instructions", "branch instructions retired (hardware group)"),
+    perf_count("branch_misses", "mispredicted branches (hardware group)"),
+    perf_count("page_faults", "page faults, minor and major (software group)"),
+    perf_count("context_switches", "context switches (software group)"),
+    perf_count("cpu_migrations", "moves to another CPU (software group)"),
+    counter(
+        "hw_time_enabled_ns",
+        "ns",
+        "time the hardware group was enabled; a count scaled for multiplexing is count x enabled / running",
+    ),
+    counter(
+        "hw_time_running_ns",
+        "ns",
+        "time the hardware group was on the PMU (below enabled when multiplexed)",
+    ),
+    counter("sw_time_enabled_ns", "ns", "time the software group was enabled"),
+    counter("sw_time_running_ns", "ns", "time the software group was counting"),
+];
+
 pub static STREAMS: &[Stream] = &[
     Stream {
         name: "proc",
@@ -689,6 +741,17 @@ pub static STREAMS: &[Stream] = &[
         columns: NET,
         families: &[],
         entity: &["ifname"],
+    },
+    Stream {
+        name: "perf",
+        file: "telemetry-perf.jsonl",
+        kind: StreamKind::Telemetry,
+        available_in_deployment: Some(false),
+        written_by: "every capture unless --no-perf (perf_event_open)",
+        rows: "per read (--perf-rate-hz) one per thread, then the process total (tid null)",
+        columns: PERF,
+        families: &[],
+        entity: &["tid"],
     },
     Stream {
         name: "qmp",
