@@ -202,8 +202,8 @@ struct TraceArgs {
     #[arg(long, value_enum, default_value = "all")]
     rows: cis490::collector::RowsMode,
     /// How often the `perf` source reads its counters (perf_event_open, per thread), on
-    /// the host sampler's ticks: at most the sampler's own rate (20 Hz with BPF below
-    /// that, else --rate-hz).
+    /// the host sampler's ticks, so at most the sampler's own rate: --rate-hz with
+    /// /proc, the lower of --rate-hz and 20 Hz with BPF (the host only drains there).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
     perf_rate_hz: u32,
     /// No `perf` source.

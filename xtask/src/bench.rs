@@ -1135,6 +1135,13 @@ pub fn run(quick: bool, only: &[u32], out: Option<PathBuf>) -> anyhow::Result<()
             Err(e) => writeln!(md, "Not measured: {e:#}\n")?,
         }
     }
+    if want(12) {
+        writeln!(md, "## 12. The perf source's cost\n")?;
+        match perf_bench(host_tool, if quick { 1 } else { 3 }, &scratch) {
+            Ok(text) => md.push_str(&text),
+            Err(e) => writeln!(md, "Not measured: {e:#}\n")?,
+        }
+    }
     let mut header = String::new();
     writeln!(header, "# cis490 benchmarks\n")?;
     writeln!(
@@ -1551,6 +1558,67 @@ fn run_measured(cmd: &mut Command) -> anyhow::Result<(std::process::ExitStatus, 
         ru.ru_maxrss as u64,
         out,
     ))
+}
+
+/// Section 12: what the `perf` source adds to a capture: the same 6 s capture at
+/// `--rate-hz 100` with `--no-perf` (the baseline), `--perf-rate-hz 10` (the default) and
+/// `--perf-rate-hz 100`, alternating, `rounds` each, for the 8-thread target and a
+/// 52-thread one (50 sleepers). CPU from wait4's rusage of the capture process.
+fn perf_bench(tool: Tool, rounds: usize, scratch: &Path) -> anyhow::Result<String> {
+    let mut md = String::new();
+    let backend = if tool == Tool::Bpf { "bpf" } else { "proc" };
+    let secs = 6.0;
+    let modes: [(&str, &[&str]); 3] = [
+        ("--no-perf (baseline)", &["--no-perf"]),
+        ("--perf-rate-hz 10 (default)", &["--perf-rate-hz", "10"]),
+        ("--perf-rate-hz 100", &["--perf-rate-hz", "100"]),
+    ];
+    writeln!(
+        md,
+        "Capture of {secs:.0} s at `--rate-hz 100` ({backend} backend), median of {rounds} alternating rounds; CPU of the capture process (wait4 rusage). This machine has no PMU, so only the software group opens (4 fds per thread); with a PMU the hardware group adds 8 more and a read of its own.\n"
+    )?;
+    writeln!(md, "| target | perf | capture CPU (share of a core) | vs --no-perf | perf rows |")?;
+    writeln!(md, "|---|---|---|---|---|")?;
+    for (label, args) in [
+        ("8 threads", &["--spin", "2", "--switch", "4", "--pingpong", "1"][..]),
+        ("52 threads", &["--spin", "1", "--threads", "50"][..]),
+    ] {
+        let target = Target::start(args)?;
+        let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+        let mut perf_rows = vec![0usize; modes.len()];
+        for round in 0..rounds {
+            for (i, (_, extra)) in modes.iter().enumerate() {
+                let root = scratch.join(format!("perf-{label}-{round}-{i}").replace(' ', "_"));
+                let (status, c, _, out) = run_measured(
+                    trace_cmd(target.pid(), 100, backend, &root)
+                        .args(["--duration", &secs.to_string()])
+                        .args(*extra),
+                )?;
+                anyhow::ensure!(status.success(), "capture failed ({label}, {extra:?})");
+                cpu[i].push(c / secs);
+                let ep = PathBuf::from(out.lines().last().unwrap_or("").trim());
+                perf_rows[i] = count_lines(&ep.join("telemetry-perf.jsonl"));
+                let _ = std::fs::remove_dir_all(&root);
+            }
+        }
+        let (base, _, _) = stats(&cpu[0]);
+        for (i, (name, _)) in modes.iter().enumerate() {
+            let (m, _, _) = stats(&cpu[i]);
+            writeln!(
+                md,
+                "| {label} | {name} | {:.2} % | {} | {} |",
+                m * 100.0,
+                if i == 0 {
+                    "1".to_string()
+                } else {
+                    format!("{:.2}x (+{:.2} % of a core)", m / base, (m - base) * 100.0)
+                },
+                perf_rows[i]
+            )?;
+        }
+    }
+    writeln!(md)?;
+    Ok(md)
 }
 
 /// Section 10: a 202-thread target (1 spinning, 201 sleeping 100 ms at a time) traced
