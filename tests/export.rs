@@ -350,6 +350,15 @@ fn an_incomplete_episode_is_refused_unless_allowed_and_then_recorded() {
         text(&refused)
     );
     assert!(!out.path().join("episodes").exists(), "nothing written");
+    assert!(
+        walk(out.path()).is_empty(),
+        "refused, yet left {:?}",
+        walk(out.path())
+    );
+    assert!(
+        std::fs::read_dir(out.path()).unwrap().next().is_none(),
+        "refused, yet left empty partition folders"
+    );
     let allowed = export(&[&dir], out.path(), &["--allow-incomplete", "--verify"]);
     assert!(allowed.status.success(), "{}", text(&allowed));
     let e = batches(&part(out.path(), "episodes", &id_of(&dir)));
@@ -357,6 +366,18 @@ fn an_incomplete_episode_is_refused_unless_allowed_and_then_recorded() {
     assert!(!col("complete"));
     assert!(!col("valid"));
     assert!(col("allow_incomplete"));
+    // The episode loses a stream and is exported again: the old partition goes with it.
+    let id = id_of(&dir);
+    assert!(part(out.path(), "perf", &id).exists());
+    std::fs::remove_file(dir.join("telemetry-perf.jsonl")).unwrap();
+    let again = export(&[&dir], out.path(), &["--allow-incomplete"]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        !part(out.path(), "perf", &id).exists(),
+        "stale perf rows left"
+    );
+    assert!(!out.path().join("perf").exists(), "empty perf folder left");
+    assert!(part(out.path(), "events", &id).exists());
 }
 
 #[test]

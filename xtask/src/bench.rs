@@ -1577,10 +1577,16 @@ fn perf_bench(tool: Tool, rounds: usize, scratch: &Path) -> anyhow::Result<Strin
         md,
         "Capture of {secs:.0} s at `--rate-hz 100` ({backend} backend), median of {rounds} alternating rounds; CPU of the capture process (wait4 rusage). This machine has no PMU, so only the software group opens (4 fds per thread); with a PMU the hardware group adds 8 more and a read of its own.\n"
     )?;
-    writeln!(md, "| target | perf | capture CPU (share of a core) | vs --no-perf | perf rows |")?;
+    writeln!(
+        md,
+        "| target | perf | capture CPU (share of a core) | vs --no-perf | perf rows |"
+    )?;
     writeln!(md, "|---|---|---|---|---|")?;
     for (label, args) in [
-        ("8 threads", &["--spin", "2", "--switch", "4", "--pingpong", "1"][..]),
+        (
+            "8 threads",
+            &["--spin", "2", "--switch", "4", "--pingpong", "1"][..],
+        ),
         ("52 threads", &["--spin", "1", "--threads", "50"][..]),
     ] {
         let target = Target::start(args)?;

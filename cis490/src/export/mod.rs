@@ -286,6 +286,15 @@ pub fn export_episode(
             for w in &written {
                 w.target.discard(&w.tmp);
             }
+            // Partitions this export created and did not fill go too (an earlier export's
+            // file keeps its partition).
+            for (s, _) in &files {
+                if let Some(d) = out.existing(s.name) {
+                    d.remove_if_empty(&partition);
+                    drop(d);
+                    out.remove_if_empty(s.name);
+                }
+            }
             return Err(e);
         }
     };
@@ -301,6 +310,13 @@ pub fn export_episode(
         });
     }
     let names: Vec<&str> = streams.iter().map(StreamExport::name).collect();
+    // A stream an earlier export of this episode wrote and this one did not (the episode
+    // lost the file, or was re-exported with --allow-incomplete) leaves no stale rows.
+    for s in contract::streams() {
+        if !names.contains(&s.name) {
+            out.remove_partition(s.name, &partition, PART);
+        }
+    }
     let row = episode_row(&meta, &report, verdict, opts, &names);
     let target = out.subdir(EPISODES)?.subdir(&partition)?;
     let (f, tmp) = target.create_temp(PART)?;

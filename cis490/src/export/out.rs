@@ -97,6 +97,40 @@ impl OutDir {
         })
     }
 
+    /// `name` below this directory if it is there (never created; a symlink is refused
+    /// like in [`OutDir::subdir`], as None).
+    pub fn existing(&self, name: &str) -> Option<OutDir> {
+        if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+            return None;
+        }
+        let fd = rustix::fs::openat(self, name, DIR_FLAGS, Mode::empty()).ok()?;
+        Some(OutDir {
+            fd,
+            path: self.path.join(name),
+            dir_mode: self.dir_mode,
+        })
+    }
+
+    /// Remove `stream/partition/part-0.parquet` if it is there, then the partition and the
+    /// stream folder if that left them empty: a re-export of an episode that no longer has
+    /// the stream must not leave the old rows in the dataset.
+    pub fn remove_partition(&self, stream: &str, partition: &str, part: &str) {
+        if let Some(s) = self.existing(stream) {
+            if let Some(p) = s.existing(partition) {
+                let _ = rustix::fs::unlinkat(&p, part, AtFlags::empty());
+            }
+            s.remove_if_empty(partition);
+            drop(s);
+            self.remove_if_empty(stream);
+        }
+    }
+
+    /// Remove the folder `name` if it is empty (a partition an export created and then
+    /// did not fill); anything in it keeps it.
+    pub fn remove_if_empty(&self, name: &str) {
+        let _ = rustix::fs::unlinkat(self, name, AtFlags::REMOVEDIR);
+    }
+
     /// A new temp file for `name`; [`OutDir::commit`] renames it over `name`.
     pub fn create_temp(&self, name: &str) -> Result<(File, String), ExportError> {
         let tmp = temp_name(name);
