@@ -50,6 +50,16 @@ impl Target {
         writeln!(w, "{s}").unwrap();
         w.flush().unwrap();
     }
+    /// A `burst N` target: start its threads now and return their tids.
+    fn burst(&mut self) -> Vec<u64> {
+        self.send("go");
+        let line = self.line();
+        assert!(line.starts_with("burst"), "{line}");
+        line.split(' ')
+            .skip(1)
+            .map(|s| s.parse().unwrap())
+            .collect()
+    }
 }
 
 impl Drop for Target {
@@ -359,13 +369,7 @@ fn threads_created_in_a_racing_burst_are_in_every_snapshot_after_their_first() {
         &["--backend", "bpf", "--rate-hz", "200", "--duration", "2.5"],
     );
     cap.wait_rows("telemetry-bpf-sched.jsonl");
-    target.send("go");
-    let line = target.line();
-    let burst: Vec<u64> = line
-        .split(' ')
-        .skip(1)
-        .map(|s| s.parse().unwrap())
-        .collect();
+    let burst = target.burst();
     assert_eq!(burst.len(), 300);
     let (out, data) = cap.finish();
     let dir = single_episode(data.path());
@@ -1651,13 +1655,7 @@ fn perf_follows_threads_created_during_the_capture_and_no_perf_turns_it_off() {
         &["--backend", "proc", "--duration", "2", "--rate-hz", "50"],
     );
     cap.wait_rows("telemetry-perf.jsonl");
-    target.send("go");
-    let line = target.line();
-    let burst: Vec<u64> = line
-        .split(' ')
-        .skip(1)
-        .map(|s| s.parse().unwrap())
-        .collect();
+    let burst = target.burst();
     assert_eq!(burst.len(), 100);
     let (out, data) = cap.finish();
     assert!(

@@ -97,6 +97,45 @@ fn open_group<E: perf_event::events::Event + Copy, const N: usize>(
     Ok((OpenGroup { group, members }, failed))
 }
 
+/// [`open_group`] for one thread, with the source's bookkeeping: a group that cannot be
+/// opened at all marks the whole group unavailable (not retried for later threads), a
+/// member that fails is recorded by column, and running out of descriptors is counted
+/// (the next thread may still fit).
+fn open_tracked<E: perf_event::events::Event + Copy, const N: usize>(
+    tid: u32,
+    events: &[E; N],
+    names: &[&'static str; N],
+    unavailable: &mut Option<String>,
+    member_failures: &mut BTreeMap<&'static str, String>,
+    out_of_fds: &mut u64,
+) -> Option<OpenGroup<N>> {
+    if unavailable.is_some() {
+        return None;
+    }
+    match open_group(tid, events) {
+        Ok((g, failed)) => {
+            for (name, e) in names.iter().zip(failed) {
+                if let Some(e) = e {
+                    member_failures
+                        .entry(name)
+                        .or_insert_with(|| open_failure(Some(e)));
+                }
+            }
+            Some(g)
+        }
+        // The thread exited between the listing and the open.
+        Err(Some(libc::ESRCH)) => None,
+        Err(Some(libc::EMFILE | libc::ENFILE)) => {
+            *out_of_fds += 1;
+            None
+        }
+        Err(e) => {
+            *unavailable = Some(open_failure(e));
+            None
+        }
+    }
+}
+
 struct Thread {
     hw: Option<OpenGroup<7>>,
     sw: Option<OpenGroup<3>>,
@@ -177,44 +216,22 @@ impl PerfCollector {
             comm,
             last: Reading::default(),
         };
-        if self.hw_unavailable.is_none() {
-            match open_group(tid, &HW_EVENTS) {
-                Ok((g, failed)) => {
-                    t.hw = Some(g);
-                    for (i, f) in failed.iter().enumerate() {
-                        if let Some(e) = f {
-                            self.member_failures
-                                .entry(HW[i])
-                                .or_insert_with(|| open_failure(Some(*e)));
-                        }
-                    }
-                }
-                Err(e) if e == Some(libc::ESRCH) => {}
-                Err(e) if e == Some(libc::EMFILE) || e == Some(libc::ENFILE) => {
-                    self.open_failures += 1;
-                }
-                Err(e) => self.hw_unavailable = Some(open_failure(e)),
-            }
-        }
-        if self.sw_unavailable.is_none() {
-            match open_group(tid, &SW_EVENTS) {
-                Ok((g, failed)) => {
-                    t.sw = Some(g);
-                    for (i, f) in failed.iter().enumerate() {
-                        if let Some(e) = f {
-                            self.member_failures
-                                .entry(SW[i])
-                                .or_insert_with(|| open_failure(Some(*e)));
-                        }
-                    }
-                }
-                Err(e) if e == Some(libc::ESRCH) => {}
-                Err(e) if e == Some(libc::EMFILE) || e == Some(libc::ENFILE) => {
-                    self.open_failures += 1;
-                }
-                Err(e) => self.sw_unavailable = Some(open_failure(e)),
-            }
-        }
+        t.hw = open_tracked(
+            tid,
+            &HW_EVENTS,
+            &HW,
+            &mut self.hw_unavailable,
+            &mut self.member_failures,
+            &mut self.open_failures,
+        );
+        t.sw = open_tracked(
+            tid,
+            &SW_EVENTS,
+            &SW,
+            &mut self.sw_unavailable,
+            &mut self.member_failures,
+            &mut self.open_failures,
+        );
         t
     }
 

@@ -5,6 +5,7 @@ mod bpf;
 mod datasets;
 mod fuzz;
 mod s3;
+mod tool;
 mod vm;
 
 pub use bpf::{bpf, clean};
