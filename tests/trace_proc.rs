@@ -180,6 +180,7 @@ fn proc_episode_meets_the_contract() {
         "labels.jsonl",
         "manifest.json",
         "meta.json",
+        "telemetry-perf.jsonl",
         "telemetry-proc.jsonl",
     ]
     .into_iter()
