@@ -464,7 +464,7 @@ fn ls_lists_complete_and_incomplete_newest_first() {
     assert_eq!(arr[0]["complete"], false);
     assert_eq!(arr[1]["complete"], true);
     assert_eq!(arr[1]["backend"], "proc");
-    assert_eq!(arr[1]["sources"], json!(["proc"]));
+    assert_eq!(arr[1]["sources"], json!(["proc", "perf"]));
     assert_eq!(arr[1]["phases"], json!(["clean", "armed"]));
     assert_eq!(arr[1]["end_reason"], "duration");
     assert!(arr[1]["duration_s"].as_f64().unwrap() > 1.5);
