@@ -86,29 +86,31 @@ pub fn send_signal(pid: u32, sig: i32) {
     let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
     assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
 }
-/// Peak resident memory (VmHWM, KiB) of a live process.
-pub fn vm_hwm_kb(pid: u32) -> Option<u64> {
+/// kB fields of /proc/<pid>/status (`VmHWM:`, `RssFile:` …), from one read; None once
+/// the process is gone or a field is missing.
+fn status_kb<const N: usize>(pid: u32, names: [&str; N]) -> Option<[u64; N]> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// (VmHWM, RssFile) of a live process, in KiB.
-pub fn hwm_and_file_kb(pid: u32) -> Option<(u64, u64)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| -> Option<u64> {
-        s.lines()
+    let mut out = [0; N];
+    for (v, name) in out.iter_mut().zip(names) {
+        *v = s
+            .lines()
             .find(|l| l.starts_with(name))?
             .split_whitespace()
             .nth(1)?
             .parse()
-            .ok()
-    };
-    Some((field("VmHWM:")?, field("RssFile:")?))
+            .ok()?;
+    }
+    Some(out)
+}
+
+/// Peak resident memory (VmHWM, KiB) of a live process.
+pub fn vm_hwm_kb(pid: u32) -> Option<u64> {
+    status_kb(pid, ["VmHWM:"]).map(|[h]| h)
+}
+
+/// (VmHWM, RssFile) of a live process, in KiB.
+pub fn hwm_and_file_kb(pid: u32) -> Option<(u64, u64)> {
+    status_kb(pid, ["VmHWM:", "RssFile:"]).map(|[h, f]| (h, f))
 }
 
 /// Peak memory of a process's own data, sampled until it exits: its peak RSS (VmHWM)

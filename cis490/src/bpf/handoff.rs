@@ -341,14 +341,13 @@ pub fn run_helper(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool, snap: SnapSp
                 ("TIMER", l.timer.fd().as_fd()),
             ];
             let holds = attachment_fds();
+            let (hwm, rss_file) = peak_and_file_kib();
             let reply = Reply::Ok {
                 maps: maps.iter().map(|(n, _)| (*n).to_owned()).collect(),
                 programs: program_ids(&l.ebpf, &l.programs),
                 holds: holds.len(),
-                peak_rss_kib: status_kib("VmHWM:"),
-                peak_data_kib: status_kib("VmHWM:")
-                    .zip(status_kib("RssFile:"))
-                    .map(|(h, f)| h.saturating_sub(f)),
+                peak_rss_kib: hwm,
+                peak_data_kib: hwm.zip(rss_file).map(|(h, f)| h.saturating_sub(f)),
                 wakeups: l.wakeups.as_str().to_owned(),
             };
             let fds: Vec<BorrowedFd<'_>> = maps
@@ -431,19 +430,20 @@ fn is_attachment(link_target: &str) -> bool {
     )
 }
 
-/// A kB field of /proc/self/status (`VmHWM:`, `RssFile:`).
-fn status_kib(field: &str) -> Option<u64> {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()?
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(field)?
+/// VmHWM and RssFile of this process (kB), from one read of /proc/self/status.
+fn peak_and_file_kib() -> (Option<u64>, Option<u64>) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status.lines().find_map(|l| {
+            l.strip_prefix(name)?
                 .trim()
                 .trim_end_matches("kB")
                 .trim()
                 .parse()
                 .ok()
         })
+    };
+    (field("VmHWM:"), field("RssFile:"))
 }
 
 #[cfg(test)]
