@@ -492,6 +492,102 @@ impl Default for Offsets {
     }
 }
 
+
+// ---------------------------------------------------------------------------------------
+// KVM: per-vCPU-thread counts of VM exits by kind and key (map `KVM_COUNTS`).
+
+/// What a `KVM_COUNTS` entry counts. The numbers are part of the map's key: user space
+/// turns them into the `kvm` columns and the `kvm-keys` kinds (cis490/src/kvm).
+pub const KVM_EXIT_REASON: u32 = 1;
+pub const KVM_USERSPACE_EXIT: u32 = 2;
+pub const KVM_PIO_READ: u32 = 3;
+pub const KVM_PIO_WRITE: u32 = 4;
+pub const KVM_MMIO_READ: u32 = 5;
+pub const KVM_MMIO_WRITE: u32 = 6;
+pub const KVM_FAST_MMIO: u32 = 7;
+pub const KVM_MSR_READ: u32 = 8;
+pub const KVM_MSR_WRITE: u32 = 9;
+pub const KVM_CPUID: u32 = 10;
+pub const KVM_HYPERCALL: u32 = 11;
+pub const KVM_EMULATED_INSN: u32 = 12;
+pub const KVM_EMULATION_FAILED: u32 = 13;
+pub const KVM_HALT_WAKEUP: u32 = 14;
+/// One past the highest kind.
+pub const KVM_KINDS: u32 = 15;
+
+/// Entries of `KVM_COUNTS`: (thread, tick, kind, key) triples alive at once. User space
+/// removes an entry once its tick is drained (20 times a second), so this bounds the
+/// distinct keys of about 50 ms of exits; past it, counts go to the kind's
+/// [`KVM_KEY_OTHER`] entry, and past that to `KVM_LOST`.
+pub const MAX_KVM_KEYS: u32 = 16384;
+
+/// The key of a count whose own key found the table full: the kind's total stays exact,
+/// the key is lost (counted in `kvm-keys` as key null and in meta.sources[kvm]).
+pub const KVM_KEY_OTHER: u64 = u64::MAX;
+
+/// `key` of a `KVM_USERSPACE_EXIT` whose errno was negative (the run was interrupted or
+/// failed): this bit plus the errno's magnitude, instead of the exit reason.
+pub const KVM_USERSPACE_ERRNO: u64 = 1 << 32;
+
+/// A `KVM_COUNTS` key. `epoch` is the seq of the snapshot tick the event belongs to: the
+/// snapshot program sets `KVM_EPOCH` to its own seq + 1 when it runs, so every event
+/// between two snapshots is counted under the later one's seq and user space can give
+/// each tick exactly its own events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KvmKey {
+    pub tid: u32,
+    pub kind: u32,
+    pub epoch: u64,
+    pub key: u64,
+}
+
+/// Field offsets of the KVM tracepoints' records (from this kernel's format files).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvmOffsets {
+    pub exit_reason: u32,
+    pub userspace_reason: u32,
+    pub userspace_errno: u32,
+    pub pio_rw: u32,
+    pub pio_port: u32,
+    pub mmio_type: u32,
+    pub mmio_gpa: u32,
+    pub fast_mmio_gpa: u32,
+    pub msr_write: u32,
+    pub msr_ecx: u32,
+    pub cpuid_function: u32,
+    pub hypercall_nr: u32,
+    pub emulate_failed: u32,
+    pub _pad: u32,
+}
+
+impl KvmOffsets {
+    /// Linux 6.18 x86_64 (the loader reads the running kernel's own).
+    pub const LINUX_6_18: Self = Self {
+        exit_reason: 8,
+        userspace_reason: 8,
+        userspace_errno: 12,
+        pio_rw: 8,
+        pio_port: 12,
+        mmio_type: 8,
+        mmio_gpa: 16,
+        fast_mmio_gpa: 8,
+        msr_write: 8,
+        msr_ecx: 12,
+        cpuid_function: 8,
+        hypercall_nr: 8,
+        emulate_failed: 37,
+        _pad: 0,
+    };
+}
+
+/// `kvm_mmio`'s `type`: a read (satisfied) and a write. KVM_TRACE_MMIO_UNSATISFIED_READ
+/// (0) is the first half of a read that goes to user space; its second half is a read,
+/// so only 1 and 2 are counted.
+pub const KVM_TRACE_MMIO_READ: u32 = 1;
+pub const KVM_TRACE_MMIO_WRITE: u32 = 2;
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain-old-data: repr(C), Copy, integer fields with explicit padding.
@@ -504,6 +600,8 @@ mod pod {
     unsafe impl aya::Pod for super::NetIf {}
     unsafe impl aya::Pod for super::Offsets {}
     unsafe impl aya::Pod for super::Window {}
+    unsafe impl aya::Pod for super::KvmKey {}
+    unsafe impl aya::Pod for super::KvmOffsets {}
 }
 
 #[cfg(test)]
@@ -534,6 +632,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<NetIf>(), 8);
         assert_eq!(core::mem::size_of::<Offsets>(), 48 * 4);
         assert_eq!(core::mem::size_of::<Window>(), 8);
+        assert_eq!(core::mem::size_of::<KvmKey>(), 24);
+        assert_eq!(core::mem::size_of::<KvmOffsets>(), 14 * 4);
         // The snapshot reads these by field; user space by the same struct.
         use core::mem::offset_of;
         assert_eq!(offset_of!(ThreadCounters, on_cpu_ns), 0);

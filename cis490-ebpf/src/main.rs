@@ -2,7 +2,7 @@
 //! on its own timer, which reads the target's per-thread scheduler and I/O accounting
 //! from task_struct and streams it through a ring buffer (`snap`); the thread set it
 //! follows (fork, exit, a seeding task iterator); block-request and per-interface packet
-//! counters (`io`, `net`). Nothing runs per context switch or per syscall.
+//! counters (`io`, `net`); VM exits of a KVM target by kind and key (`kvm`). Nothing runs per context switch or per syscall.
 //!
 //! Every program filters in the kernel: the target's tgid (`TARGET_TGID`) and the
 //! tracepoint field offsets (`OFFSETS`) are read-only globals set by the loader.
@@ -16,6 +16,8 @@
 mod globals;
 #[cfg(target_arch = "bpf")]
 mod io;
+#[cfg(target_arch = "bpf")]
+mod kvm;
 #[cfg(target_arch = "bpf")]
 mod net;
 #[cfg(target_arch = "bpf")]

@@ -36,6 +36,7 @@ use cis490_common::{
 
 use crate::globals::{current, offsets, read, snap_config, target_tgid, task_ids};
 use crate::io::{BLK, BLK_ZERO};
+use crate::kvm::KVM_EPOCH;
 use crate::net::NET;
 
 #[map]
@@ -799,6 +800,12 @@ pub fn cis490_snapshot(ctx: PerfEventContext) -> u32 {
         unsafe { (*st).schedule(&mut *grid, now, cfg.interval_ns) };
     // SAFETY: as above.
     let now_sched = unsafe { (*st).sched_clock_at(now, sched_read, after) };
+    // KVM events from now on belong to the next snapshot (see kvm.rs).
+    if let Some(e) = KVM_EPOCH.get_ptr_mut(0) {
+        // SAFETY: the single value of an array map; an aligned word store that the KVM
+        // programs read with a single load.
+        unsafe { core::ptr::write_volatile(e, seq + 1) };
+    }
     let mut walk = SlotWalk {
         now,
         now_sched,

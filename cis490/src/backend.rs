@@ -41,6 +41,9 @@ pub struct BackendOptions {
     pub interval_ns: u64,
     /// `--rows`: every thread at every tick, or only threads that changed.
     pub rows: crate::collector::RowsMode,
+    /// `--no-kvm` not given: the BPF backend adds the kvm sources (attached when the
+    /// target is a KVM VM, else empty with the reason).
+    pub kvm: bool,
 }
 
 pub struct Selected {
@@ -121,8 +124,17 @@ pub fn select(
         interval_ns: opts.interval_ns,
         count_wakeups: opts.bpf_wakeups,
         timer_cpu: opts.bpf_timer_cpu,
+        kvm: false,
     };
-    match bpf::start(pid, vcpus, &specs, opts.bpf_stats, snap, opts.rows) {
+    let kvm = if !opts.kvm {
+        bpf::KvmPlan::Off
+    } else {
+        match crate::kvm::target_is_kvm_vm(pid) {
+            Ok(()) => bpf::KvmPlan::Attach,
+            Err(why) => bpf::KvmPlan::Absent(why),
+        }
+    };
+    match bpf::start(pid, vcpus, &specs, opts.bpf_stats, snap, opts.rows, kvm) {
         Ok(b) => Ok(Selected {
             collectors: b.collectors,
             used: "bpf",

@@ -143,6 +143,7 @@ pub fn run() -> (Vec<Check>, String) {
         interval_ns: 100_000_000,
         count_wakeups: true,
         timer_cpu: None,
+        kvm: false,
     };
     let verdict = match crate::bpf::start(
         std::process::id(),
@@ -151,6 +152,7 @@ pub fn run() -> (Vec<Check>, String) {
         false,
         snap,
         crate::collector::RowsMode::All,
+        crate::bpf::KvmPlan::Off,
     ) {
         Ok(_) => "--backend auto would use: bpf (programs load and attach here)".to_owned(),
         Err(why) => format!("--backend auto would use: proc (BPF unavailable: {why})"),

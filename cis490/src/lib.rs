@@ -15,6 +15,7 @@ pub mod episode;
 pub mod error;
 pub mod export;
 pub mod jsonl;
+pub mod kvm;
 pub mod labels;
 pub mod ls;
 pub mod net;

@@ -132,6 +132,8 @@ enum Command {
         bpf_wakeups: bool,
         #[arg(long)]
         bpf_timer_cpu: Option<u32>,
+        #[arg(long)]
+        kvm: bool,
     },
     /// In-guest agent: stream guest stats as JSON lines to a virtio-serial port.
     Agent {
@@ -209,6 +211,10 @@ struct TraceArgs {
     /// No `perf` source.
     #[arg(long)]
     no_perf: bool,
+    /// No `kvm` and `kvm-keys` sources (the BPF backend otherwise adds them: VM exits by
+    /// kind and key when the target is a KVM VM, empty streams with the reason when not).
+    #[arg(long)]
+    no_kvm: bool,
     /// At close, export the episode into `<data-root>/dataset/` (the same layout as
     /// `cis490 export`); the episode path is still the last line on stdout.
     #[arg(long, value_enum)]
@@ -339,6 +345,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             interval_ns,
             bpf_wakeups,
             bpf_timer_cpu,
+            kvm,
         } => {
             let specs: Result<Vec<_>, _> = net_ifs
                 .iter()
@@ -353,6 +360,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                         interval_ns,
                         count_wakeups: bpf_wakeups,
                         timer_cpu: bpf_timer_cpu,
+                        kvm,
                     },
                 ),
                 Err(e) => {
@@ -422,6 +430,7 @@ fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
         compression: args.compress,
         rows: args.rows,
         perf_rate_hz: (!args.no_perf).then_some(args.perf_rate_hz),
+        kvm: !args.no_kvm,
         access: cis490::episode::Access {
             group: args
                 .group

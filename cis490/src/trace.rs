@@ -45,6 +45,8 @@ pub struct TraceConfig {
     pub rows: crate::collector::RowsMode,
     /// `--perf-rate-hz`; None with `--no-perf`.
     pub perf_rate_hz: Option<u32>,
+    /// The kvm sources (`--no-kvm` turns them off).
+    pub kvm: bool,
     /// Who may read the episode besides its owner (`--group`).
     pub access: crate::episode::Access,
     pub realtime: crate::sampler::Realtime,
@@ -105,6 +107,7 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         cmdline: cmdline.clone(),
         interval_ns,
         rows: cfg.rows,
+        kvm: cfg.kvm,
     };
     let mut selected = backend::select(cfg.backend, cfg.pid, &vcpus, &backend_opts)?;
     let bpf_session = selected.session.take();

@@ -18,7 +18,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use aya::maps::{Array, IterableMap, Map, MapData, RingBuf};
+use aya::maps::{Array, HashMap, IterableMap, Map, MapData, PerCpuArray, RingBuf};
 use rustix::net::{
     AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
@@ -26,7 +26,7 @@ use rustix::net::{
 use serde::{Deserialize, Serialize};
 
 use super::error::BpfError;
-use super::loader::{self, NetIfSpec, SnapSpec};
+use super::loader::{self, KvmLoad, KvmMaps, NetIfSpec, SnapSpec};
 
 /// An error of this stage (see [`BpfError`]).
 fn handoff_err(msg: impl Into<String>) -> BpfError {
@@ -69,6 +69,10 @@ enum Reply {
         peak_data_kib: Option<u64>,
         /// [`loader::WakeupSource::as_str`].
         wakeups: String,
+        /// Why the kvm programs asked for are not attached (their maps are then not
+        /// among the fds).
+        #[serde(default)]
+        kvm_error: Option<String>,
     },
     Err(BpfError),
 }
@@ -86,6 +90,7 @@ pub struct Attached {
     pub keepalive: KeepAlive,
     /// Set when the load ran in the helper process.
     pub loader: Option<LoaderReport>,
+    pub kvm: KvmLoad,
 }
 
 /// What holds the attachments: the fds handed over by the helper, or the in-process aya
@@ -115,9 +120,11 @@ pub fn load_in_process(
     bpf_stats: bool,
     snap: SnapSpec,
 ) -> Result<Attached, BpfError> {
-    let l = loader::load(pid, net_ifs, bpf_stats, snap)?;
+    let mut l = loader::load(pid, net_ifs, bpf_stats, snap)?;
     let programs = program_ids(&l.ebpf, &l.programs);
+    let kvm = std::mem::replace(&mut l.kvm, KvmLoad::NotAsked);
     Ok(Attached {
+        kvm,
         snaps: l.snaps,
         control: l.control,
         timer: l.timer,
@@ -166,6 +173,9 @@ pub fn load(
     if let Some(c) = snap.timer_cpu {
         cmd.arg("--bpf-timer-cpu").arg(c.to_string());
     }
+    if snap.kvm {
+        cmd.arg("--kvm");
+    }
     let started = Instant::now();
     let mut child = match cmd
         .stdin(Stdio::from(theirs))
@@ -191,7 +201,7 @@ pub fn load(
             _ => format!("the BPF loader process: {e}"),
         })
     })?;
-    let (maps, programs, holds, peak_rss_kib, peak_data_kib, wakeups) = match reply {
+    let (maps, programs, holds, peak_rss_kib, peak_data_kib, wakeups, kvm_error) = match reply {
         Reply::Ok {
             maps,
             programs,
@@ -199,7 +209,16 @@ pub fn load(
             peak_rss_kib,
             peak_data_kib,
             wakeups,
-        } => (maps, programs, holds, peak_rss_kib, peak_data_kib, wakeups),
+            kvm_error,
+        } => (
+            maps,
+            programs,
+            holds,
+            peak_rss_kib,
+            peak_data_kib,
+            wakeups,
+            kvm_error,
+        ),
         // The helper's own error, with its stage.
         Reply::Err(why) => return Err(why),
     };
@@ -215,6 +234,8 @@ pub fn load(
     let mut control = None;
     let mut grid = None;
     let mut timer_fd = None;
+    let mut kvm_counts = None;
+    let mut kvm_lost = None;
     for name in &maps {
         let fd = fds.next().expect("counted above");
         if name == "TIMER" {
@@ -242,6 +263,19 @@ pub fn load(
                         .map_err(|e| handoff_err(format!("map GRID from the loader: {e}")))?,
                 )
             }
+            "KVM_COUNTS" => {
+                kvm_counts = Some(
+                    HashMap::try_from(Map::HashMap(data)).map_err(|e| {
+                        handoff_err(format!("map KVM_COUNTS from the loader: {e}"))
+                    })?,
+                )
+            }
+            "KVM_LOST" => {
+                kvm_lost = Some(
+                    PerCpuArray::try_from(Map::PerCpuArray(data))
+                        .map_err(|e| handoff_err(format!("map KVM_LOST from the loader: {e}")))?,
+                )
+            }
             other => {
                 return Err(handoff_err(format!(
                     "the BPF loader process sent unknown map {other}"
@@ -249,7 +283,18 @@ pub fn load(
             }
         }
     }
+    let kvm = match (kvm_counts, kvm_lost, kvm_error) {
+        (Some(counts), Some(lost), None) => KvmLoad::Attached(KvmMaps { counts, lost }),
+        (None, None, Some(why)) => KvmLoad::Failed(why),
+        (None, None, None) if !snap.kvm => KvmLoad::NotAsked,
+        _ => {
+            return Err(handoff_err(
+                "the BPF loader process sent an incomplete kvm answer".to_owned(),
+            ))
+        }
+    };
     Ok(Attached {
+        kvm,
         snaps: snaps.ok_or(handoff_err("the BPF loader process sent no SNAPS map"))?,
         control: control.ok_or(handoff_err("the BPF loader process sent no CONTROL map"))?,
         timer: super::timer::SnapTimer::new(
@@ -334,12 +379,21 @@ pub fn run_helper(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool, snap: SnapSp
     let outcome = loader::load(pid, net_ifs, bpf_stats, snap);
     let sent = match &outcome {
         Ok(l) => {
-            let maps = [
+            let mut maps = vec![
                 ("SNAPS", l.snaps.as_fd()),
                 ("CONTROL", l.control.map().fd().as_fd()),
                 ("GRID", l.timer.grid().map().fd().as_fd()),
                 ("TIMER", l.timer.fd().as_fd()),
             ];
+            let kvm_error = match &l.kvm {
+                KvmLoad::Attached(k) => {
+                    maps.push(("KVM_COUNTS", k.counts.map().fd().as_fd()));
+                    maps.push(("KVM_LOST", k.lost.map().fd().as_fd()));
+                    None
+                }
+                KvmLoad::Failed(why) => Some(why.clone()),
+                KvmLoad::NotAsked => None,
+            };
             let holds = attachment_fds();
             let (hwm, rss_file) = peak_and_file_kib();
             let reply = Reply::Ok {
@@ -349,6 +403,7 @@ pub fn run_helper(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool, snap: SnapSp
                 peak_rss_kib: hwm,
                 peak_data_kib: hwm.zip(rss_file).map(|(h, f)| h.saturating_sub(f)),
                 wakeups: l.wakeups.as_str().to_owned(),
+                kvm_error,
             };
             let fds: Vec<BorrowedFd<'_>> = maps
                 .iter()
@@ -486,6 +541,7 @@ mod tests {
             peak_rss_kib: Some(1),
             peak_data_kib: Some(1),
             wakeups: "not_counted".into(),
+            kvm_error: None,
         };
         let back: Reply = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
         assert!(

@@ -6,11 +6,11 @@
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 
-use aya::maps::{Array, HashMap, MapData, RingBuf};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{Iter, PerfEvent, RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use cis490_common::{
-    IfName, NetIf, SnapConfig, SnapRecord, ThreadSlot, MAX_CPUS, MAX_NET_IFS, MAX_SLOTS, SLOT_FREE,
+    IfName, KvmKey, NetIf, SnapConfig, SnapRecord, ThreadSlot, MAX_CPUS, MAX_NET_IFS, MAX_SLOTS, SLOT_FREE,
 };
 
 use super::error::BpfError;
@@ -42,6 +42,22 @@ pub struct SnapSpec {
     /// `--bpf-timer-cpu`: the CPU whose timer runs the snapshots (default: the first
     /// online CPU).
     pub timer_cpu: Option<u32>,
+    /// Attach the `kvm` programs (the target is a KVM VM and `--no-kvm` was not given).
+    pub kvm: bool,
+}
+
+/// The `kvm` programs' maps (see cis490-ebpf/src/kvm.rs).
+pub struct KvmMaps {
+    pub counts: HashMap<MapData, KvmKey, u64>,
+    pub lost: PerCpuArray<MapData, u64>,
+}
+
+/// What became of the `kvm` programs.
+pub enum KvmLoad {
+    NotAsked,
+    Attached(KvmMaps),
+    /// Why they are not attached (one line); the other programs are unaffected.
+    Failed(String),
 }
 
 /// Where the `wakeups` column comes from (meta.sources[].wakeups of `bpf-sched`).
@@ -102,6 +118,7 @@ pub struct Loaded {
     /// Held while `--bpf-stats` is on: the kernel counts run time while this fd is open
     /// and reverts by itself when it closes, even if cis490 is killed.
     pub stats_fd: Option<OwnedFd>,
+    pub kvm: KvmLoad,
 }
 
 /// Which capabilities the process has, for error messages (CapEff of /proc/self/status).
@@ -396,7 +413,10 @@ pub fn load(
             tracing::debug!("kernel BTF stays visible to aya (it will parse it): {e}");
         }
     }
-    let mut ebpf = EbpfLoader::new()
+    // The kvm programs need every KVM tracepoint's format; without one they stay off.
+    let kvm_offsets = snap.kvm.then(|| tracefs::kvm_offsets(&root));
+    let mut loader = EbpfLoader::new();
+    loader
         .btf(None)
         .override_global("TARGET_TGID", &pid, true)
         .override_global("OFFSETS", &offsets, true)
@@ -404,7 +424,17 @@ pub fn load(
         .map_max_entries(
             "SNAPS",
             ring_bytes(snap.interval_ns, threads_now, net_ifs.len()),
-        )
+        );
+    match &kvm_offsets {
+        Some(Ok(o)) => {
+            loader.override_global("KVM_OFFSETS", o, true);
+        }
+        // Not a KVM capture: no table of 16 Ki preallocated entries.
+        _ => {
+            loader.map_max_entries("KVM_COUNTS", 1);
+        }
+    }
+    let mut ebpf = loader
         .load(OBJECT)
         .map_err(|e| load_err(format!("loading the BPF object: {}", flatten(&e))))?;
 
@@ -469,6 +499,14 @@ pub fn load(
         programs.extend(["cis490_net_dev_xmit", "cis490_netif_receive_skb"]);
     }
     drop(ifs_map);
+    let kvm = match kvm_offsets {
+        None => KvmLoad::NotAsked,
+        Some(Err(e)) => KvmLoad::Failed(e.to_string()),
+        Some(Ok(_)) => match attach_kvm(&mut ebpf, &mut programs) {
+            Ok(maps) => KvmLoad::Attached(maps),
+            Err(e) => KvmLoad::Failed(e.to_string()),
+        },
+    };
     let snaps: RingBuf<MapData> = take(&mut ebpf, "SNAPS")?;
     let control: Array<MapData, u32> = take(&mut ebpf, "CONTROL")?;
     // Last: the timer starts now, with every thread already followed.
@@ -500,6 +538,21 @@ pub fn load(
         wakeups,
         programs,
         stats_fd,
+        kvm,
+    })
+}
+
+/// Attach every `kvm` program and take its maps. A failure part-way leaves the programs
+/// attached so far counting into maps nobody reads until the capture ends (cheap; the
+/// kvm source then says why it is absent).
+fn attach_kvm(ebpf: &mut Ebpf, programs: &mut Vec<&'static str>) -> Result<KvmMaps, BpfError> {
+    for (prog, name) in tracefs::KVM_TRACEPOINTS {
+        attach(ebpf, prog, "kvm", name)?;
+        programs.push(prog);
+    }
+    Ok(KvmMaps {
+        counts: take(ebpf, "KVM_COUNTS")?,
+        lost: take(ebpf, "KVM_LOST")?,
     })
 }
 

@@ -9,13 +9,15 @@
 //! - `snap`: the ring buffer drain (record parsing and schedule bookkeeping tested)
 //! - `table`: per-thread bookkeeping (monotone counters, exited threads kept in totals)
 //! - `sched`: the `bpf-sched` and `bpf-io` collectors
-//! - `net`: the `net` source (BPF or sysfs) and tap autodetection
+//! - `net`: the `net` source from the snapshots
+//! - `kvm`: the `kvm` and `kvm-keys` sources (the kvm programs' counts per tick)
 //! - `stats`: per-program run count / run time for `--bpf-stats`
 
 pub mod btf;
 pub mod error;
 pub mod handoff;
 pub mod iter_btf;
+pub mod kvm;
 pub mod loader;
 pub mod net;
 pub mod sched;
@@ -109,16 +111,40 @@ pub struct Backend {
     pub session: Arc<Session>,
 }
 
+/// Whether the capture has `kvm` sources, and whether their programs are attached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvmPlan {
+    /// `--no-kvm`, or a check of BPF alone (`cis490 doctor`): no kvm sources.
+    Off,
+    /// The target is a KVM VM: attach the kvm programs.
+    Attach,
+    /// The streams are written empty and meta.sources says this.
+    Absent(String),
+}
+
 /// Load and attach for `pid`; `Err` is the exact cause, one line.
 pub fn start(
     pid: u32,
     vcpus: &crate::collector::VcpuMap,
     net_ifs: &[loader::NetIfSpec],
     bpf_stats: bool,
-    snap: loader::SnapSpec,
+    mut snap: loader::SnapSpec,
     rows: crate::collector::RowsMode,
+    kvm: KvmPlan,
 ) -> Result<Backend, BpfError> {
-    let loaded = handoff::load(pid, net_ifs, bpf_stats, snap)?;
+    snap.kvm = kvm == KvmPlan::Attach;
+    let mut loaded = handoff::load(pid, net_ifs, bpf_stats, snap)?;
+    let kvm_maps = match (kvm, std::mem::replace(&mut loaded.kvm, loader::KvmLoad::NotAsked)) {
+        (KvmPlan::Off, _) => None,
+        (KvmPlan::Absent(why), _) => Some(Err(why)),
+        (KvmPlan::Attach, loader::KvmLoad::Attached(m)) => Some(Ok(m)),
+        (KvmPlan::Attach, loader::KvmLoad::Failed(why)) => {
+            Some(Err(format!("the kvm programs did not attach: {why}")))
+        }
+        (KvmPlan::Attach, loader::KvmLoad::NotAsked) => {
+            Some(Err("the kvm programs were not loaded".to_owned()))
+        }
+    };
     let session = Arc::new(Session {
         _keepalive: loaded.keepalive,
         programs: loaded.programs,
@@ -148,6 +174,9 @@ pub fn start(
     if !net_ifs.is_empty() {
         let names = net_ifs.iter().map(|s| s.name.clone()).collect();
         collectors.push(Box::new(net::BpfNetCollector::new(names, session.clone())));
+    }
+    if let Some(maps) = kvm_maps {
+        collectors.extend(kvm::collectors(pid, session.clone(), vcpus, maps));
     }
     Ok(Backend {
         collectors,

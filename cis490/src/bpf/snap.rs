@@ -153,6 +153,8 @@ impl Schedule {
 #[derive(Debug, Clone, Copy)]
 pub struct Tick {
     pub seq: u64,
+    /// The kernel's own number of the snapshot (the kvm programs count under it).
+    pub kernel_seq: u64,
     pub stamp: Stamp,
     /// Index range of its records in [`Batch::threads`] and [`Batch::nets`].
     pub threads: (usize, usize),
@@ -241,6 +243,7 @@ impl Assembler {
                             .extend(self.pending_nets.iter().filter(|r| r.seq == t.seq));
                         b.ticks.push(Tick {
                             seq,
+                            kernel_seq: t.seq,
                             stamp: Stamp {
                                 t_mono_ns: clock.rel(t.ktime_ns),
                                 t_wall_ns: (t.ktime_ns as i64 + wall_minus_mono_ns) as u64,

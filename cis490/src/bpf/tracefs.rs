@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::error::BpfError;
-use cis490_common::Offsets;
+use cis490_common::{KvmOffsets, Offsets};
 
 /// An error of this stage (see [`BpfError`]).
 fn tracefs_err(msg: impl Into<String>) -> BpfError {
@@ -26,6 +26,21 @@ pub const BLOCK_TRACEPOINT: (&str, &str) = ("block", "block_rq_issue");
 pub const NET_TRACEPOINTS: &[(&str, &str)] =
     &[("net", "net_dev_xmit"), ("net", "netif_receive_skb")];
 
+/// The KVM tracepoints (attached when the target is a KVM VM), as (program, name) in
+/// category `kvm`.
+pub const KVM_TRACEPOINTS: &[(&str, &str)] = &[
+    ("cis490_kvm_exit", "kvm_exit"),
+    ("cis490_kvm_userspace_exit", "kvm_userspace_exit"),
+    ("cis490_kvm_pio", "kvm_pio"),
+    ("cis490_kvm_mmio", "kvm_mmio"),
+    ("cis490_kvm_fast_mmio", "kvm_fast_mmio"),
+    ("cis490_kvm_msr", "kvm_msr"),
+    ("cis490_kvm_cpuid", "kvm_cpuid"),
+    ("cis490_kvm_hypercall", "kvm_hypercall"),
+    ("cis490_kvm_emulate_insn", "kvm_emulate_insn"),
+    ("cis490_kvm_vcpu_wakeup", "kvm_vcpu_wakeup"),
+];
+
 /// All tracepoints used, for `cis490 doctor`.
 pub fn all_tracepoints() -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = SCHED_TRACEPOINTS
@@ -35,6 +50,9 @@ pub fn all_tracepoints() -> Vec<(String, String)> {
     v.push((BLOCK_TRACEPOINT.0.into(), BLOCK_TRACEPOINT.1.into()));
     for (c, n) in NET_TRACEPOINTS {
         v.push((c.to_string(), n.to_string()));
+    }
+    for (_, n) in KVM_TRACEPOINTS {
+        v.push(("kvm".to_owned(), n.to_string()));
     }
     v
 }
@@ -174,6 +192,32 @@ pub fn offsets(root: &Path, with_net: bool) -> Result<Offsets, BpfError> {
     Ok(o)
 }
 
+/// The offsets of the KVM tracepoints' fields the `kvm` programs read.
+pub fn kvm_offsets(root: &Path) -> Result<KvmOffsets, BpfError> {
+    let mut o = KvmOffsets::LINUX_6_18;
+    let f = |name: &str| format(root, "kvm", name);
+    o.exit_reason = field(&f("kvm_exit")?, "kvm:kvm_exit", "exit_reason", 4)?;
+    let u = f("kvm_userspace_exit")?;
+    o.userspace_reason = field(&u, "kvm:kvm_userspace_exit", "reason", 4)?;
+    o.userspace_errno = field(&u, "kvm:kvm_userspace_exit", "errno", 4)?;
+    let p = f("kvm_pio")?;
+    o.pio_rw = field(&p, "kvm:kvm_pio", "rw", 4)?;
+    o.pio_port = field(&p, "kvm:kvm_pio", "port", 4)?;
+    let m = f("kvm_mmio")?;
+    o.mmio_type = field(&m, "kvm:kvm_mmio", "type", 4)?;
+    o.mmio_gpa = field(&m, "kvm:kvm_mmio", "gpa", 8)?;
+    o.fast_mmio_gpa = field(&f("kvm_fast_mmio")?, "kvm:kvm_fast_mmio", "gpa", 8)?;
+    let r = f("kvm_msr")?;
+    o.msr_write = field(&r, "kvm:kvm_msr", "write", 4)?;
+    o.msr_ecx = field(&r, "kvm:kvm_msr", "ecx", 4)?;
+    o.cpuid_function = field(&f("kvm_cpuid")?, "kvm:kvm_cpuid", "function", 4)?;
+    o.hypercall_nr = field(&f("kvm_hypercall")?, "kvm:kvm_hypercall", "nr", 8)?;
+    o.emulate_failed = field(&f("kvm_emulate_insn")?, "kvm:kvm_emulate_insn", "failed", 1)?;
+    // Read for the attach's sake only: the program reads no field of it.
+    f("kvm_vcpu_wakeup")?;
+    Ok(o)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +277,22 @@ print fmt: \"prev_comm=%s\"
             }
         );
         assert_eq!(f[1].name, "rc");
+    }
+
+    /// The KVM formats of Linux 6.18.44 (copied from this kernel's tracefs).
+    const KVM_FORMATS: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/data/tracefs-linux-6.18"
+    );
+
+    #[test]
+    fn kvm_offsets_come_from_the_format_files() {
+        let o = kvm_offsets(Path::new(KVM_FORMATS)).unwrap();
+        assert_eq!(o, KvmOffsets::LINUX_6_18);
+        // One format missing: the error names the tracepoint.
+        let dir = tempfile::tempdir().unwrap();
+        let e = kvm_offsets(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("kvm:kvm_exit"), "{e}");
     }
 
     #[test]

@@ -246,6 +246,9 @@ pub struct Stream {
     /// to: a cumulative column's difference is taken to the previous row with the same
     /// values of these. Empty: one series (or none, for events and labels).
     pub entity: &'static [&'static str],
+    /// Rows only for what changed in a tick (`kvm-keys`): a tick without rows is no
+    /// gap, so `validate` does not ask for a `gap` event to cover a seq hole.
+    pub sparse: bool,
 }
 
 impl Stream {

@@ -697,6 +697,89 @@ const PERF: &[C] = &[
     counter("sw_time_running_ns", "ns", "time the software group was counting"),
 ];
 
+const KVM_SOURCE: &[&str] = &["kvm"];
+
+/// A count of the thread's VM exits of one kind, since attach (the process row: all
+/// threads').
+const fn kvm_count(name: &'static str, description: &'static str) -> C {
+    counter(name, "count", description)
+}
+
+const KVM: &[C] = &[
+    T_MONO,
+    T_WALL,
+    source(KVM_SOURCE),
+    AVAILABLE,
+    SEQ,
+    TID,
+    BPF_COMM,
+    VCPU,
+    kvm_count(
+        "exits",
+        "VM exits (kvm:kvm_exit); null on hosts where that tracepoint never fires (not VT-x or AMD-V: meta.sources[kvm].exits says why)",
+    ),
+    kvm_count(
+        "userspace_exits",
+        "returns of KVM_RUN to QEMU (kvm:kvm_userspace_exit), interrupted runs included",
+    ),
+    kvm_count("pio_reads", "port reads (IN) that exited (kvm:kvm_pio)"),
+    kvm_count("pio_writes", "port writes (OUT) that exited"),
+    kvm_count("mmio_reads", "emulated MMIO reads (kvm:kvm_mmio)"),
+    kvm_count("mmio_writes", "emulated MMIO writes"),
+    kvm_count(
+        "fast_mmio_writes",
+        "MMIO writes to an ioeventfd (kvm:kvm_fast_mmio: virtio doorbells)",
+    ),
+    kvm_count("msr_reads", "RDMSRs that exited (kvm:kvm_msr)"),
+    kvm_count("msr_writes", "WRMSRs that exited"),
+    kvm_count("cpuid_exits", "CPUIDs (kvm:kvm_cpuid; CPUID always exits)"),
+    kvm_count("hypercalls", "hypercalls (kvm:kvm_hypercall)"),
+    kvm_count(
+        "emulated_insns",
+        "instructions KVM emulated (kvm:kvm_emulate_insn)",
+    ),
+    kvm_count("emulation_failures", "emulations that failed"),
+    kvm_count(
+        "halt_wakeups",
+        "wake-ups of the halted vCPU (kvm:kvm_vcpu_wakeup)",
+    ),
+];
+
+const KVM_KEYS_SOURCE: &[&str] = &["kvm-keys"];
+
+const KVM_KEYS: &[C] = &[
+    T_MONO,
+    T_WALL,
+    source(KVM_KEYS_SOURCE),
+    AVAILABLE,
+    SEQ,
+    C::new("tid", UInt64, "", "host thread id of the vCPU thread"),
+    BPF_COMM,
+    VCPU,
+    C::new("kind", Dict, "", "what `key` is").values(crate::kvm::KEY_KINDS),
+    C::new(
+        "key",
+        UInt64,
+        "",
+        "the leaf (cpuid), MSR index (msr_*), port (pio_*), guest-physical page address (mmio_*, fast_mmio), hypercall number, or reason (exit_reason: VMX basic reason or SVM exit code; userspace_exit: KVM_EXIT_*, or 2^32 + errno of an interrupted run); null: exits whose key found the kernel's key table full",
+    )
+    .nullable(),
+    C::new(
+        "name",
+        Dict,
+        "",
+        "the key's name where cis490 knows one (exit reasons, common CPUID leaves and MSRs), else null",
+    )
+    .nullable(),
+    C::new(
+        "count",
+        UInt64,
+        "count",
+        "exits of this thread with this kind and key, since attach",
+    )
+    .cumulative(),
+];
+
 pub static STREAMS: &[Stream] = &[
     Stream {
         name: "proc",
@@ -708,6 +791,7 @@ pub static STREAMS: &[Stream] = &[
         columns: PROC,
         families: &[],
         entity: &["tid"],
+        sparse: false,
     },
     Stream {
         name: "bpf-sched",
@@ -719,6 +803,7 @@ pub static STREAMS: &[Stream] = &[
         columns: BPF_SCHED,
         families: &[],
         entity: &["tid"],
+        sparse: false,
     },
     Stream {
         name: "bpf-io",
@@ -730,6 +815,7 @@ pub static STREAMS: &[Stream] = &[
         columns: BPF_IO,
         families: &[],
         entity: &["tid"],
+        sparse: false,
     },
     Stream {
         name: "net",
@@ -741,6 +827,7 @@ pub static STREAMS: &[Stream] = &[
         columns: NET,
         families: &[],
         entity: &["ifname"],
+        sparse: false,
     },
     Stream {
         name: "perf",
@@ -752,6 +839,31 @@ pub static STREAMS: &[Stream] = &[
         columns: PERF,
         families: &[],
         entity: &["tid"],
+        sparse: false,
+    },
+    Stream {
+        name: "kvm",
+        file: "telemetry-kvm.jsonl",
+        kind: StreamKind::Telemetry,
+        available_in_deployment: Some(false),
+        written_by: "the BPF backend unless --no-kvm (kvm tracepoints; empty when the target is not a KVM VM)",
+        rows: "per snapshot tick the process total first (tid null), then one per vCPU thread (every thread that exited to KVM, and QMP's vCPU threads)",
+        columns: KVM,
+        families: &[],
+        entity: &["tid"],
+        sparse: false,
+    },
+    Stream {
+        name: "kvm-keys",
+        file: "telemetry-kvm-keys.jsonl",
+        kind: StreamKind::Telemetry,
+        available_in_deployment: Some(false),
+        written_by: "with `kvm`",
+        rows: "per snapshot tick one per (thread, kind, key) whose count changed in it",
+        columns: KVM_KEYS,
+        families: &[],
+        entity: &["tid", "kind", "key"],
+        sparse: true,
     },
     Stream {
         name: "qmp",
@@ -763,6 +875,7 @@ pub static STREAMS: &[Stream] = &[
         columns: QMP,
         families: QMP_FAMILIES,
         entity: &["kind", "tid", "device"],
+        sparse: false,
     },
     Stream {
         name: "agent",
@@ -774,6 +887,7 @@ pub static STREAMS: &[Stream] = &[
         columns: AGENT,
         families: AGENT_FAMILIES,
         entity: &[],
+        sparse: false,
     },
     Stream {
         name: "events",
@@ -785,6 +899,7 @@ pub static STREAMS: &[Stream] = &[
         columns: EVENTS,
         families: &[],
         entity: &[],
+        sparse: false,
     },
     Stream {
         name: "labels",
@@ -796,5 +911,6 @@ pub static STREAMS: &[Stream] = &[
         columns: LABELS,
         families: &[],
         entity: &[],
+        sparse: false,
     },
 ];

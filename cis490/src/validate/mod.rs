@@ -236,10 +236,12 @@ pub fn validate_dir(dir: &Path) -> EpisodeReport {
         .unwrap_or_default();
     for f in scanned.iter().filter(|f| f.source.is_some()) {
         let source = f.source.as_deref().unwrap_or_default();
+        let sparse = crate::contract::stream_for_file(&f.name).is_some_and(|s| s.sparse);
         problems.extend(check_seq_holes(
             f,
             gaps.get(source).map(Vec::as_slice).unwrap_or(&[]),
             errors.get(source).map(Vec::as_slice).unwrap_or(&[]),
+            sparse,
         ));
     }
     let listed_on_disk = |name: &str| names.iter().any(|(n, _)| n == name);

@@ -23,16 +23,18 @@ fn first_uncovered(from: u64, to: u64, ranges: &[(u64, u64)]) -> Option<u64> {
 }
 
 /// Every hole in a stream's seq must be declared by `gap` events for that source (or, for a
-/// tick the source itself failed, explained by a `source_error` between the rows around it);
-/// and a declared gap must not contain seqs that have rows.
+/// tick the source itself failed, explained by a `source_error` between the rows around it),
+/// unless the stream is `sparse` (rows only for what changed); and a declared gap must not
+/// contain seqs that have rows.
 pub fn check_seq_holes(
     file: &ScannedFile,
     gaps: &[GapDecl],
     source_error_times: &[u64],
+    sparse: bool,
 ) -> Vec<Problem> {
     let mut out = Vec::new();
     let declared: Vec<(u64, u64)> = gaps.iter().map(|g| (g.from_seq, g.to_seq)).collect();
-    for hole in &file.holes {
+    for hole in file.holes.iter().filter(|_| !sparse) {
         if first_uncovered(hole.from_seq, hole.to_seq, &declared).is_none() {
             continue;
         }
@@ -88,7 +90,7 @@ mod tests {
             r#"{"t_mono_ns":6,"t_wall_ns":1,"seq":5}"#,
         ]);
         assert_eq!(f.holes.len(), 1);
-        let undeclared = check_seq_holes(&f, &[], &[]);
+        let undeclared = check_seq_holes(&f, &[], &[], false);
         assert_eq!(undeclared.len(), 1);
         assert!(undeclared[0].message.contains("undeclared seq gap 2..=3"));
         assert_eq!(undeclared[0].line, Some(3));
@@ -103,12 +105,12 @@ mod tests {
                 to_seq: 3,
             },
         ];
-        assert!(check_seq_holes(&f, &gaps, &[]).is_empty());
+        assert!(check_seq_holes(&f, &gaps, &[], false).is_empty());
         // Half declared is still undeclared.
-        assert_eq!(check_seq_holes(&f, &gaps[..1], &[]).len(), 1);
+        assert_eq!(check_seq_holes(&f, &gaps[..1], &[], false).len(), 1);
         // A failing source explains its own missing ticks.
-        assert!(check_seq_holes(&f, &[], &[3]).is_empty());
-        assert_eq!(check_seq_holes(&f, &[], &[9]).len(), 1);
+        assert!(check_seq_holes(&f, &[], &[3], false).is_empty());
+        assert_eq!(check_seq_holes(&f, &[], &[9], false).len(), 1);
         // A declared gap over seqs that have rows contradicts the stream.
         let wrong = check_seq_holes(
             &f,
@@ -117,6 +119,7 @@ mod tests {
                 to_seq: 3,
             }],
             &[],
+            false,
         );
         assert!(
             wrong[0].message.contains("rows with seq 1 exist"),
@@ -133,6 +136,13 @@ mod tests {
                 to_seq: 9,
             },
         ];
-        assert!(check_seq_holes(&f, &end, &[]).is_empty());
+        assert!(check_seq_holes(&f, &end, &[], false).is_empty());
+        // A sparse stream (rows only for what changed) has holes that are no gaps; a
+        // declared gap over its rows is still a contradiction.
+        assert!(check_seq_holes(&f, &[], &[], true).is_empty());
+        assert_eq!(
+            check_seq_holes(&f, &[GapDecl { from_seq: 0, to_seq: 1 }], &[], true).len(),
+            1
+        );
     }
 }

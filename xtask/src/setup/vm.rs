@@ -32,6 +32,16 @@ fn musl_target() -> anyhow::Result<()> {
     }
 }
 
+/// The kvm test's guest is a boot sector assembled from tests/qemu/guest/kvm-probe.S by
+/// the test itself: GNU as and ld (binutils, which gcc usually brings along).
+fn boot_sector_tools() -> anyhow::Result<()> {
+    if output("as", &["--version"]).is_none() || output("ld", &["--version"]).is_none() {
+        eprintln!("setup: installing binutils (as, ld: the kvm test's boot-sector guest)");
+        apt_install(&["binutils"])?;
+    }
+    Ok(())
+}
+
 /// QEMU 10.0.2 comes from bookworm-backports; everything else stays on bookworm.
 const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/cis490-bookworm-backports.sources";
 const BACKPORTS_SOURCES_TEXT: &str = "\
@@ -104,6 +114,7 @@ fn apt(args: &[&str]) -> anyhow::Result<()> {
 /// The guest's kernel and busybox are fetched (not installed) by `xtask vm` into target/.
 pub fn vm() -> anyhow::Result<()> {
     musl_target()?;
+    boot_sector_tools()?;
     if has_version("qemu-system-x86_64", QEMU_VERSION) && has_version("qemu-img", QEMU_VERSION) {
         return Ok(());
     }

@@ -1,0 +1,249 @@
+//! KVM exits of the target's vCPU threads, counted by kind and key (CPUID leaf, MSR,
+//! port, guest-physical page, exit reason) per thread per snapshot tick, in map
+//! `KVM_COUNTS`. Each program runs in the vCPU thread that exits (KVM's tracepoints fire
+//! in the thread calling KVM_RUN), so an entry has one writer and plain adds are exact.
+//!
+//! Ticks: `KVM_EPOCH` holds the seq of the next snapshot (the snapshot program sets it
+//! when it runs); an event is counted under that seq, so user space gives each snapshot
+//! tick exactly the events since the one before, and removes entries once their tick is
+//! drained.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    macros::{map, tracepoint},
+    maps::{Array, HashMap, PerCpuArray},
+    programs::TracePointContext,
+};
+use cis490_common::{
+    KvmKey, KvmOffsets, KVM_CPUID, KVM_EMULATED_INSN, KVM_EMULATION_FAILED, KVM_EXIT_REASON,
+    KVM_FAST_MMIO, KVM_HALT_WAKEUP, KVM_HYPERCALL, KVM_KEY_OTHER, KVM_MMIO_READ,
+    KVM_MMIO_WRITE, KVM_MSR_READ, KVM_MSR_WRITE, KVM_PIO_READ, KVM_PIO_WRITE,
+    KVM_TRACE_MMIO_READ, KVM_TRACE_MMIO_WRITE, KVM_USERSPACE_ERRNO, KVM_USERSPACE_EXIT,
+    MAX_KVM_KEYS,
+};
+
+use crate::globals::{current, target_tgid};
+
+/// Tracepoint field offsets of the running kernel (set by the loader).
+#[unsafe(no_mangle)]
+static KVM_OFFSETS: KvmOffsets = KvmOffsets::LINUX_6_18;
+
+#[map]
+pub static KVM_COUNTS: HashMap<KvmKey, u64> = HashMap::with_max_entries(MAX_KVM_KEYS, 0);
+
+/// Element 0: the seq of the snapshot the next event belongs to (see the module doc).
+#[map]
+pub static KVM_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Element 0: events counted nowhere because even the kind's [`KVM_KEY_OTHER`] entry
+/// found the table full, since attach (per CPU; user space sums).
+#[map]
+static KVM_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn kvm_offsets() -> &'static KvmOffsets {
+    let p: *const KvmOffsets = &raw const KVM_OFFSETS;
+    // SAFETY: `p` points to a static; the volatile read only hides its initial values
+    // from the optimizer (the loader rewrites them).
+    unsafe { &*core::ptr::read_volatile(&p) }
+}
+
+/// The current thread, if it belongs to the target.
+#[inline(always)]
+fn target_thread() -> Option<u32> {
+    let (tgid, tid) = current();
+    (tgid == target_tgid()).then_some(tid)
+}
+
+/// Add one to (tid, this tick, kind, key).
+#[inline(always)]
+fn count(tid: u32, kind: u32, key: u64) {
+    let epoch = match KVM_EPOCH.get(0) {
+        // SAFETY: a u64 map value; a concurrent snapshot's store to it is a single
+        // aligned word write.
+        Some(e) => unsafe { core::ptr::read_volatile(e) },
+        None => 0,
+    };
+    let mut k = KvmKey {
+        tid,
+        kind,
+        epoch,
+        key,
+    };
+    if bump(&k) {
+        return;
+    }
+    k.key = KVM_KEY_OTHER;
+    if bump(&k) {
+        return;
+    }
+    if let Some(lost) = KVM_LOST.get_ptr_mut(0) {
+        // SAFETY: this CPU's value; tracepoint programs do not nest on one CPU.
+        unsafe { *lost += 1 };
+    }
+}
+
+/// Add one to entry `k`, creating it; false when the table is full.
+#[inline(always)]
+fn bump(k: &KvmKey) -> bool {
+    if let Some(v) = KVM_COUNTS.get_ptr_mut(k) {
+        // SAFETY: the entry's only writer is the thread `k.tid` (this program runs in
+        // it); user space removes an entry only after its tick is drained.
+        unsafe { *v += 1 };
+        return true;
+    }
+    KVM_COUNTS.insert(k, &1, BPF_NOEXIST as u64).is_ok()
+}
+
+/// A field of the tracepoint record at `offset`.
+#[inline(always)]
+fn field<T>(ctx: &TracePointContext, offset: u32) -> Option<T> {
+    // SAFETY: a bounded probe read of the tracepoint record at an offset the loader took
+    // from this kernel's format file.
+    unsafe { ctx.read_at::<T>(offset as usize) }.ok()
+}
+
+#[tracepoint]
+pub fn cis490_kvm_exit(ctx: TracePointContext) -> u32 {
+    let Some(tid) = target_thread() else {
+        return 0;
+    };
+    if let Some(reason) = field::<u32>(&ctx, kvm_offsets().exit_reason) {
+        count(tid, KVM_EXIT_REASON, u64::from(reason));
+    }
+    0
+}
+
+#[tracepoint]
+pub fn cis490_kvm_userspace_exit(ctx: TracePointContext) -> u32 {
+    let Some(tid) = target_thread() else {
+        return 0;
+    };
+    let o = kvm_offsets();
+    let (Some(reason), Some(errno)) = (
+        field::<u32>(&ctx, o.userspace_reason),
+        field::<i32>(&ctx, o.userspace_errno),
+    ) else {
+        return 0;
+    };
+    let key = if errno < 0 {
+        KVM_USERSPACE_ERRNO | u64::from(errno.unsigned_abs())
+    } else {
+        u64::from(reason)
+    };
+    count(tid, KVM_USERSPACE_EXIT, key);
+    0
+}
+
+#[tracepoint]
+pub fn cis490_kvm_pio(ctx: TracePointContext) -> u32 {
+    let Some(tid) = target_thread() else {
+        return 0;
+    };
+    let o = kvm_offsets();
+    let (Some(rw), Some(port)) = (field::<u32>(&ctx, o.pio_rw), field::<u32>(&ctx, o.pio_port))
+    else {
+        return 0;
+    };
+    let kind = if rw != 0 { KVM_PIO_WRITE } else { KVM_PIO_READ };
+    count(tid, kind, u64::from(port));
+    0
+}
+
+#[tracepoint]
+pub fn cis490_kvm_mmio(ctx: TracePointContext) -> u32 {
+    let Some(tid) = target_thread() else {
+        return 0;
+    };
+    let o = kvm_offsets();
+    let (Some(ty), Some(gpa)) = (
+        field::<u32>(&ctx, o.mmio_type),
+        field::<u64>(&ctx, o.mmio_gpa),
+    ) else {
+        return 0;
+    };
+    let kind = match ty {
+        KVM_TRACE_MMIO_READ => KVM_MMIO_READ,
+        KVM_TRACE_MMIO_WRITE => KVM_MMIO_WRITE,
+        _ => return 0,
+    };
+    count(tid, kind, gpa & !0xfff);
+    0
+}
+
+#[tracepoint]
+pub fn cis490_kvm_fast_mmio(ctx: TracePointContext) -> u32 {
+    let Some(tid) = target_thread() else {
+        return 0;
+    };
+    if let Some(gpa) = field::<u64>(&ctx, kvm_offsets().fast_mmio_gpa) {
+        count(tid, KVM_FAST_MMIO, gpa & !0xfff);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn cis490_kvm_msr(ctx: TracePointContext) -> u32 {
+    let Some(tid) = target_thread() else {
+        return 0;
+    };
+    let o = kvm_offsets();
+    let (Some(write), Some(ecx)) = (
+        field::<u32>(&ctx, o.msr_write),
+        field::<u32>(&ctx, o.msr_ecx),
+    ) else {
+        return 0;
+    };
+    let kind = if write != 0 {
+        KVM_MSR_WRITE
+    } else {
+        KVM_MSR_READ
+    };
+    count(tid, kind, u64::from(ecx));
+    0
+}
+
+#[tracepoint]
+pub fn cis490_kvm_cpuid(ctx: TracePointContext) -> u32 {
+    let Some(tid) = target_thread() else {
+        return 0;
+    };
+    if let Some(leaf) = field::<u32>(&ctx, kvm_offsets().cpuid_function) {
+        count(tid, KVM_CPUID, u64::from(leaf));
+    }
+    0
+}
+
+#[tracepoint]
+pub fn cis490_kvm_hypercall(ctx: TracePointContext) -> u32 {
+    let Some(tid) = target_thread() else {
+        return 0;
+    };
+    if let Some(nr) = field::<u64>(&ctx, kvm_offsets().hypercall_nr) {
+        count(tid, KVM_HYPERCALL, nr);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn cis490_kvm_emulate_insn(ctx: TracePointContext) -> u32 {
+    let Some(tid) = target_thread() else {
+        return 0;
+    };
+    count(tid, KVM_EMULATED_INSN, 0);
+    if let Some(failed) = field::<u8>(&ctx, kvm_offsets().emulate_failed) {
+        if failed != 0 {
+            count(tid, KVM_EMULATION_FAILED, 0);
+        }
+    }
+    0
+}
+
+#[tracepoint]
+pub fn cis490_kvm_vcpu_wakeup(_ctx: TracePointContext) -> u32 {
+    let Some(tid) = target_thread() else {
+        return 0;
+    };
+    count(tid, KVM_HALT_WAKEUP, 0);
+    0
+}

@@ -1,0 +1,312 @@
+//! The `kvm` and `kvm-keys` sources: the kvm programs' per-tick counts (map `KVM_COUNTS`)
+//! read after each drain of the snapshots and folded onto the drained ticks (see
+//! [`crate::kvm::fold`]). `kvm` runs after `bpf-sched`, which drains; `kvm-keys` after
+//! `kvm`, whose fold it writes out.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use aya::maps::{HashMap, MapData, PerCpuArray};
+use cis490_common::KvmKey;
+
+use super::loader::KvmMaps;
+use super::{Comms, Session};
+use crate::clock::{self, EpisodeClock, Stamp};
+use crate::collector::{Collector, Tick, TickOutput, VcpuMap};
+use crate::error::Error;
+use crate::kvm::fold::{process_total, Fold};
+use crate::kvm::names::ExitIsa;
+use crate::kvm::{self as k, KINDS};
+
+/// What the two collectors share: the fold, and the stamps of its latest ticks.
+#[derive(Default)]
+struct Shared {
+    fold: Fold,
+    /// (episode seq, stamp) of each tick in `fold.ticks`.
+    stamps: Vec<(u64, Stamp)>,
+    /// The drain's gaps (snapshots that never came), declared for kvm-keys too.
+    gaps: Vec<(u64, u64)>,
+}
+
+/// Whether the kvm programs count, and if not why.
+#[derive(Clone)]
+enum Status {
+    Attached,
+    Absent(String),
+}
+
+/// The pair of collectors for one capture (`kvm` first).
+pub fn collectors(
+    pid: u32,
+    session: Arc<Session>,
+    vcpus: &VcpuMap,
+    maps: Result<KvmMaps, String>,
+) -> Vec<Box<dyn Collector>> {
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let isa = k::exit_isa(std::path::Path::new("/sys/module"));
+    let (status, maps) = match maps {
+        Ok(m) => (Status::Attached, Some(m)),
+        Err(why) => (Status::Absent(why), None),
+    };
+    vec![
+        Box::new(KvmCollector {
+            pid,
+            session,
+            maps,
+            status: status.clone(),
+            isa: isa.clone(),
+            shared: shared.clone(),
+            comms: Comms::new(pid),
+            vcpus: vcpus.clone(),
+            entries: Vec::new(),
+            lost_reported: 0,
+            overflow_reported: 0,
+        }),
+        Box::new(KvmKeysCollector {
+            status,
+            isa,
+            shared,
+            comms: Comms::new(pid),
+            vcpus: vcpus.clone(),
+        }),
+    ]
+}
+
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn status_summary(status: &Status, m: &mut serde_json::Map<String, serde_json::Value>) {
+    m.insert("method".into(), "bpf_tracepoints".into());
+    match status {
+        Status::Attached => {
+            m.insert("status".into(), "attached".into());
+        }
+        Status::Absent(why) => {
+            m.insert("status".into(), "absent".into());
+            m.insert("reason".into(), why.clone().into());
+        }
+    }
+}
+
+pub struct KvmCollector {
+    pid: u32,
+    session: Arc<Session>,
+    maps: Option<KvmMaps>,
+    status: Status,
+    isa: Result<ExitIsa, String>,
+    shared: Arc<Mutex<Shared>>,
+    comms: Comms,
+    vcpus: VcpuMap,
+    entries: Vec<(KvmKey, u64)>,
+    lost_reported: u64,
+    overflow_reported: u64,
+}
+
+/// Take the entries of ticks up to kernel seq `last` out of the map.
+fn take_final(
+    counts: &mut HashMap<MapData, KvmKey, u64>,
+    last: u64,
+    out: &mut Vec<(KvmKey, u64)>,
+) -> Result<(), String> {
+    out.clear();
+    for item in counts.iter() {
+        let (key, n) = item.map_err(|e| format!("reading map KVM_COUNTS: {e}"))?;
+        if Fold::is_final(&key, last) {
+            out.push((key, n));
+        }
+    }
+    for (key, _) in out.iter() {
+        // Gone already only if something else removed it: nothing else does.
+        counts
+            .remove(key)
+            .map_err(|e| format!("removing a KVM_COUNTS entry: {e}"))?;
+    }
+    Ok(())
+}
+
+fn lost_events(lost: &PerCpuArray<MapData, u64>) -> Option<u64> {
+    lost.get(&0, 0).ok().map(|v| v.iter().sum())
+}
+
+impl Collector for KvmCollector {
+    fn source(&self) -> &'static str {
+        k::SOURCE
+    }
+    fn available_in_deployment(&self) -> bool {
+        false
+    }
+    fn kernel_clocked(&self) -> bool {
+        true
+    }
+    fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        status_summary(&self.status, &mut m);
+        m.insert(
+            "exits".into(),
+            match &self.isa {
+                Ok(ExitIsa::Vmx) => "kvm_exit (vmx reasons)".into(),
+                Ok(ExitIsa::Svm) => "kvm_exit (svm exit codes)".into(),
+                Err(why) => format!("null: {why}").into(),
+            },
+        );
+        if let Some(maps) = &self.maps {
+            let s = lock(&self.shared);
+            m.insert(
+                "key_table_entries".into(),
+                cis490_common::MAX_KVM_KEYS.into(),
+            );
+            m.insert("overflow_events".into(), s.fold.overflow_events.into());
+            m.insert(
+                "lost_events".into(),
+                lost_events(&maps.lost).map_or(serde_json::Value::Null, Into::into),
+            );
+            m.insert("late_entries".into(), s.fold.late_entries.into());
+        }
+        m
+    }
+
+    fn collect(
+        &mut self,
+        _tick: Tick,
+        _clock: &EpisodeClock,
+        out: &mut TickOutput,
+    ) -> Result<(), Error> {
+        let drain = self.session.lock_drain();
+        let batch = &drain.asm.batch;
+        out.gaps.extend_from_slice(&batch.gaps);
+        let mut shared = lock(&self.shared);
+        let shared = &mut *shared;
+        shared.stamps.clear();
+        shared.fold.ticks.clear();
+        shared.fold.changes.clear();
+        shared.gaps.clear();
+        shared.gaps.extend_from_slice(&batch.gaps);
+        let Some(maps) = &mut self.maps else {
+            return Ok(());
+        };
+        let Some(last) = batch.ticks.last().map(|t| t.kernel_seq) else {
+            return Ok(());
+        };
+        if let Err(e) = take_final(&mut maps.counts, last, &mut self.entries) {
+            // The entries stay in the map: the next drain counts them (late, not lost).
+            out.problem(e);
+            self.entries.clear();
+        }
+        for tid in self.vcpus.snapshot().keys() {
+            shared.fold.know_thread(*tid);
+        }
+        let seqs: Vec<u64> = batch.ticks.iter().map(|t| t.kernel_seq).collect();
+        shared.fold.apply(&mut self.entries, &seqs);
+        shared
+            .stamps
+            .extend(batch.ticks.iter().map(|t| (t.seq, t.stamp)));
+        let now = clock::mono_raw_ns();
+        let exits_counted = self.isa.is_ok();
+        for (t, (seq, stamp)) in shared.fold.ticks.iter().zip(&shared.stamps) {
+            let total = process_total(&t.threads);
+            let row = out.new_row(*stamp, k::SOURCE, false);
+            row.seq = Some(*seq);
+            row.thread_columns = true;
+            row.comm = self.comms.get(self.pid, now);
+            push_counts(row, &total, exits_counted);
+            for (tid, counts) in &t.threads {
+                let row = out.new_row(*stamp, k::SOURCE, false);
+                row.seq = Some(*seq);
+                row.thread_columns = true;
+                row.tid = Some(*tid);
+                row.comm = self.comms.get(*tid, now);
+                row.vcpu = self.vcpus.get(*tid);
+                push_counts(row, counts, exits_counted);
+            }
+        }
+        let f = &shared.fold;
+        if f.overflow_events > self.overflow_reported {
+            out.problem(format!(
+                "kvm key table full ({} entries): {} exits counted without their key ({} since attach)",
+                cis490_common::MAX_KVM_KEYS,
+                f.overflow_events - self.overflow_reported,
+                f.overflow_events
+            ));
+            self.overflow_reported = f.overflow_events;
+        }
+        if let Some(lost) = lost_events(&maps.lost).filter(|l| *l > self.lost_reported) {
+            out.problem(format!(
+                "kvm key table full: {} exits not counted at all ({lost} since attach)",
+                lost - self.lost_reported
+            ));
+            self.lost_reported = lost;
+        }
+        Ok(())
+    }
+}
+
+fn push_counts(row: &mut crate::row::Row, counts: &[u64], exits_counted: bool) {
+    for kind in KINDS {
+        let v = counts[kind.code as usize];
+        if kind.code == cis490_common::KVM_EXIT_REASON && !exits_counted {
+            row.push(kind.column, None::<u64>);
+        } else {
+            row.push(kind.column, v);
+        }
+    }
+}
+
+pub struct KvmKeysCollector {
+    status: Status,
+    isa: Result<ExitIsa, String>,
+    shared: Arc<Mutex<Shared>>,
+    comms: Comms,
+    vcpus: VcpuMap,
+}
+
+impl Collector for KvmKeysCollector {
+    fn source(&self) -> &'static str {
+        k::KEYS_SOURCE
+    }
+    fn available_in_deployment(&self) -> bool {
+        false
+    }
+    fn kernel_clocked(&self) -> bool {
+        true
+    }
+    fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        status_summary(&self.status, &mut m);
+        m
+    }
+    fn collect(
+        &mut self,
+        _tick: Tick,
+        _clock: &EpisodeClock,
+        out: &mut TickOutput,
+    ) -> Result<(), Error> {
+        let shared = lock(&self.shared);
+        out.gaps.extend_from_slice(&shared.gaps);
+        let now = clock::mono_raw_ns();
+        let isa = self.isa.as_ref().ok().copied();
+        for (t, (seq, stamp)) in shared.fold.ticks.iter().zip(&shared.stamps) {
+            for c in &shared.fold.changes[t.range.clone()] {
+                let Some(kind) = k::kind_of(c.kind).and_then(|k| k.key_kind) else {
+                    continue;
+                };
+                let row = out.new_row(*stamp, k::KEYS_SOURCE, false);
+                row.seq = Some(*seq);
+                row.thread_columns = true;
+                row.tid = Some(c.tid);
+                row.comm = self.comms.get(c.tid, now);
+                row.vcpu = self.vcpus.get(c.tid);
+                row.push("kind", kind)
+                    .push("key", c.key)
+                    .push(
+                        "name",
+                        match c.key {
+                            Some(key) => k::key_name(c.kind, key, isa),
+                            None => Some("(key table full)"),
+                        },
+                    )
+                    .push("count", c.count);
+            }
+        }
+        Ok(())
+    }
+}
