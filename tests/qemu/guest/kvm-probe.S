@@ -3,7 +3,8 @@
 # defines (as --defsym), so the test and the guest cannot disagree:
 #   OUTS  port writes (OUT) to port 0x700
 #   INS   port reads (IN) from port 0x701
-#   CPUIDS  CPUIDs of leaf 0x40000000 (the hypervisor leaf a VM-detection probe asks)
+#   CPUIDS  CPUIDs of leaf 0x40000010 (a hypervisor leaf, timing: SeaBIOS probes
+#           0x40000000 and every 0x100 above it, never this one)
 #   RDMSRS  RDMSRs of MSR 0x10 (IA32_TIME_STAMP_COUNTER)
 #   WRMSRS  RDMSR then WRMSR of the same value to MSR 0x1b (IA32_APIC_BASE): one more
 #           read and one write each
@@ -32,7 +33,7 @@ _start:
     jnz 2b
 
     mov $CPUIDS, %si
-3:  mov $0x40000000, %eax
+3:  mov $0x40000010, %eax
     cpuid
     dec %si
     jnz 3b
