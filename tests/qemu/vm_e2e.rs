@@ -252,6 +252,17 @@ fn trace_real_vm_with_all_sources_until_qemu_is_killed() {
         );
     }
 
+    // The test VM runs under TCG: the BPF backend writes the kvm streams empty and says
+    // why (a KVM target is tests/qemu/kvm_exits.rs).
+    if host == "bpf-sched" {
+        for name in ["kvm", "kvm-keys"] {
+            let kvm = source_meta(&meta, name);
+            assert_eq!(kvm["status"], "absent", "{kvm}");
+            assert_eq!(kvm["rows"], 0, "{kvm}");
+            let why = kvm["reason"].as_str().unwrap_or_default();
+            assert!(why.contains("no KVM VM"), "{kvm}");
+        }
+    }
     for name in [host, "qmp", "agent"] {
         assert!(
             source_meta(&meta, name)["rows"].as_u64().unwrap() > 0,
