@@ -25,6 +25,8 @@ struct Shared {
     stamps: Vec<(u64, Stamp)>,
     /// The drain's gaps (snapshots that never came), declared for kvm-keys too.
     gaps: Vec<(u64, u64)>,
+    /// Thread names as the kvm rows have them, for the kvm-keys rows.
+    names: std::collections::HashMap<u32, Arc<str>>,
 }
 
 /// Whether the kvm programs count, and if not why.
@@ -65,7 +67,6 @@ pub fn collectors(
             status,
             isa,
             shared,
-            comms: Comms::new(pid),
             vcpus: vcpus.clone(),
         }),
     ]
@@ -192,15 +193,20 @@ impl Collector for KvmCollector {
             out.problem(e);
             self.entries.clear();
         }
+        let now = clock::mono_raw_ns();
+        // vCPU threads by name while they live: a guest that ends between two drains
+        // would otherwise leave its thread's rows without one.
         for tid in self.vcpus.snapshot().keys() {
             shared.fold.know_thread(*tid);
+            if let Some(name) = self.comms.get(*tid, now) {
+                shared.names.insert(*tid, name);
+            }
         }
         let seqs: Vec<u64> = batch.ticks.iter().map(|t| t.kernel_seq).collect();
         shared.fold.apply(&mut self.entries, &seqs);
         shared
             .stamps
             .extend(batch.ticks.iter().map(|t| (t.seq, t.stamp)));
-        let now = clock::mono_raw_ns();
         let exits_counted = self.isa.is_ok();
         for (t, (seq, stamp)) in shared.fold.ticks.iter().zip(&shared.stamps) {
             let total = process_total(&t.threads);
@@ -214,7 +220,13 @@ impl Collector for KvmCollector {
                 row.seq = Some(*seq);
                 row.thread_columns = true;
                 row.tid = Some(*tid);
-                row.comm = self.comms.get(*tid, now);
+                row.comm = match self.comms.get(*tid, now) {
+                    Some(name) => {
+                        shared.names.insert(*tid, name.clone());
+                        Some(name)
+                    }
+                    None => shared.names.get(tid).cloned(),
+                };
                 row.vcpu = self.vcpus.get(*tid);
                 push_counts(row, counts, exits_counted);
             }
@@ -255,7 +267,6 @@ pub struct KvmKeysCollector {
     status: Status,
     isa: Result<ExitIsa, String>,
     shared: Arc<Mutex<Shared>>,
-    comms: Comms,
     vcpus: VcpuMap,
 }
 
@@ -282,7 +293,6 @@ impl Collector for KvmKeysCollector {
     ) -> Result<(), Error> {
         let shared = lock(&self.shared);
         out.gaps.extend_from_slice(&shared.gaps);
-        let now = clock::mono_raw_ns();
         let isa = self.isa.as_ref().ok().copied();
         for (t, (seq, stamp)) in shared.fold.ticks.iter().zip(&shared.stamps) {
             for c in &shared.fold.changes[t.range.clone()] {
@@ -293,7 +303,7 @@ impl Collector for KvmKeysCollector {
                 row.seq = Some(*seq);
                 row.thread_columns = true;
                 row.tid = Some(c.tid);
-                row.comm = self.comms.get(c.tid, now);
+                row.comm = shared.names.get(&c.tid).cloned();
                 row.vcpu = self.vcpus.get(c.tid);
                 row.push("kind", kind)
                     .push("key", c.key)

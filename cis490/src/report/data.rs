@@ -61,6 +61,74 @@ pub struct Model {
     pub panels: Vec<Panel>,
     pub bands: Vec<PhaseBand>,
     pub marks: Vec<EventMark>,
+    /// kvm-keys exits of the kinds the per-phase table ranks (CPUID leaves, MSRs).
+    pub key_exits: Vec<KeyExits>,
+}
+
+/// Exits of one (kind, key) that a kvm-keys row adds to its series' previous row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyExits {
+    pub t_s: f64,
+    pub kind: String,
+    /// None: exits whose key the kernel's table had no room for.
+    pub key: Option<u64>,
+    pub name: Option<String>,
+    pub exits: u64,
+}
+
+/// The kvm-keys kinds the per-phase table ranks.
+pub const RANKED_KEY_KINDS: [&str; 3] = ["cpuid", "msr_read", "msr_write"];
+
+/// Turns kvm-keys rows (cumulative per thread, kind and key) into the exits each adds.
+#[derive(Default)]
+pub struct KeyDeltas {
+    last: BTreeMap<(u64, String, Option<u64>), u64>,
+    pub out: Vec<KeyExits>,
+}
+
+impl KeyDeltas {
+    pub fn push(&mut self, obj: &Map<String, Value>) {
+        let (Some(t), Some(tid), Some(kind), Some(count)) = (
+            obj.get("t_mono_ns").and_then(Value::as_u64),
+            obj.get("tid").and_then(Value::as_u64),
+            obj.get("kind").and_then(Value::as_str),
+            obj.get("count").and_then(Value::as_u64),
+        ) else {
+            return;
+        };
+        if !RANKED_KEY_KINDS.contains(&kind) {
+            return;
+        }
+        let key = obj.get("key").and_then(Value::as_u64);
+        let prev = self
+            .last
+            .insert((tid, kind.to_owned(), key), count)
+            .unwrap_or(0);
+        if count > prev {
+            self.out.push(KeyExits {
+                t_s: t as f64 / 1e9,
+                kind: kind.to_owned(),
+                key,
+                name: obj.get("name").and_then(Value::as_str).map(str::to_owned),
+                exits: count - prev,
+            });
+        }
+    }
+}
+
+/// The `n` (kind, key) pairs with the most exits at the times `within` accepts, most
+/// first.
+pub fn top_keys(exits: &[KeyExits], within: impl Fn(f64) -> bool, n: usize) -> Vec<KeyExits> {
+    let mut sum: BTreeMap<(String, Option<u64>), KeyExits> = BTreeMap::new();
+    for e in exits.iter().filter(|e| within(e.t_s)) {
+        sum.entry((e.kind.clone(), e.key))
+            .and_modify(|s| s.exits += e.exits)
+            .or_insert_with(|| e.clone());
+    }
+    let mut v: Vec<KeyExits> = sum.into_values().collect();
+    v.sort_by(|a, b| b.exits.cmp(&a.exits).then(a.kind.cmp(&b.kind)).then(a.key.cmp(&b.key)));
+    v.truncate(n);
+    v
 }
 
 /// A parsed row reduced to what the panels use.
@@ -468,6 +536,31 @@ pub fn mean_p95(values: &mut [f64]) -> Option<(f64, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_exits_are_the_differences_of_each_series_and_rank_per_window() {
+        let mut d = KeyDeltas::default();
+        let row = |t: u64, tid: u64, kind: &str, key: u64, count: u64| {
+            serde_json::json!({"t_mono_ns": t, "tid": tid, "kind": kind, "key": key,
+                "name": null, "count": count})
+            .as_object()
+            .unwrap()
+            .clone()
+        };
+        d.push(&row(1_000_000_000, 7, "cpuid", 1, 5));
+        d.push(&row(2_000_000_000, 7, "cpuid", 1, 8));
+        d.push(&row(2_000_000_000, 8, "cpuid", 1, 2)); // another thread: its own series
+        d.push(&row(2_500_000_000, 7, "msr_read", 0x10, 30));
+        d.push(&row(2_500_000_000, 7, "pio_write", 0x80, 99)); // not ranked
+        let exits: Vec<u64> = d.out.iter().map(|e| e.exits).collect();
+        assert_eq!(exits, vec![5, 3, 2, 30]);
+        let top = top_keys(&d.out, |t| (1.5..3.0).contains(&t), 5);
+        assert_eq!(top.len(), 2);
+        assert_eq!((top[0].kind.as_str(), top[0].exits), ("msr_read", 30));
+        assert_eq!((top[1].kind.as_str(), top[1].key, top[1].exits), ("cpuid", Some(1), 5));
+        assert_eq!(top_keys(&d.out, |t| t < 1.5, 1)[0].exits, 5);
+        assert!(top_keys(&d.out, |t| t >= 3.0, 5).is_empty());
+    }
 
     fn s(t_ns: u64, seq: u64, tid: Option<u64>, vcpu: Option<u64>, on_cpu: f64) -> Sample {
         Sample {

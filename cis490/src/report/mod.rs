@@ -144,6 +144,32 @@ pub fn load(dir: &Path) -> Result<Model, Error> {
             ));
         }
     }
+    // VM exits by kind from the kvm source (emulated instructions, far more numerous, are
+    // left out of the picture), and the exits per CPUID leaf and MSR for the table.
+    let mut key_exits = data::KeyDeltas::default();
+    if file("kvm").exists() {
+        let plotted = |k: &str| {
+            crate::kvm::KINDS
+                .iter()
+                .any(|c| c.column == k && c.key_kind.is_some())
+        };
+        let rows = load_rows(&file("kvm"), plotted)?;
+        track(&rows);
+        let panel = data::counter_panel(
+            &rows,
+            "vm-exits",
+            "VM exits by kind (kvm)".into(),
+            "exits/s",
+            true,
+            plotted,
+        );
+        if panel.series.iter().any(|s| !s.points.is_empty()) {
+            panels.push(panel);
+        }
+        if file("kvm-keys").exists() {
+            data::for_each_object(&file("kvm-keys"), |o| key_exits.push(o))?;
+        }
+    }
     if file("agent").exists() {
         let rows = load_rows(&file("agent"), |k| {
             data::is_guest_cpu(k) || data::is_guest_mem(k)
@@ -212,6 +238,7 @@ pub fn load(dir: &Path) -> Result<Model, Error> {
         panels,
         bands: data::phase_bands(&labels, end_s),
         marks: data::merge_marks(marks),
+        key_exits: key_exits.out,
     })
 }
 
@@ -286,8 +313,34 @@ pub fn summary_table(model: &Model) -> String {
             ));
         }
     }
+    if !model.key_exits.is_empty() {
+        out.push_str(&format!(
+            "\ntop CPUID leaves and MSRs per phase (kvm-keys)\n{:<18} {:<10} {:>12}  {:<28} {:>10}\n",
+            "phase", "kind", "key", "name", "exits"
+        ));
+        for phase in &order {
+            let top = data::top_keys(
+                &model.key_exits,
+                |t| phase_at(t) == Some(phase.as_str()),
+                TOP_KEYS,
+            );
+            for (i, e) in top.iter().enumerate() {
+                out.push_str(&format!(
+                    "{:<18} {:<10} {:>12}  {:<28} {:>10}\n",
+                    if i == 0 { phase.as_str() } else { "" },
+                    e.kind,
+                    e.key.map_or("(table full)".to_owned(), |k| format!("{k:#x}")),
+                    e.name.as_deref().unwrap_or(""),
+                    e.exits
+                ));
+            }
+        }
+    }
     out
 }
+
+/// Keys listed per phase in the table.
+const TOP_KEYS: usize = 5;
 
 /// Load, summarize and draw. The output must not be inside the episode directory.
 pub fn run(dir: &Path, output: Option<PathBuf>) -> Result<ReportOutput, Error> {
@@ -359,6 +412,7 @@ mod tests {
             }],
             bands,
             marks: Vec::new(),
+            key_exits: Vec::new(),
         }
     }
 

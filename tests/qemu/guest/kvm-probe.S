@@ -1,15 +1,18 @@
-# A boot sector that makes known numbers of VM exits, for the kvm source's exact-count
-# test (tests/qemu/kvm_exits.rs). Real mode, 16-bit; the counts are symbols the test
-# defines (as --defsym), so the test and the guest cannot disagree:
+# A 64 KiB firmware image (QEMU -bios) that makes known numbers of VM exits, for the kvm
+# source's exact-count test (tests/qemu/kvm_exits.rs). It replaces SeaBIOS, so no
+# firmware exits mix with the counted ones and nothing waits on timers (SeaBIOS's floppy
+# boot stalled on a loaded 2-core host). The CPU starts at the reset vector (offset
+# 0xfff0, CS base 0xffff0000) in real mode; the image is also mapped at 0xf0000, where
+# the far jump lands. The counts are symbols the test defines (as --defsym), so the test
+# and the guest cannot disagree:
 #   OUTS  port writes (OUT) to port 0x700
 #   INS   port reads (IN) from port 0x701
-#   CPUIDS  CPUIDs of leaf 0x40000010 (a hypervisor leaf, timing: SeaBIOS probes
-#           0x40000000 and every 0x100 above it, never this one)
+#   CPUIDS  CPUIDs of leaf 0x40000010 (a hypervisor leaf: timing information)
 #   RDMSRS  RDMSRs of MSR 0x10 (IA32_TIME_STAMP_COUNTER)
 #   WRMSRS  RDMSR then WRMSR of the same value to MSR 0x1b (IA32_APIC_BASE): one more
 #           read and one write each
 # then one write to the isa-debug-exit port 0xf4, which ends QEMU. Ports 0x700-0x701 are
-# unassigned on q35 and the firmware never touches them (SeaBIOS logs to 0x402).
+# unassigned on the pc machine.
 # The loop counter is SI: CPUID clobbers EAX-EDX and RDMSR EAX/EDX.
 .code16
 .globl _start
@@ -56,5 +59,8 @@ _start:
 6:  hlt
     jmp 6b
 
-.org 510
-.word 0xaa55
+.org 0xfff0
+reset:
+    ljmp $0xf000, $_start
+
+.org 0x10000

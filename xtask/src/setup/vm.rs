@@ -32,11 +32,11 @@ fn musl_target() -> anyhow::Result<()> {
     }
 }
 
-/// The kvm test's guest is a boot sector assembled from tests/qemu/guest/kvm-probe.S by
+/// The kvm test's guest is a firmware image assembled from tests/qemu/guest/kvm-probe.S by
 /// the test itself: GNU as and ld (binutils, which gcc usually brings along).
 fn boot_sector_tools() -> anyhow::Result<()> {
     if output("as", &["--version"]).is_none() || output("ld", &["--version"]).is_none() {
-        eprintln!("setup: installing binutils (as, ld: the kvm test's boot-sector guest)");
+        eprintln!("setup: installing binutils (as, ld: the kvm test's probe firmware)");
         apt_install(&["binutils"])?;
     }
     Ok(())
