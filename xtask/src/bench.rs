@@ -1142,6 +1142,13 @@ pub fn run(quick: bool, only: &[u32], out: Option<PathBuf>) -> anyhow::Result<()
             Err(e) => writeln!(md, "Not measured: {e:#}\n")?,
         }
     }
+    if want(13) {
+        writeln!(md, "## 13. The kvm source's cost per VM exit\n")?;
+        match crate::kvm_bench::section(&release_bin("cis490"), if quick { 1 } else { 3 }, &scratch) {
+            Ok(text) => md.push_str(&text),
+            Err(e) => writeln!(md, "Not measured: {e:#}\n")?,
+        }
+    }
     let mut header = String::new();
     writeln!(header, "# cis490 benchmarks\n")?;
     writeln!(

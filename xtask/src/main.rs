@@ -9,6 +9,7 @@
 mod bench;
 mod demo;
 mod fuzz;
+mod kvm_bench;
 mod setup;
 mod soak;
 mod util;
