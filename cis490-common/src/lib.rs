@@ -542,23 +542,13 @@ pub struct KvmKey {
     pub key: u64,
 }
 
-/// Field offsets of the KVM tracepoints' records (from this kernel's format files).
+/// Field offsets of the KVM tracepoint records the kvm programs read (from this kernel's
+/// format files). Only `kvm_exit` is read as a record: the other programs are raw
+/// tracepoints, which take the arguments themselves.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvmOffsets {
     pub exit_reason: u32,
-    pub userspace_reason: u32,
-    pub userspace_errno: u32,
-    pub pio_rw: u32,
-    pub pio_port: u32,
-    pub mmio_type: u32,
-    pub mmio_gpa: u32,
-    pub fast_mmio_gpa: u32,
-    pub msr_write: u32,
-    pub msr_ecx: u32,
-    pub cpuid_function: u32,
-    pub hypercall_nr: u32,
-    pub emulate_failed: u32,
     pub _pad: u32,
 }
 
@@ -566,18 +556,6 @@ impl KvmOffsets {
     /// Linux 6.18 x86_64 (the loader reads the running kernel's own).
     pub const LINUX_6_18: Self = Self {
         exit_reason: 8,
-        userspace_reason: 8,
-        userspace_errno: 12,
-        pio_rw: 8,
-        pio_port: 12,
-        mmio_type: 8,
-        mmio_gpa: 16,
-        fast_mmio_gpa: 8,
-        msr_write: 8,
-        msr_ecx: 12,
-        cpuid_function: 8,
-        hypercall_nr: 8,
-        emulate_failed: 37,
         _pad: 0,
     };
 }
@@ -633,7 +611,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<Offsets>(), 48 * 4);
         assert_eq!(core::mem::size_of::<Window>(), 8);
         assert_eq!(core::mem::size_of::<KvmKey>(), 24);
-        assert_eq!(core::mem::size_of::<KvmOffsets>(), 14 * 4);
+        assert_eq!(core::mem::size_of::<KvmOffsets>(), 2 * 4);
         // The snapshot reads these by field; user space by the same struct.
         use core::mem::offset_of;
         assert_eq!(offset_of!(ThreadCounters, on_cpu_ns), 0);

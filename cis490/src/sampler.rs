@@ -66,6 +66,8 @@ pub struct Sampler {
     /// Whether to run the sampler thread SCHED_FIFO (`--realtime` / `--no-realtime`).
     pub realtime: Realtime,
     pub interval_ns: u64,
+    /// The kernel snapshots' period, when the BPF snapshot sources run.
+    pub kernel_interval_ns: Option<u64>,
     pub duration_ns: Option<u64>,
     pub clock: EpisodeClock,
     pub slots: Vec<Slot>,
@@ -151,7 +153,13 @@ impl Sampler {
             }
             seq += 1;
         };
-        // What the kernel snapshot sources wrote since the last drain.
+        // What the kernel snapshot sources wrote since the last drain. When the target has
+        // exited, first let the kernel take one more snapshot: what its threads did after
+        // the latest one (the kvm source's last exits, say) belongs to that next tick.
+        if let (EndReason::TargetExit, None, Some(k)) = (end_reason, &error, self.kernel_interval_ns) {
+            let wait = (k + k / 10 + 2_000_000).min(1_100_000_000);
+            clock::sleep_until_mono(clock::mono_raw_ns() + wait);
+        }
         let error = match error {
             None => {
                 let last = Tick {

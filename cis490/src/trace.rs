@@ -243,6 +243,7 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     let mut sampler = Sampler {
         realtime: cfg.realtime,
         interval_ns: host_interval_ns,
+        kernel_interval_ns: bpf_session.as_ref().map(|_| interval_ns),
         duration_ns: cfg.duration.map(|d| d.as_nanos() as u64),
         clock,
         slots,

@@ -547,7 +547,11 @@ pub fn load(
 /// kvm source then says why it is absent).
 fn attach_kvm(ebpf: &mut Ebpf, programs: &mut Vec<&'static str>) -> Result<KvmMaps, BpfError> {
     for (prog, name) in tracefs::KVM_TRACEPOINTS {
-        attach(ebpf, prog, "kvm", name)?;
+        if *name == "kvm_exit" {
+            attach(ebpf, prog, "kvm", name)?;
+        } else {
+            attach_raw(ebpf, prog, name)?;
+        }
         programs.push(prog);
     }
     Ok(KvmMaps {

@@ -27,7 +27,8 @@ pub const NET_TRACEPOINTS: &[(&str, &str)] =
     &[("net", "net_dev_xmit"), ("net", "netif_receive_skb")];
 
 /// The KVM tracepoints (attached when the target is a KVM VM), as (program, name) in
-/// category `kvm`.
+/// category `kvm`; all but kvm_exit are attached as raw tracepoints (their arguments are
+/// read, see cis490-ebpf/src/kvm.rs), kvm_exit as a tracepoint (its record is read).
 pub const KVM_TRACEPOINTS: &[(&str, &str)] = &[
     ("cis490_kvm_exit", "kvm_exit"),
     ("cis490_kvm_userspace_exit", "kvm_userspace_exit"),
@@ -39,6 +40,22 @@ pub const KVM_TRACEPOINTS: &[(&str, &str)] = &[
     ("cis490_kvm_hypercall", "kvm_hypercall"),
     ("cis490_kvm_emulate_insn", "kvm_emulate_insn"),
     ("cis490_kvm_vcpu_wakeup", "kvm_vcpu_wakeup"),
+];
+
+/// The raw-tracepoint programs' arguments, by the names their tracepoint's format gives
+/// the fields that record them, in argument order: a kernel whose format lists other
+/// fields first has changed the tracepoint, and the kvm programs stay off rather than
+/// count the wrong argument. (kvm_emulate_insn records more than its arguments: only its
+/// `failed` is checked.)
+const KVM_ARGS: &[(&str, &[&str])] = &[
+    ("kvm_userspace_exit", &["reason", "errno"]),
+    ("kvm_pio", &["rw", "port", "size", "count"]),
+    ("kvm_mmio", &["type", "len", "gpa"]),
+    ("kvm_fast_mmio", &["gpa"]),
+    ("kvm_msr", &["write", "ecx", "data", "exception"]),
+    ("kvm_cpuid", &["function", "index"]),
+    ("kvm_hypercall", &["nr", "a0", "a1", "a2", "a3"]),
+    ("kvm_vcpu_wakeup", &["ns", "waited", "valid"]),
 ];
 
 /// All tracepoints used, for `cis490 doctor`.
@@ -192,29 +209,37 @@ pub fn offsets(root: &Path, with_net: bool) -> Result<Offsets, BpfError> {
     Ok(o)
 }
 
-/// The offsets of the KVM tracepoints' fields the `kvm` programs read.
+/// The offset of kvm_exit's `exit_reason` (the one record field the kvm programs read),
+/// after checking that every other KVM tracepoint exists with the arguments the raw
+/// programs read (see [`KVM_ARGS`]).
 pub fn kvm_offsets(root: &Path) -> Result<KvmOffsets, BpfError> {
     let mut o = KvmOffsets::LINUX_6_18;
-    let f = |name: &str| format(root, "kvm", name);
-    o.exit_reason = field(&f("kvm_exit")?, "kvm:kvm_exit", "exit_reason", 4)?;
-    let u = f("kvm_userspace_exit")?;
-    o.userspace_reason = field(&u, "kvm:kvm_userspace_exit", "reason", 4)?;
-    o.userspace_errno = field(&u, "kvm:kvm_userspace_exit", "errno", 4)?;
-    let p = f("kvm_pio")?;
-    o.pio_rw = field(&p, "kvm:kvm_pio", "rw", 4)?;
-    o.pio_port = field(&p, "kvm:kvm_pio", "port", 4)?;
-    let m = f("kvm_mmio")?;
-    o.mmio_type = field(&m, "kvm:kvm_mmio", "type", 4)?;
-    o.mmio_gpa = field(&m, "kvm:kvm_mmio", "gpa", 8)?;
-    o.fast_mmio_gpa = field(&f("kvm_fast_mmio")?, "kvm:kvm_fast_mmio", "gpa", 8)?;
-    let r = f("kvm_msr")?;
-    o.msr_write = field(&r, "kvm:kvm_msr", "write", 4)?;
-    o.msr_ecx = field(&r, "kvm:kvm_msr", "ecx", 4)?;
-    o.cpuid_function = field(&f("kvm_cpuid")?, "kvm:kvm_cpuid", "function", 4)?;
-    o.hypercall_nr = field(&f("kvm_hypercall")?, "kvm:kvm_hypercall", "nr", 8)?;
-    o.emulate_failed = field(&f("kvm_emulate_insn")?, "kvm:kvm_emulate_insn", "failed", 1)?;
-    // Read for the attach's sake only: the program reads no field of it.
-    f("kvm_vcpu_wakeup")?;
+    o.exit_reason = field(
+        &format(root, "kvm", "kvm_exit")?,
+        "kvm:kvm_exit",
+        "exit_reason",
+        4,
+    )?;
+    for (tp, args) in KVM_ARGS {
+        let fields = format(root, "kvm", tp)?;
+        let names: Vec<&str> = fields
+            .iter()
+            .map(|f| f.name.as_str())
+            .filter(|n| !n.starts_with("common_"))
+            .take(args.len())
+            .collect();
+        if names != *args {
+            return Err(tracefs_err(format!(
+                "tracepoint kvm:{tp} records {names:?} first, not its arguments {args:?} as on the kernels cis490 knows"
+            )));
+        }
+    }
+    let e = format(root, "kvm", "kvm_emulate_insn")?;
+    if !e.iter().any(|f| f.name == "failed") {
+        return Err(tracefs_err(
+            "tracepoint kvm:kvm_emulate_insn has no field `failed`",
+        ));
+    }
     Ok(o)
 }
 
@@ -293,6 +318,19 @@ print fmt: \"prev_comm=%s\"
         let dir = tempfile::tempdir().unwrap();
         let e = kvm_offsets(dir.path()).unwrap_err();
         assert!(e.to_string().contains("kvm:kvm_exit"), "{e}");
+        // A format whose fields are not the arguments the programs read: refused.
+        let copy = dir.path().join("events/kvm");
+        for (_, tp) in KVM_TRACEPOINTS {
+            let from = Path::new(KVM_FORMATS).join("events/kvm").join(tp);
+            std::fs::create_dir_all(copy.join(tp)).unwrap();
+            std::fs::copy(from.join("format"), copy.join(tp).join("format")).unwrap();
+        }
+        assert_eq!(kvm_offsets(dir.path()).unwrap(), KvmOffsets::LINUX_6_18);
+        let pio = copy.join("kvm_pio/format");
+        let text = std::fs::read_to_string(&pio).unwrap();
+        std::fs::write(&pio, text.replace("unsigned int rw;", "unsigned int dir;")).unwrap();
+        let e = kvm_offsets(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("kvm:kvm_pio records"), "{e}");
     }
 
     #[test]

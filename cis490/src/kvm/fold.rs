@@ -34,10 +34,17 @@ pub struct TickChanges {
     pub threads: Vec<(u32, KindCounts)>,
 }
 
-#[derive(Debug, Default)]
+/// Distinct (thread, kind, key) totals user space keeps. The guest chooses the keys (any
+/// CPUID leaf, MSR index, port or page), so a hostile one could otherwise grow this table
+/// for as long as the capture runs; past the bound a new key's exits go to the kind's
+/// overflow key, as in the kernel.
+pub const MAX_TRACKED_KEYS: usize = 1 << 16;
+
+#[derive(Debug)]
 pub struct Fold {
     threads: BTreeMap<u32, KindCounts>,
     keys: HashMap<(u32, u32, u64), u64>,
+    max_keys: usize,
     /// The highest tick given out so far.
     last_seq: Option<u64>,
     /// Events counted under a kind's overflow key (their key is lost, the kind total is not).
@@ -52,7 +59,27 @@ pub struct Fold {
     pub ticks: Vec<TickChanges>,
 }
 
+impl Default for Fold {
+    fn default() -> Self {
+        Self::with_max_keys(MAX_TRACKED_KEYS)
+    }
+}
+
 impl Fold {
+    pub fn with_max_keys(max_keys: usize) -> Self {
+        Self {
+            threads: BTreeMap::new(),
+            keys: HashMap::new(),
+            max_keys,
+            last_seq: None,
+            overflow_events: 0,
+            late_entries: 0,
+            unknown_kinds: 0,
+            changes: Vec::new(),
+            ticks: Vec::new(),
+        }
+    }
+
     /// Which entries are final for a batch whose highest tick is `last_tick`.
     pub fn is_final(entry: &KvmKey, last_tick: u64) -> bool {
         entry.epoch <= last_tick
@@ -74,8 +101,10 @@ impl Fold {
         // Tick, then thread, kind, key: one change row per key per tick, in that order.
         entries.sort_unstable_by_key(|(k, _)| (tick_of(k.epoch), k.tid, k.kind, k.key));
         let mut i = 0;
+        let mut this_tick: HashMap<(u32, u32, Option<u64>), usize> = HashMap::new();
         for (t, seq) in tick_seqs.iter().enumerate() {
             let start = self.changes.len();
+            this_tick.clear();
             while i < entries.len() && tick_of(entries[i].0.epoch) == t {
                 let (k, n) = entries[i];
                 i += 1;
@@ -85,24 +114,32 @@ impl Fold {
                     continue;
                 }
                 self.threads.entry(k.tid).or_insert([0; KVM_KINDS as usize])[slot] += n;
+                let mut k = k;
+                if k.key != KVM_KEY_OTHER
+                    && self.keys.len() >= self.max_keys
+                    && !self.keys.contains_key(&(k.tid, k.kind, k.key))
+                {
+                    k.key = KVM_KEY_OTHER;
+                }
                 if k.key == KVM_KEY_OTHER {
                     self.overflow_events += n;
                 }
                 let total = self.keys.entry((k.tid, k.kind, k.key)).or_insert(0);
                 *total += n;
                 let key = (k.key != KVM_KEY_OTHER).then_some(k.key);
-                let this_tick = self.changes.len() > start;
-                match self.changes.last_mut() {
-                    Some(c) if this_tick && (c.tid, c.kind, c.key) == (k.tid, k.kind, key) =>
-                    {
-                        c.count = *total;
+                // One change per key per tick (keys folded into the overflow key need
+                // not be adjacent in the sort order).
+                match this_tick.get(&(k.tid, k.kind, key)) {
+                    Some(&at) => self.changes[at].count = *total,
+                    None => {
+                        this_tick.insert((k.tid, k.kind, key), self.changes.len());
+                        self.changes.push(KeyChange {
+                            tid: k.tid,
+                            kind: k.kind,
+                            key,
+                            count: *total,
+                        });
                     }
-                    _ => self.changes.push(KeyChange {
-                        tid: k.tid,
-                        kind: k.kind,
-                        key,
-                        count: *total,
-                    }),
                 }
             }
             self.ticks.push(TickChanges {
@@ -218,6 +255,25 @@ mod tests {
         let c = &f.changes[f.ticks[0].range.clone()];
         assert_eq!(c[1].key, None);
         assert_eq!(c[1].count, 6);
+    }
+
+    #[test]
+    fn user_space_keeps_a_bounded_number_of_keys() {
+        // A guest that probes ever new keys: past the bound they share the overflow key,
+        // and the kind's total stays exact.
+        let mut f = Fold::with_max_keys(3);
+        let mut batch: Vec<_> = (0..10).map(|leaf| e(1, 1, KVM_CPUID, leaf, 1)).collect();
+        f.apply(&mut batch, &[1]);
+        let c = &f.changes[f.ticks[0].range.clone()];
+        assert_eq!(c.len(), 4, "{c:?}");
+        assert_eq!(c[3], KeyChange { tid: 1, kind: KVM_CPUID, key: None, count: 7 });
+        assert_eq!(f.overflow_events, 7);
+        assert_eq!(f.ticks[0].threads[0].1[KVM_CPUID as usize], 10);
+        // Keys it already has keep counting as themselves.
+        f.apply(&mut [e(1, 2, KVM_CPUID, 0, 5), e(1, 2, KVM_CPUID, 99, 1)], &[2]);
+        let c = &f.changes[f.ticks[0].range.clone()];
+        assert_eq!((c[0].key, c[0].count), (Some(0), 6));
+        assert_eq!((c[1].key, c[1].count), (None, 8));
     }
 
     #[test]
