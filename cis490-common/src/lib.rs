@@ -492,7 +492,6 @@ impl Default for Offsets {
     }
 }
 
-
 // ---------------------------------------------------------------------------------------
 // KVM: per-vCPU-thread counts of VM exits by kind and key (map `KVM_COUNTS`).
 
@@ -522,8 +521,14 @@ pub const KVM_KINDS: u32 = 15;
 pub const MAX_KVM_KEYS: u32 = 16384;
 
 /// The key of a count whose own key found the table full: the kind's total stays exact,
-/// the key is lost (counted in `kvm-keys` as key null and in meta.sources[kvm]).
+/// the key is lost (counted in `kvm-keys` as key null and in meta.sources[kvm]). Such
+/// counts go to their own table, `KVM_OTHER`, keyed by (thread, tick, kind) only: a guest
+/// can fill `KVM_COUNTS` with keys of its choosing, but not this one.
 pub const KVM_KEY_OTHER: u64 = u64::MAX;
+
+/// Entries of `KVM_OTHER`: threads × kinds × ticks between two drains (8 vCPU threads ×
+/// 14 kinds × 50 ticks at 1 kHz is 5,600).
+pub const MAX_KVM_OTHER: u32 = 8192;
 
 /// `key` of a `KVM_USERSPACE_EXIT` whose errno was negative (the run was interrupted or
 /// failed): this bit plus the errno's magnitude, instead of the exit reason.

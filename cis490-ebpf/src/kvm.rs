@@ -23,10 +23,9 @@ use aya_ebpf::{
 };
 use cis490_common::{
     KvmKey, KvmOffsets, KVM_CPUID, KVM_EMULATED_INSN, KVM_EMULATION_FAILED, KVM_EXIT_REASON,
-    KVM_FAST_MMIO, KVM_HALT_WAKEUP, KVM_HYPERCALL, KVM_KEY_OTHER, KVM_MMIO_READ,
-    KVM_MMIO_WRITE, KVM_MSR_READ, KVM_MSR_WRITE, KVM_PIO_READ, KVM_PIO_WRITE,
-    KVM_TRACE_MMIO_READ, KVM_TRACE_MMIO_WRITE, KVM_USERSPACE_ERRNO, KVM_USERSPACE_EXIT,
-    MAX_KVM_KEYS,
+    KVM_FAST_MMIO, KVM_HALT_WAKEUP, KVM_HYPERCALL, KVM_KEY_OTHER, KVM_MMIO_READ, KVM_MMIO_WRITE,
+    KVM_MSR_READ, KVM_MSR_WRITE, KVM_PIO_READ, KVM_PIO_WRITE, KVM_TRACE_MMIO_READ,
+    KVM_TRACE_MMIO_WRITE, KVM_USERSPACE_ERRNO, KVM_USERSPACE_EXIT, MAX_KVM_KEYS, MAX_KVM_OTHER,
 };
 
 use crate::globals::{current, target_tgid};
@@ -35,15 +34,20 @@ use crate::globals::{current, target_tgid};
 #[unsafe(no_mangle)]
 static KVM_OFFSETS: KvmOffsets = KvmOffsets::LINUX_6_18;
 
+/// Sized by the loader (`--kvm-key-table`).
 #[map]
 pub static KVM_COUNTS: HashMap<KvmKey, u64> = HashMap::with_max_entries(MAX_KVM_KEYS, 0);
+
+/// Counts whose key found `KVM_COUNTS` full, under key [`KVM_KEY_OTHER`].
+#[map]
+static KVM_OTHER: HashMap<KvmKey, u64> = HashMap::with_max_entries(MAX_KVM_OTHER, 0);
 
 /// Element 0: the seq of the snapshot the next event belongs to (see the module doc).
 #[map]
 pub static KVM_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Element 0: events counted nowhere because even the kind's [`KVM_KEY_OTHER`] entry
-/// found the table full, since attach (per CPU; user space sums).
+/// found `KVM_OTHER` full too, since attach (per CPU; user space sums).
 #[map]
 static KVM_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
@@ -77,11 +81,11 @@ fn count(tid: u32, kind: u32, key: u64) {
         epoch,
         key,
     };
-    if bump(&k) {
+    if bump(&KVM_COUNTS, &k) {
         return;
     }
     k.key = KVM_KEY_OTHER;
-    if bump(&k) {
+    if bump(&KVM_OTHER, &k) {
         return;
     }
     if let Some(lost) = KVM_LOST.get_ptr_mut(0) {
@@ -90,16 +94,16 @@ fn count(tid: u32, kind: u32, key: u64) {
     }
 }
 
-/// Add one to entry `k`, creating it; false when the table is full.
+/// Add one to entry `k` of `map`, creating it; false when the table is full.
 #[inline(always)]
-fn bump(k: &KvmKey) -> bool {
-    if let Some(v) = KVM_COUNTS.get_ptr_mut(k) {
+fn bump(map: &HashMap<KvmKey, u64>, k: &KvmKey) -> bool {
+    if let Some(v) = map.get_ptr_mut(k) {
         // SAFETY: the entry's only writer is the thread `k.tid` (this program runs in
         // it); user space removes an entry only after its tick is drained.
         unsafe { *v += 1 };
         return true;
     }
-    KVM_COUNTS.insert(k, &1, BPF_NOEXIST as u64).is_ok()
+    map.insert(k, &1, BPF_NOEXIST as u64).is_ok()
 }
 
 /// A field of the tracepoint record at `offset`.

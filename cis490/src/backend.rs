@@ -44,6 +44,8 @@ pub struct BackendOptions {
     /// `--no-kvm` not given: the BPF backend adds the kvm sources (attached when the
     /// target is a KVM VM, else empty with the reason).
     pub kvm: bool,
+    /// `--kvm-key-table` (0: the default).
+    pub kvm_key_table: u32,
 }
 
 pub struct Selected {
@@ -125,6 +127,11 @@ pub fn select(
         count_wakeups: opts.bpf_wakeups,
         timer_cpu: opts.bpf_timer_cpu,
         kvm: false,
+        kvm_keys: if opts.kvm_key_table == 0 {
+            cis490_common::MAX_KVM_KEYS
+        } else {
+            opts.kvm_key_table
+        },
     };
     let kvm = if !opts.kvm {
         bpf::KvmPlan::Off

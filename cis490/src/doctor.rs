@@ -144,6 +144,7 @@ pub fn run() -> (Vec<Check>, String) {
         count_wakeups: true,
         timer_cpu: None,
         kvm: false,
+        kvm_keys: cis490_common::MAX_KVM_KEYS,
     };
     let verdict = match crate::bpf::start(
         std::process::id(),

@@ -134,6 +134,8 @@ enum Command {
         bpf_timer_cpu: Option<u32>,
         #[arg(long)]
         kvm: bool,
+        #[arg(long, default_value_t = cis490_common::MAX_KVM_KEYS)]
+        kvm_key_table: u32,
     },
     /// In-guest agent: stream guest stats as JSON lines to a virtio-serial port.
     Agent {
@@ -215,6 +217,12 @@ struct TraceArgs {
     /// kind and key when the target is a KVM VM, empty streams with the reason when not).
     #[arg(long)]
     no_kvm: bool,
+    /// Entries of the kernel's table of VM-exit keys (thread, tick, kind, key), emptied 20
+    /// times a second. Exits whose key finds it full keep their kind's count but lose
+    /// their key (counted in meta.sources[kvm].overflow_events).
+    #[arg(long, value_name = "ENTRIES", default_value_t = cis490_common::MAX_KVM_KEYS,
+          value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
+    kvm_key_table: u32,
     /// At close, export the episode into `<data-root>/dataset/` (the same layout as
     /// `cis490 export`); the episode path is still the last line on stdout.
     #[arg(long, value_enum)]
@@ -346,6 +354,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             bpf_wakeups,
             bpf_timer_cpu,
             kvm,
+            kvm_key_table,
         } => {
             let specs: Result<Vec<_>, _> = net_ifs
                 .iter()
@@ -361,6 +370,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                         count_wakeups: bpf_wakeups,
                         timer_cpu: bpf_timer_cpu,
                         kvm,
+                        kvm_keys: kvm_key_table,
                     },
                 ),
                 Err(e) => {
@@ -431,6 +441,7 @@ fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
         rows: args.rows,
         perf_rate_hz: (!args.no_perf).then_some(args.perf_rate_hz),
         kvm: !args.no_kvm,
+        kvm_key_table: args.kvm_key_table,
         access: cis490::episode::Access {
             group: args
                 .group

@@ -156,7 +156,9 @@ impl Sampler {
         // What the kernel snapshot sources wrote since the last drain. When the target has
         // exited, first let the kernel take one more snapshot: what its threads did after
         // the latest one (the kvm source's last exits, say) belongs to that next tick.
-        if let (EndReason::TargetExit, None, Some(k)) = (end_reason, &error, self.kernel_interval_ns) {
+        if let (EndReason::TargetExit, None, Some(k)) =
+            (end_reason, &error, self.kernel_interval_ns)
+        {
             let wait = (k + k / 10 + 2_000_000).min(1_100_000_000);
             clock::sleep_until_mono(clock::mono_raw_ns() + wait);
         }

@@ -47,6 +47,8 @@ pub struct TraceConfig {
     pub perf_rate_hz: Option<u32>,
     /// The kvm sources (`--no-kvm` turns them off).
     pub kvm: bool,
+    /// `--kvm-key-table`.
+    pub kvm_key_table: u32,
     /// Who may read the episode besides its owner (`--group`).
     pub access: crate::episode::Access,
     pub realtime: crate::sampler::Realtime,
@@ -108,6 +110,7 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         interval_ns,
         rows: cfg.rows,
         kvm: cfg.kvm,
+        kvm_key_table: cfg.kvm_key_table,
     };
     let mut selected = backend::select(cfg.backend, cfg.pid, &vcpus, &backend_opts)?;
     let bpf_session = selected.session.take();

@@ -60,8 +60,9 @@ fn capable() -> bool {
     }
 }
 
-/// Assemble the probe with this test's counts into a 64 KiB firmware image.
-fn firmware(dir: &Path) -> PathBuf {
+/// Assemble the probe with this test's counts (and `spread` CPUIDs of distinct leaves)
+/// into a 64 KiB firmware image.
+fn firmware(dir: &Path, spread: u64) -> PathBuf {
     let src = root().join("tests/qemu/guest/kvm-probe.S");
     let obj = dir.join("kvm-probe.o");
     let bin = dir.join("kvm-probe.bin");
@@ -73,18 +74,27 @@ fn firmware(dir: &Path) -> PathBuf {
         ("CPUIDS", CPUIDS),
         ("RDMSRS", RDMSRS),
         ("WRMSRS", WRMSRS),
+        ("SPREAD", spread),
     ] {
         as_cmd.arg("--defsym").arg(format!("{sym}={v}"));
     }
     let out = as_cmd.arg("-o").arg(&obj).arg(&src).output().unwrap();
-    assert!(out.status.success(), "as: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "as: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = Command::new("ld")
         .args(["-m", "elf_i386", "-Ttext", "0", "--oformat", "binary", "-o"])
         .arg(&bin)
         .arg(&obj)
         .output()
         .unwrap();
-    assert!(out.status.success(), "ld: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ld: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(std::fs::metadata(&bin).unwrap().len(), 64 << 10);
     bin
 }
@@ -122,7 +132,11 @@ impl Guest {
             "QEMU -accel kvm did not start: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let pid = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        let pid = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         assert!(wait_for(Duration::from_secs(10), || control.exists()));
         Guest { pid, control }
     }
@@ -166,8 +180,9 @@ impl Guest {
 
     /// Gone, or a zombie its (daemonized) parent has not reaped yet.
     fn exited(&self) -> bool {
-        std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
-            .map_or(true, |s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+        std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).map_or(true, |s| {
+            s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'))
+        })
     }
 }
 
@@ -183,11 +198,19 @@ struct KernelCount {
     dir: PathBuf,
 }
 
-const COUNTED: &[&str] = &["kvm_pio", "kvm_cpuid", "kvm_msr", "kvm_userspace_exit", "kvm_mmio"];
+const COUNTED: &[&str] = &[
+    "kvm_pio",
+    "kvm_cpuid",
+    "kvm_msr",
+    "kvm_userspace_exit",
+    "kvm_mmio",
+];
 
 impl KernelCount {
     fn start(tid: u32) -> KernelCount {
-        let dir = PathBuf::from(format!("/sys/kernel/tracing/instances/cis490-kvm-test-{tid}"));
+        let dir = PathBuf::from(format!(
+            "/sys/kernel/tracing/instances/cis490-kvm-test-{tid}"
+        ));
         let _ = std::fs::remove_dir(&dir);
         std::fs::create_dir(&dir).expect("create a tracefs instance");
         std::fs::write(dir.join("buffer_size_kb"), "8192").unwrap();
@@ -246,7 +269,7 @@ fn kvm_exits_are_counted_exactly_per_vcpu_thread_kind_and_key() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let image = firmware(tmp.path());
+    let image = firmware(tmp.path(), 0);
     let target = Guest::start(tmp.path(), "target", &image);
     let bystander = Guest::start(tmp.path(), "bystander", &image);
     let tid = target.vcpu_tid();
@@ -256,13 +279,22 @@ fn kvm_exits_are_counted_exactly_per_vcpu_thread_kind_and_key() {
     let data = tmp.path().join("data");
     let child = spawn_trace(
         &data,
-        &["--qemu-pid", &target.pid.to_string(), "--duration", "120", "--rate-hz", "50"],
+        &[
+            "--qemu-pid",
+            &target.pid.to_string(),
+            "--duration",
+            "120",
+            "--rate-hz",
+            "50",
+        ],
     );
     // The capture is on once the kernel's snapshots are arriving.
     assert!(
-        wait_for(Duration::from_secs(30), || episodes(&data).first().is_some_and(|d| {
-            std::fs::metadata(d.join("telemetry-kvm.jsonl")).is_ok_and(|m| m.len() > 0)
-        })),
+        wait_for(Duration::from_secs(30), || episodes(&data)
+            .first()
+            .is_some_and(|d| {
+                std::fs::metadata(d.join("telemetry-kvm.jsonl")).is_ok_and(|m| m.len() > 0)
+            })),
         "no kvm rows before the guests started"
     );
     // The untraced guest runs to its end first: its exits fire the same tracepoints.
@@ -282,7 +314,11 @@ fn kvm_exits_are_counted_exactly_per_vcpu_thread_kind_and_key() {
     let truth = kernel.counts();
 
     let meta = read_json(&dir.join("meta.json"));
-    assert_eq!(meta["result"]["end_reason"], "target_exit", "{}", meta["result"]);
+    assert_eq!(
+        meta["result"]["end_reason"], "target_exit",
+        "{}",
+        meta["result"]
+    );
     let src = source_meta(&meta, "kvm");
     assert_eq!(src["status"], "attached", "{src}");
     assert_eq!(src["overflow_events"], 0, "{src}");
@@ -303,9 +339,15 @@ fn kvm_exits_are_counted_exactly_per_vcpu_thread_kind_and_key() {
         let k = (t, r["kind"].as_str().unwrap().to_owned(), r["key"].as_u64());
         let c = u(&r["count"]);
         let prev = last.insert(k.clone(), c);
-        assert!(prev.is_none_or(|p| p < c), "{k:?}: {prev:?} then {c} (rows only when changed)");
+        assert!(
+            prev.is_none_or(|p| p < c),
+            "{k:?}: {prev:?} then {c} (rows only when changed)"
+        );
     }
-    let key = |kind: &str, key: u64| last.get(&(u64::from(tid), kind.to_owned(), Some(key))).copied();
+    let key = |kind: &str, key: u64| {
+        last.get(&(u64::from(tid), kind.to_owned(), Some(key)))
+            .copied()
+    };
     assert_eq!(key("pio_write", OUT_PORT), Some(OUTS));
     assert_eq!(key("pio_read", IN_PORT), Some(INS));
     assert_eq!(key("cpuid", LEAF), Some(CPUIDS));
@@ -345,7 +387,11 @@ fn kvm_exits_are_counted_exactly_per_vcpu_thread_kind_and_key() {
             );
         }
         for (col, kind) in keyed {
-            let sum: u64 = asof.iter().filter(|((k, _), _)| k == kind).map(|(_, c)| c).sum();
+            let sum: u64 = asof
+                .iter()
+                .filter(|((k, _), _)| k == kind)
+                .map(|(_, c)| c)
+                .sum();
             assert_eq!(u(&r[col]), sum, "seq {seq}: {col} against the {kind} keys");
         }
         assert_eq!(r["exits"].is_null(), !exits_counted, "{r}");
@@ -353,21 +399,34 @@ fn kvm_exits_are_counted_exactly_per_vcpu_thread_kind_and_key() {
         ticks += 1;
         seen_thread = true;
     }
-    assert!(seen_thread && ticks > 10, "{ticks} ticks of the vCPU thread");
-    let final_thread = rows.iter().rev().find(|r| r["tid"] == u64::from(tid)).unwrap();
+    assert!(
+        seen_thread && ticks > 10,
+        "{ticks} ticks of the vCPU thread"
+    );
+    let final_thread = rows
+        .iter()
+        .rev()
+        .find(|r| r["tid"] == u64::from(tid))
+        .unwrap();
     let final_process = rows.iter().rev().find(|r| r["tid"].is_null()).unwrap();
     assert_eq!(final_thread["seq"], final_process["seq"]);
     for (col, _) in keyed {
         assert_eq!(final_thread[col], final_process[col], "{col}");
     }
-    assert!(rows.iter().all(|r| r["tid"].is_null() || r["tid"] == u64::from(tid)));
+    assert!(rows
+        .iter()
+        .all(|r| r["tid"].is_null() || r["tid"] == u64::from(tid)));
 
     // The kernel's own count of the same thread's events (tracefs) agrees with the
     // totals. The tracefs instance was enabled before the capture started, so it also
     // holds what came before the first snapshot, which the kvm source counts in its
     // first tick: both are "since the guest started".
     for (col, n) in &truth {
-        assert_eq!(u(&final_thread[col.as_str()]), *n, "{col}: kvm source vs tracefs");
+        assert_eq!(
+            u(&final_thread[col.as_str()]),
+            *n,
+            "{col}: kvm source vs tracefs"
+        );
     }
     // No firmware but the probe: the totals are the probe's own, exactly.
     let exact = [
@@ -386,7 +445,11 @@ fn kvm_exits_are_counted_exactly_per_vcpu_thread_kind_and_key() {
 
     // Every row written before the traced guest was let go, while the other one ran: no
     // exit counted.
-    assert!(before_cont.len() > 10, "{} rows before cont", before_cont.len());
+    assert!(
+        before_cont.len() > 10,
+        "{} rows before cont",
+        before_cont.len()
+    );
     for r in &before_cont {
         for (col, _) in keyed {
             assert_eq!(r[col], 0, "before cont: {r}");
@@ -394,13 +457,27 @@ fn kvm_exits_are_counted_exactly_per_vcpu_thread_kind_and_key() {
     }
 
     let out = cis490().arg("validate").arg(&dir).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     // The report ranks the CPUID leaves and MSRs of each phase.
     let png = tmp.path().join("report.png");
-    let out = cis490().arg("report").arg(&dir).arg("--output").arg(&png).output().unwrap();
+    let out = cis490()
+        .arg("report")
+        .arg(&dir)
+        .arg("--output")
+        .arg(&png)
+        .output()
+        .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let line = |kind: &str, key: &str| {
         table
             .lines()
@@ -411,7 +488,111 @@ fn kvm_exits_are_counted_exactly_per_vcpu_thread_kind_and_key() {
             .unwrap_or_else(|| panic!("no {kind} {key} in the report table:\n{table}"))
             .to_owned()
     };
-    assert!(line("cpuid", "0x40000010").ends_with(&format!(" {CPUIDS}")), "{table}");
-    assert!(line("msr_read", "0x10").contains("IA32_TIME_STAMP_COUNTER"), "{table}");
+    assert!(
+        line("cpuid", "0x40000010").ends_with(&format!(" {CPUIDS}")),
+        "{table}"
+    );
+    assert!(
+        line("msr_read", "0x10").contains("IA32_TIME_STAMP_COUNTER"),
+        "{table}"
+    );
     assert!(table.contains("vm-exits: pio_writes [exits/s]"), "{table}");
+}
+
+/// A guest that sprays keys: CPUIDs of thousands of distinct leaves at a key table of 64
+/// entries. Those leaves lose their keys (rows with key null), never their count: the
+/// CPUID total stays exact (probe and tracefs), the overflow is in meta.sources and a
+/// source_error event, and nothing is lost outright.
+#[test]
+fn a_guest_spraying_keys_overflows_the_table_without_losing_a_count() {
+    if !capable() {
+        return;
+    }
+    const SPREAD: u64 = 3000;
+    let tmp = tempfile::tempdir().unwrap();
+    let image = firmware(tmp.path(), SPREAD);
+    let target = Guest::start(tmp.path(), "target", &image);
+    let tid = target.vcpu_tid();
+    let kernel = KernelCount::start(tid);
+    let data = tmp.path().join("data");
+    let child = spawn_trace(
+        &data,
+        &[
+            "--qemu-pid",
+            &target.pid.to_string(),
+            "--duration",
+            "120",
+            "--kvm-key-table",
+            "64",
+        ],
+    );
+    assert!(wait_for(Duration::from_secs(30), || episodes(&data)
+        .first()
+        .is_some_and(|d| {
+            std::fs::metadata(d.join("telemetry-kvm.jsonl")).is_ok_and(|m| m.len() > 0)
+        })));
+    target.qmp("cont");
+    let (ok, dir, stderr) = wait_trace(child, Duration::from_secs(120));
+    assert!(ok, "trace failed: {stderr}");
+    let truth = kernel.counts();
+
+    let meta = read_json(&dir.join("meta.json"));
+    let src = source_meta(&meta, "kvm");
+    assert_eq!(src["key_table_entries"], 64, "{src}");
+    assert_eq!(src["lost_events"], 0, "{src}");
+    let overflow = u(&src["overflow_events"]);
+    assert!(overflow > 0, "{src}");
+
+    let rows = read_jsonl(&dir.join("telemetry-kvm.jsonl"));
+    let last = rows
+        .iter()
+        .rev()
+        .find(|r| r["tid"] == u64::from(tid))
+        .unwrap();
+    assert_eq!(u(&last["cpuid_exits"]), CPUIDS + SPREAD);
+    assert_eq!(truth["cpuid_exits"], CPUIDS + SPREAD);
+
+    // The keys that kept their own rows plus the overflow rows add up to the total.
+    let keys = read_jsonl(&dir.join("telemetry-kvm-keys.jsonl"));
+    let mut cpuid: BTreeMap<Option<u64>, u64> = BTreeMap::new();
+    let mut overflow_rows = 0;
+    for r in keys.iter().filter(|r| r["kind"] == "cpuid") {
+        cpuid.insert(r["key"].as_u64(), u(&r["count"]));
+        if r["key"].is_null() {
+            assert_eq!(r["name"], "(key table full)", "{r}");
+            overflow_rows += 1;
+        }
+    }
+    assert!(overflow_rows > 0);
+    assert_eq!(cpuid.values().sum::<u64>(), CPUIDS + SPREAD, "{cpuid:?}");
+    // Every kind's overflow, across kinds, is what meta.sources counts.
+    let mut all: BTreeMap<(String, Option<u64>), u64> = BTreeMap::new();
+    for r in &keys {
+        all.insert(
+            (r["kind"].as_str().unwrap().to_owned(), r["key"].as_u64()),
+            u(&r["count"]),
+        );
+    }
+    let null_total: u64 = all
+        .iter()
+        .filter(|((_, k), _)| k.is_none())
+        .map(|(_, c)| c)
+        .sum();
+    assert_eq!(null_total, overflow);
+
+    let events = read_jsonl(&dir.join("events.jsonl"));
+    assert!(
+        events.iter().any(|e| e["event"] == "source_error"
+            && e["source"] == "kvm"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("kvm key table full"))),
+        "no source_error for the full table"
+    );
+    let out = cis490().arg("validate").arg(&dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

@@ -1144,7 +1144,8 @@ pub fn run(quick: bool, only: &[u32], out: Option<PathBuf>) -> anyhow::Result<()
     }
     if want(13) {
         writeln!(md, "## 13. The kvm source's cost per VM exit\n")?;
-        match crate::kvm_bench::section(&release_bin("cis490"), if quick { 1 } else { 3 }, &scratch) {
+        match crate::kvm_bench::section(&release_bin("cis490"), if quick { 1 } else { 3 }, &scratch)
+        {
             Ok(text) => md.push_str(&text),
             Err(e) => writeln!(md, "Not measured: {e:#}\n")?,
         }

@@ -19,12 +19,13 @@ use serde_json::Value;
 
 use crate::util::root;
 
-const COUNTS: [(&str, u32); 5] = [
+const COUNTS: [(&str, u32); 6] = [
     ("OUTS", 50_000),
     ("INS", 50_000),
     ("CPUIDS", 50_000),
     ("RDMSRS", 50_000),
     ("WRMSRS", 25_000),
+    ("SPREAD", 0),
 ];
 
 /// The probe firmware with [`COUNTS`], in `dir`.
@@ -77,7 +78,10 @@ impl Guest {
             .context("starting qemu-system-x86_64")?;
         let t = Instant::now();
         while !qmp.exists() {
-            anyhow::ensure!(t.elapsed() < Duration::from_secs(10), "QEMU made no QMP socket");
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(10),
+                "QEMU made no QMP socket"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         Ok(Guest { child, qmp })
@@ -141,7 +145,14 @@ fn traced(
     let _ = std::fs::remove_dir_all(&data);
     let trace = Command::new(cis490)
         .args(["trace", "--qemu-pid", &guest.pid().to_string()])
-        .args(["--duration", "120", "--rate-hz", "10", "--no-qmp", "--no-perf"])
+        .args([
+            "--duration",
+            "120",
+            "--rate-hz",
+            "10",
+            "--no-qmp",
+            "--no-perf",
+        ])
         .args(extra)
         .arg("--data-root")
         .arg(&data)
@@ -163,7 +174,10 @@ fn traced(
         if started {
             break;
         }
-        anyhow::ensure!(t.elapsed() < Duration::from_secs(30), "the capture did not start");
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "the capture did not start"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let secs = guest.run()?;
@@ -221,7 +235,10 @@ pub fn section(cis490: &Path, rounds: usize, scratch: &Path) -> anyhow::Result<S
             .and_then(|s| s.iter().find(|s| s["name"] == "kvm"))
             .cloned()
             .unwrap_or(Value::Null);
-        anyhow::ensure!(kvm["status"] == "attached", "kvm source not attached: {kvm}");
+        anyhow::ensure!(
+            kvm["status"] == "attached",
+            "kvm source not attached: {kvm}"
+        );
         if let Some(p) = meta["result"]["bpf_programs"].as_object() {
             for (name, v) in p.iter().filter(|(n, _)| n.starts_with("cis490_kvm_")) {
                 let e = progs.entry(name.clone()).or_default();
@@ -247,8 +264,18 @@ pub fn section(cis490: &Path, rounds: usize, scratch: &Path) -> anyhow::Result<S
     writeln!(md, "| mode | guest run time | vs untraced |")?;
     writeln!(md, "|---|---|---|")?;
     writeln!(md, "| untraced (baseline) | {:.3} s | 1 |", base)?;
-    writeln!(md, "| traced, `--no-kvm` | {:.3} s | {:.3}x |", nk, nk / base)?;
-    writeln!(md, "| traced, kvm programs on | {:.3} s | {:.3}x |", wk, wk / base)?;
+    writeln!(
+        md,
+        "| traced, `--no-kvm` | {:.3} s | {:.3}x |",
+        nk,
+        nk / base
+    )?;
+    writeln!(
+        md,
+        "| traced, kvm programs on | {:.3} s | {:.3}x |",
+        wk,
+        wk / base
+    )?;
     writeln!(md)?;
     writeln!(
         md,

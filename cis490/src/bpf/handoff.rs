@@ -175,6 +175,7 @@ pub fn load(
     }
     if snap.kvm {
         cmd.arg("--kvm");
+        cmd.arg("--kvm-key-table").arg(snap.kvm_keys.to_string());
     }
     let started = Instant::now();
     let mut child = match cmd
@@ -235,6 +236,7 @@ pub fn load(
     let mut grid = None;
     let mut timer_fd = None;
     let mut kvm_counts = None;
+    let mut kvm_other = None;
     let mut kvm_lost = None;
     for name in &maps {
         let fd = fds.next().expect("counted above");
@@ -265,9 +267,14 @@ pub fn load(
             }
             "KVM_COUNTS" => {
                 kvm_counts = Some(
-                    HashMap::try_from(Map::HashMap(data)).map_err(|e| {
-                        handoff_err(format!("map KVM_COUNTS from the loader: {e}"))
-                    })?,
+                    HashMap::try_from(Map::HashMap(data))
+                        .map_err(|e| handoff_err(format!("map KVM_COUNTS from the loader: {e}")))?,
+                )
+            }
+            "KVM_OTHER" => {
+                kvm_other = Some(
+                    HashMap::try_from(Map::HashMap(data))
+                        .map_err(|e| handoff_err(format!("map KVM_OTHER from the loader: {e}")))?,
                 )
             }
             "KVM_LOST" => {
@@ -283,10 +290,14 @@ pub fn load(
             }
         }
     }
-    let kvm = match (kvm_counts, kvm_lost, kvm_error) {
-        (Some(counts), Some(lost), None) => KvmLoad::Attached(KvmMaps { counts, lost }),
-        (None, None, Some(why)) => KvmLoad::Failed(why),
-        (None, None, None) if !snap.kvm => KvmLoad::NotAsked,
+    let kvm = match (kvm_counts, kvm_other, kvm_lost, kvm_error) {
+        (Some(counts), Some(other), Some(lost), None) => KvmLoad::Attached(Box::new(KvmMaps {
+            counts,
+            other,
+            lost,
+        })),
+        (None, None, None, Some(why)) => KvmLoad::Failed(why),
+        (None, None, None, None) if !snap.kvm => KvmLoad::NotAsked,
         _ => {
             return Err(handoff_err(
                 "the BPF loader process sent an incomplete kvm answer".to_owned(),
@@ -388,6 +399,7 @@ pub fn run_helper(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool, snap: SnapSp
             let kvm_error = match &l.kvm {
                 KvmLoad::Attached(k) => {
                     maps.push(("KVM_COUNTS", k.counts.map().fd().as_fd()));
+                    maps.push(("KVM_OTHER", k.other.map().fd().as_fd()));
                     maps.push(("KVM_LOST", k.lost.map().fd().as_fd()));
                     None
                 }

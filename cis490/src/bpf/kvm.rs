@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use aya::maps::{HashMap, MapData, PerCpuArray};
+use aya::maps::{HashMap, IterableMap, MapData, PerCpuArray};
 use cis490_common::KvmKey;
 
 use super::loader::KvmMaps;
@@ -103,24 +103,25 @@ pub struct KvmCollector {
     overflow_reported: u64,
 }
 
-/// Take the entries of ticks up to kernel seq `last` out of the map.
+/// Move the entries of ticks up to kernel seq `last` from `map` to `out`.
 fn take_final(
-    counts: &mut HashMap<MapData, KvmKey, u64>,
+    map: &mut HashMap<MapData, KvmKey, u64>,
     last: u64,
     out: &mut Vec<(KvmKey, u64)>,
 ) -> Result<(), String> {
-    out.clear();
-    for item in counts.iter() {
-        let (key, n) = item.map_err(|e| format!("reading map KVM_COUNTS: {e}"))?;
+    let from = out.len();
+    for item in map.iter() {
+        let (key, n) = item.map_err(|e| format!("reading a kvm table: {e}"))?;
         if Fold::is_final(&key, last) {
             out.push((key, n));
         }
     }
-    for (key, _) in out.iter() {
-        // Gone already only if something else removed it: nothing else does.
-        counts
-            .remove(key)
-            .map_err(|e| format!("removing a KVM_COUNTS entry: {e}"))?;
+    for i in from..out.len() {
+        if let Err(e) = map.remove(&out[i].0) {
+            // Not removed: counted in a later drain instead of now.
+            out.truncate(i);
+            return Err(format!("removing a kvm table entry: {e}"));
+        }
     }
     Ok(())
 }
@@ -154,7 +155,10 @@ impl Collector for KvmCollector {
             let s = lock(&self.shared);
             m.insert(
                 "key_table_entries".into(),
-                cis490_common::MAX_KVM_KEYS.into(),
+                maps.counts
+                    .map()
+                    .info()
+                    .map_or(serde_json::Value::Null, |i| i.max_entries().into()),
             );
             m.insert("overflow_events".into(), s.fold.overflow_events.into());
             m.insert(
@@ -188,10 +192,13 @@ impl Collector for KvmCollector {
         let Some(last) = batch.ticks.last().map(|t| t.kernel_seq) else {
             return Ok(());
         };
-        if let Err(e) = take_final(&mut maps.counts, last, &mut self.entries) {
-            // The entries stay in the map: the next drain counts them (late, not lost).
-            out.problem(e);
-            self.entries.clear();
+        self.entries.clear();
+        for map in [&mut maps.counts, &mut maps.other] {
+            if let Err(e) = take_final(map, last, &mut self.entries) {
+                // What was not removed stays in the map: the next drain counts it (late,
+                // not lost).
+                out.problem(e);
+            }
         }
         let now = clock::mono_raw_ns();
         // vCPU threads by name while they live: a guest that ends between two drains
@@ -234,8 +241,7 @@ impl Collector for KvmCollector {
         let f = &shared.fold;
         if f.overflow_events > self.overflow_reported {
             out.problem(format!(
-                "kvm key table full ({} entries): {} exits counted without their key ({} since attach)",
-                cis490_common::MAX_KVM_KEYS,
+                "kvm key table full: {} exits counted without their key ({} since attach)",
                 f.overflow_events - self.overflow_reported,
                 f.overflow_events
             ));
@@ -243,7 +249,7 @@ impl Collector for KvmCollector {
         }
         if let Some(lost) = lost_events(&maps.lost).filter(|l| *l > self.lost_reported) {
             out.problem(format!(
-                "kvm key table full: {} exits not counted at all ({lost} since attach)",
+                "kvm key tables full: {} exits not counted at all ({lost} since attach)",
                 lost - self.lost_reported
             ));
             self.lost_reported = lost;

@@ -10,7 +10,8 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{Iter, PerfEvent, RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use cis490_common::{
-    IfName, KvmKey, NetIf, SnapConfig, SnapRecord, ThreadSlot, MAX_CPUS, MAX_NET_IFS, MAX_SLOTS, SLOT_FREE,
+    IfName, KvmKey, NetIf, SnapConfig, SnapRecord, ThreadSlot, MAX_CPUS, MAX_NET_IFS, MAX_SLOTS,
+    SLOT_FREE,
 };
 
 use super::error::BpfError;
@@ -44,18 +45,21 @@ pub struct SnapSpec {
     pub timer_cpu: Option<u32>,
     /// Attach the `kvm` programs (the target is a KVM VM and `--no-kvm` was not given).
     pub kvm: bool,
+    /// Entries of the kvm programs' key table (`--kvm-key-table`).
+    pub kvm_keys: u32,
 }
 
 /// The `kvm` programs' maps (see cis490-ebpf/src/kvm.rs).
 pub struct KvmMaps {
     pub counts: HashMap<MapData, KvmKey, u64>,
+    pub other: HashMap<MapData, KvmKey, u64>,
     pub lost: PerCpuArray<MapData, u64>,
 }
 
 /// What became of the `kvm` programs.
 pub enum KvmLoad {
     NotAsked,
-    Attached(KvmMaps),
+    Attached(Box<KvmMaps>),
     /// Why they are not attached (one line); the other programs are unaffected.
     Failed(String),
 }
@@ -428,10 +432,12 @@ pub fn load(
     match &kvm_offsets {
         Some(Ok(o)) => {
             loader.override_global("KVM_OFFSETS", o, true);
+            loader.map_max_entries("KVM_COUNTS", snap.kvm_keys.max(1));
         }
-        // Not a KVM capture: no table of 16 Ki preallocated entries.
+        // Not a KVM capture: no tables of preallocated entries.
         _ => {
             loader.map_max_entries("KVM_COUNTS", 1);
+            loader.map_max_entries("KVM_OTHER", 1);
         }
     }
     let mut ebpf = loader
@@ -503,7 +509,7 @@ pub fn load(
         None => KvmLoad::NotAsked,
         Some(Err(e)) => KvmLoad::Failed(e.to_string()),
         Some(Ok(_)) => match attach_kvm(&mut ebpf, &mut programs) {
-            Ok(maps) => KvmLoad::Attached(maps),
+            Ok(maps) => KvmLoad::Attached(Box::new(maps)),
             Err(e) => KvmLoad::Failed(e.to_string()),
         },
     };
@@ -556,6 +562,7 @@ fn attach_kvm(ebpf: &mut Ebpf, programs: &mut Vec<&'static str>) -> Result<KvmMa
     }
     Ok(KvmMaps {
         counts: take(ebpf, "KVM_COUNTS")?,
+        other: take(ebpf, "KVM_OTHER")?,
         lost: take(ebpf, "KVM_LOST")?,
     })
 }

@@ -134,10 +134,13 @@ pub fn start(
 ) -> Result<Backend, BpfError> {
     snap.kvm = kvm == KvmPlan::Attach;
     let mut loaded = handoff::load(pid, net_ifs, bpf_stats, snap)?;
-    let kvm_maps = match (kvm, std::mem::replace(&mut loaded.kvm, loader::KvmLoad::NotAsked)) {
+    let kvm_maps = match (
+        kvm,
+        std::mem::replace(&mut loaded.kvm, loader::KvmLoad::NotAsked),
+    ) {
         (KvmPlan::Off, _) => None,
         (KvmPlan::Absent(why), _) => Some(Err(why)),
-        (KvmPlan::Attach, loader::KvmLoad::Attached(m)) => Some(Ok(m)),
+        (KvmPlan::Attach, loader::KvmLoad::Attached(m)) => Some(Ok(*m)),
         (KvmPlan::Attach, loader::KvmLoad::Failed(why)) => {
             Some(Err(format!("the kvm programs did not attach: {why}")))
         }

@@ -47,7 +47,8 @@ pub struct Fold {
     max_keys: usize,
     /// The highest tick given out so far.
     last_seq: Option<u64>,
-    /// Events counted under a kind's overflow key (their key is lost, the kind total is not).
+    /// Exits of a keyed kind counted under its overflow key (their key is lost, the kind
+    /// total is not): the `kvm-keys` rows with key null.
     pub overflow_events: u64,
     /// Entries whose tick had been given out already (an event that raced its snapshot),
     /// counted in the next tick instead.
@@ -121,7 +122,10 @@ impl Fold {
                 {
                     k.key = KVM_KEY_OTHER;
                 }
-                if k.key == KVM_KEY_OTHER {
+                // A keyless kind (emulated instructions, wake-ups) loses nothing there.
+                if k.key == KVM_KEY_OTHER
+                    && super::kind_of(k.kind).is_some_and(|c| c.key_kind.is_some())
+                {
                     self.overflow_events += n;
                 }
                 let total = self.keys.entry((k.tid, k.kind, k.key)).or_insert(0);
@@ -266,11 +270,22 @@ mod tests {
         f.apply(&mut batch, &[1]);
         let c = &f.changes[f.ticks[0].range.clone()];
         assert_eq!(c.len(), 4, "{c:?}");
-        assert_eq!(c[3], KeyChange { tid: 1, kind: KVM_CPUID, key: None, count: 7 });
+        assert_eq!(
+            c[3],
+            KeyChange {
+                tid: 1,
+                kind: KVM_CPUID,
+                key: None,
+                count: 7
+            }
+        );
         assert_eq!(f.overflow_events, 7);
         assert_eq!(f.ticks[0].threads[0].1[KVM_CPUID as usize], 10);
         // Keys it already has keep counting as themselves.
-        f.apply(&mut [e(1, 2, KVM_CPUID, 0, 5), e(1, 2, KVM_CPUID, 99, 1)], &[2]);
+        f.apply(
+            &mut [e(1, 2, KVM_CPUID, 0, 5), e(1, 2, KVM_CPUID, 99, 1)],
+            &[2],
+        );
         let c = &f.changes[f.ticks[0].range.clone()];
         assert_eq!((c[0].key, c[0].count), (Some(0), 6));
         assert_eq!((c[1].key, c[1].count), (None, 8));

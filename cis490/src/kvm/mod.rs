@@ -30,7 +30,11 @@ pub struct Kind {
 /// In `kvm`'s column order.
 pub const KINDS: &[Kind] = &[
     kind(c::KVM_EXIT_REASON, "exits", Some("exit_reason")),
-    kind(c::KVM_USERSPACE_EXIT, "userspace_exits", Some("userspace_exit")),
+    kind(
+        c::KVM_USERSPACE_EXIT,
+        "userspace_exits",
+        Some("userspace_exit"),
+    ),
     kind(c::KVM_PIO_READ, "pio_reads", Some("pio_read")),
     kind(c::KVM_PIO_WRITE, "pio_writes", Some("pio_write")),
     kind(c::KVM_MMIO_READ, "mmio_reads", Some("mmio_read")),

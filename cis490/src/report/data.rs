@@ -126,7 +126,12 @@ pub fn top_keys(exits: &[KeyExits], within: impl Fn(f64) -> bool, n: usize) -> V
             .or_insert_with(|| e.clone());
     }
     let mut v: Vec<KeyExits> = sum.into_values().collect();
-    v.sort_by(|a, b| b.exits.cmp(&a.exits).then(a.kind.cmp(&b.kind)).then(a.key.cmp(&b.key)));
+    v.sort_by(|a, b| {
+        b.exits
+            .cmp(&a.exits)
+            .then(a.kind.cmp(&b.kind))
+            .then(a.key.cmp(&b.key))
+    });
     v.truncate(n);
     v
 }
@@ -557,7 +562,10 @@ mod tests {
         let top = top_keys(&d.out, |t| (1.5..3.0).contains(&t), 5);
         assert_eq!(top.len(), 2);
         assert_eq!((top[0].kind.as_str(), top[0].exits), ("msr_read", 30));
-        assert_eq!((top[1].kind.as_str(), top[1].key, top[1].exits), ("cpuid", Some(1), 5));
+        assert_eq!(
+            (top[1].kind.as_str(), top[1].key, top[1].exits),
+            ("cpuid", Some(1), 5)
+        );
         assert_eq!(top_keys(&d.out, |t| t < 1.5, 1)[0].exits, 5);
         assert!(top_keys(&d.out, |t| t >= 3.0, 5).is_empty());
     }

@@ -329,7 +329,8 @@ pub fn summary_table(model: &Model) -> String {
                     "{:<18} {:<10} {:>12}  {:<28} {:>10}\n",
                     if i == 0 { phase.as_str() } else { "" },
                     e.kind,
-                    e.key.map_or("(table full)".to_owned(), |k| format!("{k:#x}")),
+                    e.key
+                        .map_or("(table full)".to_owned(), |k| format!("{k:#x}")),
                     e.name.as_deref().unwrap_or(""),
                     e.exits
                 ));

@@ -141,7 +141,16 @@ mod tests {
         // declared gap over its rows is still a contradiction.
         assert!(check_seq_holes(&f, &[], &[], true).is_empty());
         assert_eq!(
-            check_seq_holes(&f, &[GapDecl { from_seq: 0, to_seq: 1 }], &[], true).len(),
+            check_seq_holes(
+                &f,
+                &[GapDecl {
+                    from_seq: 0,
+                    to_seq: 1
+                }],
+                &[],
+                true
+            )
+            .len(),
             1
         );
     }

@@ -11,6 +11,8 @@
 #   RDMSRS  RDMSRs of MSR 0x10 (IA32_TIME_STAMP_COUNTER)
 #   WRMSRS  RDMSR then WRMSR of the same value to MSR 0x1b (IA32_APIC_BASE): one more
 #           read and one write each
+#   SPREAD  CPUIDs of SPREAD different leaves, 0x40001001 up to 0x40001000 + SPREAD (a
+#           guest spraying keys at the key table; 0: none)
 # then one write to the isa-debug-exit port 0xf4, which ends QEMU. Ports 0x700-0x701 are
 # unassigned on the pc machine.
 # The loop counter is SI: CPUID clobbers EAX-EDX and RDMSR EAX/EDX.
@@ -54,6 +56,16 @@ _start:
     dec %si
     jnz 5b
 
+    xor %esi, %esi
+    mov $SPREAD, %si
+    test %si, %si
+    jz 8f
+7:  mov $0x40001000, %eax
+    add %esi, %eax
+    cpuid
+    dec %si
+    jnz 7b
+8:
     mov $0, %al
     out %al, $0xf4
 6:  hlt
