@@ -5,6 +5,7 @@
 //! is a `u64` or `u32` with explicit padding, so both sides agree on the layout.
 #![no_std]
 
+pub mod flow;
 pub mod grid;
 
 /// Threads of the target the snapshot program can follow at once (slots of map
@@ -584,6 +585,11 @@ mod pod {
     unsafe impl aya::Pod for super::Offsets {}
     unsafe impl aya::Pod for super::Window {}
     unsafe impl aya::Pod for super::KvmKey {}
+    unsafe impl aya::Pod for super::flow::FlowKey {}
+    unsafe impl aya::Pod for super::flow::FlowDeltaKey {}
+    unsafe impl aya::Pod for super::flow::FlowDelta {}
+    unsafe impl aya::Pod for super::flow::FlowIfKey {}
+    unsafe impl aya::Pod for super::flow::FlowIfStats {}
     unsafe impl aya::Pod for super::KvmOffsets {}
 }
 

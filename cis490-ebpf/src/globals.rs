@@ -1,6 +1,10 @@
 //! Load-time configuration and the small helpers every program shares.
 
-use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
+    macros::map,
+    maps::Array,
+};
 use cis490_common::{Offsets, SnapConfig};
 
 /// The traced process; 0 (never a user tgid) until the loader overrides it.
@@ -20,6 +24,24 @@ static SNAP_CONFIG: SnapConfig = SnapConfig {
     count_wakeups: 0,
     _pad: 0,
 };
+
+/// Element 0: the seq of the snapshot the next event belongs to. The snapshot program sets
+/// it to its own seq + 1 when it runs, so the programs that count events (kvm, flow)
+/// count each under the tick it belongs to, and user space gives every tick exactly its
+/// own events.
+#[map]
+pub static TICK_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+
+/// The current [`TICK_EPOCH`].
+#[inline(always)]
+pub fn tick_epoch() -> u64 {
+    match TICK_EPOCH.get(0) {
+        // SAFETY: a u64 map value; the snapshot's store to it is a single aligned word
+        // write.
+        Some(e) => unsafe { core::ptr::read_volatile(e) },
+        None => 0,
+    }
+}
 
 #[inline(always)]
 pub fn target_tgid() -> u32 {

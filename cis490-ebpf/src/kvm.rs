@@ -10,15 +10,14 @@
 //! section 13). kvm_exit's reason is not among its arguments (it takes the vCPU), so that
 //! one reads its record at the format file's offset.
 //!
-//! Ticks: `KVM_EPOCH` holds the seq of the next snapshot (the snapshot program sets it
-//! when it runs); an event is counted under that seq, so user space gives each snapshot
-//! tick exactly the events since the one before, and removes entries once their tick is
-//! drained.
+//! Ticks: an event is counted under `TICK_EPOCH` (globals.rs), the seq of the next
+//! snapshot, so user space gives each snapshot tick exactly the events since the one
+//! before, and removes entries once their tick is drained.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{HashMap, PerCpuArray},
     programs::{RawTracePointContext, TracePointContext},
 };
 use cis490_common::{
@@ -28,7 +27,7 @@ use cis490_common::{
     KVM_TRACE_MMIO_WRITE, KVM_USERSPACE_ERRNO, KVM_USERSPACE_EXIT, MAX_KVM_KEYS, MAX_KVM_OTHER,
 };
 
-use crate::globals::{current, target_tgid};
+use crate::globals::{current, target_tgid, tick_epoch};
 
 /// Tracepoint field offsets of the running kernel (set by the loader).
 #[unsafe(no_mangle)]
@@ -41,10 +40,6 @@ pub static KVM_COUNTS: HashMap<KvmKey, u64> = HashMap::with_max_entries(MAX_KVM_
 /// Counts whose key found `KVM_COUNTS` full, under key [`KVM_KEY_OTHER`].
 #[map]
 static KVM_OTHER: HashMap<KvmKey, u64> = HashMap::with_max_entries(MAX_KVM_OTHER, 0);
-
-/// Element 0: the seq of the snapshot the next event belongs to (see the module doc).
-#[map]
-pub static KVM_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Element 0: events counted nowhere because even the kind's [`KVM_KEY_OTHER`] entry
 /// found `KVM_OTHER` full too, since attach (per CPU; user space sums).
@@ -69,16 +64,10 @@ fn target_thread() -> Option<u32> {
 /// Add one to (tid, this tick, kind, key).
 #[inline(always)]
 fn count(tid: u32, kind: u32, key: u64) {
-    let epoch = match KVM_EPOCH.get(0) {
-        // SAFETY: a u64 map value; a concurrent snapshot's store to it is a single
-        // aligned word write.
-        Some(e) => unsafe { core::ptr::read_volatile(e) },
-        None => 0,
-    };
     let mut k = KvmKey {
         tid,
         kind,
-        epoch,
+        epoch: tick_epoch(),
         key,
     };
     if bump(&KVM_COUNTS, &k) {

@@ -36,7 +36,6 @@ use cis490_common::{
 
 use crate::globals::{current, offsets, read, snap_config, target_tgid, task_ids};
 use crate::io::{BLK, BLK_ZERO};
-use crate::kvm::KVM_EPOCH;
 use crate::net::NET;
 
 #[map]
@@ -800,8 +799,8 @@ pub fn cis490_snapshot(ctx: PerfEventContext) -> u32 {
         unsafe { (*st).schedule(&mut *grid, now, cfg.interval_ns) };
     // SAFETY: as above.
     let now_sched = unsafe { (*st).sched_clock_at(now, sched_read, after) };
-    // KVM events from now on belong to the next snapshot (see kvm.rs).
-    if let Some(e) = KVM_EPOCH.get_ptr_mut(0) {
+    // Events counted from now on (kvm, flow) belong to the next snapshot.
+    if let Some(e) = crate::globals::TICK_EPOCH.get_ptr_mut(0) {
         // SAFETY: the single value of an array map; an aligned word store that the KVM
         // programs read with a single load.
         unsafe { core::ptr::write_volatile(e, seq + 1) };

@@ -46,6 +46,9 @@ pub struct BackendOptions {
     pub kvm: bool,
     /// `--kvm-key-table` (0: the default).
     pub kvm_key_table: u32,
+    /// `--no-flow` not given: the BPF backend adds the flow sources on the watched
+    /// interfaces.
+    pub flow: bool,
 }
 
 pub struct Selected {
@@ -132,6 +135,7 @@ pub fn select(
         } else {
             opts.kvm_key_table
         },
+        flow: opts.flow,
     };
     let kvm = if !opts.kvm {
         bpf::KvmPlan::Off

@@ -145,6 +145,7 @@ pub fn run() -> (Vec<Check>, String) {
         timer_cpu: None,
         kvm: false,
         kvm_keys: cis490_common::MAX_KVM_KEYS,
+        flow: false,
     };
     let verdict = match crate::bpf::start(
         std::process::id(),

@@ -136,6 +136,8 @@ enum Command {
         kvm: bool,
         #[arg(long, default_value_t = cis490_common::MAX_KVM_KEYS)]
         kvm_key_table: u32,
+        #[arg(long)]
+        flow: bool,
     },
     /// In-guest agent: stream guest stats as JSON lines to a virtio-serial port.
     Agent {
@@ -223,6 +225,10 @@ struct TraceArgs {
     #[arg(long, value_name = "ENTRIES", default_value_t = cis490_common::MAX_KVM_KEYS,
           value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
     kvm_key_table: u32,
+    /// No `flow` and `flows` sources (the BPF backend otherwise counts packets, protocols,
+    /// TCP flags, DNS messages and flows in the kernel on the interfaces `net` watches).
+    #[arg(long)]
+    no_flow: bool,
     /// At close, export the episode into `<data-root>/dataset/` (the same layout as
     /// `cis490 export`); the episode path is still the last line on stdout.
     #[arg(long, value_enum)]
@@ -355,6 +361,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             bpf_timer_cpu,
             kvm,
             kvm_key_table,
+            flow,
         } => {
             let specs: Result<Vec<_>, _> = net_ifs
                 .iter()
@@ -371,6 +378,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                         timer_cpu: bpf_timer_cpu,
                         kvm,
                         kvm_keys: kvm_key_table,
+                        flow,
                     },
                 ),
                 Err(e) => {
@@ -442,6 +450,7 @@ fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
         perf_rate_hz: (!args.no_perf).then_some(args.perf_rate_hz),
         kvm: !args.no_kvm,
         kvm_key_table: args.kvm_key_table,
+        flow: !args.no_flow,
         access: cis490::episode::Access {
             group: args
                 .group

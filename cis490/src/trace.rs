@@ -49,6 +49,8 @@ pub struct TraceConfig {
     pub kvm: bool,
     /// `--kvm-key-table`.
     pub kvm_key_table: u32,
+    /// The flow sources on the watched interfaces (`--no-flow` turns them off).
+    pub flow: bool,
     /// Who may read the episode besides its owner (`--group`).
     pub access: crate::episode::Access,
     pub realtime: crate::sampler::Realtime,
@@ -111,6 +113,7 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         rows: cfg.rows,
         kvm: cfg.kvm,
         kvm_key_table: cfg.kvm_key_table,
+        flow: cfg.flow,
     };
     let mut selected = backend::select(cfg.backend, cfg.pid, &vcpus, &backend_opts)?;
     let bpf_session = selected.session.take();

@@ -18,7 +18,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use aya::maps::{Array, HashMap, IterableMap, Map, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap, IterableMap, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use rustix::net::{
     AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
@@ -26,7 +26,7 @@ use rustix::net::{
 use serde::{Deserialize, Serialize};
 
 use super::error::BpfError;
-use super::loader::{self, KvmLoad, KvmMaps, NetIfSpec, SnapSpec};
+use super::loader::{self, FlowLoad, FlowMaps, KvmLoad, KvmMaps, NetIfSpec, SnapSpec};
 
 /// An error of this stage (see [`BpfError`]).
 fn handoff_err(msg: impl Into<String>) -> BpfError {
@@ -73,6 +73,9 @@ enum Reply {
         /// among the fds).
         #[serde(default)]
         kvm_error: Option<String>,
+        /// The same for the flow programs.
+        #[serde(default)]
+        flow_error: Option<String>,
     },
     Err(BpfError),
 }
@@ -91,6 +94,7 @@ pub struct Attached {
     /// Set when the load ran in the helper process.
     pub loader: Option<LoaderReport>,
     pub kvm: KvmLoad,
+    pub flow: FlowLoad,
 }
 
 /// What holds the attachments: the fds handed over by the helper, or the in-process aya
@@ -123,8 +127,10 @@ pub fn load_in_process(
     let mut l = loader::load(pid, net_ifs, bpf_stats, snap)?;
     let programs = program_ids(&l.ebpf, &l.programs);
     let kvm = std::mem::replace(&mut l.kvm, KvmLoad::NotAsked);
+    let flow = std::mem::replace(&mut l.flow, FlowLoad::NotAsked);
     Ok(Attached {
         kvm,
+        flow,
         snaps: l.snaps,
         control: l.control,
         timer: l.timer,
@@ -177,6 +183,9 @@ pub fn load(
         cmd.arg("--kvm");
         cmd.arg("--kvm-key-table").arg(snap.kvm_keys.to_string());
     }
+    if snap.flow {
+        cmd.arg("--flow");
+    }
     let started = Instant::now();
     let mut child = match cmd
         .stdin(Stdio::from(theirs))
@@ -202,27 +211,29 @@ pub fn load(
             _ => format!("the BPF loader process: {e}"),
         })
     })?;
-    let (maps, programs, holds, peak_rss_kib, peak_data_kib, wakeups, kvm_error) = match reply {
-        Reply::Ok {
-            maps,
-            programs,
-            holds,
-            peak_rss_kib,
-            peak_data_kib,
-            wakeups,
-            kvm_error,
-        } => (
-            maps,
-            programs,
-            holds,
-            peak_rss_kib,
-            peak_data_kib,
-            wakeups,
-            kvm_error,
-        ),
-        // The helper's own error, with its stage.
-        Reply::Err(why) => return Err(why),
-    };
+    let (maps, programs, holds, peak_rss_kib, peak_data_kib, wakeups, (kvm_error, flow_error)) =
+        match reply {
+            Reply::Ok {
+                maps,
+                programs,
+                holds,
+                peak_rss_kib,
+                peak_data_kib,
+                wakeups,
+                kvm_error,
+                flow_error,
+            } => (
+                maps,
+                programs,
+                holds,
+                peak_rss_kib,
+                peak_data_kib,
+                wakeups,
+                (kvm_error, flow_error),
+            ),
+            // The helper's own error, with its stage.
+            Reply::Err(why) => return Err(why),
+        };
     if fds.len() != maps.len() + holds {
         return Err(handoff_err(format!(
             "the BPF loader process sent {} fds, expected {}",
@@ -238,6 +249,8 @@ pub fn load(
     let mut kvm_counts = None;
     let mut kvm_other = None;
     let mut kvm_lost = None;
+    let mut flow_deltas = None;
+    let mut flow_ifs = None;
     for name in &maps {
         let fd = fds.next().expect("counted above");
         if name == "TIMER" {
@@ -277,6 +290,20 @@ pub fn load(
                         .map_err(|e| handoff_err(format!("map KVM_OTHER from the loader: {e}")))?,
                 )
             }
+            "FLOW_DELTAS" => {
+                flow_deltas = Some(
+                    PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(|e| {
+                        handoff_err(format!("map FLOW_DELTAS from the loader: {e}"))
+                    })?,
+                )
+            }
+            "FLOW_IF_DELTAS" => {
+                flow_ifs = Some(
+                    PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(|e| {
+                        handoff_err(format!("map FLOW_IF_DELTAS from the loader: {e}"))
+                    })?,
+                )
+            }
             "KVM_LOST" => {
                 kvm_lost = Some(
                     PerCpuArray::try_from(Map::PerCpuArray(data))
@@ -304,8 +331,19 @@ pub fn load(
             ))
         }
     };
+    let flow = match (flow_deltas, flow_ifs, flow_error) {
+        (Some(deltas), Some(ifs), None) => FlowLoad::Attached(Box::new(FlowMaps { deltas, ifs })),
+        (None, None, Some(why)) => FlowLoad::Failed(why),
+        (None, None, None) => FlowLoad::NotAsked,
+        _ => {
+            return Err(handoff_err(
+                "the BPF loader process sent an incomplete flow answer".to_owned(),
+            ))
+        }
+    };
     Ok(Attached {
         kvm,
+        flow,
         snaps: snaps.ok_or(handoff_err("the BPF loader process sent no SNAPS map"))?,
         control: control.ok_or(handoff_err("the BPF loader process sent no CONTROL map"))?,
         timer: super::timer::SnapTimer::new(
@@ -406,6 +444,15 @@ pub fn run_helper(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool, snap: SnapSp
                 KvmLoad::Failed(why) => Some(why.clone()),
                 KvmLoad::NotAsked => None,
             };
+            let flow_error = match &l.flow {
+                FlowLoad::Attached(f) => {
+                    maps.push(("FLOW_DELTAS", f.deltas.map().fd().as_fd()));
+                    maps.push(("FLOW_IF_DELTAS", f.ifs.map().fd().as_fd()));
+                    None
+                }
+                FlowLoad::Failed(why) => Some(why.clone()),
+                FlowLoad::NotAsked => None,
+            };
             let holds = attachment_fds();
             let (hwm, rss_file) = peak_and_file_kib();
             let reply = Reply::Ok {
@@ -416,6 +463,7 @@ pub fn run_helper(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool, snap: SnapSp
                 peak_data_kib: hwm.zip(rss_file).map(|(h, f)| h.saturating_sub(f)),
                 wakeups: l.wakeups.as_str().to_owned(),
                 kvm_error,
+                flow_error,
             };
             let fds: Vec<BorrowedFd<'_>> = maps
                 .iter()
@@ -554,6 +602,7 @@ mod tests {
             peak_data_kib: Some(1),
             wakeups: "not_counted".into(),
             kvm_error: None,
+            flow_error: None,
         };
         let back: Reply = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
         assert!(

@@ -6,8 +6,8 @@
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 
-use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::{Iter, PerfEvent, RawTracePoint, TracePoint};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::programs::{Iter, PerfEvent, RawTracePoint, SchedClassifier, TcAttachType, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use cis490_common::{
     IfName, KvmKey, NetIf, SnapConfig, SnapRecord, ThreadSlot, MAX_CPUS, MAX_NET_IFS, MAX_SLOTS,
@@ -47,6 +47,24 @@ pub struct SnapSpec {
     pub kvm: bool,
     /// Entries of the kvm programs' key table (`--kvm-key-table`).
     pub kvm_keys: u32,
+    /// Attach the `flow` programs to the watched interfaces (`--no-flow` not given).
+    pub flow: bool,
+}
+
+/// The `flow` programs' maps (see cis490-ebpf/src/flow.rs).
+pub struct FlowMaps {
+    pub deltas:
+        PerCpuHashMap<MapData, cis490_common::flow::FlowDeltaKey, cis490_common::flow::FlowDelta>,
+    pub ifs:
+        PerCpuHashMap<MapData, cis490_common::flow::FlowIfKey, cis490_common::flow::FlowIfStats>,
+}
+
+/// What became of the `flow` programs.
+pub enum FlowLoad {
+    NotAsked,
+    Attached(Box<FlowMaps>),
+    /// Why they are not attached (one line); the other programs are unaffected.
+    Failed(String),
 }
 
 /// The `kvm` programs' maps (see cis490-ebpf/src/kvm.rs).
@@ -123,6 +141,7 @@ pub struct Loaded {
     /// and reverts by itself when it closes, even if cis490 is killed.
     pub stats_fd: Option<OwnedFd>,
     pub kvm: KvmLoad,
+    pub flow: FlowLoad,
 }
 
 /// Which capabilities the process has, for error messages (CapEff of /proc/self/status).
@@ -440,6 +459,12 @@ pub fn load(
             loader.map_max_entries("KVM_OTHER", 1);
         }
     }
+    let flow = snap.flow && !net_ifs.is_empty();
+    if !flow {
+        for m in ["FLOW_DIRS", "FLOW_DELTAS", "FLOW_IF_DELTAS"] {
+            loader.map_max_entries(m, 1);
+        }
+    }
     let mut ebpf = loader
         .load(OBJECT)
         .map_err(|e| load_err(format!("loading the BPF object: {}", flatten(&e))))?;
@@ -513,6 +538,14 @@ pub fn load(
             Err(e) => KvmLoad::Failed(e.to_string()),
         },
     };
+    let flow = if flow {
+        match attach_flow(&mut ebpf, net_ifs, &mut programs) {
+            Ok(maps) => FlowLoad::Attached(Box::new(maps)),
+            Err(e) => FlowLoad::Failed(e.to_string()),
+        }
+    } else {
+        FlowLoad::NotAsked
+    };
     let snaps: RingBuf<MapData> = take(&mut ebpf, "SNAPS")?;
     let control: Array<MapData, u32> = take(&mut ebpf, "CONTROL")?;
     // Last: the timer starts now, with every thread already followed.
@@ -545,6 +578,71 @@ pub fn load(
         programs,
         stats_fd,
         kvm,
+        flow,
+    })
+}
+
+/// Attach the flow programs to every watched interface, ingress and egress, as TCX links
+/// (kernel 6.6 and later: a link is an fd, so the attachment ends with the capture even if
+/// it is killed; older kernels get a netlink tc filter).
+fn attach_flow(
+    ebpf: &mut Ebpf,
+    net_ifs: &[NetIfSpec],
+    programs: &mut Vec<&'static str>,
+) -> Result<FlowMaps, BpfError> {
+    {
+        let mut ifs: HashMap<&mut MapData, u32, u32> = HashMap::try_from(
+            ebpf.map_mut("FLOW_IFS")
+                .ok_or(load_err("map FLOW_IFS missing from the embedded object"))?,
+        )
+        .map_err(|e| load_err(format!("map FLOW_IFS: {e}")))?;
+        for (slot, spec) in net_ifs.iter().enumerate() {
+            let name = std::ffi::CString::new(spec.name.as_str())
+                .map_err(|_| load_err(format!("{:?} is not an interface name", spec.name)))?;
+            // SAFETY: a NUL-terminated name; if_nametoindex only reads it.
+            let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            if index == 0 {
+                return Err(load_err(format!(
+                    "no interface {} (flow programs)",
+                    spec.name
+                )));
+            }
+            ifs.insert(index, slot as u32, 0).map_err(|e| {
+                load_err(format!(
+                    "configuring flow interface {}: {}",
+                    spec.name,
+                    flatten(&e)
+                ))
+            })?;
+        }
+    }
+    for (prog, dir) in [
+        ("cis490_flow_ingress", TcAttachType::Ingress),
+        ("cis490_flow_egress", TcAttachType::Egress),
+    ] {
+        let p: &mut SchedClassifier = ebpf
+            .program_mut(prog)
+            .ok_or_else(|| load_err(format!("program {prog} missing from the embedded object")))?
+            .try_into()
+            .map_err(|e| load_err(format!("program {prog}: {e}")))?;
+        p.load()
+            .map_err(|e| load_err(format!("loading program {prog}: {}", flatten(&e))))?;
+        for spec in net_ifs {
+            // Before 6.6 the netlink attach needs the clsact qdisc (present already is fine).
+            let _ = aya::programs::tc::qdisc_add_clsact(&spec.name);
+            p.attach(&spec.name, dir).map_err(|e| {
+                load_err(format!(
+                    "attaching {prog} to {}: {}",
+                    spec.name,
+                    flatten(&e)
+                ))
+            })?;
+        }
+        programs.push(prog);
+    }
+    Ok(FlowMaps {
+        deltas: take(ebpf, "FLOW_DELTAS")?,
+        ifs: take(ebpf, "FLOW_IF_DELTAS")?,
     })
 }
 

@@ -11,10 +11,12 @@
 //! - `sched`: the `bpf-sched` and `bpf-io` collectors
 //! - `net`: the `net` source from the snapshots
 //! - `kvm`: the `kvm` and `kvm-keys` sources (the kvm programs' counts per tick)
+//! - `flow`: the `flow` and `flows` sources (the tc programs' counts per tick)
 //! - `stats`: per-program run count / run time for `--bpf-stats`
 
 pub mod btf;
 pub mod error;
+pub mod flow;
 pub mod handoff;
 pub mod iter_btf;
 pub mod kvm;
@@ -134,6 +136,7 @@ pub fn start(
 ) -> Result<Backend, BpfError> {
     snap.kvm = kvm == KvmPlan::Attach;
     let mut loaded = handoff::load(pid, net_ifs, bpf_stats, snap)?;
+    let flow_load = std::mem::replace(&mut loaded.flow, loader::FlowLoad::NotAsked);
     let kvm_maps = match (
         kvm,
         std::mem::replace(&mut loaded.kvm, loader::KvmLoad::NotAsked),
@@ -180,6 +183,18 @@ pub fn start(
     }
     if let Some(maps) = kvm_maps {
         collectors.extend(kvm::collectors(pid, session.clone(), vcpus, maps));
+    }
+    let names: Vec<String> = net_ifs.iter().map(|s| s.name.clone()).collect();
+    match flow_load {
+        loader::FlowLoad::NotAsked => {}
+        loader::FlowLoad::Attached(m) => {
+            collectors.extend(flow::collectors(names, session.clone(), Ok(*m)));
+        }
+        loader::FlowLoad::Failed(why) => collectors.extend(flow::collectors(
+            names,
+            session.clone(),
+            Err(format!("the flow programs did not attach: {why}")),
+        )),
     }
     Ok(Backend {
         collectors,

@@ -780,6 +780,82 @@ const KVM_KEYS: &[C] = &[
     .cumulative(),
 ];
 
+const FLOW_SOURCE: &[&str] = &["flow"];
+
+/// A count of the interface's packets since attach, from the flow programs.
+const fn flow_count(name: &'static str, description: &'static str) -> C {
+    C::new(name, UInt64, "count", description).cumulative()
+}
+
+const FLOW: &[C] = &[
+    T_MONO,
+    T_WALL,
+    source(FLOW_SOURCE),
+    AVAILABLE,
+    SEQ,
+    C::new("ifname", Dict, "", "interface name (the VM's tap, or --net-if)"),
+    flow_count("rx_packets", "packets received (tc ingress)"),
+    C::new("rx_bytes", UInt64, "bytes", "bytes received, link-layer headers included").cumulative(),
+    flow_count("tx_packets", "packets sent (tc egress)"),
+    C::new("tx_bytes", UInt64, "bytes", "bytes sent, link-layer headers included").cumulative(),
+    flow_count("tcp_packets", "TCP packets, both directions"),
+    flow_count("udp_packets", "UDP packets, both directions"),
+    flow_count("icmp_packets", "ICMP and ICMPv6 packets, both directions"),
+    flow_count("other_packets", "packets of any other protocol (ARP, other IP protocols, non-IP)"),
+    flow_count("tcp_syn", "TCP SYNs without ACK (connection attempts)"),
+    flow_count("tcp_synack", "TCP SYN+ACKs"),
+    flow_count("tcp_rst", "TCP segments with RST"),
+    flow_count("tcp_fin", "TCP segments with FIN"),
+    flow_count("flows_new", "flows the kernel saw start (first packet of a 5-tuple in either direction)"),
+    C::new("flows_active", UInt64, "count", "flows with a packet in this tick"),
+    C::new(
+        "distinct_dst_addrs",
+        UInt64,
+        "count",
+        "distinct destination addresses (first direction) of the flows since attach; exact up to 65,536, then it stops and meta.sources[flow].distinct_saturated is true",
+    ),
+    C::new(
+        "distinct_dst_ports",
+        UInt64,
+        "count",
+        "distinct destination ports of the flows since attach (bounded as distinct_dst_addrs)",
+    ),
+    flow_count("dns_queries", "DNS messages with QR = 0 on UDP or TCP port 53"),
+    flow_count("dns_responses", "DNS messages with QR = 1 on UDP or TCP port 53"),
+    flow_count(
+        "untracked_packets",
+        "IP packets counted above but in no flow: the kernel's flow table was full (also a source_error event)",
+    ),
+];
+
+const FLOWS_SOURCE: &[&str] = &["flows"];
+
+const FLOWS: &[C] = &[
+    T_MONO,
+    T_WALL,
+    source(FLOWS_SOURCE),
+    AVAILABLE,
+    SEQ,
+    C::new("ifname", Dict, "", "interface name"),
+    C::new(
+        "proto",
+        Dict,
+        "",
+        "tcp, udp, icmp, icmpv6, sctp, or the IP protocol number",
+    ),
+    C::new("src_addr", Utf8, "", "source address of the flow's first packet (IPv4 or IPv6 text)"),
+    C::new("dst_addr", Utf8, "", "destination address of the flow's first packet"),
+    C::new("src_port", UInt64, "", "source port of the first packet (0 for ICMP and non-first fragments)"),
+    C::new("dst_port", UInt64, "", "destination port of the first packet"),
+    C::new("packets_fwd", UInt64, "count", "packets in the first packet's direction, since the flow was first seen").cumulative(),
+    C::new("bytes_fwd", UInt64, "bytes", "their bytes, link-layer headers included").cumulative(),
+    C::new("packets_rev", UInt64, "count", "packets in the other direction").cumulative(),
+    C::new("bytes_rev", UInt64, "bytes", "their bytes").cumulative(),
+    C::new("tcp_flags", UInt64, "bit set", "OR of the TCP flags seen (FIN 1, SYN 2, RST 4, PSH 8, ACK 16, URG 32, ECE 64, CWR 128)"),
+    C::new("first_seen_ns", UInt64, "ns", "CLOCK_MONOTONIC of the flow's first packet, minus meta.clock.mono_origin_ns (0 if before it)"),
+    C::new("last_seen_ns", UInt64, "ns", "CLOCK_MONOTONIC of its latest packet, as first_seen_ns"),
+];
+
 pub static STREAMS: &[Stream] = &[
     Stream {
         name: "proc",
@@ -828,6 +904,30 @@ pub static STREAMS: &[Stream] = &[
         families: &[],
         entity: &["ifname"],
         sparse: false,
+    },
+    Stream {
+        name: "flow",
+        file: "telemetry-flow.jsonl",
+        kind: StreamKind::Telemetry,
+        available_in_deployment: Some(true),
+        written_by: "the BPF backend on the interfaces `net` watches, unless --no-flow (tc programs)",
+        rows: "one per interface per snapshot tick",
+        columns: FLOW,
+        families: &[],
+        entity: &["ifname"],
+        sparse: false,
+    },
+    Stream {
+        name: "flows",
+        file: "telemetry-flows.jsonl",
+        kind: StreamKind::Telemetry,
+        available_in_deployment: Some(true),
+        written_by: "with `flow`",
+        rows: "per snapshot tick one per flow that had a packet in it",
+        columns: FLOWS,
+        families: &[],
+        entity: &["ifname", "proto", "src_addr", "dst_addr", "src_port", "dst_port"],
+        sparse: true,
     },
     Stream {
         name: "perf",

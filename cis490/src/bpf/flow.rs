@@ -1,0 +1,301 @@
+//! The `flow` and `flows` sources: the flow programs' per-tick tables read after each drain
+//! of the snapshots and folded onto the drained ticks (see [`crate::flow::fold`]). `flow`
+//! runs after `bpf-sched`, which drains; `flows` after `flow`, whose fold it writes out.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use aya::maps::{MapData, PerCpuHashMap};
+use aya::Pod;
+
+use super::loader::FlowMaps;
+use super::Session;
+use crate::clock::{EpisodeClock, Stamp};
+use crate::collector::{Collector, Tick, TickOutput};
+use crate::error::Error;
+use crate::flow::fold::{sum_deltas, sum_ifs, FlowFold};
+use crate::flow::{self as f};
+
+struct Shared {
+    fold: FlowFold,
+    /// (episode seq, stamp) of each tick in `fold.ticks`.
+    stamps: Vec<(u64, Stamp)>,
+    gaps: Vec<(u64, u64)>,
+}
+
+/// Whether the flow programs count, and if not why.
+#[derive(Clone)]
+enum Status {
+    Attached,
+    Absent(String),
+}
+
+/// The pair of collectors for one capture (`flow` first).
+pub fn collectors(
+    names: Vec<String>,
+    session: Arc<Session>,
+    maps: Result<FlowMaps, String>,
+) -> Vec<Box<dyn Collector>> {
+    let shared = Arc::new(Mutex::new(Shared {
+        fold: FlowFold::new(names.len()),
+        stamps: Vec::new(),
+        gaps: Vec::new(),
+    }));
+    let (status, maps) = match maps {
+        Ok(m) => (Status::Attached, Some(m)),
+        Err(why) => (Status::Absent(why), None),
+    };
+    vec![
+        Box::new(FlowCollector {
+            names: names.clone(),
+            session,
+            maps,
+            status: status.clone(),
+            shared: shared.clone(),
+            untracked_reported: 0,
+            evicted_reported: 0,
+        }),
+        Box::new(FlowsCollector {
+            names,
+            status,
+            shared,
+        }),
+    ]
+}
+
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn status_summary(status: &Status, m: &mut serde_json::Map<String, serde_json::Value>) {
+    m.insert("method".into(), "bpf_tc".into());
+    match status {
+        Status::Attached => {
+            m.insert("status".into(), "attached".into());
+        }
+        Status::Absent(why) => {
+            m.insert("status".into(), "absent".into());
+            m.insert("reason".into(), why.clone().into());
+        }
+    }
+}
+
+/// Move the per-CPU entries of ticks up to kernel seq `last` from `map` to `out`, summed.
+fn take_final<K: Pod + Copy, V: Pod + Copy>(
+    map: &mut PerCpuHashMap<MapData, K, V>,
+    epoch: impl Fn(&K) -> u64,
+    sum: impl Fn(&[V]) -> V,
+    last: u64,
+    out: &mut Vec<(K, V)>,
+) -> Result<(), String> {
+    out.clear();
+    for item in map.iter() {
+        let (key, values) = item.map_err(|e| format!("reading a flow table: {e}"))?;
+        if epoch(&key) <= last {
+            out.push((key, sum(&values)));
+        }
+    }
+    for i in 0..out.len() {
+        if let Err(e) = map.remove(&out[i].0) {
+            out.truncate(i);
+            return Err(format!("removing a flow table entry: {e}"));
+        }
+    }
+    Ok(())
+}
+
+pub struct FlowCollector {
+    names: Vec<String>,
+    session: Arc<Session>,
+    maps: Option<FlowMaps>,
+    status: Status,
+    shared: Arc<Mutex<Shared>>,
+    untracked_reported: u64,
+    evicted_reported: u64,
+}
+
+impl Collector for FlowCollector {
+    fn source(&self) -> &'static str {
+        f::SOURCE
+    }
+    fn available_in_deployment(&self) -> bool {
+        true
+    }
+    fn kernel_clocked(&self) -> bool {
+        true
+    }
+    fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        status_summary(&self.status, &mut m);
+        m.insert("interfaces".into(), self.names.clone().into());
+        if self.maps.is_some() {
+            let s = lock(&self.shared);
+            let fold = &s.fold;
+            m.insert(
+                "flow_table_entries".into(),
+                cis490_common::flow::MAX_FLOW_DELTAS.into(),
+            );
+            m.insert("flows_evicted".into(), fold.flows_evicted.into());
+            m.insert("flows_reseen".into(), fold.flows_reseen.into());
+            m.insert("distinct_saturated".into(), fold.distinct_saturated.into());
+            m.insert("late_entries".into(), fold.late_entries.into());
+            m.insert("untracked_packets".into(), self.untracked_reported.into());
+        }
+        m
+    }
+
+    fn collect(
+        &mut self,
+        _tick: Tick,
+        _clock: &EpisodeClock,
+        out: &mut TickOutput,
+    ) -> Result<(), Error> {
+        let drain = self.session.lock_drain();
+        let batch = &drain.asm.batch;
+        out.gaps.extend_from_slice(&batch.gaps);
+        let mut guard = lock(&self.shared);
+        let shared = &mut *guard;
+        shared.stamps.clear();
+        shared.gaps.clear();
+        shared.gaps.extend_from_slice(&batch.gaps);
+        shared.fold.ticks.clear();
+        shared.fold.changed.clear();
+        let Some(maps) = &mut self.maps else {
+            return Ok(());
+        };
+        let Some(last) = batch.ticks.last().map(|t| t.kernel_seq) else {
+            return Ok(());
+        };
+        let mut ifs = Vec::new();
+        if let Err(e) = take_final(
+            &mut maps.ifs,
+            |k| k.epoch,
+            |v| sum_ifs(v.iter().copied()),
+            last,
+            &mut ifs,
+        ) {
+            out.problem(e);
+        }
+        let mut flows = Vec::new();
+        if let Err(e) = take_final(
+            &mut maps.deltas,
+            |k| k.epoch,
+            |v| sum_deltas(v.iter().copied()),
+            last,
+            &mut flows,
+        ) {
+            out.problem(e);
+        }
+        let seqs: Vec<u64> = batch.ticks.iter().map(|t| t.kernel_seq).collect();
+        shared.fold.apply(&mut ifs, &mut flows, &seqs);
+        shared
+            .stamps
+            .extend(batch.ticks.iter().map(|t| (t.seq, t.stamp)));
+        for (t, (seq, stamp)) in shared.fold.ticks.iter().zip(&shared.stamps) {
+            for i in &t.ifs {
+                let Some(name) = self.names.get(i.slot as usize) else {
+                    continue;
+                };
+                let c = &i.totals;
+                let row = out.new_row(*stamp, f::SOURCE, true);
+                row.seq = Some(*seq);
+                row.push("ifname", name.as_str())
+                    .push("rx_packets", c.rx_packets)
+                    .push("rx_bytes", c.rx_bytes)
+                    .push("tx_packets", c.tx_packets)
+                    .push("tx_bytes", c.tx_bytes)
+                    .push("tcp_packets", c.tcp_packets)
+                    .push("udp_packets", c.udp_packets)
+                    .push("icmp_packets", c.icmp_packets)
+                    .push("other_packets", c.other_packets)
+                    .push("tcp_syn", c.tcp_syn)
+                    .push("tcp_synack", c.tcp_synack)
+                    .push("tcp_rst", c.tcp_rst)
+                    .push("tcp_fin", c.tcp_fin)
+                    .push("flows_new", c.flows_new)
+                    .push("flows_active", i.flows_active)
+                    .push("distinct_dst_addrs", i.distinct_dst_addrs)
+                    .push("distinct_dst_ports", i.distinct_dst_ports)
+                    .push("dns_queries", c.dns_queries)
+                    .push("dns_responses", c.dns_responses)
+                    .push("untracked_packets", c.untracked_packets);
+            }
+        }
+        let untracked: u64 = shared.fold.ticks.last().map_or(0, |t| {
+            t.ifs.iter().map(|i| i.totals.untracked_packets).sum()
+        });
+        if untracked > self.untracked_reported {
+            out.problem(format!(
+                "flow table full ({} entries): {} packets counted on their interface but in no flow ({untracked} since attach)",
+                cis490_common::flow::MAX_FLOW_DELTAS,
+                untracked - self.untracked_reported
+            ));
+            self.untracked_reported = untracked;
+        }
+        let evicted = shared.fold.flows_evicted;
+        if evicted > self.evicted_reported {
+            out.problem(format!(
+                "{} flows forgotten to keep the table at {} (the least recently seen; {evicted} since attach)",
+                evicted - self.evicted_reported,
+                crate::flow::fold::MAX_TRACKED_FLOWS
+            ));
+            self.evicted_reported = evicted;
+        }
+        Ok(())
+    }
+}
+
+pub struct FlowsCollector {
+    names: Vec<String>,
+    status: Status,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl Collector for FlowsCollector {
+    fn source(&self) -> &'static str {
+        f::FLOWS_SOURCE
+    }
+    fn available_in_deployment(&self) -> bool {
+        true
+    }
+    fn kernel_clocked(&self) -> bool {
+        true
+    }
+    fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        status_summary(&self.status, &mut m);
+        m
+    }
+    fn collect(
+        &mut self,
+        _tick: Tick,
+        clock: &EpisodeClock,
+        out: &mut TickOutput,
+    ) -> Result<(), Error> {
+        let shared = lock(&self.shared);
+        out.gaps.extend_from_slice(&shared.gaps);
+        for (t, (seq, stamp)) in shared.fold.ticks.iter().zip(&shared.stamps) {
+            for fl in &shared.fold.changed[t.flows.clone()] {
+                let Some(name) = self.names.get(usize::from(fl.key.ifslot)) else {
+                    continue;
+                };
+                let (src, dst) = f::addrs(&fl.key);
+                let row = out.new_row(*stamp, f::FLOWS_SOURCE, true);
+                row.seq = Some(*seq);
+                row.push("ifname", name.as_str())
+                    .push("proto", f::proto_name(fl.key.proto))
+                    .push("src_addr", src)
+                    .push("dst_addr", dst)
+                    .push("src_port", u64::from(fl.key.sport))
+                    .push("dst_port", u64::from(fl.key.dport))
+                    .push("packets_fwd", fl.packets_fwd)
+                    .push("bytes_fwd", fl.bytes_fwd)
+                    .push("packets_rev", fl.packets_rev)
+                    .push("bytes_rev", fl.bytes_rev)
+                    .push("tcp_flags", u64::from(fl.tcp_flags))
+                    .push("first_seen_ns", clock.rel(fl.first_seen_ns))
+                    .push("last_seen_ns", clock.rel(fl.last_seen_ns));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,426 @@
+//! The `flow` and `flows` sources against real packets: a veth pair whose far end lives in
+//! a network namespace this test creates (addresses 10.248.x.y/30 on this pair only,
+//! IPv6 off and static neighbours, so no packet but the test's crosses it), carrying known
+//! traffic: UDP datagrams of a known size to one port, one TCP connection opened, used and
+//! closed, and DNS queries (one answered with a truncated message). The interface's own
+//! counters (/sys/class/net) are the ground truth for the packet totals.
+//!
+//! Under CI=true a missing capability (root, `ip`, python3) is a failure, never a skip.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use cis490_tests::*;
+use serde_json::Value;
+
+const UDP_PACKETS: u64 = 25;
+const UDP_PAYLOAD: usize = 200;
+/// Ethernet 14 + IPv4 20 + UDP 8.
+const UDP_OVERHEAD: u64 = 42;
+const DNS_NAMES: [&str; 3] = ["one.test", "two.test", "bad.test"];
+
+fn capable() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let missing = if unsafe { libc::geteuid() } != 0 {
+        Some("not root")
+    } else if Command::new("ip").arg("-V").output().is_err() {
+        Some("no `ip` (iproute2)")
+    } else if Command::new("python3").arg("-V").output().is_err() {
+        Some("no python3")
+    } else {
+        None
+    };
+    match missing {
+        None => true,
+        Some(why) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true but {why}: the flow source cannot be tested"
+            );
+            eprintln!("SKIPPED: {why}");
+            false
+        }
+    }
+}
+
+fn sh(args: &[&str]) {
+    let st = Command::new(args[0]).args(&args[1..]).status().unwrap();
+    assert!(st.success(), "{args:?} failed");
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .trim()
+        .to_owned()
+}
+
+/// The veth pair and the namespace; both removed on drop.
+struct Pair {
+    ns: String,
+    host_if: String,
+    host_ip: String,
+    peer_ip: String,
+    peer: Option<Child>,
+}
+
+impl Pair {
+    fn create() -> Pair {
+        let id = std::process::id();
+        let n = id % 60;
+        let ns = format!("cis490f{id}");
+        let host_if = format!("c490f{}", id % 100000);
+        let peer_if = format!("c490g{}", id % 100000);
+        let host_ip = format!("10.248.{n}.1");
+        let peer_ip = format!("10.248.{n}.2");
+        for leftover in [["netns", "del", &ns], ["link", "del", &host_if]] {
+            let _ = Command::new("ip")
+                .args(leftover)
+                .stderr(Stdio::null())
+                .status();
+        }
+        sh(&["ip", "netns", "add", &ns]);
+        let pair = Pair {
+            ns: ns.clone(),
+            host_if: host_if.clone(),
+            host_ip: host_ip.clone(),
+            peer_ip: peer_ip.clone(),
+            peer: None,
+        };
+        sh(&[
+            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if,
+        ]);
+        sh(&["ip", "link", "set", &peer_if, "netns", &ns]);
+        // No IPv6 (no router solicitations or DAD) and static neighbours (no ARP): the
+        // test's packets are the only ones on the pair.
+        sh(&[
+            "sh",
+            "-c",
+            &format!("echo 1 > /proc/sys/net/ipv6/conf/{host_if}/disable_ipv6"),
+        ]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "sh",
+            "-c",
+            &format!("echo 1 > /proc/sys/net/ipv6/conf/{peer_if}/disable_ipv6"),
+        ]);
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{host_ip}/30"),
+            "dev",
+            &host_if,
+        ]);
+        sh(&["ip", "link", "set", &host_if, "up"]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "ip",
+            "addr",
+            "add",
+            &format!("{peer_ip}/30"),
+            "dev",
+            &peer_if,
+        ]);
+        sh(&[
+            "ip", "netns", "exec", &ns, "ip", "link", "set", &peer_if, "up",
+        ]);
+        sh(&["ip", "netns", "exec", &ns, "ip", "link", "set", "lo", "up"]);
+        let host_mac = read(&format!("/sys/class/net/{host_if}/address"));
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "cat",
+                &format!("/sys/class/net/{peer_if}/address"),
+            ])
+            .output()
+            .unwrap();
+        let peer_mac = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        sh(&[
+            "ip",
+            "neigh",
+            "replace",
+            &peer_ip,
+            "lladdr",
+            &peer_mac,
+            "dev",
+            &host_if,
+            "nud",
+            "permanent",
+        ]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "ip",
+            "neigh",
+            "replace",
+            &host_ip,
+            "lladdr",
+            &host_mac,
+            "dev",
+            &peer_if,
+            "nud",
+            "permanent",
+        ]);
+        pair
+    }
+
+    fn start_peer(&mut self) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "python3"])
+            .arg(root().join("tests/net/peer.py"))
+            .arg(&self.peer_ip)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+        self.peer = Some(child);
+    }
+
+    /// Stop the peer; the datagrams its UDP sink received.
+    fn stop_peer(&mut self) -> u64 {
+        let mut child = self.peer.take().unwrap();
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.strip_prefix("udp="))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("peer said {text:?}"))
+    }
+
+    /// (rx_packets, tx_packets, rx_bytes, tx_bytes) of the host end, from the kernel.
+    fn counters(&self) -> [u64; 4] {
+        let get = |f: &str| -> u64 {
+            read(&format!("/sys/class/net/{}/statistics/{f}", self.host_if))
+                .parse()
+                .unwrap()
+        };
+        [
+            get("rx_packets"),
+            get("tx_packets"),
+            get("rx_bytes"),
+            get("tx_bytes"),
+        ]
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.peer.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+/// A DNS query for `name` (type A, recursion desired).
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Vec::new();
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
+}
+
+/// The test's traffic: UDP datagrams, one TCP connection, DNS queries (each answered).
+fn traffic(pair: &Pair) {
+    let udp = UdpSocket::bind((pair.host_ip.as_str(), 0)).unwrap();
+    let sink: SocketAddr = format!("{}:9999", pair.peer_ip).parse().unwrap();
+    for _ in 0..UDP_PACKETS {
+        udp.send_to(&[0x5a; UDP_PAYLOAD], sink).unwrap();
+    }
+    let mut tcp = TcpStream::connect_timeout(
+        &format!("{}:8080", pair.peer_ip).parse().unwrap(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    tcp.write_all(b"hello over tcp").unwrap();
+    drop(tcp);
+    let dns = UdpSocket::bind((pair.host_ip.as_str(), 0)).unwrap();
+    dns.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let server: SocketAddr = format!("{}:53", pair.peer_ip).parse().unwrap();
+    for (i, name) in DNS_NAMES.iter().enumerate() {
+        dns.send_to(&dns_query(0x4000 + i as u16, name), server)
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let (n, _) = dns.recv_from(&mut buf).expect("a DNS answer");
+        assert!(n >= 12 && buf[2] & 0x80 != 0, "not a response");
+    }
+    // Let the TCP close finish on both sides before the counters are read.
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+#[test]
+fn known_traffic_gives_exact_flow_counts_and_is_never_dropped() {
+    if !capable() {
+        return;
+    }
+    let mut pair = Pair::create();
+    pair.start_peer();
+    let target = Command::new("sleep").arg("30").spawn().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let child = spawn_trace(
+        data.path(),
+        &[
+            "--qemu-pid",
+            &target.id().to_string(),
+            "--backend",
+            "bpf",
+            "--net-if",
+            &pair.host_if,
+            "--rate-hz",
+            "20",
+            "--duration",
+            "6",
+            "--no-qmp",
+        ],
+    );
+    assert!(wait_for(Duration::from_secs(20), || episodes(data.path())
+        .first()
+        .is_some_and(|d| std::fs::metadata(
+            d.join("telemetry-flow.jsonl")
+        )
+        .is_ok_and(|m| m.len() > 0))));
+    let before = pair.counters();
+    traffic(&pair);
+    let after = pair.counters();
+    let (ok, dir, stderr) = wait_trace(child, Duration::from_secs(30));
+    assert!(ok, "trace failed: {stderr}");
+    let mut target = target;
+    let _ = target.kill();
+    // Every datagram arrived: the programs only observe.
+    assert_eq!(pair.stop_peer(), UDP_PACKETS, "the peer lost datagrams");
+
+    let meta = read_json(&dir.join("meta.json"));
+    let src = source_meta(&meta, "flow");
+    assert_eq!(src["status"], "attached", "{src}");
+    let rows = read_jsonl(&dir.join("telemetry-flow.jsonl"));
+    assert!(rows.iter().all(|r| r["ifname"] == pair.host_if.as_str()));
+    let first = &rows[0];
+    let last = rows.last().unwrap();
+    let d = |col: &str| u(&last[col]) - u(&first[col]);
+    // The kernel's own interface counters, over the same traffic (nothing else crosses
+    // the pair; the first row came before the traffic).
+    assert_eq!(d("rx_packets"), after[0] - before[0], "rx packets vs /sys");
+    assert_eq!(d("tx_packets"), after[1] - before[1], "tx packets vs /sys");
+    assert_eq!(d("rx_bytes"), after[2] - before[2], "rx bytes vs /sys");
+    assert_eq!(d("tx_bytes"), after[3] - before[3], "tx bytes vs /sys");
+    let m = DNS_NAMES.len() as u64;
+    assert_eq!(u(&last["udp_packets"]), UDP_PACKETS + 2 * m);
+    assert_eq!(u(&last["dns_queries"]), m);
+    assert_eq!(u(&last["dns_responses"]), m);
+    assert_eq!(u(&last["tcp_syn"]), 1);
+    assert_eq!(u(&last["tcp_synack"]), 1);
+    assert_eq!(u(&last["tcp_fin"]), 2);
+    assert_eq!(u(&last["tcp_rst"]), 0);
+    assert_eq!(u(&last["icmp_packets"]), 0);
+    assert_eq!(u(&last["other_packets"]), 0);
+    assert_eq!(u(&last["untracked_packets"]), 0);
+    // UDP sink, TCP connection, DNS socket.
+    assert_eq!(u(&last["flows_new"]), 3);
+    assert_eq!(u(&last["distinct_dst_addrs"]), 1);
+    assert_eq!(u(&last["distinct_dst_ports"]), 3);
+    assert_eq!(
+        u(&last["rx_packets"]) + u(&last["tx_packets"]),
+        u(&last["tcp_packets"]) + u(&last["udp_packets"])
+    );
+
+    // flows: one series per flow, cumulative; the sums agree with the interface rows at
+    // every tick.
+    let flows = read_jsonl(&dir.join("telemetry-flows.jsonl"));
+    let mut latest: BTreeMap<(String, u64, u64), (u64, u64, u64, u64, u64)> = BTreeMap::new();
+    let mut flow_rows = flows.iter().peekable();
+    for r in &rows {
+        let seq = u(&r["seq"]);
+        while let Some(f) = flow_rows.next_if(|f| u(&f["seq"]) <= seq) {
+            latest.insert(
+                (
+                    f["proto"].as_str().unwrap().to_owned(),
+                    u(&f["src_port"]),
+                    u(&f["dst_port"]),
+                ),
+                (
+                    u(&f["packets_fwd"]),
+                    u(&f["packets_rev"]),
+                    u(&f["bytes_fwd"]),
+                    u(&f["bytes_rev"]),
+                    u(&f["tcp_flags"]),
+                ),
+            );
+        }
+        let packets: u64 = latest.values().map(|v| v.0 + v.1).sum();
+        assert_eq!(
+            packets,
+            u(&r["tcp_packets"]) + u(&r["udp_packets"]),
+            "seq {seq}"
+        );
+    }
+    assert_eq!(latest.len(), 3, "{latest:?}");
+    let udp = latest
+        .iter()
+        .find(|((p, _, dport), _)| p == "udp" && *dport == 9999)
+        .map(|(_, v)| *v)
+        .unwrap();
+    assert_eq!(udp.0, UDP_PACKETS);
+    assert_eq!(udp.2, UDP_PACKETS * (UDP_OVERHEAD + UDP_PAYLOAD as u64));
+    assert_eq!((udp.1, udp.3), (0, 0));
+    let dns = latest
+        .iter()
+        .find(|((p, _, dport), _)| p == "udp" && *dport == 53)
+        .map(|(_, v)| *v)
+        .unwrap();
+    assert_eq!((dns.0, dns.1), (m, m));
+    let tcp = latest
+        .iter()
+        .find(|((p, _, dport), _)| p == "tcp" && *dport == 8080)
+        .map(|(_, v)| *v)
+        .unwrap();
+    // SYN, ACK, FIN seen; no RST.
+    assert_eq!(tcp.4 & 0x17, 0x13, "tcp flags {:#x}", tcp.4);
+    for f in &flows {
+        assert_eq!(f["src_addr"], pair.host_ip.as_str());
+        assert_eq!(f["dst_addr"], pair.peer_ip.as_str());
+        assert!(u(&f["first_seen_ns"]) <= u(&f["last_seen_ns"]));
+        // Counted under the tick whose snapshot came after the packet (within the
+        // instant the snapshot takes to publish its tick).
+        assert!(u(&f["last_seen_ns"]) <= u(&f["t_mono_ns"]) + 1_000_000);
+    }
+
+    let out = cis490().arg("validate").arg(&dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
