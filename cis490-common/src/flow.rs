@@ -103,6 +103,38 @@ pub struct FlowIfStats {
     pub dns_responses: u64,
     /// Packets of a flow that found `FLOW_DELTAS` full.
     pub untracked_packets: u64,
+    /// DNS messages not copied to user space: over the rate bound or the ring full.
+    pub dns_dropped: u64,
+}
+
+/// Bytes of a DNS message copied to user space; a longer one is copied in part (its
+/// parse then fails as truncated, and is counted).
+pub const DNS_COPY: usize = 512;
+
+/// DNS messages copied per second per CPU, at most; the rest are counted in
+/// `FlowIfStats::dns_dropped`.
+pub const DNS_PER_CPU_PER_S: u64 = 2000;
+
+/// One DNS message as the flow programs saw it (ring buffer `DNS_RING`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DnsRecord {
+    pub ktime_ns: u64,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u8,
+    pub ifslot: u8,
+    /// 1: the interface sent it (tc egress), 0: received.
+    pub egress: u8,
+    /// 6 (TCP) or 17 (UDP).
+    pub transport: u8,
+    /// Bytes of `msg` copied.
+    pub len: u32,
+    /// The message's length in the packet (more than `len` when it was cut).
+    pub wire_len: u32,
+    pub msg: [u8; DNS_COPY],
 }
 
 pub const TCP_FIN: u8 = 0x01;
@@ -120,7 +152,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<FlowDeltaKey>(), 48);
         assert_eq!(core::mem::size_of::<FlowDelta>(), 56);
         assert_eq!(core::mem::size_of::<FlowIfKey>(), 16);
-        assert_eq!(core::mem::size_of::<FlowIfStats>(), 16 * 8);
+        assert_eq!(core::mem::size_of::<FlowIfStats>(), 17 * 8);
+        assert_eq!(core::mem::size_of::<DnsRecord>(), 8 + 32 + 8 + 8 + DNS_COPY);
         let k = FlowKey {
             src: [1; 16],
             dst: [2; 16],

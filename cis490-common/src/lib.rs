@@ -590,6 +590,7 @@ mod pod {
     unsafe impl aya::Pod for super::flow::FlowDelta {}
     unsafe impl aya::Pod for super::flow::FlowIfKey {}
     unsafe impl aya::Pod for super::flow::FlowIfStats {}
+    unsafe impl aya::Pod for super::flow::DnsRecord {}
     unsafe impl aya::Pod for super::KvmOffsets {}
 }
 

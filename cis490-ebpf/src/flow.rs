@@ -7,16 +7,19 @@
 //! Per-CPU tables: a flow's two directions may be handled on two CPUs at once, and per-CPU
 //! values need no atomic adds; user space sums the CPUs.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, generated::bpf_skb_load_bytes},
     macros::{classifier, map},
-    maps::{HashMap, LruHashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TcContext,
 };
 use cis490_common::flow::{
-    FlowDelta, FlowDeltaKey, FlowIfKey, FlowIfStats, FlowKey, FAMILY_IPV4, FAMILY_IPV6,
-    MAX_FLOW_DELTAS, MAX_FLOW_DIRS, MAX_FLOW_IF_DELTAS, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    DnsRecord, FlowDelta, FlowDeltaKey, FlowIfKey, FlowIfStats, FlowKey, DNS_COPY,
+    DNS_PER_CPU_PER_S, FAMILY_IPV4, FAMILY_IPV6, MAX_FLOW_DELTAS, MAX_FLOW_DIRS,
+    MAX_FLOW_IF_DELTAS, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 use cis490_common::MAX_NET_IFS;
 
@@ -38,6 +41,26 @@ static FLOW_DELTAS: PerCpuHashMap<FlowDeltaKey, FlowDelta> =
 #[map]
 static FLOW_IF_DELTAS: PerCpuHashMap<FlowIfKey, FlowIfStats> =
     PerCpuHashMap::with_max_entries(MAX_FLOW_IF_DELTAS, 0);
+
+/// DNS messages for user space to parse (headers and the message, at most `DNS_COPY`
+/// bytes of it).
+#[map]
+static DNS_RING: RingBuf = RingBuf::with_byte_size(256 << 10, 0);
+
+/// Per CPU: start of the current second, messages copied in it.
+#[map]
+static DNS_RATE: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// All zero, never written: the initial values of new entries, passed to the kernel from
+/// map memory rather than copied onto the 512-byte stack.
+#[repr(C)]
+pub struct Zeros {
+    ifs: FlowIfStats,
+    delta: FlowDelta,
+}
+
+#[map]
+static ZEROS: Array<Zeros> = Array::with_max_entries(1, 0);
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -78,7 +101,9 @@ fn if_stats(slot: u32, epoch: u64) -> Option<*mut FlowIfStats> {
         return Some(p);
     }
     // EEXIST when another CPU created the key meanwhile: this CPU's copy is zero then.
-    let _ = FLOW_IF_DELTAS.insert(&k, &FlowIfStats::default(), BPF_NOEXIST as u64);
+    // SAFETY: a map value nothing writes, read by the kernel only.
+    let zero = unsafe { &ZEROS.get(0)?.ifs };
+    let _ = FLOW_IF_DELTAS.insert(&k, zero, BPF_NOEXIST as u64);
     FLOW_IF_DELTAS.get_ptr_mut(&k)
 }
 
@@ -88,9 +113,14 @@ struct Parsed {
     tcp_flags: u8,
     /// 1: a DNS query, 2: a DNS response, 0: not DNS (or no header in this packet).
     dns: u8,
+    /// Where the DNS message starts in the packet, and its length as the packet says.
+    dns_off: usize,
+    dns_len: usize,
 }
 
-#[inline(always)]
+/// Not inlined: its own stack frame (each field load is a stack slot) keeps the packet
+/// handler's under the BPF limit.
+#[inline(never)]
 fn parse(ctx: &TcContext, slot: u32) -> Option<Parsed> {
     let mut off = 14usize;
     let mut proto = be16(ctx, 12)?;
@@ -135,6 +165,8 @@ fn parse(ctx: &TcContext, slot: u32) -> Option<Parsed> {
     }
     let mut tcp_flags = 0u8;
     let mut dns = 0u8;
+    let mut dns_off = 0usize;
+    let mut dns_len = 0usize;
     if first_fragment {
         match key.proto {
             IPPROTO_TCP => {
@@ -146,6 +178,8 @@ fn parse(ctx: &TcContext, slot: u32) -> Option<Parsed> {
                     // A 2-byte length, then the header: id, then flags (QR is the top bit).
                     if let Ok(flags) = ctx.load::<u8>(l4 + doff + 4) {
                         dns = 1 + (flags >> 7);
+                        dns_off = l4 + doff + 2;
+                        dns_len = usize::from(be16(ctx, l4 + doff).unwrap_or(0));
                     }
                 }
             }
@@ -155,6 +189,8 @@ fn parse(ctx: &TcContext, slot: u32) -> Option<Parsed> {
                 if key.sport == DNS_PORT || key.dport == DNS_PORT {
                     if let Ok(flags) = ctx.load::<u8>(l4 + 8 + 2) {
                         dns = 1 + (flags >> 7);
+                        dns_off = l4 + 8;
+                        dns_len = usize::from(be16(ctx, l4 + 4)?.saturating_sub(8));
                     }
                 }
             }
@@ -165,7 +201,84 @@ fn parse(ctx: &TcContext, slot: u32) -> Option<Parsed> {
         key,
         tcp_flags,
         dns,
+        dns_off,
+        dns_len,
     })
+}
+
+/// Whether this CPU may copy one more DNS message in the current second.
+#[inline(always)]
+fn dns_allowed(now: u64) -> bool {
+    let Some(r) = DNS_RATE.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's value of a per-CPU array, valid for the program run.
+    unsafe {
+        if now.wrapping_sub((*r)[0]) >= 1_000_000_000 {
+            (*r)[0] = now;
+            (*r)[1] = 0;
+        }
+        if (*r)[1] >= DNS_PER_CPU_PER_S {
+            return false;
+        }
+        (*r)[1] += 1;
+    }
+    true
+}
+
+/// Copy the DNS message of `p` to user space; false when it was dropped (rate, ring).
+/// Not inlined: its own stack frame keeps the packet handler's under the BPF limit.
+#[inline(never)]
+fn copy_dns(ctx: &TcContext, p: &Parsed, egress: bool, now: u64) -> bool {
+    if !dns_allowed(now) {
+        return false;
+    }
+    let in_packet = (ctx.len() as usize).saturating_sub(p.dns_off);
+    let n = if in_packet < DNS_COPY { in_packet } else { DNS_COPY };
+    if n == 0 {
+        return true;
+    }
+    let Some(mut entry) = DNS_RING.reserve::<DnsRecord>(0) else {
+        return false;
+    };
+    let rec = entry.as_mut_ptr();
+    // SAFETY: `rec` points to a reserved DnsRecord in the ring; every field written
+    // below lies inside it, and `msg` gets at most DNS_COPY bytes.
+    let copied = unsafe {
+        (*rec).ktime_ns = now;
+        (*rec).src = p.key.src;
+        (*rec).dst = p.key.dst;
+        (*rec).sport = p.key.sport;
+        (*rec).dport = p.key.dport;
+        (*rec).family = p.key.family;
+        (*rec).ifslot = p.key.ifslot;
+        (*rec).egress = u8::from(egress);
+        (*rec).transport = p.key.proto;
+        (*rec).wire_len = p.dns_len as u32;
+        // The helper itself, not TcContext::load_bytes, which takes the minimum with the
+        // packet's length again and so hands the verifier a length that may be 0; and
+        // the length read back through memory, so the compiler cannot fold the check
+        // below into the earlier ones: the verifier needs it right before the call.
+        let n = core::ptr::read_volatile(&n);
+        if n == 0 || n > DNS_COPY {
+            entry.discard(0);
+            return true;
+        }
+        (*rec).len = n as u32;
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const c_void,
+            p.dns_off as u32,
+            (&raw mut (*rec).msg).cast::<c_void>(),
+            n as u32,
+        ) == 0
+    };
+    if copied {
+        entry.submit(0);
+        true
+    } else {
+        entry.discard(0);
+        false
+    }
 }
 
 #[inline(always)]
@@ -227,6 +340,10 @@ fn handle(ctx: &TcContext, egress: bool) {
     }
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    if p.dns != 0 && !copy_dns(ctx, &p, egress, now) {
+        // SAFETY: as above.
+        unsafe { (*st).dns_dropped += 1 };
+    }
     // The flow in its first direction: as this packet shows it, or reversed, or new.
     let rev = p.key.reversed();
     let (flow, forward, created) = if FLOW_DIRS.get_ptr(&p.key).is_some() {
@@ -242,7 +359,10 @@ fn handle(ctx: &TcContext, egress: bool) {
     let d = match FLOW_DELTAS.get_ptr_mut(&dk) {
         Some(d) => d,
         None => {
-            let _ = FLOW_DELTAS.insert(&dk, &FlowDelta::default(), BPF_NOEXIST as u64);
+            // SAFETY: as in if_stats.
+            if let Some(z) = unsafe { ZEROS.get(0) } {
+                let _ = FLOW_DELTAS.insert(&dk, &z.delta, BPF_NOEXIST as u64);
+            }
             match FLOW_DELTAS.get_ptr_mut(&dk) {
                 Some(d) => d,
                 None => {
