@@ -2,8 +2,9 @@
 //! a network namespace this test creates (addresses 10.248.x.y/30 on this pair only,
 //! IPv6 off and static neighbours, so no packet but the test's crosses it), carrying known
 //! traffic: UDP datagrams of a known size to one port, one TCP connection opened, used and
-//! closed, and DNS queries (one answered with a truncated message). The interface's own
-//! counters (/sys/class/net) are the ground truth for the packet totals.
+//! closed, and DNS queries (one answered with a truncated message, which the dns source
+//! must count and skip). The interface's own counters (/sys/class/net) are the ground
+//! truth for the packet totals.
 //!
 //! Under CI=true a missing capability (root, `ip`, python3) is a failure, never a skip.
 
@@ -416,6 +417,40 @@ fn known_traffic_gives_exact_flow_counts_and_is_never_dropped() {
         // instant the snapshot takes to publish its tick).
         assert!(u(&f["last_seen_ns"]) <= u(&f["t_mono_ns"]) + 1_000_000);
     }
+
+    // dns: every query and every well-formed response, parsed; the truncated answer to
+    // bad.test counted and skipped.
+    assert_eq!(u(&last["dns_dropped"]), 0);
+    let dns = read_jsonl(&dir.join("telemetry-dns.jsonl"));
+    let queries: Vec<&Value> = dns.iter().filter(|r| r["is_response"] == false).collect();
+    let answers: Vec<&Value> = dns.iter().filter(|r| r["is_response"] == true).collect();
+    assert_eq!(queries.len(), DNS_NAMES.len(), "{dns:?}");
+    assert_eq!(answers.len(), DNS_NAMES.len() - 1, "{dns:?}");
+    for (i, (q, name)) in queries.iter().zip(DNS_NAMES).enumerate() {
+        assert_eq!(q["qname"], name);
+        assert_eq!(q["qtype"], 1);
+        assert_eq!(q["qtype_name"], "A");
+        assert_eq!(q["id"], 0x4000 + i as u64);
+        assert_eq!(q["direction"], "tx");
+        assert_eq!(q["transport"], "udp");
+        assert_eq!(q["dst_port"], 53);
+        assert_eq!(q["dst_addr"], pair.peer_ip.as_str());
+    }
+    for (a, name) in answers.iter().zip(DNS_NAMES) {
+        assert_eq!(a["qname"], name);
+        assert_eq!(a["answers"], "10.77.0.99");
+        assert_eq!(a["direction"], "rx");
+        assert_eq!(a["rcode"], 0);
+        assert_eq!(a["src_port"], 53);
+    }
+    let dns_meta = source_meta(&meta, "dns");
+    assert_eq!(dns_meta["malformed"]["truncated"], 1, "{dns_meta}");
+    let events = read_jsonl(&dir.join("events.jsonl"));
+    assert!(events.iter().any(|e| e["event"] == "source_error"
+        && e["source"] == "dns"
+        && e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("malformed (truncated)"))));
 
     let out = cis490().arg("validate").arg(&dir).output().unwrap();
     assert!(

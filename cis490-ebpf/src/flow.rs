@@ -234,7 +234,11 @@ fn copy_dns(ctx: &TcContext, p: &Parsed, egress: bool, now: u64) -> bool {
         return false;
     }
     let in_packet = (ctx.len() as usize).saturating_sub(p.dns_off);
-    let n = if in_packet < DNS_COPY { in_packet } else { DNS_COPY };
+    let n = if in_packet < DNS_COPY {
+        in_packet
+    } else {
+        DNS_COPY
+    };
     if n == 0 {
         return true;
     }

@@ -16,14 +16,57 @@ use anyhow::{bail, Context};
 use crate::util;
 
 /// Every fuzz target, in the order they run.
-pub const TARGETS: [&str; 6] = [
+pub const TARGETS: [&str; 7] = [
     "agent_line",
     "qmp_message",
     "procfs",
     "tracefs_format",
     "btf",
     "episode",
+    "dns_message",
 ];
+
+/// DNS messages for the `dns_message` seeds: queries of several types and names, and
+/// responses with compression, A, AAAA and CNAME answers (built here: no capture of real
+/// DNS traffic is in the fixtures).
+fn dns_seeds() -> Vec<(String, Vec<u8>)> {
+    fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+        let mut q = id.to_be_bytes().to_vec();
+        q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+        for l in name.split('.') {
+            q.push(l.len() as u8);
+            q.extend_from_slice(l.as_bytes());
+        }
+        q.push(0);
+        q.extend_from_slice(&qtype.to_be_bytes());
+        q.extend_from_slice(&[0, 1]);
+        q
+    }
+    let mut out = Vec::new();
+    for (i, (name, t)) in [
+        ("example.test", 1u16),
+        ("c2.evil.test", 28),
+        ("x.y.z.test", 16),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let q = query(i as u16, name, t);
+        let mut r = q.clone();
+        r[2] = 0x81;
+        r[3] = 0x80;
+        r[7] = 3;
+        r.extend_from_slice(&[
+            0xc0, 0x0c, 0, 5, 0, 1, 0, 0, 0, 60, 0, 6, 3, b'c', b'd', b'n', 0xc0, 0x0c,
+        ]);
+        r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 77, 0, 99]);
+        r.extend_from_slice(&[0xc0, 0x0c, 0, 28, 0, 1, 0, 0, 0, 60, 0, 16]);
+        r.extend_from_slice(&[0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        out.push((format!("query-{i}"), q));
+        out.push((format!("response-{i}"), r));
+    }
+    out
+}
 
 /// The separator the `episode` target splits its input on, and the files in order
 /// (fuzz/fuzz_targets/episode.rs has the same two).
@@ -292,6 +335,11 @@ fn write_seeds(target: &str, corpus: &Path) -> anyhow::Result<usize> {
                     &format!("vmlinux-{types}-{strings}"),
                     &btf_slice(&btf, types, strings)?,
                 )?;
+            }
+        }
+        "dns_message" => {
+            for (name, data) in dns_seeds() {
+                put(&name, &data)?;
             }
         }
         "episode" => {

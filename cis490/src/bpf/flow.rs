@@ -35,6 +35,13 @@ pub fn collectors(
     session: Arc<Session>,
     maps: Result<FlowMaps, String>,
 ) -> Vec<Box<dyn Collector>> {
+    let (maps, dns) = match maps {
+        Ok(m) => {
+            let FlowMaps { deltas, ifs, dns } = m;
+            (Ok((deltas, ifs)), Some(dns))
+        }
+        Err(e) => (Err(e), None),
+    };
     let shared = Arc::new(Mutex::new(Shared {
         fold: FlowFold::new(names.len()),
         stamps: Vec::new(),
@@ -44,7 +51,7 @@ pub fn collectors(
         Ok(m) => (Status::Attached, Some(m)),
         Err(why) => (Status::Absent(why), None),
     };
-    vec![
+    let mut out: Vec<Box<dyn Collector>> = vec![
         Box::new(FlowCollector {
             names: names.clone(),
             session,
@@ -55,11 +62,15 @@ pub fn collectors(
             evicted_reported: 0,
         }),
         Box::new(FlowsCollector {
-            names,
+            names: names.clone(),
             status,
             shared,
         }),
-    ]
+    ];
+    if let Some(ring) = dns {
+        out.push(Box::new(super::dns::DnsCollector::new(names, ring)));
+    }
+    out
 }
 
 fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -103,10 +114,16 @@ fn take_final<K: Pod + Copy, V: Pod + Copy>(
     Ok(())
 }
 
+/// The two per-tick tables of the flow programs.
+type Tables = (
+    PerCpuHashMap<MapData, cis490_common::flow::FlowDeltaKey, cis490_common::flow::FlowDelta>,
+    PerCpuHashMap<MapData, cis490_common::flow::FlowIfKey, cis490_common::flow::FlowIfStats>,
+);
+
 pub struct FlowCollector {
     names: Vec<String>,
     session: Arc<Session>,
-    maps: Option<FlowMaps>,
+    maps: Option<Tables>,
     status: Status,
     shared: Arc<Mutex<Shared>>,
     untracked_reported: u64,
@@ -165,9 +182,10 @@ impl Collector for FlowCollector {
         let Some(last) = batch.ticks.last().map(|t| t.kernel_seq) else {
             return Ok(());
         };
+        let (deltas, if_table) = maps;
         let mut ifs = Vec::new();
         if let Err(e) = take_final(
-            &mut maps.ifs,
+            if_table,
             |k| k.epoch,
             |v| sum_ifs(v.iter().copied()),
             last,
@@ -177,7 +195,7 @@ impl Collector for FlowCollector {
         }
         let mut flows = Vec::new();
         if let Err(e) = take_final(
-            &mut maps.deltas,
+            deltas,
             |k| k.epoch,
             |v| sum_deltas(v.iter().copied()),
             last,
@@ -217,7 +235,8 @@ impl Collector for FlowCollector {
                     .push("distinct_dst_ports", i.distinct_dst_ports)
                     .push("dns_queries", c.dns_queries)
                     .push("dns_responses", c.dns_responses)
-                    .push("untracked_packets", c.untracked_packets);
+                    .push("untracked_packets", c.untracked_packets)
+                    .push("dns_dropped", c.dns_dropped);
             }
         }
         let untracked: u64 = shared.fold.ticks.last().map_or(0, |t| {

@@ -251,6 +251,7 @@ pub fn load(
     let mut kvm_lost = None;
     let mut flow_deltas = None;
     let mut flow_ifs = None;
+    let mut dns_ring = None;
     for name in &maps {
         let fd = fds.next().expect("counted above");
         if name == "TIMER" {
@@ -304,6 +305,12 @@ pub fn load(
                     })?,
                 )
             }
+            "DNS_RING" => {
+                dns_ring = Some(
+                    RingBuf::try_from(Map::RingBuf(data))
+                        .map_err(|e| handoff_err(format!("map DNS_RING from the loader: {e}")))?,
+                )
+            }
             "KVM_LOST" => {
                 kvm_lost = Some(
                     PerCpuArray::try_from(Map::PerCpuArray(data))
@@ -331,10 +338,12 @@ pub fn load(
             ))
         }
     };
-    let flow = match (flow_deltas, flow_ifs, flow_error) {
-        (Some(deltas), Some(ifs), None) => FlowLoad::Attached(Box::new(FlowMaps { deltas, ifs })),
-        (None, None, Some(why)) => FlowLoad::Failed(why),
-        (None, None, None) => FlowLoad::NotAsked,
+    let flow = match (flow_deltas, flow_ifs, dns_ring, flow_error) {
+        (Some(deltas), Some(ifs), Some(dns), None) => {
+            FlowLoad::Attached(Box::new(FlowMaps { deltas, ifs, dns }))
+        }
+        (None, None, None, Some(why)) => FlowLoad::Failed(why),
+        (None, None, None, None) => FlowLoad::NotAsked,
         _ => {
             return Err(handoff_err(
                 "the BPF loader process sent an incomplete flow answer".to_owned(),
@@ -448,6 +457,7 @@ pub fn run_helper(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool, snap: SnapSp
                 FlowLoad::Attached(f) => {
                     maps.push(("FLOW_DELTAS", f.deltas.map().fd().as_fd()));
                     maps.push(("FLOW_IF_DELTAS", f.ifs.map().fd().as_fd()));
+                    maps.push(("DNS_RING", f.dns.as_fd()));
                     None
                 }
                 FlowLoad::Failed(why) => Some(why.clone()),

@@ -57,6 +57,7 @@ pub struct FlowMaps {
         PerCpuHashMap<MapData, cis490_common::flow::FlowDeltaKey, cis490_common::flow::FlowDelta>,
     pub ifs:
         PerCpuHashMap<MapData, cis490_common::flow::FlowIfKey, cis490_common::flow::FlowIfStats>,
+    pub dns: RingBuf<MapData>,
 }
 
 /// What became of the `flow` programs.
@@ -643,6 +644,7 @@ fn attach_flow(
     Ok(FlowMaps {
         deltas: take(ebpf, "FLOW_DELTAS")?,
         ifs: take(ebpf, "FLOW_IF_DELTAS")?,
+        dns: take(ebpf, "DNS_RING")?,
     })
 }
 

@@ -15,6 +15,7 @@
 //! - `stats`: per-program run count / run time for `--bpf-stats`
 
 pub mod btf;
+pub mod dns;
 pub mod error;
 pub mod flow;
 pub mod handoff;

@@ -462,11 +462,11 @@ fn unknown_event_kind_and_missing_or_unknown_event_fields_are_caught() {
 
 #[test]
 fn a_file_of_no_declared_stream_is_reported_once() {
-    let mut check = TypeCheck::for_file("telemetry-dns.jsonl");
+    let mut check = TypeCheck::for_file("telemetry-pcap.jsonl");
     let row = json!({"t_mono_ns": 1});
     let first = check.check(row.as_object().unwrap());
     assert_eq!(first.len(), 1);
-    assert!(first[0].contains("telemetry-dns.jsonl"), "{first:?}");
+    assert!(first[0].contains("telemetry-pcap.jsonl"), "{first:?}");
     assert!(check.check(row.as_object().unwrap()).is_empty());
 }
 

@@ -826,6 +826,38 @@ const FLOW: &[C] = &[
         "untracked_packets",
         "IP packets counted above but in no flow: the kernel's flow table was full (also a source_error event)",
     ),
+    flow_count(
+        "dns_dropped",
+        "DNS messages counted above but not copied for the dns stream (over 2,000 per second per CPU, or its ring buffer full)",
+    ),
+];
+
+const DNS_SOURCE: &[&str] = &["dns"];
+const DIRECTIONS: &[&str] = &["rx", "tx"];
+const TRANSPORTS: &[&str] = &["udp", "tcp"];
+
+const DNS: &[C] = &[
+    T_MONO,
+    T_WALL,
+    source(DNS_SOURCE),
+    AVAILABLE,
+    C::new("seq", UInt64, "message", "accepted message number, from 0 (t_mono_ns is the packet's own time)"),
+    C::new("ifname", Dict, "", "interface name"),
+    C::new("direction", Dict, "", "rx (received by the interface) or tx (sent)").values(DIRECTIONS),
+    C::new("transport", Dict, "", "udp or tcp").values(TRANSPORTS),
+    C::new("src_addr", Utf8, "", "source address"),
+    C::new("dst_addr", Utf8, "", "destination address"),
+    C::new("src_port", UInt64, "", "source port"),
+    C::new("dst_port", UInt64, "", "destination port"),
+    C::new("id", UInt64, "", "the message's id (matches a response to its query)"),
+    C::new("is_response", Bool, "", "QR bit"),
+    C::new("opcode", UInt64, "", "OPCODE (0 = query)"),
+    C::new("rcode", UInt64, "", "RCODE (0 NOERROR, 2 SERVFAIL, 3 NXDOMAIN, …)"),
+    C::new("qname", Utf8, "", "the first question's name, lower-cased, no trailing dot; null without a question").nullable(),
+    C::new("qtype", UInt64, "", "its type (1 A, 28 AAAA, 16 TXT, …)").nullable(),
+    C::new("qtype_name", Dict, "", "the type's name where common, else null").nullable(),
+    C::new("answers", Utf8, "", "addresses (A, AAAA) and names (CNAME) of the answer section, comma-separated, at most 32; empty for none"),
+    C::new("answers_not_kept", UInt64, "count", "answers beyond those 32"),
 ];
 
 const FLOWS_SOURCE: &[&str] = &["flows"];
@@ -928,6 +960,18 @@ pub static STREAMS: &[Stream] = &[
         families: &[],
         entity: &["ifname", "proto", "src_addr", "dst_addr", "src_port", "dst_port"],
         sparse: true,
+    },
+    Stream {
+        name: "dns",
+        file: "telemetry-dns.jsonl",
+        kind: StreamKind::Telemetry,
+        available_in_deployment: Some(true),
+        written_by: "with `flow` (DNS messages the tc programs copy)",
+        rows: "one per DNS message that parses (malformed ones are counted in meta.sources[dns].malformed)",
+        columns: DNS,
+        families: &[],
+        entity: &[],
+        sparse: false,
     },
     Stream {
         name: "perf",

@@ -114,6 +114,7 @@ fn add_if(s: &mut FlowIfStats, v: &FlowIfStats) {
     s.dns_queries += v.dns_queries;
     s.dns_responses += v.dns_responses;
     s.untracked_packets += v.untracked_packets;
+    s.dns_dropped += v.dns_dropped;
 }
 
 impl FlowFold {

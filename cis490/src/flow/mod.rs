@@ -4,10 +4,12 @@
 //!
 //! - `fold`: the kernel's per-tick entries into cumulative per-interface and per-flow
 //!   counts (pure, unit-tested)
+//! - `dns`: DNS messages the programs copied, parsed as hostile input (pure, fuzzed)
 //! - here: how a flow key is written (addresses, protocol names)
 //!
 //! The collectors, which read the kernel's maps, are in `bpf::flow`.
 
+pub mod dns;
 pub mod fold;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -16,6 +18,7 @@ use cis490_common::flow::{FlowKey, FAMILY_IPV4};
 
 pub const SOURCE: &str = "flow";
 pub const FLOWS_SOURCE: &str = "flows";
+pub const DNS_SOURCE: &str = "dns";
 
 /// The protocol column: a name for the common ones, else the number.
 pub fn proto_name(proto: u8) -> String {
