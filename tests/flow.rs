@@ -458,4 +458,33 @@ fn known_traffic_gives_exact_flow_counts_and_is_never_dropped() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+
+    // The report plots the interface and counts the phase's flows and queries.
+    let png = data.path().join("report.png");
+    let out = cis490()
+        .arg("report")
+        .arg(&dir)
+        .arg("--output")
+        .arg(&png)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(table.contains("network: "), "{table}");
+    let row = table
+        .lines()
+        .skip_while(|l| !l.starts_with("network per phase"))
+        .nth(2)
+        .unwrap_or_else(|| panic!("no network table:\n{table}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    // new_flows, dst_addrs, dst_ports, dns_queries, dns_names
+    assert_eq!(
+        &cols[cols.len() - 5..],
+        ["3", "1", "3", "3", "3"],
+        "{table}"
+    );
 }

@@ -1150,6 +1150,17 @@ pub fn run(quick: bool, only: &[u32], out: Option<PathBuf>) -> anyhow::Result<()
             Err(e) => writeln!(md, "Not measured: {e:#}\n")?,
         }
     }
+    if want(14) {
+        writeln!(md, "## 14. The flow source's cost per packet\n")?;
+        match crate::flow_bench::section(
+            &release_bin("cis490"),
+            if quick { 1 } else { 3 },
+            &scratch,
+        ) {
+            Ok(text) => md.push_str(&text),
+            Err(e) => writeln!(md, "Not measured: {e:#}\n")?,
+        }
+    }
     let mut header = String::new();
     writeln!(header, "# cis490 benchmarks\n")?;
     writeln!(

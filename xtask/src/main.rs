@@ -8,6 +8,7 @@
 
 mod bench;
 mod demo;
+mod flow_bench;
 mod fuzz;
 mod kvm_bench;
 mod setup;

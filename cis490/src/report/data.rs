@@ -63,6 +63,74 @@ pub struct Model {
     pub marks: Vec<EventMark>,
     /// kvm-keys exits of the kinds the per-phase table ranks (CPUID leaves, MSRs).
     pub key_exits: Vec<KeyExits>,
+    /// Flows as they first appear in `flows`, and DNS queries, for the network table.
+    pub network: NetworkSeen,
+}
+
+/// What the per-phase network table counts: each flow once, at its first packet; each DNS
+/// query at its time.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NetworkSeen {
+    /// (seconds, destination address, destination port) of each flow's first packet.
+    pub flows: Vec<(f64, String, u64)>,
+    /// (seconds, name) of each DNS query.
+    pub queries: Vec<(f64, String)>,
+    seen: std::collections::HashSet<(String, String, String, String, u64, u64)>,
+}
+
+impl NetworkSeen {
+    /// A `flows` row: counted the first time its flow appears.
+    pub fn push_flow(&mut self, o: &Map<String, Value>) {
+        let s = |k: &str| o.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+        let n = |k: &str| o.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let key = (
+            s("ifname"),
+            s("proto"),
+            s("src_addr"),
+            s("dst_addr"),
+            n("src_port"),
+            n("dst_port"),
+        );
+        if self.seen.insert(key) {
+            self.flows.push((
+                n("first_seen_ns") as f64 / 1e9,
+                s("dst_addr"),
+                n("dst_port"),
+            ));
+        }
+    }
+
+    /// A `dns` row: counted when it is a query.
+    pub fn push_dns(&mut self, o: &Map<String, Value>) {
+        if o.get("is_response").and_then(Value::as_bool) != Some(false) {
+            return;
+        }
+        let (Some(t), Some(q)) = (
+            o.get("t_mono_ns").and_then(Value::as_u64),
+            o.get("qname").and_then(Value::as_str),
+        ) else {
+            return;
+        };
+        self.queries.push((t as f64 / 1e9, q.to_owned()));
+    }
+
+    /// (new flows, distinct destination addresses, distinct destination ports, DNS
+    /// queries, distinct names) at the times `within` accepts.
+    pub fn counts(&self, within: impl Fn(f64) -> bool) -> [usize; 5] {
+        use std::collections::HashSet;
+        let flows: Vec<_> = self.flows.iter().filter(|f| within(f.0)).collect();
+        let addrs: HashSet<&str> = flows.iter().map(|f| f.1.as_str()).collect();
+        let ports: HashSet<u64> = flows.iter().map(|f| f.2).collect();
+        let queries: Vec<_> = self.queries.iter().filter(|q| within(q.0)).collect();
+        let names: HashSet<&str> = queries.iter().map(|q| q.1.as_str()).collect();
+        [
+            flows.len(),
+            addrs.len(),
+            ports.len(),
+            queries.len(),
+            names.len(),
+        ]
+    }
 }
 
 /// Exits of one (kind, key) that a kvm-keys row adds to its series' previous row.
@@ -541,6 +609,34 @@ pub fn mean_p95(values: &mut [f64]) -> Option<(f64, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn network_counts_each_flow_once_and_queries_by_phase() {
+        let mut n = NetworkSeen::default();
+        let flow = |first: u64, dst: &str, dport: u64| {
+            serde_json::json!({"ifname": "tap0", "proto": "udp", "src_addr": "10.0.0.2",
+                "dst_addr": dst, "src_port": 5000, "dst_port": dport, "first_seen_ns": first})
+            .as_object()
+            .unwrap()
+            .clone()
+        };
+        n.push_flow(&flow(1_000_000_000, "1.1.1.1", 53));
+        n.push_flow(&flow(1_000_000_000, "1.1.1.1", 53)); // the same flow's next row
+        n.push_flow(&flow(2_500_000_000, "8.8.8.8", 53));
+        n.push_flow(&flow(2_600_000_000, "8.8.8.8", 443));
+        let q = |t: u64, name: &str, resp: bool| {
+            serde_json::json!({"t_mono_ns": t, "qname": name, "is_response": resp})
+                .as_object()
+                .unwrap()
+                .clone()
+        };
+        n.push_dns(&q(1_100_000_000, "a.test", false));
+        n.push_dns(&q(1_200_000_000, "a.test", true));
+        n.push_dns(&q(2_700_000_000, "b.test", false));
+        n.push_dns(&q(2_800_000_000, "b.test", false));
+        assert_eq!(n.counts(|t| t < 2.0), [1, 1, 1, 1, 1]);
+        assert_eq!(n.counts(|t| t >= 2.0), [2, 1, 2, 2, 1]);
+    }
 
     #[test]
     fn key_exits_are_the_differences_of_each_series_and_rank_per_window() {

@@ -170,6 +170,32 @@ pub fn load(dir: &Path) -> Result<Model, Error> {
             data::for_each_object(&file("kvm-keys"), |o| key_exits.push(o))?;
         }
     }
+    // The network as the flow programs saw it: packets per direction, new flows, DNS
+    // queries, per interface; flows and queries for the per-phase table.
+    let mut network = data::NetworkSeen::default();
+    if file("flow").exists() {
+        let plotted =
+            |k: &str| matches!(k, "rx_packets" | "tx_packets" | "flows_new" | "dns_queries");
+        let rows = load_rows(&file("flow"), plotted)?;
+        track(&rows);
+        let panel = data::counter_panel(
+            &rows,
+            "network",
+            "Network (flow): packets, new flows, DNS queries".into(),
+            "per s",
+            true,
+            plotted,
+        );
+        if panel.series.iter().any(|s| !s.points.is_empty()) {
+            panels.push(panel);
+        }
+        if file("flows").exists() {
+            data::for_each_object(&file("flows"), |o| network.push_flow(o))?;
+        }
+        if file("dns").exists() {
+            data::for_each_object(&file("dns"), |o| network.push_dns(o))?;
+        }
+    }
     if file("agent").exists() {
         let rows = load_rows(&file("agent"), |k| {
             data::is_guest_cpu(k) || data::is_guest_mem(k)
@@ -239,6 +265,7 @@ pub fn load(dir: &Path) -> Result<Model, Error> {
         bands: data::phase_bands(&labels, end_s),
         marks: data::merge_marks(marks),
         key_exits: key_exits.out,
+        network,
     })
 }
 
@@ -310,6 +337,21 @@ pub fn summary_table(model: &Model) -> String {
             out.push_str(&format!(
                 "{phase:<18} {:>10.2}  (no samples)\n",
                 duration[phase]
+            ));
+        }
+    }
+    if !model.network.flows.is_empty() || !model.network.queries.is_empty() {
+        out.push_str(&format!(
+            "\nnetwork per phase (flows, dns)\n{:<18} {:>10} {:>14} {:>14} {:>12} {:>14}\n",
+            "phase", "new_flows", "dst_addrs", "dst_ports", "dns_queries", "dns_names"
+        ));
+        for phase in &order {
+            let c = model
+                .network
+                .counts(|t| phase_at(t) == Some(phase.as_str()));
+            out.push_str(&format!(
+                "{phase:<18} {:>10} {:>14} {:>14} {:>12} {:>14}\n",
+                c[0], c[1], c[2], c[3], c[4]
             ));
         }
     }
@@ -414,6 +456,7 @@ mod tests {
             bands,
             marks: Vec::new(),
             key_exits: Vec::new(),
+            network: Default::default(),
         }
     }
 
