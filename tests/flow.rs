@@ -69,12 +69,13 @@ struct Pair {
 }
 
 impl Pair {
-    fn create() -> Pair {
+    /// `tag`: one letter per test, so tests running at once get pairs of their own.
+    fn create(tag: char) -> Pair {
         let id = std::process::id();
-        let n = id % 60;
-        let ns = format!("cis490f{id}");
-        let host_if = format!("c490f{}", id % 100000);
-        let peer_if = format!("c490g{}", id % 100000);
+        let n = (id + tag as u32) % 60;
+        let ns = format!("cis490f{tag}{id}");
+        let host_if = format!("c490f{tag}{}", id % 100000);
+        let peer_if = format!("c490g{tag}{}", id % 100000);
         let host_ip = format!("10.248.{n}.1");
         let peer_ip = format!("10.248.{n}.2");
         for leftover in [["netns", "del", &ns], ["link", "del", &host_if]] {
@@ -287,7 +288,7 @@ fn known_traffic_gives_exact_flow_counts_and_is_never_dropped() {
     if !capable() {
         return;
     }
-    let mut pair = Pair::create();
+    let mut pair = Pair::create('a');
     pair.start_peer();
     let target = Command::new("sleep").arg("30").spawn().unwrap();
     let data = tempfile::tempdir().unwrap();
@@ -486,5 +487,131 @@ fn known_traffic_gives_exact_flow_counts_and_is_never_dropped() {
         &cols[cols.len() - 5..],
         ["3", "1", "3", "3", "3"],
         "{table}"
+    );
+}
+
+/// IPv6: the programs parse the IPv6 header, so a UDP flow over IPv6 has its addresses
+/// and exact counts. (IPv6 on: the kernel may add its own ICMPv6 on the pair, so only the
+/// test's flow is checked exactly.)
+#[test]
+fn udp_over_ipv6_is_a_flow_with_exact_counts() {
+    if !capable() {
+        return;
+    }
+    const N: u64 = 7;
+    const PAYLOAD: usize = 100;
+    let pair = Pair::create('b');
+    let peer_if = pair.host_if.replacen("c490f", "c490g", 1);
+    let (a6, b6) = ("fd77:490::1", "fd77:490::2");
+    sh(&[
+        "sh",
+        "-c",
+        &format!(
+            "echo 0 > /proc/sys/net/ipv6/conf/{}/disable_ipv6",
+            pair.host_if
+        ),
+    ]);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &pair.ns,
+        "sh",
+        "-c",
+        &format!("echo 0 > /proc/sys/net/ipv6/conf/{peer_if}/disable_ipv6"),
+    ]);
+    sh(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{a6}/64"),
+        "dev",
+        &pair.host_if,
+        "nodad",
+    ]);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &pair.ns,
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{b6}/64"),
+        "dev",
+        &peer_if,
+        "nodad",
+    ]);
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pair.ns,
+            "cat",
+            &format!("/sys/class/net/{peer_if}/address"),
+        ])
+        .output()
+        .unwrap();
+    let peer_mac = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    sh(&[
+        "ip",
+        "-6",
+        "neigh",
+        "replace",
+        b6,
+        "lladdr",
+        &peer_mac,
+        "dev",
+        &pair.host_if,
+        "nud",
+        "permanent",
+    ]);
+    let target = Command::new("sleep").arg("30").spawn().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let child = spawn_trace(
+        data.path(),
+        &[
+            "--qemu-pid",
+            &target.id().to_string(),
+            "--backend",
+            "bpf",
+            "--net-if",
+            &pair.host_if,
+            "--duration",
+            "3",
+            "--no-qmp",
+        ],
+    );
+    assert!(wait_for(Duration::from_secs(20), || episodes(data.path())
+        .first()
+        .is_some_and(|d| std::fs::metadata(
+            d.join("telemetry-flow.jsonl")
+        )
+        .is_ok_and(|m| m.len() > 0))));
+    let s = UdpSocket::bind(format!("[{a6}]:0")).unwrap();
+    for _ in 0..N {
+        s.send_to(&[1u8; PAYLOAD], format!("[{b6}]:9999")).unwrap();
+    }
+    let (ok, dir, stderr) = wait_trace(child, Duration::from_secs(30));
+    assert!(ok, "trace failed: {stderr}");
+    let mut target = target;
+    let _ = target.kill();
+    let flows = read_jsonl(&dir.join("telemetry-flows.jsonl"));
+    let ours: Vec<&Value> = flows
+        .iter()
+        .filter(|f| f["proto"] == "udp" && f["dst_addr"] == b6 && f["dst_port"] == 9999)
+        .collect();
+    let last = ours.last().expect("no row of the IPv6 flow");
+    assert_eq!(last["src_addr"], a6);
+    assert_eq!(u(&last["packets_fwd"]), N);
+    // Ethernet 14 + IPv6 40 + UDP 8 + payload.
+    assert_eq!(u(&last["bytes_fwd"]), N * (62 + PAYLOAD as u64));
+    let out = cis490().arg("validate").arg(&dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
     );
 }
