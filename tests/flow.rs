@@ -361,7 +361,9 @@ fn known_traffic_gives_exact_flow_counts_and_is_never_dropped() {
     // flows: one series per flow, cumulative; the sums agree with the interface rows at
     // every tick.
     let flows = read_jsonl(&dir.join("telemetry-flows.jsonl"));
-    let mut latest: BTreeMap<(String, u64, u64), (u64, u64, u64, u64, u64)> = BTreeMap::new();
+    // (proto, src_port, dst_port) → (packets fwd, rev, bytes fwd, rev, tcp flags).
+    type Latest = BTreeMap<(String, u64, u64), (u64, u64, u64, u64, u64)>;
+    let mut latest = Latest::new();
     let mut flow_rows = flows.iter().peekable();
     for r in &rows {
         let seq = u(&r["seq"]);
@@ -459,6 +461,21 @@ fn known_traffic_gives_exact_flow_counts_and_is_never_dropped() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+
+    // The Parquet export types the three streams and reads them back value for value.
+    let dataset = tempfile::tempdir().unwrap();
+    let x = cis490()
+        .arg("export")
+        .arg(&dir)
+        .arg("--out")
+        .arg(dataset.path())
+        .arg("--verify")
+        .output()
+        .unwrap();
+    assert!(x.status.success(), "export: {}", String::from_utf8_lossy(&x.stderr));
+    for stream in ["flow", "flows", "dns"] {
+        assert!(dataset.path().join(stream).is_dir(), "no {stream} in the dataset");
+    }
 
     // The report plots the interface and counts the phase's flows and queries.
     let png = data.path().join("report.png");

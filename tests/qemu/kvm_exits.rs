@@ -463,6 +463,19 @@ fn kvm_exits_are_counted_exactly_per_vcpu_thread_kind_and_key() {
         String::from_utf8_lossy(&out.stdout)
     );
 
+    // The Parquet export types both streams and reads them back value for value.
+    let dataset = tmp.path().join("dataset");
+    let x = cis490()
+        .arg("export")
+        .arg(&dir)
+        .arg("--out")
+        .arg(&dataset)
+        .arg("--verify")
+        .output()
+        .unwrap();
+    assert!(x.status.success(), "export: {}", String::from_utf8_lossy(&x.stderr));
+    assert!(dataset.join("kvm").is_dir() && dataset.join("kvm-keys").is_dir());
+
     // The report ranks the CPUID leaves and MSRs of each phase.
     let png = tmp.path().join("report.png");
     let out = cis490()
