@@ -472,9 +472,16 @@ fn known_traffic_gives_exact_flow_counts_and_is_never_dropped() {
         .arg("--verify")
         .output()
         .unwrap();
-    assert!(x.status.success(), "export: {}", String::from_utf8_lossy(&x.stderr));
+    assert!(
+        x.status.success(),
+        "export: {}",
+        String::from_utf8_lossy(&x.stderr)
+    );
     for stream in ["flow", "flows", "dns"] {
-        assert!(dataset.path().join(stream).is_dir(), "no {stream} in the dataset");
+        assert!(
+            dataset.path().join(stream).is_dir(),
+            "no {stream} in the dataset"
+        );
     }
 
     // The report plots the interface and counts the phase's flows and queries.

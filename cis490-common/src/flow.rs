@@ -13,8 +13,19 @@ pub const MAX_FLOW_DELTAS: u32 = 16384;
 /// again is a new flow to the kernel, and user space counts it as `flows_reseen`).
 pub const MAX_FLOW_DIRS: u32 = 65536;
 
-/// Entries of `FLOW_IF_DELTAS`: (interface, tick) pairs alive between two drains.
-pub const MAX_FLOW_IF_DELTAS: u32 = 4096;
+/// Ticks of per-interface counters kept per CPU (`FLOW_IF_TICKS`, a ring indexed by
+/// interface slot × this + tick % this): user space reads a tick's entry within 512 ticks
+/// (0.5 s at 1 kHz; it drains every 50 ms).
+pub const FLOW_IF_RING: u32 = 512;
+
+/// One entry of `FLOW_IF_TICKS`: the counters of tick `epoch` (an entry of an older tick
+/// is reset when its ring position comes round again).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowIfSlot {
+    pub epoch: u64,
+    pub stats: FlowIfStats,
+}
 
 /// Address family of a [`FlowKey`].
 pub const FAMILY_IPV4: u8 = 4;
@@ -153,6 +164,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<FlowDelta>(), 56);
         assert_eq!(core::mem::size_of::<FlowIfKey>(), 16);
         assert_eq!(core::mem::size_of::<FlowIfStats>(), 17 * 8);
+        assert_eq!(core::mem::size_of::<FlowIfSlot>(), 18 * 8);
+        assert!(FLOW_IF_RING.is_power_of_two());
         assert_eq!(core::mem::size_of::<DnsRecord>(), 8 + 32 + 8 + 8 + DNS_COPY);
         let k = FlowKey {
             src: [1; 16],

@@ -591,6 +591,7 @@ mod pod {
     unsafe impl aya::Pod for super::flow::FlowIfKey {}
     unsafe impl aya::Pod for super::flow::FlowIfStats {}
     unsafe impl aya::Pod for super::flow::DnsRecord {}
+    unsafe impl aya::Pod for super::flow::FlowIfSlot {}
     unsafe impl aya::Pod for super::KvmOffsets {}
 }
 

@@ -13,21 +13,37 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
     helpers::{bpf_ktime_get_ns, generated::bpf_skb_load_bytes},
     macros::{classifier, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TcContext,
 };
 use cis490_common::flow::{
-    DnsRecord, FlowDelta, FlowDeltaKey, FlowIfKey, FlowIfStats, FlowKey, DNS_COPY,
-    DNS_PER_CPU_PER_S, FAMILY_IPV4, FAMILY_IPV6, MAX_FLOW_DELTAS, MAX_FLOW_DIRS,
-    MAX_FLOW_IF_DELTAS, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    DnsRecord, FlowDelta, FlowDeltaKey, FlowIfSlot, FlowIfStats, FlowKey, DNS_COPY,
+    DNS_PER_CPU_PER_S, FAMILY_IPV4, FAMILY_IPV6, FLOW_IF_RING, MAX_FLOW_DELTAS, MAX_FLOW_DIRS,
+    TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 use cis490_common::MAX_NET_IFS;
 
 use crate::globals::tick_epoch;
 
-/// ifindex → slot of the watched interfaces (filled by the loader).
-#[map]
-static FLOW_IFS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NET_IFS, 0);
+/// The watched interfaces' ifindexes, by slot (0: unused), set by the loader: a scan of
+/// a few words instead of a hash lookup per packet.
+#[unsafe(no_mangle)]
+static FLOW_IFINDEX: [u32; MAX_NET_IFS as usize] = [0; MAX_NET_IFS as usize];
+
+/// The slot of the watched interface `ifindex`.
+#[inline(always)]
+fn slot_of(ifindex: u32) -> Option<u32> {
+    let p: *const [u32; MAX_NET_IFS as usize] = &raw const FLOW_IFINDEX;
+    // SAFETY: a static; the volatile read of the pointer only hides its initial values
+    // from the optimizer (the loader rewrites them).
+    let ifs = unsafe { &*core::ptr::read_volatile(&p) };
+    for (slot, i) in ifs.iter().enumerate() {
+        if *i == ifindex && ifindex != 0 {
+            return Some(slot as u32);
+        }
+    }
+    None
+}
 
 /// Flows the programs have seen, in their first direction → CLOCK_MONOTONIC of the first
 /// packet. LRU: never full; the least recently seen flow is forgotten first.
@@ -38,9 +54,11 @@ static FLOW_DIRS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(MAX_FL
 static FLOW_DELTAS: PerCpuHashMap<FlowDeltaKey, FlowDelta> =
     PerCpuHashMap::with_max_entries(MAX_FLOW_DELTAS, 0);
 
+/// Per-interface counters per tick, per CPU: a ring of FLOW_IF_RING ticks per interface
+/// (sized by the loader). An array, not a hash: its lookup is a few instructions.
 #[map]
-static FLOW_IF_DELTAS: PerCpuHashMap<FlowIfKey, FlowIfStats> =
-    PerCpuHashMap::with_max_entries(MAX_FLOW_IF_DELTAS, 0);
+static FLOW_IF_TICKS: PerCpuArray<FlowIfSlot> =
+    PerCpuArray::with_max_entries(MAX_NET_IFS * FLOW_IF_RING, 0);
 
 /// DNS messages for user space to parse (headers and the message, at most `DNS_COPY`
 /// bytes of it).
@@ -51,11 +69,10 @@ static DNS_RING: RingBuf = RingBuf::with_byte_size(256 << 10, 0);
 #[map]
 static DNS_RATE: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
-/// All zero, never written: the initial values of new entries, passed to the kernel from
-/// map memory rather than copied onto the 512-byte stack.
+/// All zero, never written: the initial value of new flow entries, passed to the kernel
+/// from map memory rather than copied onto the 512-byte stack.
 #[repr(C)]
 pub struct Zeros {
-    ifs: FlowIfStats,
     delta: FlowDelta,
 }
 
@@ -84,32 +101,57 @@ pub fn cis490_flow_egress(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// `N` bytes of the packet's linear data at `off`, for direct reads at constant offsets
+/// into them: one bounds check the verifier sees on the very pointer the reads use. (A
+/// helper call, bpf_skb_load_bytes, per field was the programs' largest cost.)
 #[inline(always)]
-fn be16(ctx: &TcContext, off: usize) -> Option<u16> {
-    ctx.load::<u16>(off).ok().map(u16::from_be)
+fn window<const N: usize>(ctx: &TcContext, off: usize) -> Option<*const u8> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    let at = (start + off) as *const u8;
+    // SAFETY: pointer arithmetic only; nothing is read unless it is in bounds.
+    if unsafe { at.add(N) } as usize > end {
+        return None;
+    }
+    Some(at)
 }
 
-/// This tick's counters of interface `slot` (this CPU's copy), created at zero.
+/// Byte `i` of a window (`i` < its N).
+#[inline(always)]
+fn byte(w: *const u8, i: usize) -> u8 {
+    // SAFETY: the caller's window covers `i` (checked by `window`).
+    unsafe { *w.add(i) }
+}
+
+/// Big-endian u16 at `i` of a window (`i + 1` < its N).
+#[inline(always)]
+fn be16_at(w: *const u8, i: usize) -> u16 {
+    u16::from_be_bytes([byte(w, i), byte(w, i + 1)])
+}
+
+/// Headers the parser may read: Ethernet, two VLAN tags, IPv6, a TCP header with options,
+/// and the DNS flags after it.
+const HEADERS: usize = 22 + 60 + 60 + 6;
+
+/// This tick's counters of interface `slot` (this CPU's copy), reset when the ring
+/// position last held an older tick.
 #[inline(always)]
 fn if_stats(slot: u32, epoch: u64) -> Option<*mut FlowIfStats> {
-    let k = FlowIfKey {
-        ifslot: slot,
-        _pad: 0,
-        epoch,
-    };
-    if let Some(p) = FLOW_IF_DELTAS.get_ptr_mut(&k) {
-        return Some(p);
+    let idx = slot * FLOW_IF_RING + (epoch as u32 & (FLOW_IF_RING - 1));
+    let e = FLOW_IF_TICKS.get_ptr_mut(idx)?;
+    // SAFETY: this CPU's value of a per-CPU array, valid for the program run; tc programs
+    // do not nest on one CPU.
+    unsafe {
+        if (*e).epoch != epoch {
+            (*e).stats = FlowIfStats::default();
+            (*e).epoch = epoch;
+        }
+        Some(&raw mut (*e).stats)
     }
-    // EEXIST when another CPU created the key meanwhile: this CPU's copy is zero then.
-    // SAFETY: a map value nothing writes, read by the kernel only.
-    let zero = unsafe { &ZEROS.get(0)?.ifs };
-    let _ = FLOW_IF_DELTAS.insert(&k, zero, BPF_NOEXIST as u64);
-    FLOW_IF_DELTAS.get_ptr_mut(&k)
 }
 
-/// What the parse of one packet found.
+/// What the parse of one packet found besides its flow key.
 struct Parsed {
-    key: FlowKey,
     tcp_flags: u8,
     /// 1: a DNS query, 2: a DNS response, 0: not DNS (or no header in this packet).
     dns: u8,
@@ -118,47 +160,53 @@ struct Parsed {
     dns_len: usize,
 }
 
-/// Not inlined: its own stack frame (each field load is a stack slot) keeps the packet
-/// handler's under the BPF limit.
-#[inline(never)]
-fn parse(ctx: &TcContext, slot: u32) -> Option<Parsed> {
+/// Parse the packet's headers into `key` (its ifslot already set) and the rest.
+#[inline(always)]
+fn parse(ctx: &TcContext, key: &mut FlowKey) -> Option<Parsed> {
+    // Headers outside the linear data (rare for a VM's packets) are pulled in first.
+    let len = ctx.len() as usize;
+    if ctx.data_end() - ctx.data() < HEADERS && len > ctx.data_end() - ctx.data() {
+        let _ = ctx.pull_data(if len < HEADERS { len } else { HEADERS } as u32);
+    }
+    let eth = window::<14>(ctx, 0)?;
     let mut off = 14usize;
-    let mut proto = be16(ctx, 12)?;
+    let mut proto = be16_at(eth, 12);
     if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
-        proto = be16(ctx, 16)?;
+        let tag = window::<8>(ctx, 14)?;
+        proto = be16_at(tag, 2);
         off = 18;
         if proto == ETH_P_8021Q {
-            proto = be16(ctx, 20)?;
+            proto = be16_at(tag, 6);
             off = 22;
         }
     }
-    let mut key = FlowKey {
-        ifslot: slot as u8,
-        ..FlowKey::default()
-    };
     let l4;
     let mut first_fragment = true;
     match proto {
         ETH_P_IP => {
-            let vihl = ctx.load::<u8>(off).ok()?;
+            let ip = window::<20>(ctx, off)?;
+            let vihl = byte(ip, 0);
             let ihl = usize::from(vihl & 0x0f) * 4;
             if vihl >> 4 != 4 || ihl < 20 {
                 return None;
             }
             key.family = FAMILY_IPV4;
-            key.proto = ctx.load::<u8>(off + 9).ok()?;
-            first_fragment = be16(ctx, off + 6)? & 0x1fff == 0;
-            let src = ctx.load::<[u8; 4]>(off + 12).ok()?;
-            let dst = ctx.load::<[u8; 4]>(off + 16).ok()?;
-            key.src[..4].copy_from_slice(&src);
-            key.dst[..4].copy_from_slice(&dst);
+            key.proto = byte(ip, 9);
+            first_fragment = be16_at(ip, 6) & 0x1fff == 0;
+            for i in 0..4 {
+                key.src[i] = byte(ip, 12 + i);
+                key.dst[i] = byte(ip, 16 + i);
+            }
             l4 = off + ihl;
         }
         ETH_P_IPV6 => {
+            let ip = window::<40>(ctx, off)?;
             key.family = FAMILY_IPV6;
-            key.proto = ctx.load::<u8>(off + 6).ok()?;
-            key.src = ctx.load::<[u8; 16]>(off + 8).ok()?;
-            key.dst = ctx.load::<[u8; 16]>(off + 24).ok()?;
+            key.proto = byte(ip, 6);
+            for i in 0..16 {
+                key.src[i] = byte(ip, 8 + i);
+                key.dst[i] = byte(ip, 24 + i);
+            }
             l4 = off + 40;
         }
         _ => return None,
@@ -170,27 +218,29 @@ fn parse(ctx: &TcContext, slot: u32) -> Option<Parsed> {
     if first_fragment {
         match key.proto {
             IPPROTO_TCP => {
-                key.sport = be16(ctx, l4)?;
-                key.dport = be16(ctx, l4 + 2)?;
-                tcp_flags = ctx.load::<u8>(l4 + 13).ok()?;
+                let t = window::<14>(ctx, l4)?;
+                key.sport = be16_at(t, 0);
+                key.dport = be16_at(t, 2);
+                tcp_flags = byte(t, 13);
                 if key.sport == DNS_PORT || key.dport == DNS_PORT {
-                    let doff = usize::from(ctx.load::<u8>(l4 + 12).ok()? >> 4) * 4;
+                    let doff = usize::from(byte(t, 12) >> 4) * 4;
                     // A 2-byte length, then the header: id, then flags (QR is the top bit).
-                    if let Ok(flags) = ctx.load::<u8>(l4 + doff + 4) {
-                        dns = 1 + (flags >> 7);
+                    if let Some(d) = window::<5>(ctx, l4 + doff) {
+                        dns = 1 + (byte(d, 4) >> 7);
                         dns_off = l4 + doff + 2;
-                        dns_len = usize::from(be16(ctx, l4 + doff).unwrap_or(0));
+                        dns_len = usize::from(be16_at(d, 0));
                     }
                 }
             }
             IPPROTO_UDP => {
-                key.sport = be16(ctx, l4)?;
-                key.dport = be16(ctx, l4 + 2)?;
+                let u = window::<8>(ctx, l4)?;
+                key.sport = be16_at(u, 0);
+                key.dport = be16_at(u, 2);
                 if key.sport == DNS_PORT || key.dport == DNS_PORT {
-                    if let Ok(flags) = ctx.load::<u8>(l4 + 8 + 2) {
-                        dns = 1 + (flags >> 7);
+                    if let Some(d) = window::<3>(ctx, l4 + 8) {
+                        dns = 1 + (byte(d, 2) >> 7);
                         dns_off = l4 + 8;
-                        dns_len = usize::from(be16(ctx, l4 + 4)?.saturating_sub(8));
+                        dns_len = usize::from(be16_at(u, 4).saturating_sub(8));
                     }
                 }
             }
@@ -198,7 +248,6 @@ fn parse(ctx: &TcContext, slot: u32) -> Option<Parsed> {
         }
     }
     Some(Parsed {
-        key,
         tcp_flags,
         dns,
         dns_off,
@@ -229,7 +278,7 @@ fn dns_allowed(now: u64) -> bool {
 /// Copy the DNS message of `p` to user space; false when it was dropped (rate, ring).
 /// Not inlined: its own stack frame keeps the packet handler's under the BPF limit.
 #[inline(never)]
-fn copy_dns(ctx: &TcContext, p: &Parsed, egress: bool, now: u64) -> bool {
+fn copy_dns(ctx: &TcContext, key: &FlowKey, p: &Parsed, egress: bool, now: u64) -> bool {
     if !dns_allowed(now) {
         return false;
     }
@@ -250,14 +299,14 @@ fn copy_dns(ctx: &TcContext, p: &Parsed, egress: bool, now: u64) -> bool {
     // below lies inside it, and `msg` gets at most DNS_COPY bytes.
     let copied = unsafe {
         (*rec).ktime_ns = now;
-        (*rec).src = p.key.src;
-        (*rec).dst = p.key.dst;
-        (*rec).sport = p.key.sport;
-        (*rec).dport = p.key.dport;
-        (*rec).family = p.key.family;
-        (*rec).ifslot = p.key.ifslot;
+        (*rec).src = key.src;
+        (*rec).dst = key.dst;
+        (*rec).sport = key.sport;
+        (*rec).dport = key.dport;
+        (*rec).family = key.family;
+        (*rec).ifslot = key.ifslot;
         (*rec).egress = u8::from(egress);
-        (*rec).transport = p.key.proto;
+        (*rec).transport = key.proto;
         (*rec).wire_len = p.dns_len as u32;
         // The helper itself, not TcContext::load_bytes, which takes the minimum with the
         // packet's length again and so hands the verifier a length that may be 0; and
@@ -285,12 +334,18 @@ fn copy_dns(ctx: &TcContext, p: &Parsed, egress: bool, now: u64) -> bool {
     }
 }
 
+/// The other direction of `k`, in place.
+#[inline(always)]
+fn reverse(k: &mut FlowKey) {
+    core::mem::swap(&mut k.src, &mut k.dst);
+    core::mem::swap(&mut k.sport, &mut k.dport);
+}
+
 #[inline(always)]
 fn handle(ctx: &TcContext, egress: bool) {
     // SAFETY: `skb` is the program's context; ifindex is a field tc programs may read.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: the value is copied out at once.
-    let Some(slot) = (unsafe { FLOW_IFS.get(&ifindex) }).copied() else {
+    let Some(slot) = slot_of(ifindex) else {
         return;
     };
     let epoch = tick_epoch();
@@ -309,12 +364,20 @@ fn handle(ctx: &TcContext, egress: bool) {
             (*st).rx_bytes += len;
         }
     }
-    let Some(p) = parse(ctx, slot) else {
+    // The key is parsed straight into the delta key (the stack is 512 bytes).
+    let mut dk = FlowDeltaKey {
+        flow: FlowKey {
+            ifslot: slot as u8,
+            ..FlowKey::default()
+        },
+        epoch,
+    };
+    let Some(p) = parse(ctx, &mut dk.flow) else {
         unsafe { (*st).other_packets += 1 };
         return;
     };
     unsafe {
-        match p.key.proto {
+        match dk.flow.proto {
             IPPROTO_TCP => {
                 (*st).tcp_packets += 1;
                 let f = p.tcp_flags;
@@ -344,34 +407,47 @@ fn handle(ctx: &TcContext, egress: bool) {
     }
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if p.dns != 0 && !copy_dns(ctx, &p, egress, now) {
+    if p.dns != 0 && !copy_dns(ctx, &dk.flow, &p, egress, now) {
         // SAFETY: as above.
         unsafe { (*st).dns_dropped += 1 };
     }
-    // The flow in its first direction: as this packet shows it, or reversed, or new.
-    let rev = p.key.reversed();
-    let (flow, forward, created) = if FLOW_DIRS.get_ptr(&p.key).is_some() {
-        (p.key, true, false)
-    } else if FLOW_DIRS.get_ptr(&rev).is_some() {
-        (rev, false, false)
-    } else {
-        let _ = FLOW_DIRS.insert(&p.key, &now, BPF_NOEXIST as u64);
-        unsafe { (*st).flows_new += 1 };
-        (p.key, true, true)
-    };
-    let dk = FlowDeltaKey { flow, epoch };
+    // The flow in its first direction. Most packets find their flow's entry of this tick
+    // (as the packet shows it, or reversed: one or two lookups); the first packet of a
+    // flow in a tick asks the table of known flows, and a flow it does not know is new.
+    // The key is reversed in place: one key on the stack (512 bytes in all).
+    let mut forward = true;
+    let mut created = false;
     let d = match FLOW_DELTAS.get_ptr_mut(&dk) {
         Some(d) => d,
         None => {
-            // SAFETY: as in if_stats.
-            if let Some(z) = unsafe { ZEROS.get(0) } {
-                let _ = FLOW_DELTAS.insert(&dk, &z.delta, BPF_NOEXIST as u64);
-            }
+            reverse(&mut dk.flow);
             match FLOW_DELTAS.get_ptr_mut(&dk) {
-                Some(d) => d,
+                Some(d) => {
+                    forward = false;
+                    d
+                }
                 None => {
-                    unsafe { (*st).untracked_packets += 1 };
-                    return;
+                    if FLOW_DIRS.get_ptr(&dk.flow).is_some() {
+                        forward = false;
+                    } else {
+                        reverse(&mut dk.flow);
+                        if FLOW_DIRS.get_ptr(&dk.flow).is_none() {
+                            let _ = FLOW_DIRS.insert(&dk.flow, &now, BPF_NOEXIST as u64);
+                            unsafe { (*st).flows_new += 1 };
+                            created = true;
+                        }
+                    }
+                    // SAFETY: as in if_stats.
+                    if let Some(z) = unsafe { ZEROS.get(0) } {
+                        let _ = FLOW_DELTAS.insert(&dk, &z.delta, BPF_NOEXIST as u64);
+                    }
+                    match FLOW_DELTAS.get_ptr_mut(&dk) {
+                        Some(d) => d,
+                        None => {
+                            unsafe { (*st).untracked_packets += 1 };
+                            return;
+                        }
+                    }
                 }
             }
         }

@@ -473,7 +473,11 @@ fn kvm_exits_are_counted_exactly_per_vcpu_thread_kind_and_key() {
         .arg("--verify")
         .output()
         .unwrap();
-    assert!(x.status.success(), "export: {}", String::from_utf8_lossy(&x.stderr));
+    assert!(
+        x.status.success(),
+        "export: {}",
+        String::from_utf8_lossy(&x.stderr)
+    );
     assert!(dataset.join("kvm").is_dir() && dataset.join("kvm-keys").is_dir());
 
     // The report ranks the CPUID leaves and MSRs of each phase.

@@ -4,8 +4,9 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use aya::maps::{MapData, PerCpuHashMap};
+use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
 use aya::Pod;
+use cis490_common::flow::{FlowIfKey, FlowIfSlot, FlowIfStats, FLOW_IF_RING};
 
 use super::loader::FlowMaps;
 use super::Session;
@@ -60,6 +61,7 @@ pub fn collectors(
             shared: shared.clone(),
             untracked_reported: 0,
             evicted_reported: 0,
+            if_taken: None,
         }),
         Box::new(FlowsCollector {
             names: names.clone(),
@@ -117,8 +119,49 @@ fn take_final<K: Pod + Copy, V: Pod + Copy>(
 /// The two per-tick tables of the flow programs.
 type Tables = (
     PerCpuHashMap<MapData, cis490_common::flow::FlowDeltaKey, cis490_common::flow::FlowDelta>,
-    PerCpuHashMap<MapData, cis490_common::flow::FlowIfKey, cis490_common::flow::FlowIfStats>,
+    PerCpuArray<MapData, cis490_common::flow::FlowIfSlot>,
 );
+
+/// Take the per-interface counters of the ticks after `taken` up to kernel seq `last`
+/// from the ring (`FLOW_IF_TICKS`, per CPU: an entry holds the tick it says; one of
+/// another tick was reset or not written, and counts nothing for this one).
+fn take_if_ticks(
+    ring: &PerCpuArray<MapData, FlowIfSlot>,
+    slots: usize,
+    taken: &mut Option<u64>,
+    last: u64,
+    out: &mut Vec<(FlowIfKey, FlowIfStats)>,
+) -> Result<(), String> {
+    let n = u64::from(FLOW_IF_RING);
+    let from = match *taken {
+        Some(t) => t + 1,
+        None => 0,
+    }
+    // Older than the ring: overwritten since.
+    .max((last + 1).saturating_sub(n));
+    for epoch in from..=last {
+        for slot in 0..slots {
+            let idx = slot as u32 * FLOW_IF_RING + (epoch % n) as u32;
+            let values = ring
+                .get(&idx, 0)
+                .map_err(|e| format!("reading map FLOW_IF_TICKS: {e}"))?;
+            let mine = values.iter().filter(|v| v.epoch == epoch).map(|v| v.stats);
+            let sum = sum_ifs(mine);
+            if sum != FlowIfStats::default() {
+                out.push((
+                    FlowIfKey {
+                        ifslot: slot as u32,
+                        _pad: 0,
+                        epoch,
+                    },
+                    sum,
+                ));
+            }
+        }
+    }
+    *taken = Some(last.max(taken.unwrap_or(0)));
+    Ok(())
+}
 
 pub struct FlowCollector {
     names: Vec<String>,
@@ -128,6 +171,8 @@ pub struct FlowCollector {
     shared: Arc<Mutex<Shared>>,
     untracked_reported: u64,
     evicted_reported: u64,
+    /// The latest tick whose per-interface counters were taken from the ring.
+    if_taken: Option<u64>,
 }
 
 impl Collector for FlowCollector {
@@ -182,12 +227,12 @@ impl Collector for FlowCollector {
         let Some(last) = batch.ticks.last().map(|t| t.kernel_seq) else {
             return Ok(());
         };
-        let (deltas, if_table) = maps;
+        let (deltas, if_ring) = maps;
         let mut ifs = Vec::new();
-        if let Err(e) = take_final(
-            if_table,
-            |k| k.epoch,
-            |v| sum_ifs(v.iter().copied()),
+        if let Err(e) = take_if_ticks(
+            if_ring,
+            self.names.len(),
+            &mut self.if_taken,
             last,
             &mut ifs,
         ) {

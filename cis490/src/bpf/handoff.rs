@@ -298,12 +298,11 @@ pub fn load(
                     })?,
                 )
             }
-            "FLOW_IF_DELTAS" => {
-                flow_ifs = Some(
-                    PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(|e| {
-                        handoff_err(format!("map FLOW_IF_DELTAS from the loader: {e}"))
-                    })?,
-                )
+            "FLOW_IF_TICKS" => {
+                flow_ifs =
+                    Some(PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(|e| {
+                        handoff_err(format!("map FLOW_IF_TICKS from the loader: {e}"))
+                    })?)
             }
             "DNS_RING" => {
                 dns_ring = Some(
@@ -456,7 +455,7 @@ pub fn run_helper(pid: u32, net_ifs: &[NetIfSpec], bpf_stats: bool, snap: SnapSp
             let flow_error = match &l.flow {
                 FlowLoad::Attached(f) => {
                     maps.push(("FLOW_DELTAS", f.deltas.map().fd().as_fd()));
-                    maps.push(("FLOW_IF_DELTAS", f.ifs.map().fd().as_fd()));
+                    maps.push(("FLOW_IF_TICKS", f.ifs.map().fd().as_fd()));
                     maps.push(("DNS_RING", f.dns.as_fd()));
                     None
                 }

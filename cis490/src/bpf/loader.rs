@@ -55,8 +55,7 @@ pub struct SnapSpec {
 pub struct FlowMaps {
     pub deltas:
         PerCpuHashMap<MapData, cis490_common::flow::FlowDeltaKey, cis490_common::flow::FlowDelta>,
-    pub ifs:
-        PerCpuHashMap<MapData, cis490_common::flow::FlowIfKey, cis490_common::flow::FlowIfStats>,
+    pub ifs: PerCpuArray<MapData, cis490_common::flow::FlowIfSlot>,
     pub dns: RingBuf<MapData>,
 }
 
@@ -461,8 +460,23 @@ pub fn load(
         }
     }
     let flow = snap.flow && !net_ifs.is_empty();
+    // The watched interfaces' ifindexes, for the flow programs (a global they scan).
+    let mut ifindex = [0u32; MAX_NET_IFS as usize];
+    if flow {
+        for (slot, spec) in net_ifs.iter().enumerate() {
+            let name = std::ffi::CString::new(spec.name.as_str())
+                .map_err(|_| load_err(format!("{:?} is not an interface name", spec.name)))?;
+            // SAFETY: a NUL-terminated name; if_nametoindex only reads it.
+            ifindex[slot] = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        }
+        loader.override_global("FLOW_IFINDEX", &ifindex, true);
+        loader.map_max_entries(
+            "FLOW_IF_TICKS",
+            net_ifs.len() as u32 * cis490_common::flow::FLOW_IF_RING,
+        );
+    }
     if !flow {
-        for m in ["FLOW_DIRS", "FLOW_DELTAS", "FLOW_IF_DELTAS"] {
+        for m in ["FLOW_DIRS", "FLOW_DELTAS", "FLOW_IF_TICKS"] {
             loader.map_max_entries(m, 1);
         }
     }
@@ -591,32 +605,6 @@ fn attach_flow(
     net_ifs: &[NetIfSpec],
     programs: &mut Vec<&'static str>,
 ) -> Result<FlowMaps, BpfError> {
-    {
-        let mut ifs: HashMap<&mut MapData, u32, u32> = HashMap::try_from(
-            ebpf.map_mut("FLOW_IFS")
-                .ok_or(load_err("map FLOW_IFS missing from the embedded object"))?,
-        )
-        .map_err(|e| load_err(format!("map FLOW_IFS: {e}")))?;
-        for (slot, spec) in net_ifs.iter().enumerate() {
-            let name = std::ffi::CString::new(spec.name.as_str())
-                .map_err(|_| load_err(format!("{:?} is not an interface name", spec.name)))?;
-            // SAFETY: a NUL-terminated name; if_nametoindex only reads it.
-            let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-            if index == 0 {
-                return Err(load_err(format!(
-                    "no interface {} (flow programs)",
-                    spec.name
-                )));
-            }
-            ifs.insert(index, slot as u32, 0).map_err(|e| {
-                load_err(format!(
-                    "configuring flow interface {}: {}",
-                    spec.name,
-                    flatten(&e)
-                ))
-            })?;
-        }
-    }
     for (prog, dir) in [
         ("cis490_flow_ingress", TcAttachType::Ingress),
         ("cis490_flow_egress", TcAttachType::Egress),
@@ -643,7 +631,7 @@ fn attach_flow(
     }
     Ok(FlowMaps {
         deltas: take(ebpf, "FLOW_DELTAS")?,
-        ifs: take(ebpf, "FLOW_IF_DELTAS")?,
+        ifs: take(ebpf, "FLOW_IF_TICKS")?,
         dns: take(ebpf, "DNS_RING")?,
     })
 }
