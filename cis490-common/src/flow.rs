@@ -85,6 +85,8 @@ pub struct FlowDelta {
     pub created: u32,
 }
 
+/// Which interface and tick a `FlowIfStats` belongs to (user space's key for the entries
+/// it takes from `FLOW_IF_TICKS`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowIfKey {

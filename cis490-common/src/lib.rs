@@ -536,7 +536,7 @@ pub const MAX_KVM_OTHER: u32 = 8192;
 pub const KVM_USERSPACE_ERRNO: u64 = 1 << 32;
 
 /// A `KVM_COUNTS` key. `epoch` is the seq of the snapshot tick the event belongs to: the
-/// snapshot program sets `KVM_EPOCH` to its own seq + 1 when it runs, so every event
+/// snapshot program sets `TICK_EPOCH` to its own seq + 1 when it runs, so every event
 /// between two snapshots is counted under the later one's seq and user space can give
 /// each tick exactly its own events.
 #[repr(C)]
