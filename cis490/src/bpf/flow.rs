@@ -9,7 +9,7 @@ use aya::Pod;
 use cis490_common::flow::{FlowIfKey, FlowIfSlot, FlowIfStats, FLOW_IF_RING};
 
 use super::loader::FlowMaps;
-use super::Session;
+use super::{ProgramsStatus, Session};
 use crate::clock::{EpisodeClock, Stamp};
 use crate::collector::{Collector, Tick, TickOutput};
 use crate::error::Error;
@@ -21,13 +21,6 @@ struct Shared {
     /// (episode seq, stamp) of each tick in `fold.ticks`.
     stamps: Vec<(u64, Stamp)>,
     gaps: Vec<(u64, u64)>,
-}
-
-/// Whether the flow programs count, and if not why.
-#[derive(Clone)]
-enum Status {
-    Attached,
-    Absent(String),
 }
 
 /// The pair of collectors for one capture (`flow` first).
@@ -48,10 +41,7 @@ pub fn collectors(
         stamps: Vec::new(),
         gaps: Vec::new(),
     }));
-    let (status, maps) = match maps {
-        Ok(m) => (Status::Attached, Some(m)),
-        Err(why) => (Status::Absent(why), None),
-    };
+    let (status, maps) = ProgramsStatus::of(maps);
     let mut out: Vec<Box<dyn Collector>> = vec![
         Box::new(FlowCollector {
             names: names.clone(),
@@ -77,19 +67,6 @@ pub fn collectors(
 
 fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn status_summary(status: &Status, m: &mut serde_json::Map<String, serde_json::Value>) {
-    m.insert("method".into(), "bpf_tc".into());
-    match status {
-        Status::Attached => {
-            m.insert("status".into(), "attached".into());
-        }
-        Status::Absent(why) => {
-            m.insert("status".into(), "absent".into());
-            m.insert("reason".into(), why.clone().into());
-        }
-    }
 }
 
 /// Move the per-CPU entries of ticks up to kernel seq `last` from `map` to `out`, summed.
@@ -167,7 +144,7 @@ pub struct FlowCollector {
     names: Vec<String>,
     session: Arc<Session>,
     maps: Option<Tables>,
-    status: Status,
+    status: ProgramsStatus,
     shared: Arc<Mutex<Shared>>,
     untracked_reported: u64,
     evicted_reported: u64,
@@ -186,8 +163,7 @@ impl Collector for FlowCollector {
         true
     }
     fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
-        let mut m = serde_json::Map::new();
-        status_summary(&self.status, &mut m);
+        let mut m = self.status.summary("bpf_tc");
         m.insert("interfaces".into(), self.names.clone().into());
         if self.maps.is_some() {
             let s = lock(&self.shared);
@@ -310,7 +286,7 @@ impl Collector for FlowCollector {
 
 pub struct FlowsCollector {
     names: Vec<String>,
-    status: Status,
+    status: ProgramsStatus,
     shared: Arc<Mutex<Shared>>,
 }
 
@@ -325,9 +301,7 @@ impl Collector for FlowsCollector {
         true
     }
     fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
-        let mut m = serde_json::Map::new();
-        status_summary(&self.status, &mut m);
-        m
+        self.status.summary("bpf_tc")
     }
     fn collect(
         &mut self,

@@ -9,7 +9,7 @@ use aya::maps::{HashMap, IterableMap, MapData, PerCpuArray};
 use cis490_common::KvmKey;
 
 use super::loader::KvmMaps;
-use super::{Comms, Session};
+use super::{Comms, ProgramsStatus, Session};
 use crate::clock::{self, EpisodeClock, Stamp};
 use crate::collector::{Collector, Tick, TickOutput, VcpuMap};
 use crate::error::Error;
@@ -29,13 +29,6 @@ struct Shared {
     names: std::collections::HashMap<u32, Arc<str>>,
 }
 
-/// Whether the kvm programs count, and if not why.
-#[derive(Clone)]
-enum Status {
-    Attached,
-    Absent(String),
-}
-
 /// The pair of collectors for one capture (`kvm` first).
 pub fn collectors(
     pid: u32,
@@ -45,10 +38,7 @@ pub fn collectors(
 ) -> Vec<Box<dyn Collector>> {
     let shared = Arc::new(Mutex::new(Shared::default()));
     let isa = k::exit_isa(std::path::Path::new("/sys/module"));
-    let (status, maps) = match maps {
-        Ok(m) => (Status::Attached, Some(m)),
-        Err(why) => (Status::Absent(why), None),
-    };
+    let (status, maps) = ProgramsStatus::of(maps);
     vec![
         Box::new(KvmCollector {
             pid,
@@ -76,24 +66,11 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn status_summary(status: &Status, m: &mut serde_json::Map<String, serde_json::Value>) {
-    m.insert("method".into(), "bpf_tracepoints".into());
-    match status {
-        Status::Attached => {
-            m.insert("status".into(), "attached".into());
-        }
-        Status::Absent(why) => {
-            m.insert("status".into(), "absent".into());
-            m.insert("reason".into(), why.clone().into());
-        }
-    }
-}
-
 pub struct KvmCollector {
     pid: u32,
     session: Arc<Session>,
     maps: Option<KvmMaps>,
-    status: Status,
+    status: ProgramsStatus,
     isa: Result<ExitIsa, String>,
     shared: Arc<Mutex<Shared>>,
     comms: Comms,
@@ -141,8 +118,7 @@ impl Collector for KvmCollector {
         true
     }
     fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
-        let mut m = serde_json::Map::new();
-        status_summary(&self.status, &mut m);
+        let mut m = self.status.summary("bpf_tracepoints");
         m.insert(
             "exits".into(),
             match &self.isa {
@@ -270,7 +246,7 @@ fn push_counts(row: &mut crate::row::Row, counts: &[u64], exits_counted: bool) {
 }
 
 pub struct KvmKeysCollector {
-    status: Status,
+    status: ProgramsStatus,
     isa: Result<ExitIsa, String>,
     shared: Arc<Mutex<Shared>>,
     vcpus: VcpuMap,
@@ -287,9 +263,7 @@ impl Collector for KvmKeysCollector {
         true
     }
     fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
-        let mut m = serde_json::Map::new();
-        status_summary(&self.status, &mut m);
-        m
+        self.status.summary("bpf_tracepoints")
     }
     fn collect(
         &mut self,

@@ -114,6 +114,40 @@ pub struct Backend {
     pub session: Arc<Session>,
 }
 
+/// Whether an optional group of programs (kvm, flow) is attached, and if not why: the
+/// `status` and `reason` of their sources in meta.sources.
+#[derive(Debug, Clone)]
+pub(crate) enum ProgramsStatus {
+    Attached,
+    Absent(String),
+}
+
+impl ProgramsStatus {
+    /// The status of a load that gave `maps`, and the maps.
+    pub(crate) fn of<T>(maps: Result<T, String>) -> (Self, Option<T>) {
+        match maps {
+            Ok(m) => (ProgramsStatus::Attached, Some(m)),
+            Err(why) => (ProgramsStatus::Absent(why), None),
+        }
+    }
+
+    /// A source's meta.sources entry so far: how it reads (`method`) and its status.
+    pub(crate) fn summary(&self, method: &str) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("method".into(), method.into());
+        match self {
+            ProgramsStatus::Attached => {
+                m.insert("status".into(), "attached".into());
+            }
+            ProgramsStatus::Absent(why) => {
+                m.insert("status".into(), "absent".into());
+                m.insert("reason".into(), why.clone().into());
+            }
+        }
+        m
+    }
+}
+
 /// Whether the capture has `kvm` sources, and whether their programs are attached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KvmPlan {
