@@ -345,7 +345,7 @@ fn bpftrace_program(pid: u32, rate: u32) -> String {
     )
 }
 
-fn stats(xs: &[f64]) -> (f64, f64, f64) {
+pub(crate) fn stats(xs: &[f64]) -> (f64, f64, f64) {
     let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {
         return (f64::NAN, f64::NAN, f64::NAN);

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::Value;
 
+use crate::bench::stats;
+
 const FLOOD_SECS: f64 = 4.0;
 
 struct Pair {
@@ -171,15 +173,6 @@ fn traced(
     Ok((rate, meta))
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
 pub fn section(cis490: &Path, rounds: usize, scratch: &Path) -> anyhow::Result<String> {
     let pair = Pair::create()?;
     let (mut base, mut off, mut on) = (Vec::new(), Vec::new(), Vec::new());
@@ -206,7 +199,7 @@ pub fn section(cis490: &Path, rounds: usize, scratch: &Path) -> anyhow::Result<S
             }
         }
     }
-    let (b, o, f) = (median(&mut base), median(&mut off), median(&mut on));
+    let (b, o, f) = (stats(&base).0, stats(&off).0, stats(&on).0);
     let mut md = String::new();
     writeln!(
         md,

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::Value;
 
+use crate::bench::stats;
+
 use crate::util::root;
 
 const COUNTS: [(&str, u32); 6] = [
@@ -203,17 +205,6 @@ fn traced(
     Ok((secs, meta, last_kvm))
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        f64::NAN
-    } else if v.len() % 2 == 1 {
-        v[v.len() / 2]
-    } else {
-        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
-    }
-}
-
 pub fn section(cis490: &Path, rounds: usize, scratch: &Path) -> anyhow::Result<String> {
     anyhow::ensure!(Path::new("/dev/kvm").exists(), "no /dev/kvm");
     let dir = scratch.join("kvm-bench");
@@ -248,9 +239,9 @@ pub fn section(cis490: &Path, rounds: usize, scratch: &Path) -> anyhow::Result<S
         }
         totals = last;
     }
-    let base = median(&mut untraced);
-    let nk = median(&mut no_kvm);
-    let wk = median(&mut with_kvm);
+    let base = stats(&untraced).0;
+    let nk = stats(&no_kvm).0;
+    let wk = stats(&with_kvm).0;
     let mut md = String::new();
     writeln!(
         md,
