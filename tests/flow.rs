@@ -308,12 +308,9 @@ fn known_traffic_gives_exact_flow_counts_and_is_never_dropped() {
             "--no-qmp",
         ],
     );
-    assert!(wait_for(Duration::from_secs(20), || episodes(data.path())
-        .first()
-        .is_some_and(|d| std::fs::metadata(
-            d.join("telemetry-flow.jsonl")
-        )
-        .is_ok_and(|m| m.len() > 0))));
+    assert!(wait_for(Duration::from_secs(20), || {
+        first_episode_has_rows(data.path(), "telemetry-flow.jsonl")
+    }));
     let before = pair.counters();
     traffic(&pair);
     let after = pair.counters();
@@ -608,12 +605,9 @@ fn udp_over_ipv6_is_a_flow_with_exact_counts() {
             "--no-qmp",
         ],
     );
-    assert!(wait_for(Duration::from_secs(20), || episodes(data.path())
-        .first()
-        .is_some_and(|d| std::fs::metadata(
-            d.join("telemetry-flow.jsonl")
-        )
-        .is_ok_and(|m| m.len() > 0))));
+    assert!(wait_for(Duration::from_secs(20), || {
+        first_episode_has_rows(data.path(), "telemetry-flow.jsonl")
+    }));
     let s = UdpSocket::bind(format!("[{a6}]:0")).unwrap();
     for _ in 0..N {
         s.send_to(&[1u8; PAYLOAD], format!("[{b6}]:9999")).unwrap();

@@ -54,6 +54,14 @@ pub fn episodes(data_root: &Path) -> Vec<PathBuf> {
     }
 }
 
+/// Whether the first episode under `data_root` has rows in `file` yet: the capture's
+/// sources are running.
+pub fn first_episode_has_rows(data_root: &Path, file: &str) -> bool {
+    episodes(data_root)
+        .first()
+        .is_some_and(|d| std::fs::metadata(d.join(file)).is_ok_and(|m| m.len() > 0))
+}
+
 /// Start `cis490 trace` with `args` (plus `--data-root root`); stdout/stderr captured.
 pub fn spawn_trace(root: &Path, args: &[&str]) -> Child {
     Command::new(bin("cis490"))

@@ -290,11 +290,9 @@ fn kvm_exits_are_counted_exactly_per_vcpu_thread_kind_and_key() {
     );
     // The capture is on once the kernel's snapshots are arriving.
     assert!(
-        wait_for(Duration::from_secs(30), || episodes(&data)
-            .first()
-            .is_some_and(|d| {
-                std::fs::metadata(d.join("telemetry-kvm.jsonl")).is_ok_and(|m| m.len() > 0)
-            })),
+        wait_for(Duration::from_secs(30), || {
+            first_episode_has_rows(&data, "telemetry-kvm.jsonl")
+        }),
         "no kvm rows before the guests started"
     );
     // The untraced guest runs to its end first: its exits fire the same tracepoints.
@@ -543,11 +541,9 @@ fn a_guest_spraying_keys_overflows_the_table_without_losing_a_count() {
             "64",
         ],
     );
-    assert!(wait_for(Duration::from_secs(30), || episodes(&data)
-        .first()
-        .is_some_and(|d| {
-            std::fs::metadata(d.join("telemetry-kvm.jsonl")).is_ok_and(|m| m.len() > 0)
-        })));
+    assert!(wait_for(Duration::from_secs(30), || {
+        first_episode_has_rows(&data, "telemetry-kvm.jsonl")
+    }));
     target.qmp("cont");
     let (ok, dir, stderr) = wait_trace(child, Duration::from_secs(120));
     assert!(ok, "trace failed: {stderr}");
