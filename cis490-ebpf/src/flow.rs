@@ -437,8 +437,7 @@ fn handle(ctx: &TcContext, egress: bool) {
                             created = true;
                         }
                     }
-                    // SAFETY: as in if_stats.
-                    if let Some(z) = unsafe { ZEROS.get(0) } {
+                    if let Some(z) = ZEROS.get(0) {
                         let _ = FLOW_DELTAS.insert(&dk, &z.delta, BPF_NOEXIST as u64);
                     }
                     match FLOW_DELTAS.get_ptr_mut(&dk) {
