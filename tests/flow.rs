@@ -4,7 +4,8 @@
 //! traffic: UDP datagrams of a known size to one port, one TCP connection opened, used and
 //! closed, and DNS queries (one answered with a truncated message, which the dns source
 //! must count and skip). The interface's own counters (/sys/class/net) are the ground
-//! truth for the packet totals.
+//! truth for the packet totals. The same capture writes `--pcap`: capture.pcapng must
+//! hold exactly the packets the flow rows counted, each with its direction.
 //!
 //! Under CI=true a missing capability (root, `ip`, python3) is a failure, never a skip.
 
@@ -251,6 +252,76 @@ fn dns_query(id: u16, name: &str) -> Vec<u8> {
     q
 }
 
+/// One packet of capture.pcapng, as the test reads it (IPv4 over Ethernet).
+struct PcapPacket {
+    outbound: bool,
+    original_len: u64,
+    captured: usize,
+    wall_ns: u64,
+    proto: u8,
+    src_port: u16,
+    dst_port: u16,
+}
+
+struct Pcap {
+    ifaces: Vec<String>,
+    packets: Vec<PcapPacket>,
+}
+
+/// capture.pcapng through the pcap-file crate's reader: interface names and, per packet,
+/// the direction flag (epb_flags bits 0-1: 1 inbound, 2 outbound), lengths, and the IPv4
+/// protocol and ports.
+fn read_pcap(path: &std::path::Path) -> Pcap {
+    use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketOption;
+    use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption;
+    use pcap_file::pcapng::{Block, PcapNgReader};
+    let bytes = std::fs::read(path).unwrap();
+    let mut r = PcapNgReader::new(&bytes[..]).unwrap();
+    let mut out = Pcap {
+        ifaces: Vec::new(),
+        packets: Vec::new(),
+    };
+    while let Some(b) = r.next_block() {
+        match b.unwrap() {
+            Block::InterfaceDescription(i) => {
+                assert!(i
+                    .options
+                    .contains(&InterfaceDescriptionOption::IfTsResol(9)));
+                for o in &i.options {
+                    if let InterfaceDescriptionOption::IfName(n) = o {
+                        out.ifaces.push(n.to_string());
+                    }
+                }
+            }
+            Block::EnhancedPacket(p) => {
+                let flags = p.options.iter().find_map(|o| match o {
+                    EnhancedPacketOption::Flags(f) => Some(*f),
+                    _ => None,
+                });
+                let d = &p.data;
+                assert_eq!(&d[12..14], &[0x08, 0x00], "IPv4 only on the pair");
+                let ihl = usize::from(d[14] & 0x0f) * 4;
+                let l4 = 14 + ihl;
+                out.packets.push(PcapPacket {
+                    outbound: match flags {
+                        Some(2) => true,
+                        Some(1) => false,
+                        other => panic!("packet without a direction: {other:?}"),
+                    },
+                    original_len: u64::from(p.original_len),
+                    captured: d.len(),
+                    wall_ns: p.timestamp.as_nanos() as u64,
+                    proto: d[23],
+                    src_port: u16::from_be_bytes([d[l4], d[l4 + 1]]),
+                    dst_port: u16::from_be_bytes([d[l4 + 2], d[l4 + 3]]),
+                });
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
 }
@@ -306,6 +377,9 @@ fn known_traffic_gives_exact_flow_counts_and_is_never_dropped() {
             "--duration",
             "6",
             "--no-qmp",
+            "--pcap",
+            "--pcap-snaplen",
+            "128",
         ],
     );
     assert!(wait_for(Duration::from_secs(20), || {
@@ -456,6 +530,100 @@ fn known_traffic_gives_exact_flow_counts_and_is_never_dropped() {
     assert!(
         out.status.success(),
         "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // --pcap: the same packets, each with its direction, cut at the snap length.
+    let pcap = read_pcap(&dir.join("capture.pcapng"));
+    assert_eq!(pcap.ifaces, vec![pair.host_if.clone()]);
+    let outbound = pcap.packets.iter().filter(|p| p.outbound).count() as u64;
+    assert_eq!(
+        outbound,
+        u(&last["tx_packets"]),
+        "outbound packets vs flow tx"
+    );
+    assert_eq!(
+        pcap.packets.len() as u64 - outbound,
+        u(&last["rx_packets"]),
+        "inbound packets vs flow rx"
+    );
+    let count =
+        |f: &dyn Fn(&PcapPacket) -> bool| pcap.packets.iter().filter(|p| f(p)).count() as u64;
+    assert_eq!(
+        count(&|p| p.proto == 17
+            && p.dst_port == 9999
+            && p.original_len == UDP_OVERHEAD + UDP_PAYLOAD as u64),
+        UDP_PACKETS
+    );
+    assert_eq!(count(&|p| p.proto == 17 && p.dst_port == 53), m);
+    assert_eq!(count(&|p| p.proto == 17 && p.src_port == 53), m);
+    assert_eq!(
+        count(&|p| p.proto == 6 && (p.dst_port == 8080 || p.src_port == 8080)),
+        tcp.0 + tcp.1
+    );
+    assert!(pcap.packets.iter().all(|p| p.captured <= 128));
+    assert!(
+        pcap.packets.iter().any(|p| p.original_len > 128),
+        "a datagram longer than the snap length"
+    );
+    let man = read_json(&dir.join("manifest.json"));
+    assert!(
+        man["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["name"] == "capture.pcapng"),
+        "{man}"
+    );
+    let pm = &meta["result"]["pcap"];
+    assert_eq!(pm["status"], "written", "{pm}");
+    assert_eq!(u(&pm["packets_written"]), pcap.packets.len() as u64, "{pm}");
+    assert_eq!(u(&pm["packets_dropped_kernel"]), 0, "{pm}");
+    assert_eq!(u(&pm["packets_over_cap"]), 0, "{pm}");
+    let ts = pcap.packets.iter().map(|p| p.wall_ns).collect::<Vec<_>>();
+    let origin = u(&meta["clock"]["wall_origin_ns"]);
+    assert!(
+        ts.iter().all(|&t| t > origin),
+        "pcap timestamps are wall-clock time after the start"
+    );
+
+    // A capture killed while writing leaves a torn last block: recover cuts it, and the
+    // episode validates again (on a copy without its closing files).
+    let killed_root = tempfile::tempdir().unwrap();
+    let killed = killed_root.path().join(dir.file_name().unwrap());
+    std::fs::create_dir(&killed).unwrap();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name();
+        if name != "done.marker" && name != "manifest.json" {
+            std::fs::copy(e.path(), killed.join(&name)).unwrap();
+        }
+    }
+    let whole = std::fs::metadata(killed.join("capture.pcapng"))
+        .unwrap()
+        .len();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(killed.join("capture.pcapng"))
+        .unwrap();
+    f.write_all(&[6, 0, 0, 0, 0x40, 0, 0, 0, 1, 2, 3]).unwrap();
+    drop(f);
+    let out = cis490().arg("recover").arg(&killed).output().unwrap();
+    assert!(
+        out.status.success(),
+        "recover: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::metadata(killed.join("capture.pcapng"))
+            .unwrap()
+            .len(),
+        whole
+    );
+    let out = cis490().arg("validate").arg(&killed).output().unwrap();
+    assert!(
+        out.status.success(),
+        "validate after recover: {}",
         String::from_utf8_lossy(&out.stdout)
     );
 

@@ -122,7 +122,7 @@ pub fn select(
         .iter()
         .map(|n| bpf::loader::NetIfSpec {
             name: n.clone(),
-            rx_header_len: crate::net::rx_header_len(n),
+            rx_header_len: crate::net::rx_header_len(pid, n),
         })
         .collect();
     let snap = bpf::loader::SnapSpec {

@@ -20,6 +20,7 @@ pub mod kvm;
 pub mod labels;
 pub mod ls;
 pub mod net;
+pub mod pcap;
 pub mod perf;
 pub mod procfs;
 pub mod qemu_args;

@@ -229,6 +229,20 @@ struct TraceArgs {
     /// TCP flags, DNS messages and flows in the kernel on the interfaces `net` watches).
     #[arg(long)]
     no_flow: bool,
+    /// Write capture.pcapng beside the streams: every packet of the watched interfaces,
+    /// both directions, cut at --pcap-snaplen, the file never above --pcap-max-mib
+    /// (packets past it are counted in meta.result.pcap, not written). For forensics;
+    /// needs CAP_NET_RAW (without it the capture goes on and meta says why).
+    #[arg(long)]
+    pcap: bool,
+    /// Bytes kept of each packet in capture.pcapng.
+    #[arg(long, value_name = "BYTES", default_value_t = cis490::pcap::DEFAULT_SNAPLEN,
+          value_parser = clap::value_parser!(u32).range(64..=262_144))]
+    pcap_snaplen: u32,
+    /// Size cap of capture.pcapng.
+    #[arg(long, value_name = "MIB", default_value_t = cis490::pcap::DEFAULT_MAX_BYTES >> 20,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pcap_max_mib: u64,
     /// At close, export the episode into `<data-root>/dataset/` (the same layout as
     /// `cis490 export`); the episode path is still the last line on stdout.
     #[arg(long, value_enum)]
@@ -451,6 +465,10 @@ fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
         kvm: !args.no_kvm,
         kvm_key_table: args.kvm_key_table,
         flow: !args.no_flow,
+        pcap: args.pcap.then_some(cis490::pcap::PcapOptions {
+            snaplen: args.pcap_snaplen,
+            max_bytes: args.pcap_max_mib << 20,
+        }),
         access: cis490::episode::Access {
             group: args
                 .group

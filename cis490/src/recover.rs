@@ -209,6 +209,9 @@ pub fn run(path: &Path) -> Result<RecoverOutcome, Error> {
         outcome.fixes.push(fix);
         tails.insert(name, tail);
     }
+    if let Some(fix) = fix_pcap(&dir)? {
+        outcome.fixes.push(fix);
+    }
     let span_ns = tails
         .values()
         .filter_map(|t| t.t_mono_ns)
@@ -516,6 +519,35 @@ fn fix_plain(dir: &EpisodeDir, name: &str) -> Result<(StreamFix, Tail), Error> {
         },
         tail,
     ))
+}
+
+/// capture.pcapng (`--pcap`) of a killed capture: cut a torn last block, so the file is
+/// whole blocks that any pcapng reader takes. A file that is not pcapng from its start is
+/// left as it is (validate names it).
+fn fix_pcap(dir: &EpisodeDir) -> Result<Option<StreamFix>, Error> {
+    let name = crate::pcap::FILE;
+    let Some(st) = dir.stat_entry(name)? else {
+        return Ok(None);
+    };
+    if !rustix::fs::FileType::from_raw_mode(st.st_mode).is_file() {
+        return Ok(None);
+    }
+    let ctx = || format!("recovering {}", dir.join(name).display());
+    let file = dir.open_regular(name, true)?;
+    let walk = crate::pcap::walk_file(&file).map_err(|e| Error::io(ctx(), e))?;
+    let size = st.st_size as u64;
+    let keep = walk.whole_bytes;
+    if walk.stopped.is_some() && keep > 0 && keep < size {
+        file.set_len(keep)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| Error::io(ctx(), e))?;
+    }
+    Ok(Some(StreamFix {
+        file: name.to_owned(),
+        dropped_bytes: if keep > 0 { size - keep } else { 0 },
+        dropped_lines: 0,
+        reencoded: false,
+    }))
 }
 
 /// A zstd stream: decode its longest valid prefix; when that is not the whole file (no

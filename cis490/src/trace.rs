@@ -51,6 +51,8 @@ pub struct TraceConfig {
     pub kvm_key_table: u32,
     /// The flow sources on the watched interfaces (`--no-flow` turns them off).
     pub flow: bool,
+    /// `--pcap`: capture.pcapng of the watched interfaces.
+    pub pcap: Option<crate::pcap::PcapOptions>,
     /// Who may read the episode besides its owner (`--group`).
     pub access: crate::episode::Access,
     pub realtime: crate::sampler::Realtime,
@@ -224,6 +226,17 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         slots.push(Slot::new(Box::new(perf), &dir, cfg.compression)?);
     }
 
+    // After the streams exist: a capture that cannot have its packet sockets goes on
+    // without them and says why in meta.result.pcap.
+    let pcap = cfg.pcap.map(|opts| {
+        crate::pcap::PcapCapture::start(cfg.pid, selected.net_ifs.clone(), &dir, opts).map_err(
+            |why| {
+                tracing::warn!("--pcap: no packet capture: {why}");
+                why
+            },
+        )
+    });
+
     // Sources on their own threads (QMP, guest agent) start here; they share the clock
     // and event log but never the sampler's thread.
     let ctx = crate::collector::SourceContext {
@@ -324,6 +337,19 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         sources.push(source_meta);
     }
     control.stop();
+    let pcap_meta = pcap.map(|started| match started {
+        Err(why) => crate::pcap::socket::absent(&why),
+        Ok(capture) => {
+            let v = capture.finish();
+            match episode::stats_on_disk(&dir, crate::pcap::FILE) {
+                Ok(s) => stats.push(s),
+                Err(e) => {
+                    close_err.get_or_insert(e);
+                }
+            }
+            v
+        }
+    });
     let labels = Arc::try_unwrap(labels)
         .map_err(|_| Error::Other("labels still shared after the control server stopped".into()))?
         .into_inner()
@@ -375,6 +401,9 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     ]
     .into_iter()
     .collect();
+    if let Some(v) = pcap_meta {
+        extra.insert(crate::pcap::META_KEY.into(), v);
+    }
     let (ticks_scheduled, ticks_missed) = match &bpf_session {
         // The ticks are the kernel timer's; the host's own wake-ups only drained them.
         Some(session) => {

@@ -460,16 +460,24 @@ pub fn load(
         }
     }
     let flow = snap.flow && !net_ifs.is_empty();
-    // The watched interfaces' ifindexes, for the flow programs (a global they scan).
-    let mut ifindex = [0u32; MAX_NET_IFS as usize];
+    // The watched interfaces' ifindexes, for the flow programs (a global they scan);
+    // outlives `loader`, which borrows it.
+    let ifindex: &mut [u32; MAX_NET_IFS as usize] = &mut [0; MAX_NET_IFS as usize];
     if flow {
-        for (slot, spec) in net_ifs.iter().enumerate() {
-            let name = std::ffi::CString::new(spec.name.as_str())
-                .map_err(|_| load_err(format!("{:?} is not an interface name", spec.name)))?;
-            // SAFETY: a NUL-terminated name; if_nametoindex only reads it.
-            ifindex[slot] = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        }
-        loader.override_global("FLOW_IFINDEX", &ifindex, true);
+        // Indexes are per network namespace: the target's (see crate::net::netns).
+        let found = crate::net::netns::run_in(pid, || {
+            let mut out = [0u32; MAX_NET_IFS as usize];
+            for (slot, spec) in net_ifs.iter().enumerate() {
+                let name = std::ffi::CString::new(spec.name.as_str())
+                    .map_err(|_| load_err(format!("{:?} is not an interface name", spec.name)))?;
+                // SAFETY: a NUL-terminated name; if_nametoindex only reads it.
+                out[slot] = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            }
+            Ok::<_, BpfError>(out)
+        })
+        .map_err(load_err)??;
+        ifindex.copy_from_slice(&found);
+        loader.override_global("FLOW_IFINDEX", &*ifindex, true);
         loader.map_max_entries(
             "FLOW_IF_TICKS",
             net_ifs.len() as u32 * cis490_common::flow::FLOW_IF_RING,
@@ -554,9 +562,13 @@ pub fn load(
         },
     };
     let flow = if flow {
-        match attach_flow(&mut ebpf, net_ifs, &mut programs) {
-            Ok(maps) => FlowLoad::Attached(Box::new(maps)),
-            Err(e) => FlowLoad::Failed(e.to_string()),
+        // tc links are made in the namespace of the thread that asks: the target's.
+        let attached =
+            crate::net::netns::run_in(pid, || attach_flow(&mut ebpf, net_ifs, &mut programs));
+        match attached {
+            Ok(Ok(maps)) => FlowLoad::Attached(Box::new(maps)),
+            Ok(Err(e)) => FlowLoad::Failed(e.to_string()),
+            Err(e) => FlowLoad::Failed(e),
         }
     } else {
         FlowLoad::NotAsked

@@ -6,6 +6,7 @@
 //! Interfaces come from `--net-if` or are detected from QEMU: `-netdev tap,ifname=…` on
 //! its command line, and the `iff:` line of its tun/tap file descriptors.
 
+pub mod netns;
 pub mod sysfs;
 
 use cis490_common::NetStats;
@@ -89,14 +90,13 @@ pub fn detect_taps(pid: u32, cmdline: &[String]) -> Vec<String> {
     out
 }
 
-/// Link-layer header length of an interface (what its rx path strips before
-/// netif_receive_skb): 14 for Ethernet (ARPHRD_ETHER, taps and veth), 0 otherwise (tun).
-pub fn rx_header_len(name: &str) -> u32 {
-    let t = std::fs::read_to_string(format!("/sys/class/net/{name}/type")).unwrap_or_default();
-    if t.trim() == "1" {
-        14
-    } else {
-        0
+/// Link-layer header length of an interface of `pid`'s network namespace (what its rx
+/// path strips before netif_receive_skb): 14 for Ethernet (ARPHRD_ETHER, taps and veth),
+/// 0 otherwise (tun).
+pub fn rx_header_len(pid: u32, name: &str) -> u32 {
+    match netns::run_in(pid, || netns::link_type(name)) {
+        Ok(Some(netns::ARPHRD_ETHER)) => 14,
+        _ => 0,
     }
 }
 

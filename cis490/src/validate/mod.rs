@@ -208,6 +208,11 @@ pub fn validate_dir(dir: &Path) -> EpisodeReport {
             Err(e) => problems.push(Problem::new(Some(name), None, format!("cannot read: {e}"))),
         }
     }
+    if let Some((_, md)) = names.iter().find(|(n, _)| n == crate::pcap::FILE) {
+        if md.is_file() {
+            problems.extend(check_pcap(&dir.join(crate::pcap::FILE)));
+        }
+    }
     for required in [META, EVENTS, LABELS] {
         if !names.iter().any(|(n, _)| n == required) {
             problems.push(Problem::new(Some(required), None, "missing"));
@@ -281,6 +286,26 @@ pub fn validate_dir(dir: &Path) -> EpisodeReport {
         problems,
         complete,
         not_an_episode: meta.is_none(),
+    }
+}
+
+/// capture.pcapng (`--pcap`) is whole pcapng blocks (read without following a symlink).
+fn check_pcap(path: &Path) -> Vec<Problem> {
+    let name = crate::pcap::FILE;
+    let file = match untrusted::open_regular(path) {
+        Ok((f, _)) => f,
+        Err(e) => return vec![Problem::new(Some(name), None, e.to_string())],
+    };
+    match crate::pcap::walk_file(&file) {
+        Ok(w) => match w.stopped {
+            None => Vec::new(),
+            Some(why) => vec![Problem::new(
+                Some(name),
+                None,
+                format!("not whole pcapng blocks after {} blocks: {why}", w.blocks),
+            )],
+        },
+        Err(e) => vec![Problem::new(Some(name), None, format!("cannot read: {e}"))],
     }
 }
 
