@@ -103,6 +103,7 @@ pub fn select(
             vec![Box::new(ProcCollector::new(pid, vcpus.clone(), opts.rows))];
         if !net_ifs.is_empty() {
             collectors.push(Box::new(crate::net::SysfsNetCollector::new(
+                pid,
                 net_ifs.clone(),
             )));
         }

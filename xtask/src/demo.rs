@@ -27,6 +27,10 @@ pub fn run(duration: f64) -> anyhow::Result<()> {
     util::cargo(&["build", "--locked", "--workspace", "--bins"])?;
     let opts = vm::StartOpts {
         run_dir: Some(vm::default_run_dir().with_file_name("demo")),
+        // The guest beacons (resolves a name, then sends a request to it) every second, so
+        // the network streams have rows; on the tap network they reach the VM's own
+        // namespace and nothing else.
+        append: "cis490.beacon_s=1".into(),
         ..Default::default()
     };
     let run_dir = opts.run_dir.clone().expect("set above");
@@ -105,6 +109,7 @@ fn trace(pid: &str, duration: f64) -> anyhow::Result<PathBuf> {
             &duration.to_string(),
             "--rate-hz",
             "10",
+            "--pcap",
             "-q",
         ])
         .current_dir(root())
@@ -186,6 +191,7 @@ fn summary(dir: &Path) -> anyhow::Result<()> {
             s["file"].as_str().unwrap_or("?")
         );
     }
+    network(dir, &meta);
     // Per-thread on-CPU time over the capture, from whichever host stream exists.
     for file in ["telemetry-bpf-sched.jsonl", "telemetry-proc.jsonl"] {
         let Ok(text) = std::fs::read_to_string(dir.join(file)) else {
@@ -215,4 +221,47 @@ fn summary(dir: &Path) -> anyhow::Result<()> {
         break;
     }
     Ok(())
+}
+
+fn last_line(path: &Path) -> Option<Value> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(text.lines().last()?).ok()
+}
+
+/// The network as the gateway saw it: packets, flows, DNS names, the packet capture.
+fn network(dir: &Path, meta: &Value) {
+    let Some(flow) = last_line(&dir.join("telemetry-flow.jsonl")) else {
+        println!("network   no flow rows (no tap, or no BPF: see meta.json sources)");
+        return;
+    };
+    println!(
+        "network   {}: {} packets in, {} out; {} flows; {} DNS queries, {} responses",
+        flow["ifname"].as_str().unwrap_or("?"),
+        flow["rx_packets"],
+        flow["tx_packets"],
+        flow["flows_new"],
+        flow["dns_queries"],
+        flow["dns_responses"]
+    );
+    let names: std::collections::BTreeSet<String> =
+        std::fs::read_to_string(dir.join("telemetry-dns.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|r| r["qname"].as_str().map(str::to_owned))
+            .collect();
+    if !names.is_empty() {
+        let some: Vec<&str> = names.iter().take(3).map(String::as_str).collect();
+        println!("dns       {} names, e.g. {}", names.len(), some.join(", "));
+    }
+    let pcap = &meta["result"]["pcap"];
+    if pcap.is_object() {
+        println!(
+            "pcap      {} ({} packets, {} bytes, {} dropped)",
+            pcap["status"].as_str().unwrap_or("?"),
+            pcap["packets_written"],
+            pcap["bytes_written"],
+            pcap["packets_dropped_kernel"]
+        );
+    }
 }

@@ -15,6 +15,7 @@ mod setup;
 mod soak;
 mod util;
 mod vm;
+mod vm_net;
 
 use clap::{Parser, Subcommand};
 

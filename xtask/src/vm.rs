@@ -62,6 +62,15 @@ pub enum VmCommand {
     },
     /// Only build the guest kernel + initramfs (cached).
     Build,
+    /// The VM network's DNS responder and HTTP server (run by `start` inside the VM's
+    /// network namespace; see vm_net.rs).
+    #[command(hide = true)]
+    NetServe {
+        #[arg(long)]
+        netns: String,
+        #[arg(long)]
+        addr: String,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -84,9 +93,15 @@ pub struct StartOpts {
     /// Seconds to wait for the agent's first line.
     #[arg(long, default_value_t = 60)]
     pub timeout_s: u64,
-    /// Extra guest kernel command-line words (e.g. "loglevel=7" to see the boot).
+    /// Extra guest kernel command-line words (e.g. "loglevel=7" to see the boot;
+    /// "cis490.beacon_s=2" makes the guest resolve a name and fetch a page every 2 s).
     #[arg(long, default_value = "")]
     pub append: String,
+    /// The guest's network: `tap` (a tap in a network namespace of the VM's own, with a
+    /// DNS responder and an HTTP server in it; root), `user` (QEMU's user-mode network,
+    /// closed to the outside), or `auto` (tap where it can be made).
+    #[arg(long, default_value = "auto")]
+    pub net: String,
 }
 
 impl Default for StartOpts {
@@ -101,6 +116,7 @@ impl Default for StartOpts {
             agent_rate_hz: 10,
             timeout_s: 60,
             append: String::new(),
+            net: "auto".into(),
         }
     }
 }
@@ -131,6 +147,7 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<()> {
                 }
             }
         }
+        VmCommand::NetServe { netns, addr } => crate::vm_net::serve(&netns, &addr),
         VmCommand::Build => {
             let a = build_assets()?;
             println!(
@@ -315,6 +332,19 @@ while [ ! -e /dev/virtio-ports/cis490.guest.agent ] && [ $i -lt 400 ]; do
 done
 ip link set lo up
 ip link set eth0 up 2>/dev/null && ip addr add 10.0.2.15/24 dev eth0 2>/dev/null
+ip route add default via 10.0.2.2 2>/dev/null
+# The gateway resolves (the tap network's responder; QEMU's user network answers at .3).
+if grep -q cis490.net=user /proc/cmdline; then ns=10.0.2.3; else ns=10.0.2.2; fi
+echo "nameserver $ns" > /etc/resolv.conf
+# cis490.beacon_s=N: every N s resolve a name and send a request to the address it
+# resolved to, as a beaconing implant (busybox's wget crashes in this static build: nc).
+beacon=$(sed -n 's/.*cis490.beacon_s=\([0-9]*\).*/\1/p' /proc/cmdline)
+if [ -n "$beacon" ]; then
+  ( i=0; while true; do i=$((i+1))
+      a=$(nslookup "beacon-$i.c2.cis490.test" 2>/dev/null | sed -n 's/^Address: *\([0-9.]*\)$/\1/p' | tail -n 1)
+      [ -n "$a" ] && printf 'GET /beacon/%s HTTP/1.0\r\n\r\n' "$i" | nc -w 2 "$a" 8080 >/dev/null 2>&1
+      sleep "$beacon"; done ) &
+fi
 rate=$(sed -n 's/.*cis490.agent_rate_hz=\([0-9]*\).*/\1/p' /proc/cmdline)
 /bin/cis490 agent --rate-hz "${rate:-10}" </dev/null >/dev/console 2>&1 &
 echo "cis490-guest: ready"
@@ -466,7 +496,7 @@ fn running_pid(dir: &Path) -> Option<u32> {
 
 fn describe(dir: &Path, pid: u32) -> Vec<(&'static str, String)> {
     let p = |n: &str| dir.join(n).display().to_string();
-    vec![
+    let mut v = vec![
         ("PID", pid.to_string()),
         ("QMP", p("qmp.sock")),
         ("QMP2", p("qmp2.sock")),
@@ -482,7 +512,18 @@ fn describe(dir: &Path, pid: u32) -> Vec<(&'static str, String)> {
                 .to_owned(),
         ),
         ("RUN_DIR", dir.display().to_string()),
-    ]
+    ];
+    match crate::vm_net::current(dir) {
+        Some(net) => {
+            v.push(("NET", "tap".into()));
+            v.push(("NETNS", net.netns));
+            v.push(("TAP", net.tap));
+            v.push(("GUEST_IP", crate::vm_net::GUEST_IP.into()));
+            v.push(("GATEWAY_IP", crate::vm_net::GATEWAY_IP.into()));
+        }
+        None => v.push(("NET", "user".into())),
+    }
+    v
 }
 
 fn kvm_verdict_file() -> PathBuf {
@@ -515,6 +556,23 @@ pub fn start(opts: &StartOpts) -> anyhow::Result<Vec<(&'static str, String)>> {
         }
         other => bail!("--accel {other}: expected tcg, kvm or auto"),
     };
+    crate::vm_net::teardown(&dir);
+    match opts.net.as_str() {
+        "user" => {}
+        "tap" => {
+            if let Some(why) = crate::vm_net::unavailable() {
+                bail!("--net tap: {why}");
+            }
+            crate::vm_net::setup(&dir)?;
+        }
+        "auto" => match crate::vm_net::unavailable() {
+            None => {
+                crate::vm_net::setup(&dir)?;
+            }
+            Some(why) => eprintln!("vm: user-mode network ({why})"),
+        },
+        other => bail!("--net {other}: expected tap, user or auto"),
+    }
     let mut last_err = None;
     for (i, a) in accel.iter().enumerate() {
         let trying_kvm = *a == "kvm" && opts.accel == "auto";
@@ -532,7 +590,8 @@ pub fn start(opts: &StartOpts) -> anyhow::Result<Vec<(&'static str, String)>> {
                 return Ok(v);
             }
             Err(e) => {
-                let _ = stop(&dir);
+                // QEMU only: the next try uses the same network.
+                let _ = stop_qemu(&dir);
                 if trying_kvm {
                     let _ = std::fs::write(kvm_verdict_file(), format!("no\n{e:#}\n"));
                     if i + 1 < accel.len() {
@@ -543,6 +602,7 @@ pub fn start(opts: &StartOpts) -> anyhow::Result<Vec<(&'static str, String)>> {
             }
         }
     }
+    crate::vm_net::teardown(&dir);
     Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no accelerator tried")))
 }
 
@@ -585,7 +645,21 @@ fn boot(
         .arg(format!("{}M", opts.disk_mib)))?;
     let p = |n: &str| dir.join(n).display().to_string();
     let started = Instant::now();
-    let mut cmd = Command::new("qemu-system-x86_64");
+    let net = crate::vm_net::current(dir);
+    // In the VM's network namespace when it has one (where its tap is).
+    let mut cmd = match &net {
+        Some(n) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{}", n.netns))
+                .args(["--", "qemu-system-x86_64"]);
+            c
+        }
+        None => Command::new("qemu-system-x86_64"),
+    };
+    let netdev = match &net {
+        Some(n) => format!("tap,id=net0,ifname={},script=no,downscript=no", n.tap),
+        None => "user,id=net0,restrict=on".into(),
+    };
     cmd.args(["-name", "cis490-vm,debug-threads=on"])
         .args(["-machine", "q35", "-accel", accel, "-cpu", "max"])
         .args([
@@ -637,7 +711,7 @@ fn boot(
         ])
         .args(["-blockdev", "driver=qcow2,file=disk0-file,node-name=disk0"])
         .args(["-device", "virtio-blk-pci,drive=disk0,id=vblk0"])
-        .args(["-netdev", "user,id=net0,restrict=on"])
+        .args(["-netdev", &netdev])
         .args([
             "-device",
             "virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:00:00:01,romfile=",
@@ -656,8 +730,10 @@ fn boot(
         .args([
             "-append",
             &format!(
-                "console=ttyS0 quiet panic=-1 cis490.agent_rate_hz={} {}",
-                opts.agent_rate_hz, opts.append
+                "console=ttyS0 quiet panic=-1 cis490.agent_rate_hz={} cis490.net={} {}",
+                opts.agent_rate_hz,
+                if net.is_some() { "tap" } else { "user" },
+                opts.append
             ),
         ]);
     let out = cmd.output().context("starting qemu-system-x86_64")?;
@@ -708,7 +784,14 @@ fn first_agent_line(sock: &Path, deadline: Instant) -> anyhow::Result<Option<Str
     Ok(line.ends_with('\n').then_some(line))
 }
 
+/// Stop the VM of `dir` and remove its network.
 pub fn stop(dir: &Path) -> anyhow::Result<()> {
+    let res = stop_qemu(dir);
+    crate::vm_net::teardown(dir);
+    res
+}
+
+fn stop_qemu(dir: &Path) -> anyhow::Result<()> {
     let Some(pid) = running_pid(dir) else {
         return Ok(());
     };

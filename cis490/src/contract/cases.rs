@@ -93,7 +93,8 @@ fn proc_rows_of_the_real_qemu_snapshot_meet_the_declaration() {
 
 #[test]
 fn net_rows_of_this_hosts_loopback_meet_the_declaration() {
-    let mut c = crate::net::SysfsNetCollector::new(vec!["lo".into(), "absent0".into()]);
+    let mut c =
+        crate::net::SysfsNetCollector::new(std::process::id(), vec!["lo".into(), "absent0".into()]);
     let mut out = TickOutput::default();
     c.collect(tick(0), &EpisodeClock::start(), &mut out)
         .unwrap();

@@ -73,7 +73,7 @@ pub fn link_type(name: &str) -> Option<u16> {
         *d = *s as libc::c_char;
     }
     // SAFETY: SIOCGIFHWADDR fills ifr_ifru.ifru_hwaddr of the ifreq we pass.
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut ifr) };
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR as _, &mut ifr) };
     // SAFETY: our own fd.
     unsafe { libc::close(fd) };
     if rc != 0 {

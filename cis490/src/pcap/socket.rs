@@ -250,7 +250,7 @@ fn recv_one(
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&control);
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
     // SAFETY: recvmsg into the buffers above; MSG_TRUNC makes it return the packet's
     // real length while copying at most buf.len().
     let n = unsafe {
