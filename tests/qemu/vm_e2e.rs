@@ -325,13 +325,13 @@ fn network_seen(dir: &std::path::Path, meta: &serde_json::Value, tap: &str) {
     let flows = read_jsonl(&dir.join("telemetry-flows.jsonl"));
     let conn = flows
         .iter()
-        .filter(|r| {
+        .rev()
+        .find(|r| {
             r["proto"] == "tcp"
                 && r["src_addr"] == "10.0.2.15"
                 && r["dst_addr"] == "10.0.2.2"
                 && r["dst_port"] == 8080
         })
-        .last()
         .unwrap_or_else(|| panic!("no TCP flow to 10.0.2.2:8080: {flows:?}"));
     // SYN, ACK and FIN seen, data both ways.
     assert_eq!(conn["tcp_flags"].as_u64().unwrap() & 0x13, 0x13, "{conn}");
