@@ -801,3 +801,261 @@ fn udp_over_ipv6_is_a_flow_with_exact_counts() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// Frames written straight onto the host end through a packet socket, so their headers
+/// are exactly the test's: VLAN and QinQ tags, ICMP, both kinds of IPv4 fragment, DNS over
+/// TCP, a frame that is not IP, then a flood of 40,000 new flows that overflows the
+/// kernel's per-tick flow table. Every frame goes to an address the peer does not have and
+/// to a MAC that is not its own, so it drops them all and answers none: the counts are the
+/// frames' own.
+#[test]
+fn crafted_frames_cover_every_parser_path_and_a_full_flow_table_loses_no_packet() {
+    if !capable() {
+        return;
+    }
+    let pair = Pair::create('c');
+    let target = Command::new("sleep").arg("30").spawn().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let child = spawn_trace(
+        data.path(),
+        &[
+            "--qemu-pid",
+            &target.id().to_string(),
+            "--backend",
+            "bpf",
+            "--net-if",
+            &pair.host_if,
+            // One-second ticks: the flood's flows land in one or two ticks, each far over
+            // the table's 16,384 entries.
+            "--rate-hz",
+            "1",
+            "--duration",
+            "7",
+            "--no-qmp",
+            "--no-perf",
+        ],
+    );
+    assert!(wait_for(Duration::from_secs(20), || {
+        first_episode_has_rows(data.path(), "telemetry-flow.jsonl")
+    }));
+    let before = pair.counters();
+    let raw = RawSender::open(&pair.host_if);
+    let udp = |sport: u16, dport: u16| ipv4(17, &udp_header(sport, dport, b"0123456789"), 0);
+    for _ in 0..5 {
+        raw.send(&eth(
+            0x0800,
+            &ipv4(1, &[8, 0, 0, 0, 0, 1, 0, 1, 1, 2, 3, 4], 0),
+        ));
+    }
+    for _ in 0..3 {
+        raw.send(&eth_tagged(&[(0x8100, 100)], 0x0800, &udp(1000, 2000)));
+    }
+    for _ in 0..2 {
+        raw.send(&eth_tagged(
+            &[(0x88a8, 7), (0x8100, 100)],
+            0x0800,
+            &udp(1001, 2001),
+        ));
+    }
+    // A first fragment (more fragments, offset 0) and a later one (offset 185 × 8).
+    raw.send(&eth(
+        0x0800,
+        &ipv4(17, &udp_header(1002, 2002, &[7; 24]), 0x2000),
+    ));
+    raw.send(&eth(0x0800, &ipv4(17, &[7; 24], 185)));
+    // DNS over TCP: the 2-byte length, then the message.
+    let query = dns_query(0x5151, "tcp.test");
+    let mut stream = (query.len() as u16).to_be_bytes().to_vec();
+    stream.extend_from_slice(&query);
+    raw.send(&eth(
+        0x0800,
+        &ipv4(6, &tcp_header(40000, 53, 0x18, &stream), 0),
+    ));
+    raw.send(&eth(0x88b5, &[0u8; 46]));
+    // The flood starts in a tick of its own.
+    std::thread::sleep(Duration::from_millis(1500));
+    const FLOOD: u64 = 40_000;
+    for i in 0..FLOOD {
+        raw.send(&eth(0x0800, &udp(1024 + i as u16, 3000)));
+    }
+    let after = pair.counters();
+    let (ok, dir, stderr) = wait_trace(child, Duration::from_secs(30));
+    assert!(ok, "trace failed: {stderr}");
+    let mut target = target;
+    let _ = target.kill();
+
+    let rows = read_jsonl(&dir.join("telemetry-flow.jsonl"));
+    let first = &rows[0];
+    let last = rows.last().unwrap();
+    let sent = 5 + 3 + 2 + 2 + 1 + 1 + FLOOD;
+    assert_eq!(after[1] - before[1], sent, "the interface sent every frame");
+    assert_eq!(u(&last["tx_packets"]) - u(&first["tx_packets"]), sent);
+    assert_eq!(
+        u(&last["tx_bytes"]) - u(&first["tx_bytes"]),
+        after[3] - before[3]
+    );
+    assert_eq!(u(&last["rx_packets"]), 0);
+    assert_eq!(u(&last["icmp_packets"]), 5);
+    assert_eq!(u(&last["udp_packets"]), 3 + 2 + 2 + FLOOD);
+    assert_eq!(u(&last["tcp_packets"]), 1);
+    assert_eq!(u(&last["other_packets"]), 1, "the frame that is not IP");
+    assert_eq!(u(&last["dns_queries"]), 1);
+    // ICMP, VLAN, QinQ, the first fragment's, the later fragment's (no ports), DNS over
+    // TCP, and every flow of the flood: all new to the kernel, tracked or not.
+    assert_eq!(u(&last["flows_new"]), 6 + FLOOD);
+    let untracked = u(&last["untracked_packets"]);
+    assert!(untracked >= FLOOD - 2 * 16_384, "{untracked} untracked");
+
+    // The flows of the frames before the flood, each with its ports.
+    let flows = read_jsonl(&dir.join("telemetry-flows.jsonl"));
+    let flow = |sport: u64, dport: u64, proto: &str| {
+        flows
+            .iter()
+            .rev()
+            .find(|f| f["proto"] == proto && f["src_port"] == sport && f["dst_port"] == dport)
+            .unwrap_or_else(|| panic!("no {proto} flow {sport} -> {dport}"))
+    };
+    assert_eq!(u(&flow(0, 0, "icmp")["packets_fwd"]), 5);
+    assert_eq!(u(&flow(1000, 2000, "udp")["packets_fwd"]), 3);
+    assert_eq!(u(&flow(1001, 2001, "udp")["packets_fwd"]), 2);
+    assert_eq!(u(&flow(1002, 2002, "udp")["packets_fwd"]), 1);
+    assert_eq!(
+        u(&flow(0, 0, "udp")["packets_fwd"]),
+        1,
+        "the later fragment"
+    );
+    assert_eq!(u(&flow(40000, 53, "tcp")["tcp_flags"]), 0x18);
+    // Tracked flood flows plus untracked packets are the flood, exactly.
+    let mut flood_packets = BTreeMap::new();
+    for f in flows.iter().filter(|f| f["dst_port"] == 3000) {
+        flood_packets.insert(u(&f["src_port"]), u(&f["packets_fwd"]));
+    }
+    assert_eq!(flood_packets.values().sum::<u64>() + untracked, FLOOD);
+
+    let dns = read_jsonl(&dir.join("telemetry-dns.jsonl"));
+    assert_eq!(dns.len(), 1, "{dns:?}");
+    assert_eq!(dns[0]["transport"], "tcp");
+    assert_eq!(dns[0]["qname"], "tcp.test");
+    assert_eq!(dns[0]["id"], 0x5151);
+
+    // The overflow is reported, not silent.
+    let events = read_jsonl(&dir.join("events.jsonl"));
+    assert!(
+        events.iter().any(|e| e["event"] == "source_error"
+            && e["source"] == "flow"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("flow table full"))),
+        "no source_error for the untracked packets"
+    );
+    let out = cis490().arg("validate").arg(&dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// A raw packet socket on one interface: frames go out exactly as written.
+struct RawSender {
+    fd: i32,
+    addr: libc::sockaddr_ll,
+}
+
+impl RawSender {
+    fn open(ifname: &str) -> RawSender {
+        let name = std::ffi::CString::new(ifname).unwrap();
+        // SAFETY: plain libc calls on values owned here.
+        unsafe {
+            let index = libc::if_nametoindex(name.as_ptr());
+            assert!(index > 0, "no interface {ifname}");
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
+            assert!(
+                fd >= 0,
+                "packet socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = index as i32;
+            addr.sll_halen = 6;
+            RawSender { fd, addr }
+        }
+    }
+
+    fn send(&self, frame: &[u8]) {
+        // SAFETY: sendto with a buffer and address that outlive the call.
+        let n = unsafe {
+            libc::sendto(
+                self.fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&self.addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+impl Drop for RawSender {
+    fn drop(&mut self) {
+        // SAFETY: our own fd.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+/// To a MAC nobody on the pair has (the peer drops it as another host's).
+const NOBODY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
+
+fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    eth_tagged(&[], ethertype, payload)
+}
+
+fn eth_tagged(tags: &[(u16, u16)], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = NOBODY_MAC.to_vec();
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    for (tpid, vid) in tags {
+        f.extend_from_slice(&tpid.to_be_bytes());
+        f.extend_from_slice(&vid.to_be_bytes());
+    }
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An IPv4 packet from 192.0.2.10 to 192.0.2.1 (TEST-NET-1: nobody's); `frag` is the
+/// flags and fragment offset field.
+fn ipv4(proto: u8, payload: &[u8], frag: u16) -> Vec<u8> {
+    let total = (20 + payload.len()) as u16;
+    let mut p = vec![0x45, 0];
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&[0x12, 0x34]);
+    p.extend_from_slice(&frag.to_be_bytes());
+    p.extend_from_slice(&[64, proto, 0, 0, 192, 0, 2, 10, 192, 0, 2, 1]);
+    p.extend_from_slice(payload);
+    p
+}
+
+fn udp_header(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = sport.to_be_bytes().to_vec();
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
+
+fn tcp_header(sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut t = sport.to_be_bytes().to_vec();
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    t.extend_from_slice(payload);
+    t
+}
