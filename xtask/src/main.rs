@@ -7,6 +7,7 @@
 //! fuzz   fuzzes every parser of untrusted input for a bounded time (docs/fuzzing.md)
 
 mod bench;
+mod bpf_test_run;
 mod demo;
 mod flow_bench;
 mod fuzz;
