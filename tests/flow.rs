@@ -423,11 +423,19 @@ fn known_traffic_gives_exact_flow_counts_and_is_never_dropped() {
         };
         for col in ["rx_packets", "tx_packets"] {
             let (a, b) = (u(&r[col]), u(&n[col]));
-            assert!(a.abs_diff(b) <= 1, "seq {}: {col} flow {a}, net {b}", r["seq"]);
+            assert!(
+                a.abs_diff(b) <= 1,
+                "seq {}: {col} flow {a}, net {b}",
+                r["seq"]
+            );
         }
         compared += 1;
     }
-    assert!(compared + 2 >= rows.len(), "{compared} of {} ticks in both", rows.len());
+    assert!(
+        compared + 2 >= rows.len(),
+        "{compared} of {} ticks in both",
+        rows.len()
+    );
     let net_last = net.values().last().unwrap();
     assert_eq!(u(&last["rx_packets"]), u(&net_last["rx_packets"]));
     assert_eq!(u(&last["tx_packets"]), u(&net_last["tx_packets"]));

@@ -14,6 +14,7 @@ pub mod doctor;
 pub mod episode;
 pub mod error;
 pub mod export;
+pub mod fields;
 pub mod flow;
 pub mod jsonl;
 pub mod kvm;

@@ -7,9 +7,10 @@
 
 use std::collections::HashMap;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::{events, ColumnType, Presence, Stream, StreamKind, TypeRule};
+use crate::fields::Fields;
 
 /// The JSON shape of one value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -199,7 +200,7 @@ fn short(v: &Value) -> String {
 
 /// Check one row of `stream` (a parsed JSON line). Every problem found, in column order
 /// of the row; empty when the row meets the contract.
-pub fn check_row(stream: &Stream, obj: &Map<String, Value>) -> Vec<Violation> {
+pub fn check_row(stream: &Stream, obj: &(impl Fields + ?Sized)) -> Vec<Violation> {
     let mut out = Vec::new();
     match stream.kind {
         StreamKind::Events => check_event(stream, obj, &mut out),
@@ -208,8 +209,8 @@ pub fn check_row(stream: &Stream, obj: &Map<String, Value>) -> Vec<Violation> {
     out
 }
 
-fn row_kind(obj: &Map<String, Value>) -> Option<&str> {
-    obj.get("kind").and_then(Value::as_str)
+fn row_kind(obj: &(impl Fields + ?Sized)) -> Option<&str> {
+    obj.field("kind").and_then(Value::as_str)
 }
 
 /// Whether every row of `kind` must carry `col`.
@@ -221,12 +222,12 @@ fn required(col: &super::Column, kind: Option<&str>) -> bool {
     }
 }
 
-fn check_columns(stream: &Stream, obj: &Map<String, Value>, out: &mut Vec<Violation>) {
+fn check_columns(stream: &Stream, obj: &(impl Fields + ?Sized), out: &mut Vec<Violation>) {
     let kind = row_kind(obj);
     // Required columns met in the row; only when fewer than required are they looked up
     // one by one (saves a map lookup per column and row on the common, complete row).
     let mut required_seen = 0usize;
-    for (name, v) in obj {
+    for (name, v) in obj.fields() {
         if let Some(col) = stream.column(name) {
             if required(col, kind) {
                 required_seen += 1;
@@ -314,7 +315,7 @@ fn check_columns(stream: &Stream, obj: &Map<String, Value>, out: &mut Vec<Violat
         return;
     }
     for col in stream.columns {
-        if required(col, kind) && !obj.contains_key(col.name) {
+        if required(col, kind) && obj.field(col.name).is_none() {
             out.push(violation(
                 col.name,
                 ViolationKind::MissingColumn,
@@ -324,9 +325,9 @@ fn check_columns(stream: &Stream, obj: &Map<String, Value>, out: &mut Vec<Violat
     }
 }
 
-fn check_event(stream: &Stream, obj: &Map<String, Value>, out: &mut Vec<Violation>) {
+fn check_event(stream: &Stream, obj: &(impl Fields + ?Sized), out: &mut Vec<Violation>) {
     for col in stream.columns {
-        match obj.get(col.name) {
+        match obj.field(col.name) {
             Some(v) => check_value(col.name, col.ty, col.nullable, col.values, v, out),
             None => out.push(violation(
                 col.name,
@@ -335,7 +336,7 @@ fn check_event(stream: &Stream, obj: &Map<String, Value>, out: &mut Vec<Violatio
             )),
         }
     }
-    let Some(name) = obj.get("event").and_then(Value::as_str) else {
+    let Some(name) = obj.field("event").and_then(Value::as_str) else {
         return;
     };
     let Some(kind) = events::kind(name) else {
@@ -346,7 +347,7 @@ fn check_event(stream: &Stream, obj: &Map<String, Value>, out: &mut Vec<Violatio
         ));
         return;
     };
-    for (field, v) in obj {
+    for (field, v) in obj.fields() {
         if stream.column(field).is_some() {
             continue;
         }
@@ -360,7 +361,7 @@ fn check_event(stream: &Stream, obj: &Map<String, Value>, out: &mut Vec<Violatio
         }
     }
     for col in kind.fields {
-        if col.presence == Presence::Always && !obj.contains_key(col.name) {
+        if col.presence == Presence::Always && obj.field(col.name).is_none() {
             out.push(violation(
                 col.name,
                 ViolationKind::MissingColumn,
@@ -406,7 +407,7 @@ impl TypeCheck {
 
     /// The problems of one row that were not reported before (each distinct problem of a
     /// column is reported once per file; [`TypeCheck::finish`] counts the repeats).
-    pub fn check(&mut self, obj: &Map<String, Value>) -> Vec<String> {
+    pub fn check(&mut self, obj: &(impl Fields + ?Sized)) -> Vec<String> {
         let Some(stream) = self.stream else {
             if self.unknown_reported {
                 return Vec::new();
@@ -437,10 +438,10 @@ impl TypeCheck {
     fn family_stability(
         &mut self,
         stream: &Stream,
-        obj: &Map<String, Value>,
+        obj: &(impl Fields + ?Sized),
         out: &mut Vec<Violation>,
     ) {
-        for (name, v) in obj {
+        for (name, v) in obj.fields() {
             if stream.column(name).is_some() || stream.family(name).is_none() {
                 continue;
             }
@@ -453,7 +454,7 @@ impl TypeCheck {
             };
             match self.family_kinds.get(name) {
                 None => {
-                    self.family_kinds.insert(name.clone(), k);
+                    self.family_kinds.insert(name.to_owned(), k);
                 }
                 Some(first) if *first != k => out.push(violation(
                     name,

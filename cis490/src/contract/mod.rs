@@ -254,8 +254,9 @@ pub struct Stream {
 impl Stream {
     /// The declared column `name` (hashed: validate asks this for every value).
     pub fn column(&self, name: &str) -> Option<&'static Column> {
-        static INDEX: OnceLock<HashMap<&'static str, HashMap<&'static str, &'static Column>>> =
-            OnceLock::new();
+        // foldhash: the column names are ours, and this runs once per value validated.
+        type Index<V> = HashMap<&'static str, V, foldhash::fast::RandomState>;
+        static INDEX: OnceLock<Index<Index<&'static Column>>> = OnceLock::new();
         let index = INDEX.get_or_init(|| {
             STREAMS
                 .iter()

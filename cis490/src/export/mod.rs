@@ -20,6 +20,7 @@ pub mod out;
 pub mod plan;
 pub mod write;
 
+use crate::fields::RowMap;
 use std::path::{Path, PathBuf};
 
 use arrow_array::RecordBatch;
@@ -96,7 +97,7 @@ pub fn stream_file(dir: &Path, s: &Stream) -> Option<PathBuf> {
 pub(crate) fn for_each_row(
     file: &Path,
     strict: bool,
-    mut f: impl FnMut(u64, Map<String, Value>) -> Result<(), ExportError>,
+    mut f: impl FnMut(u64, RowMap) -> Result<(), ExportError>,
 ) -> Result<u64, ExportError> {
     let reader = crate::untrusted::open_stream(file).map_err(|e| ExportError::Io {
         path: file.to_path_buf(),
@@ -125,8 +126,8 @@ pub(crate) fn for_each_row(
             }
             LineRead::Line { .. } => {
                 n += 1;
-                match serde_json::from_slice::<Map<String, Value>>(lines.line()) {
-                    Ok(row) => f(n, row)?,
+                match crate::fields::parse_object(lines.line()) {
+                    Ok(row) => f(n, row.map)?,
                     Err(e) => bad(n, format!("not a JSON object: {e}"))?,
                 }
             }
@@ -479,7 +480,7 @@ pub fn verify(
     plan: &Plan,
     phases: &Phases,
 ) -> Result<u64, ExportError> {
-    let mut rows: Vec<(u64, Map<String, Value>)> = Vec::new();
+    let mut rows: Vec<(u64, RowMap)> = Vec::new();
     for_each_row(file, false, |n, row| {
         rows.push((n, row));
         Ok(())

@@ -53,8 +53,8 @@ pub struct FamilyScan {
 
 impl FamilyScan {
     /// Note one row's keys that are not declared columns of `stream`.
-    pub fn row(&mut self, stream: &Stream, row: &serde_json::Map<String, serde_json::Value>) {
-        for (k, v) in row {
+    pub fn row(&mut self, stream: &Stream, row: &(impl crate::fields::Fields + ?Sized)) {
+        for (k, v) in row.fields() {
             if stream.column(k).is_some() {
                 continue;
             }
@@ -62,7 +62,7 @@ impl FamilyScan {
                 continue; // not in the contract: validate reports it; the export drops it
             };
             let seen = value_type(v);
-            let entry = self.found.entry(k.clone()).or_insert(None);
+            let entry = self.found.entry(k.to_owned()).or_insert(None);
             *entry = match (family.rule, *entry, seen) {
                 (TypeRule::Exact(t), _, _) => Some(t),
                 (_, prev, None) => prev,

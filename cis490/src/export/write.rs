@@ -2,6 +2,7 @@
 //! never decreases in a valid stream), each group of equal t_mono_ns sorted by tid
 //! (process row first), typed by the [`Plan`], with the derived columns filled in.
 
+use crate::fields::RowMap;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
@@ -13,7 +14,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::{KeyValue, SortingColumn};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::columns::Builder;
 use super::plan::Plan;
@@ -84,12 +85,7 @@ impl<'a> Columns<'a> {
         }
     }
 
-    fn push(
-        &mut self,
-        row: &Map<String, Value>,
-        file: &Path,
-        line: u64,
-    ) -> Result<(), ExportError> {
+    fn push(&mut self, row: &RowMap, file: &Path, line: u64) -> Result<(), ExportError> {
         let plan = self.plan;
         for (c, b) in plan.columns.iter().zip(self.builders.iter_mut()) {
             if let Err(expected) = b.append(row.get(&c.name)) {
@@ -212,7 +208,7 @@ pub fn properties(plan: &Plan, episode_id: &str) -> WriterProperties {
 }
 
 /// The sort key within one instant: the process row (tid null) first, then by tid.
-pub fn tid_key(row: &Map<String, Value>) -> (bool, u64) {
+pub fn tid_key(row: &RowMap) -> (bool, u64) {
     match row.get("tid").and_then(Value::as_u64) {
         None => (false, 0),
         Some(t) => (true, t),
@@ -237,17 +233,16 @@ pub fn write_stream<W: Write + Send>(
             .map_err(perr)?;
     let mut cols = Columns::new(plan, phases, lenient);
     // The rows of the current instant, sorted by tid before they are appended.
-    let mut group: Vec<(u64, Map<String, Value>)> = Vec::new();
+    let mut group: Vec<(u64, RowMap)> = Vec::new();
     let mut group_t: Option<u64> = None;
-    let flush_group = |group: &mut Vec<(u64, Map<String, Value>)>,
-                       cols: &mut Columns<'_>|
-     -> Result<(), ExportError> {
-        group.sort_by_key(|(_, r)| tid_key(r));
-        for (line, row) in group.drain(..) {
-            cols.push(&row, file, line)?;
-        }
-        Ok(())
-    };
+    let flush_group =
+        |group: &mut Vec<(u64, RowMap)>, cols: &mut Columns<'_>| -> Result<(), ExportError> {
+            group.sort_by_key(|(_, r)| tid_key(r));
+            for (line, row) in group.drain(..) {
+                cols.push(&row, file, line)?;
+            }
+            Ok(())
+        };
     cols.counts.lines_skipped = super::for_each_row(file, !lenient, |n, row| {
         let t = row.get("t_mono_ns").and_then(Value::as_u64);
         if t != group_t {

@@ -2,6 +2,7 @@
 //! carries, duplicate keys, and each value's type against the contract.
 
 use super::*;
+use crate::fields::RowMap;
 
 /// What kind of file a scan is reading; decides the per-line checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,44 +28,6 @@ impl FileKind {
                     source: s.to_owned(),
                 })
         }
-    }
-}
-
-/// One row parsed with its duplicate keys noticed: serde_json (with preserve_order) keeps
-/// one value of `{"a":1,"a":2}` silently, so a row that says two things would pass.
-struct RowObject {
-    map: Map<String, Value>,
-    duplicates: Vec<String>,
-}
-
-impl<'de> serde::Deserialize<'de> for RowObject {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct RowVisitor;
-        impl<'de> serde::de::Visitor<'de> for RowVisitor {
-            type Value = RowObject;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut a: A,
-            ) -> Result<RowObject, A::Error> {
-                let mut map = Map::new();
-                let mut duplicates = Vec::new();
-                while let Some(key) = a.next_key::<String>()? {
-                    let value: Value = a.next_value()?;
-                    if map.contains_key(&key) {
-                        if !duplicates.contains(&key) {
-                            duplicates.push(key);
-                        }
-                    } else {
-                        map.insert(key, value);
-                    }
-                }
-                Ok(RowObject { map, duplicates })
-            }
-        }
-        d.deserialize_map(RowVisitor)
     }
 }
 
@@ -192,7 +155,7 @@ impl FileScan {
         };
         self.lines += 1;
         let n = self.lines;
-        let row: RowObject = match serde_json::from_slice(body) {
+        let row = match crate::fields::parse_object(body) {
             Ok(v) => v,
             Err(e) => {
                 // Parsed again only to tell a non-object from invalid JSON.
@@ -247,7 +210,7 @@ impl FileScan {
         }
     }
 
-    fn telemetry_row(&mut self, n: u64, t: u64, obj: &Map<String, Value>) {
+    fn telemetry_row(&mut self, n: u64, t: u64, obj: &RowMap) {
         for (key, v) in obj {
             if v.is_object() || v.is_array() {
                 self.problem(Some(n), format!("field {key} is nested; rows must be flat"));
@@ -310,7 +273,7 @@ impl FileScan {
         self.last_seq = Some((seq, t));
     }
 
-    fn event_row(&mut self, n: u64, t: u64, obj: &Map<String, Value>) {
+    fn event_row(&mut self, n: u64, t: u64, obj: &RowMap) {
         let Some(event) = obj.get("event").and_then(Value::as_str) else {
             self.problem(Some(n), "event name missing or not a string".into());
             return;
@@ -343,7 +306,7 @@ impl FileScan {
         }
     }
 
-    fn label_row(&mut self, n: u64, t: u64, obj: &Map<String, Value>) {
+    fn label_row(&mut self, n: u64, t: u64, obj: &RowMap) {
         let phase = obj.get("phase").and_then(Value::as_str);
         let prev = match obj.get("prev") {
             None => {
