@@ -460,12 +460,10 @@ pub fn load(
         }
     }
     let flow = snap.flow && !net_ifs.is_empty();
-    // The watched interfaces' ifindexes, for the flow programs (a global they scan);
-    // outlives `loader`, which borrows it.
-    let ifindex: &mut [u32; MAX_NET_IFS as usize] = &mut [0; MAX_NET_IFS as usize];
-    if flow {
-        // Indexes are per network namespace: the target's (see crate::net::netns).
-        let found = crate::net::netns::run_in(pid, || {
+    // The watched interfaces' ifindexes, for the flow programs (a global they scan).
+    // Indexes are per network namespace: the target's (see crate::net::netns).
+    let ifindex = if flow {
+        crate::net::netns::run_in(pid, || {
             let mut out = [0u32; MAX_NET_IFS as usize];
             for (slot, spec) in net_ifs.iter().enumerate() {
                 let name = std::ffi::CString::new(spec.name.as_str())
@@ -475,9 +473,12 @@ pub fn load(
             }
             Ok::<_, BpfError>(out)
         })
-        .map_err(load_err)??;
-        ifindex.copy_from_slice(&found);
-        loader.override_global("FLOW_IFINDEX", &*ifindex, true);
+        .map_err(load_err)??
+    } else {
+        [0; MAX_NET_IFS as usize]
+    };
+    if flow {
+        loader.override_global("FLOW_IFINDEX", &ifindex, true);
         loader.map_max_entries(
             "FLOW_IF_TICKS",
             net_ifs.len() as u32 * cis490_common::flow::FLOW_IF_RING,
