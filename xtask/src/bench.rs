@@ -1161,6 +1161,13 @@ pub fn run(quick: bool, only: &[u32], out: Option<PathBuf>) -> anyhow::Result<()
             Err(e) => writeln!(md, "Not measured: {e:#}\n")?,
         }
     }
+    if want(15) {
+        writeln!(md, "## 15. Cost against thread count\n")?;
+        match thread_count_bench(&tools, if quick { 1 } else { 2 }, &scratch) {
+            Ok(text) => md.push_str(&text),
+            Err(e) => writeln!(md, "Not measured: {e:#}\n")?,
+        }
+    }
     let mut header = String::new();
     writeln!(header, "# cis490 benchmarks\n")?;
     writeln!(
@@ -1691,6 +1698,79 @@ fn perf_bench(tool: Tool, rounds: usize, scratch: &Path) -> anyhow::Result<Strin
                 },
                 perf_rows[i]
             )?;
+        }
+    }
+    writeln!(md)?;
+    Ok(md)
+}
+
+/// Section 15: what a capture costs as the target's thread count grows: targets of 10, 50
+/// and 200 threads (1 spinning, the rest sleeping 100 ms at a time), each backend at
+/// 100 Hz and 1 kHz with the default `--rows all`, 5 s captures, `rounds` alternating;
+/// CPU and peak RSS from wait4 of the capture process.
+fn thread_count_bench(tools: &[Tool], rounds: usize, scratch: &Path) -> anyhow::Result<String> {
+    let mut md = String::new();
+    let secs = 5.0;
+    let backends: Vec<&str> = [(Tool::Bpf, "bpf"), (Tool::Proc, "proc")]
+        .iter()
+        .filter(|(t, _)| tools.contains(t))
+        .map(|(_, b)| *b)
+        .collect();
+    writeln!(
+        md,
+        "Targets: `cis490-testload --spin 1 --switch 0 --threads N` (1 spinning thread, the others sleeping 100 ms at a time); `cis490 trace --backend B --rate-hz R --duration {secs:.0}` (`--rows all`, the default), median of {rounds} alternating rounds; CPU and peak RSS from wait4 of the capture process (for bpf its loader helper is a separate, short-lived process). Per thread and tick the CPU column's growth is the cost of one more thread.\n"
+    )?;
+    writeln!(
+        md,
+        "| threads | backend | rate | CPU (share of one core) | CPU per thread-tick | peak RSS | ticks missed | output |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+    for threads in [10usize, 50, 200] {
+        let target = Target::start(&[
+            "--spin",
+            "1",
+            "--switch",
+            "0",
+            "--threads",
+            &threads.to_string(),
+        ])?;
+        for backend in &backends {
+            for rate in [100u32, 1000] {
+                let (mut cpu, mut rss, mut missed, mut out_mb) =
+                    (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                let mut scheduled = 0u64;
+                for round in 0..rounds {
+                    let root = scratch.join(format!("threads-{threads}-{backend}-{rate}-{round}"));
+                    let (status, c, rss_kib, out) = run_measured(
+                        trace_cmd(target.pid(), rate, backend, &root)
+                            .args(["--duration", &secs.to_string()]),
+                    )?;
+                    anyhow::ensure!(
+                        status.success(),
+                        "capture failed ({threads} threads, {backend}, {rate} Hz)"
+                    );
+                    let dir = PathBuf::from(out.lines().last().unwrap_or("").trim());
+                    let meta = read_meta(&dir)?;
+                    let r = &meta["result"];
+                    let observed = r["duration_observed_s"].as_f64().unwrap_or(secs);
+                    cpu.push(c / observed);
+                    rss.push(rss_kib as f64 / 1024.0);
+                    missed.push(r["ticks_missed"].as_u64().unwrap_or(0) as f64);
+                    scheduled = r["ticks_scheduled"].as_u64().unwrap_or(0);
+                    out_mb.push(bytes_under(&dir, ".jsonl") as f64 / 1e6 / observed);
+                    let _ = std::fs::remove_dir_all(&root);
+                }
+                let (c, _, _) = stats(&cpu);
+                writeln!(
+                    md,
+                    "| {threads} | {backend} | {rate} Hz | {:.1} % | {:.2} µs | {:.1} MiB | {:.0} / {scheduled} | {:.1} MB/s |",
+                    c * 100.0,
+                    c * 1e6 / (threads as f64 * f64::from(rate)),
+                    stats(&rss).0,
+                    stats(&missed).0,
+                    stats(&out_mb).0
+                )?;
+            }
         }
     }
     writeln!(md)?;

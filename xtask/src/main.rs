@@ -42,7 +42,7 @@ enum Command {
         /// Shorter runs (fewer rounds, 10 s timing) for a quick look.
         #[arg(long)]
         quick: bool,
-        /// Run only these sections (comma-separated numbers 1-8; 1 and 5 share their
+        /// Run only these sections (comma-separated numbers 1-15; 1 and 5 share their
         /// runs). Default: all.
         #[arg(long, value_delimiter = ',')]
         only: Vec<u32>,
