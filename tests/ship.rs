@@ -260,6 +260,113 @@ fn a_shipper_killed_mid_episode_resumes_and_replaces_a_wrong_object() {
     assert_eq!(std::fs::read(s3.object(&meta_key)).unwrap(), real_meta);
 }
 
+/// The shipper's multipart journals (`--state-dir`): (file, parts recorded).
+fn journals(s3: &S3Server) -> Vec<(PathBuf, usize)> {
+    std::fs::read_dir(s3.state.path())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v: Value = serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok()?;
+            Some((e.path(), v["parts"].as_array()?.len()))
+        })
+        .collect()
+}
+
+#[test]
+fn a_shipper_killed_mid_file_resumes_at_the_file_s_next_part() {
+    let data = tempfile::tempdir().unwrap();
+    // 1 kHz for 10 s: telemetry-proc.jsonl is several 8 MiB parts.
+    let load = Load::start(&["--spin", "1", "--switch", "2"]);
+    let out = Command::new(bin("cis490"))
+        .arg("trace")
+        .arg("--qemu-pid")
+        .arg(load.pid().to_string())
+        .arg("--data-root")
+        .arg(data.path())
+        .args(["--backend", "proc", "--duration", "10", "--rate-hz", "1000"])
+        .output()
+        .unwrap();
+    drop(load);
+    assert!(out.status.success(), "capture failed: {}", text(&out));
+    let dir = PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .trim(),
+    );
+    let big = std::fs::metadata(dir.join("telemetry-proc.jsonl"))
+        .unwrap()
+        .len();
+    assert!(
+        big > 2 * (8 << 20),
+        "telemetry-proc.jsonl is only {big} bytes"
+    );
+    let total: u64 = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    let s3 = S3Server::start();
+    let mut child = s3
+        .ship(data.path(), "host-r")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // As soon as a part of the big file is journaled, freeze the store (the next part's
+    // request hangs) and kill the shipper: it dies inside the file for certain.
+    assert!(
+        wait_for(Duration::from_secs(60), || journals(&s3)
+            .iter()
+            .any(|j| j.1 >= 1)),
+        "no multipart part was ever journaled"
+    );
+    cis490_tests::send_signal(s3.pid(), libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = child.kill();
+    let killed = child.wait_with_output().unwrap();
+    cis490_tests::send_signal(s3.pid(), libc::SIGCONT);
+    let id = episode_id(&dir);
+    assert!(
+        !s3.object(&format!("host-r/shipped/{id}.json")).exists(),
+        "killed mid-file, yet marked shipped: {}",
+        text(&killed)
+    );
+    let parts_before = journals(&s3).iter().map(|j| j.1).max().unwrap_or(0);
+    assert!(parts_before >= 1);
+
+    let out = s3.ship(data.path(), "host-r").output().unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains(&format!(
+            "resuming its upload after {parts_before} parts already in the store"
+        )),
+        "{t}"
+    );
+    assert!(t.contains("1 shipped"), "{t}");
+    // The resumed run sent less than the episode: the journaled parts stayed in the store.
+    let sent: u64 = t
+        .lines()
+        .find(|l| l.contains("bytes sent") && l.contains(&id))
+        .and_then(|l| l.split(", ").last())
+        .and_then(|x| x.split(' ').next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or_else(|| panic!("no bytes sent in {t}"));
+    assert!(
+        sent + parts_before as u64 * (8 << 20) <= total + (4 << 20),
+        "sent {sent} of {total} bytes after {parts_before} parts were already there"
+    );
+    // Every object, the resumed one included, is the local file byte for byte.
+    assert_shipped(&s3, "host-r", &dir);
+    assert!(
+        journals(&s3).is_empty(),
+        "a finished upload left its journal"
+    );
+}
+
 #[test]
 fn wrong_credentials_a_missing_bucket_and_a_down_store_fail_clearly_and_mark_nothing() {
     let data = tempfile::tempdir().unwrap();

@@ -90,6 +90,11 @@ enum Command {
         /// Files larger than this many bytes go up as multipart uploads (8 MiB parts).
         #[arg(long, default_value_t = cis490::ship::store::SINGLE_PUT_MAX)]
         multipart_above: u64,
+        /// Where multipart uploads in progress are journaled, so a shipper killed mid-file
+        /// resumes at the file's next part (default: $XDG_STATE_HOME/cis490/ship, else
+        /// ~/.local/state/cis490/ship; never inside the data root).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
     },
     /// Plot an episode (stacked panels on one time axis) and print a per-phase summary.
     Report {
@@ -342,6 +347,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             region,
             watch,
             multipart_above,
+            state_dir,
         } => cmd_ship(cis490::ship::ShipOptions {
             data_root,
             to,
@@ -349,6 +355,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                 endpoint,
                 region,
                 multipart_above: Some(multipart_above),
+                state_dir,
             },
             watch,
         }),

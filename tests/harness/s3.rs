@@ -31,6 +31,8 @@ pub struct S3Server {
     pub port: u16,
     /// The store's root: bucket `lab` is the folder `lab/`, an object its path below it.
     pub root: tempfile::TempDir,
+    /// The shippers' `--state-dir` (their multipart journals), one per server.
+    pub state: tempfile::TempDir,
 }
 
 impl S3Server {
@@ -46,6 +48,7 @@ impl S3Server {
             child: None,
             port,
             root,
+            state: tempfile::tempdir().expect("temp dir"),
         };
         s.restart();
         s
@@ -129,6 +132,8 @@ impl S3Server {
             .arg(format!("s3://{BUCKET}/{prefix}"))
             .arg("--endpoint")
             .arg(self.endpoint())
+            .arg("--state-dir")
+            .arg(self.state.path())
             .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
             .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
             .env_remove("AWS_ENDPOINT")

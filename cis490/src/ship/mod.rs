@@ -10,6 +10,7 @@
 //! path component), so a planted link cannot send another file to the bucket.
 
 mod error;
+pub mod journal;
 pub mod plan;
 pub mod store;
 
@@ -169,7 +170,8 @@ pub fn ship_episode(store: &Store, dir: &Path) -> Result<Outcome, ShipError> {
                 continue;
             }
         }
-        let (n, sha) = store.put_file(&u.key, file, size, u.expect.as_ref())?;
+        let put = store.put_file(&u.key, file, size, u.expect.as_ref())?;
+        let (n, sha) = (put.bytes, put.sha256);
         let (got_n, got_sha) = store.digest(&u.key)?;
         if got_n != n || got_sha != sha {
             return Err(ShipError::Verify {
@@ -179,7 +181,7 @@ pub fn ship_episode(store: &Store, dir: &Path) -> Result<Outcome, ShipError> {
                 ),
             });
         }
-        bytes_sent += n;
+        bytes_sent += put.sent;
         objects.push(MarkerObject {
             key: u.key.clone(),
             bytes: n,

@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as Key;
 use object_store::{
-    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
-    WriteMultipart,
+    BackoffConfig, ClientOptions, MultipartId, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
 };
 use sha2::{Digest, Sha256};
 
+use super::journal::{Entry, Journal};
 use super::plan::{Destination, Marker};
 use super::ShipError;
 use crate::jsonl::hex;
@@ -36,6 +37,18 @@ pub struct StoreOptions {
     pub region: Option<String>,
     /// Files larger than this go up in parts (None: [`SINGLE_PUT_MAX`]).
     pub multipart_above: Option<u64>,
+    /// `--state-dir`: where multipart uploads are journaled so a killed shipper resumes
+    /// mid-file (None: [`Journal::default_dir`]).
+    pub state_dir: Option<std::path::PathBuf>,
+}
+
+/// What one upload did.
+pub struct Sent {
+    /// The object's size and sha256 (the whole file's).
+    pub bytes: u64,
+    pub sha256: String,
+    /// Bytes sent by this run (less than `bytes` when an upload was resumed).
+    pub sent: u64,
 }
 
 pub struct Store {
@@ -44,6 +57,8 @@ pub struct Store {
     pub dest: Destination,
     endpoint: String,
     multipart_above: u64,
+    /// None when no state directory could be had: uploads then start over when cut.
+    journal: Option<Journal>,
 }
 
 /// What the store holds at a key.
@@ -102,10 +117,26 @@ impl Store {
             .enable_all()
             .build()
             .map_err(ShipError::io("tokio runtime"))?;
+        let endpoint = endpoint.unwrap_or_else(|| "AWS".into());
+        let journal = opts
+            .state_dir
+            .clone()
+            .or_else(Journal::default_dir)
+            .and_then(|dir| {
+                Journal::open(&dir, &format!("{endpoint}\n{}", dest.bucket))
+                    .map_err(|e| {
+                        eprintln!(
+                            "cis490 ship: no upload journal in {} ({e}): an upload cut short starts over",
+                            dir.display()
+                        )
+                    })
+                    .ok()
+            });
         Ok(Store {
             s3,
             rt,
-            endpoint: endpoint.unwrap_or_else(|| "AWS".into()),
+            endpoint,
+            journal,
             multipart_above: opts.multipart_above.unwrap_or(SINGLE_PUT_MAX),
             dest,
         })
@@ -195,26 +226,15 @@ impl Store {
     /// Upload `file` (already open, `size` bytes) to `key`, hashing it as it is read; if
     /// `expect` is given (the manifest's size and sha256) and the bytes differ, the upload
     /// is abandoned before it completes (a multipart upload is aborted), so the store never
-    /// holds a file the manifest does not vouch for. Returns the bytes sent and their sha256.
+    /// holds a file the manifest does not vouch for.
     pub fn put_file(
         &self,
         key: &str,
         mut file: File,
         size: u64,
         expect: Option<&(u64, String)>,
-    ) -> Result<(u64, String), ShipError> {
+    ) -> Result<Sent, ShipError> {
         let k = Key::from(key);
-        let check = |n: u64, sha: &str| -> Result<(), ShipError> {
-            match expect {
-                Some((b, s)) if *b != n || s != sha => Err(ShipError::Verify {
-                    key: key.to_owned(),
-                    message: format!(
-                        "the local file is {n} bytes sha256 {sha}, manifest.json says {b} bytes sha256 {s}: not uploaded"
-                    ),
-                }),
-                _ => Ok(()),
-            }
-        };
         let read_err = ShipError::io(key.to_owned());
         if size <= self.multipart_above {
             let mut data = Vec::with_capacity(size as usize);
@@ -224,53 +244,187 @@ impl Store {
                 .map_err(read_err)?;
             let sha = hex(&Sha256::digest(&data));
             let n = data.len() as u64;
-            check(n, &sha)?;
+            check(key, expect, n, &sha)?;
             self.rt
                 .block_on(self.s3.put(&k, PutPayload::from(data)))
                 .map_err(|e| ShipError::store(format!("PUT {key}"), &e))?;
-            return Ok((n, sha));
+            return Ok(Sent {
+                bytes: n,
+                sha256: sha,
+                sent: n,
+            });
         }
+        // A journaled upload of this very file resumes; one the store no longer knows
+        // (completed, aborted or expired meanwhile) starts over, once.
+        let journal = self.journal.as_ref().filter(|_| expect.is_some());
+        let resume = journal.and_then(|j| {
+            let (b, sha) = expect?;
+            j.load(key, *b, sha, PART_BYTES)
+        });
+        let resumed = resume.is_some();
+        match self.put_parts(key, &mut file, expect, journal, resume) {
+            Err(Multipart::Gone) if resumed => {
+                if let Some(j) = journal {
+                    j.remove(key);
+                }
+                eprintln!("cis490 ship: {key}: the store no longer has the upload to resume; starting over");
+                std::io::Seek::rewind(&mut file).map_err(ShipError::io(key.to_owned()))?;
+                self.put_parts(key, &mut file, expect, journal, None)
+                    .map_err(Multipart::into_error)
+            }
+            other => other.map_err(Multipart::into_error),
+        }
+    }
+
+    /// The parts of one multipart upload: new, or `resume`'s, whose parts already in the
+    /// store are read and hashed but not sent again.
+    fn put_parts(
+        &self,
+        key: &str,
+        file: &mut File,
+        expect: Option<&(u64, String)>,
+        journal: Option<&Journal>,
+        resume: Option<Entry>,
+    ) -> Result<Sent, Multipart> {
+        let k = Key::from(key);
+        let store_err = |e: object_store::Error| {
+            if matches!(e, object_store::Error::NotFound { .. }) {
+                Multipart::Gone
+            } else {
+                Multipart::Failed(ShipError::store(format!("multipart PUT {key}"), &e))
+            }
+        };
         self.rt.block_on(async {
-            let upload = self
-                .s3
-                .put_multipart(&k)
-                .await
-                .map_err(|e| ShipError::store(format!("multipart PUT {key}"), &e))?;
-            let mut w = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+            let (id, mut parts) = match resume {
+                Some(e) => {
+                    let parts: Vec<PartId> = e
+                        .parts
+                        .into_iter()
+                        .map(|content_id| PartId { content_id })
+                        .collect();
+                    (MultipartId::from(e.upload_id), parts)
+                }
+                None => (
+                    self.s3
+                        .create_multipart(&k)
+                        .await
+                        .map_err(|e| Multipart::Failed(ShipError::store(format!("multipart PUT {key}"), &e)))?,
+                    Vec::new(),
+                ),
+            };
+            let already = parts.len();
+            if already > 0 {
+                eprintln!("cis490 ship: {key}: resuming its upload after {already} parts already in the store");
+            }
+            let mut entry = Entry {
+                key: key.to_owned(),
+                upload_id: id.clone(),
+                size: expect.map_or(0, |e| e.0),
+                sha256: expect.map_or_else(String::new, |e| e.1.clone()),
+                part_bytes: PART_BYTES,
+                parts: parts.iter().map(|p| p.content_id.clone()).collect(),
+            };
             let mut h = Sha256::new();
-            let mut n = 0u64;
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let got = match file.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(g) => g,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        let _ = w.abort().await;
-                        return Err(ShipError::Io {
-                            path: key.into(),
-                            source: e,
-                        });
-                    }
-                };
+            let (mut n, mut sent) = (0u64, 0u64);
+            let mut buf = vec![0u8; PART_BYTES];
+            for idx in 0usize.. {
+                let got = read_full(file, &mut buf).map_err(|e| {
+                    Multipart::Failed(ShipError::Io {
+                        path: key.into(),
+                        source: e,
+                    })
+                })?;
+                if got == 0 && idx > 0 {
+                    break;
+                }
                 h.update(&buf[..got]);
                 n += got as u64;
-                // At most two parts in flight: memory stays at a few parts whatever the
-                // file's size.
-                if let Err(e) = w.wait_for_capacity(2).await {
-                    return Err(ShipError::store(format!("multipart PUT {key}"), &e));
+                if idx >= already {
+                    let part = self
+                        .s3
+                        .put_part(&k, &id, idx, PutPayload::from(buf[..got].to_vec()))
+                        .await
+                        .map_err(store_err)?;
+                    sent += got as u64;
+                    entry.parts.push(part.content_id.clone());
+                    parts.push(part);
+                    if let Some(j) = journal {
+                        // Best effort: without it a cut upload starts over.
+                        let _ = j.save(&entry);
+                    }
                 }
-                w.write(&buf[..got]);
+                if got < PART_BYTES {
+                    break;
+                }
             }
             let sha = hex(&h.finalize());
-            if let Err(e) = check(n, &sha) {
-                let _ = w.abort().await;
-                return Err(e);
+            if let Err(e) = check(key, expect, n, &sha) {
+                let _ = self.s3.abort_multipart(&k, &id).await;
+                if let Some(j) = journal {
+                    j.remove(key);
+                }
+                return Err(Multipart::Failed(e));
             }
-            w.finish()
+            self.s3
+                .complete_multipart(&k, &id, parts)
                 .await
-                .map_err(|e| ShipError::store(format!("multipart PUT {key}"), &e))?;
-            Ok((n, sha))
+                .map_err(store_err)?;
+            if let Some(j) = journal {
+                j.remove(key);
+            }
+            Ok(Sent {
+                bytes: n,
+                sha256: sha,
+                sent,
+            })
         })
+    }
+}
+
+/// How a multipart upload failed: the store no longer knows the upload (a resumed one
+/// then starts over), or anything else.
+enum Multipart {
+    Gone,
+    Failed(ShipError),
+}
+
+impl Multipart {
+    fn into_error(self) -> ShipError {
+        match self {
+            Multipart::Failed(e) => e,
+            Multipart::Gone => ShipError::Store {
+                fault: super::StoreFault::Other,
+                what: "multipart PUT".into(),
+                hint: "the store lost the upload while it was being sent",
+                detail: "NoSuchUpload".into(),
+            },
+        }
+    }
+}
+
+/// Fill `buf` from `file` unless the file ends first; the bytes read.
+fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut at = 0;
+    while at < buf.len() {
+        match file.read(&mut buf[at..]) {
+            Ok(0) => break,
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(at)
+}
+
+/// The file's bytes against the manifest's size and sha256.
+fn check(key: &str, expect: Option<&(u64, String)>, n: u64, sha: &str) -> Result<(), ShipError> {
+    match expect {
+        Some((b, s)) if *b != n || s != sha => Err(ShipError::Verify {
+            key: key.to_owned(),
+            message: format!(
+                "the local file is {n} bytes sha256 {sha}, manifest.json says {b} bytes sha256 {s}: not uploaded"
+            ),
+        }),
+        _ => Ok(()),
     }
 }
