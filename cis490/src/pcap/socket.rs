@@ -32,7 +32,9 @@ const POLL_MS: libc::c_int = 100;
 /// A running capture; [`PcapCapture::finish`] ends it.
 pub struct PcapCapture {
     stop: Arc<AtomicBool>,
-    handle: JoinHandle<Result<PcapCounts, String>>,
+    /// Taken by `finish`; a capture dropped without it (a trace that failed part-way)
+    /// still stops its thread.
+    handle: Option<JoinHandle<Result<PcapCounts, String>>>,
     names: Vec<String>,
     opts: PcapOptions,
 }
@@ -83,7 +85,7 @@ impl PcapCapture {
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Self {
                 stop,
-                handle,
+                handle: Some(handle),
                 names,
                 opts,
             }),
@@ -98,7 +100,7 @@ impl PcapCapture {
     /// Stop copying, write the statistics, close the file; meta.result.pcap. The file
     /// exists whatever this says (an error leaves it as far as it got, listed in the
     /// manifest as it is on disk).
-    pub fn finish(self) -> Value {
+    pub fn finish(mut self) -> Value {
         self.stop.store(true, Ordering::Relaxed);
         let base = json!({
             "file": FILE,
@@ -108,7 +110,11 @@ impl PcapCapture {
             "timestamps": "kernel receive time, CLOCK_REALTIME, nanoseconds (meta.clock turns them into t_mono_ns)",
         });
         let mut v = base;
-        match self.handle.join() {
+        let joined = match self.handle.take() {
+            Some(h) => h.join(),
+            None => Ok(Err("the capture was already finished".into())),
+        };
+        match joined {
             Ok(Ok(counts)) => {
                 v["status"] = "written".into();
                 if let (Value::Object(m), Ok(Value::Object(c))) =
@@ -127,6 +133,12 @@ impl PcapCapture {
             }
         }
         v
+    }
+}
+
+impl Drop for PcapCapture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
