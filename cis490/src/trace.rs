@@ -340,8 +340,9 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     let pcap_meta = pcap.map(|started| match started {
         Err(why) => crate::pcap::socket::absent(&why),
         Ok(capture) => {
-            let v = capture.finish();
-            match episode::stats_on_disk(&dir, crate::pcap::FILE) {
+            let (v, written) = capture.finish();
+            // Hashed as it was written; after a write error, as it is on disk.
+            match written.map_or_else(|| episode::stats_on_disk(&dir, crate::pcap::FILE), Ok) {
                 Ok(s) => stats.push(s),
                 Err(e) => {
                     close_err.get_or_insert(e);

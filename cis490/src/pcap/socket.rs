@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 
 use super::{CappedWriter, Direction, Interface, PcapCounts, PcapOptions, FILE};
 use crate::episode::EpisodeDir;
+use crate::jsonl::FileStats;
 use crate::net::netns;
 
 const ETH_P_ALL: u16 = 0x0003;
@@ -34,7 +35,7 @@ pub struct PcapCapture {
     stop: Arc<AtomicBool>,
     /// Taken by `finish`; a capture dropped without it (a trace that failed part-way)
     /// still stops its thread.
-    handle: Option<JoinHandle<Result<PcapCounts, String>>>,
+    handle: Option<JoinHandle<Result<(PcapCounts, FileStats), String>>>,
     names: Vec<String>,
     opts: PcapOptions,
 }
@@ -97,10 +98,10 @@ impl PcapCapture {
         }
     }
 
-    /// Stop copying, write the statistics, close the file; meta.result.pcap. The file
-    /// exists whatever this says (an error leaves it as far as it got, listed in the
-    /// manifest as it is on disk).
-    pub fn finish(mut self) -> Value {
+    /// Stop copying, write the statistics, close the file: meta.result.pcap, and the
+    /// file's manifest figures as written. The file exists whatever this says: after an
+    /// error (no figures) it is as far as it got, to be listed as it is on disk.
+    pub fn finish(mut self) -> (Value, Option<FileStats>) {
         self.stop.store(true, Ordering::Relaxed);
         let base = json!({
             "file": FILE,
@@ -114,14 +115,16 @@ impl PcapCapture {
             Some(h) => h.join(),
             None => Ok(Err("the capture was already finished".into())),
         };
+        let mut stats = None;
         match joined {
-            Ok(Ok(counts)) => {
+            Ok(Ok((counts, written))) => {
                 v["status"] = "written".into();
                 if let (Value::Object(m), Ok(Value::Object(c))) =
                     (&mut v, serde_json::to_value(&counts))
                 {
                     m.extend(c);
                 }
+                stats = Some(written);
             }
             Ok(Err(e)) => {
                 v["status"] = "error".into();
@@ -132,7 +135,7 @@ impl PcapCapture {
                 v["reason"] = "the pcap thread panicked".into();
             }
         }
-        v
+        (v, stats)
     }
 }
 
@@ -337,7 +340,7 @@ fn run(
     sockets: &[PacketSocket],
     mut writer: FileWriter,
     stop: &AtomicBool,
-) -> Result<PcapCounts, String> {
+) -> Result<(PcapCounts, FileStats), String> {
     let mut buf = vec![0u8; writer.snaplen() as usize];
     let mut per_iface = vec![(0u64, 0u64, 0u64); sockets.len()];
     let mut pollfds: Vec<libc::pollfd> = sockets
@@ -399,12 +402,12 @@ fn run(
     let wall = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    let (out, counts) = writer.finish(wall, &per_iface)?;
+    let (out, counts, stats) = writer.finish(wall, &per_iface)?;
     let file = out
         .into_inner()
         .map_err(|e| format!("writing {FILE}: {}", e.error()))?;
     file.sync_all()
         .map_err(|e| format!("syncing {FILE}: {e}"))?;
     result?;
-    Ok(counts)
+    Ok((counts, stats))
 }
