@@ -326,8 +326,9 @@ impl Store {
             };
             let mut h = Sha256::new();
             let (mut n, mut sent) = (0u64, 0u64);
-            let mut buf = vec![0u8; PART_BYTES];
             for idx in 0usize.. {
+                // A buffer of its own per part: it becomes the request's payload as it is.
+                let mut buf = vec![0u8; PART_BYTES];
                 let got = read_full(file, &mut buf).map_err(|e| {
                     Multipart::Failed(ShipError::Io {
                         path: key.into(),
@@ -339,10 +340,12 @@ impl Store {
                 }
                 h.update(&buf[..got]);
                 n += got as u64;
+                let last = got < PART_BYTES;
                 if idx >= already {
+                    buf.truncate(got);
                     let part = self
                         .s3
-                        .put_part(&k, &id, idx, PutPayload::from(buf[..got].to_vec()))
+                        .put_part(&k, &id, idx, PutPayload::from(buf))
                         .await
                         .map_err(store_err)?;
                     sent += got as u64;
@@ -353,7 +356,7 @@ impl Store {
                         let _ = j.save(&entry);
                     }
                 }
-                if got < PART_BYTES {
+                if last {
                     break;
                 }
             }
