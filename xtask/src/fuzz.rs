@@ -30,18 +30,6 @@ pub const TARGETS: [&str; 7] = [
 /// responses with compression, A, AAAA and CNAME answers (built here: no capture of real
 /// DNS traffic is in the fixtures).
 fn dns_seeds() -> Vec<(String, Vec<u8>)> {
-    fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
-        let mut q = id.to_be_bytes().to_vec();
-        q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-        for l in name.split('.') {
-            q.push(l.len() as u8);
-            q.extend_from_slice(l.as_bytes());
-        }
-        q.push(0);
-        q.extend_from_slice(&qtype.to_be_bytes());
-        q.extend_from_slice(&[0, 1]);
-        q
-    }
     let mut out = Vec::new();
     for (i, (name, t)) in [
         ("example.test", 1u16),
@@ -51,7 +39,7 @@ fn dns_seeds() -> Vec<(String, Vec<u8>)> {
     .into_iter()
     .enumerate()
     {
-        let q = query(i as u16, name, t);
+        let q = crate::util::dns_query(i as u16, name, t);
         let mut r = q.clone();
         r[2] = 0x81;
         r[3] = 0x80;

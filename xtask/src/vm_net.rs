@@ -314,36 +314,24 @@ pub fn dns_reply(q: &[u8]) -> Option<(Vec<u8>, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
-        let mut q = id.to_be_bytes().to_vec();
-        q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-        for l in name.split('.') {
-            q.push(l.len() as u8);
-            q.extend_from_slice(l.as_bytes());
-        }
-        q.push(0);
-        q.extend_from_slice(&qtype.to_be_bytes());
-        q.extend_from_slice(&[0, 1]);
-        q
-    }
+    use crate::util::dns_query;
 
     #[test]
     fn names_in_the_zone_resolve_to_the_gateway_and_others_do_not_exist() {
-        let (r, what) = dns_reply(&query(7, "C2.cis490.test", 1)).unwrap();
+        let (r, what) = dns_reply(&dns_query(7, "C2.cis490.test", 1)).unwrap();
         assert_eq!(&r[..2], &[0, 7]);
         assert_eq!(r[3] & 0x0f, 0, "{what}");
         assert_eq!(u16::from_be_bytes([r[6], r[7]]), 1, "one answer");
         assert_eq!(&r[r.len() - 4..], &[10, 0, 2, 2]);
-        let (r, _) = dns_reply(&query(8, "c2.cis490.test", 28)).unwrap();
+        let (r, _) = dns_reply(&dns_query(8, "c2.cis490.test", 28)).unwrap();
         assert_eq!((r[3] & 0x0f, r[7]), (0, 0), "AAAA: no data");
-        let (r, what) = dns_reply(&query(9, "xkqjzv.example", 1)).unwrap();
+        let (r, what) = dns_reply(&dns_query(9, "xkqjzv.example", 1)).unwrap();
         assert_eq!(r[3] & 0x0f, 3, "{what}");
         // Not a query: a response, a truncated question, no question.
-        let mut resp = query(1, "a.cis490.test", 1);
+        let mut resp = dns_query(1, "a.cis490.test", 1);
         resp[2] |= 0x80;
         assert!(dns_reply(&resp).is_none());
-        let q = query(1, "a.cis490.test", 1);
+        let q = dns_query(1, "a.cis490.test", 1);
         assert!(dns_reply(&q[..q.len() - 1]).is_none());
         assert!(dns_reply(&q[..12]).is_none());
     }
