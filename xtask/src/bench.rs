@@ -400,16 +400,6 @@ fn dir_bytes(dir: &Path) -> u64 {
 }
 
 /// The episode a finished `cis490 trace` printed (its last stdout line).
-fn episode_of(out: &std::process::Output) -> PathBuf {
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or("")
-            .trim(),
-    )
-}
-
 fn count_lines(path: &Path) -> usize {
     std::fs::read(path)
         .map(|b| b.iter().filter(|&&c| c == b'\n').count())
@@ -983,7 +973,7 @@ pub fn run(quick: bool, only: &[u32], out: Option<PathBuf>) -> anyhow::Result<()
                     .env("CIS490_LOG", "error")
                     .output()?;
                 drop(hog);
-                let meta = read_meta(&episode_of(&out))?;
+                let meta = read_meta(&crate::util::episode_path(&out.stdout))?;
                 let r = &meta["result"];
                 let l = &r["tick_lateness"];
                 let us = |v: &Value| {
@@ -1261,7 +1251,7 @@ fn agent_cost(plan: &Plan, scratch: &Path) -> anyhow::Result<String> {
         .env("CIS490_LOG", "error")
         .output();
     let _ = crate::vm::stop(&run_dir);
-    let ep = episode_of(&out?);
+    let ep = crate::util::episode_path(&out?.stdout);
     let text = std::fs::read_to_string(ep.join("telemetry-agent.jsonl")).context("agent stream")?;
     let rows: Vec<Value> = text
         .lines()
@@ -1317,6 +1307,45 @@ fn bytes_under(dir: &Path, suffix: &str) -> u64 {
     n
 }
 
+/// One `cis490 export` (release) of `episode` into a fresh `out_dir`.
+struct ExportRun {
+    wall_s: f64,
+    /// CPU of the export process (RUSAGE_CHILDREN).
+    cpu_s: f64,
+    /// Rows it reports ("<dir>: N streams, R rows -> OUT").
+    rows: u64,
+}
+
+fn export_once(episode: &Path, out_dir: &Path) -> anyhow::Result<ExportRun> {
+    let _ = std::fs::remove_dir_all(out_dir);
+    let (c0, _) = children_usage();
+    let t0 = Instant::now();
+    let out = Command::new(release_bin("cis490"))
+        .arg("export")
+        .arg(episode)
+        .arg("--out")
+        .arg(out_dir)
+        .output()?;
+    let wall_s = t0.elapsed().as_secs_f64();
+    let (c1, _) = children_usage();
+    anyhow::ensure!(
+        out.status.success(),
+        "export failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = String::from_utf8_lossy(&out.stdout)
+        .split(", ")
+        .nth(1)
+        .and_then(|x| x.split(' ').next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0);
+    Ok(ExportRun {
+        wall_s,
+        cpu_s: c1 - c0,
+        rows,
+    })
+}
+
 /// Section 9: the 1 kHz 10 s capture of the 8-thread target of sections 1 and 5, plain
 /// and `--compress zstd`; its size as JSONL, as .zst and as the Parquet export; the
 /// export's wall time, CPU (RUSAGE_CHILDREN) and rows per second, median of `runs`.
@@ -1324,83 +1353,40 @@ fn export_bench(tool: Tool, runs: usize, scratch: &Path) -> anyhow::Result<Strin
     let mut md = String::new();
     let backend = if tool == Tool::Bpf { "bpf" } else { "proc" };
     let target = Target::start(&["--spin", "2", "--switch", "4", "--pingpong", "1"])?;
-    let mut eps = Vec::new();
-    for compress in ["none", "zstd"] {
-        let root = scratch.join(format!("export-{compress}"));
-        let out = trace_cmd(target.pid(), 1000, backend, &root)
-            .args(["--duration", "10", "--compress", compress])
+    // A 1 kHz capture of the target with `extra` arguments: its episode directory.
+    let capture = |name: &str, extra: &[&str]| -> anyhow::Result<PathBuf> {
+        let out = trace_cmd(target.pid(), 1000, backend, &scratch.join(name))
+            .args(extra)
             .output()?;
         anyhow::ensure!(
             out.status.success(),
             "capture failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let dir = PathBuf::from(
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .last()
-                .unwrap_or("")
-                .trim(),
-        );
-        eps.push(dir);
-    }
+        Ok(crate::util::episode_path(&out.stdout))
+    };
+    let eps = [
+        capture("export-none", &["--duration", "10", "--compress", "none"])?,
+        capture("export-zstd", &["--duration", "10", "--compress", "zstd"])?,
+    ];
     // As many ticks as a 1-hour 10 Hz capture has (36,000), at 1 kHz: the export of an
     // episode of that length is measured, not only extrapolated.
-    let long_root = scratch.join("export-long");
-    let out = trace_cmd(target.pid(), 1000, backend, &long_root)
-        .args(["--duration", "36"])
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "capture failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let long_ep = PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or("")
-            .trim(),
-    );
+    let long_ep = capture("export-long", &["--duration", "36"])?;
     // The target's spinning threads would take the export's CPU.
     drop(target);
     let jsonl = bytes_under(&eps[0], ".jsonl");
     let zst = bytes_under(&eps[1], ".jsonl.zst")
         + bytes_under(&eps[1], "events.jsonl")
         + bytes_under(&eps[1], "labels.jsonl");
-    let mut wall = Vec::new();
-    let mut cpu = Vec::new();
-    let mut rows = 0u64;
-    let mut parquet = 0u64;
+    let (mut wall, mut cpu) = (Vec::new(), Vec::new());
+    let (mut rows, mut parquet) = (0u64, 0u64);
     for run in 0..runs {
         let out_dir = scratch.join(format!("export-out-{run}"));
-        let _ = std::fs::remove_dir_all(&out_dir);
-        let (c0, _) = children_usage();
-        let t0 = Instant::now();
-        let out = Command::new(release_bin("cis490"))
-            .arg("export")
-            .arg(&eps[0])
-            .arg("--out")
-            .arg(&out_dir)
-            .output()?;
-        let dt = t0.elapsed().as_secs_f64();
-        let (c1, _) = children_usage();
-        anyhow::ensure!(
-            out.status.success(),
-            "export failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // "<dir>: N streams, R rows -> OUT"
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        rows = text
-            .split(", ")
-            .nth(1)
-            .and_then(|x| x.split(' ').next())
-            .and_then(|x| x.parse().ok())
-            .unwrap_or(0);
+        let run = export_once(&eps[0], &out_dir)?;
+        rows = run.rows;
         parquet = bytes_under(&out_dir, ".parquet");
-        wall.push(dt);
-        cpu.push(c1 - c0);
+        wall.push(run.wall_s);
+        cpu.push(run.cpu_s);
     }
     let (w, _, _) = stats(&wall);
     let (c, _, _) = stats(&cpu);
@@ -1408,26 +1394,9 @@ fn export_bench(tool: Tool, runs: usize, scratch: &Path) -> anyhow::Result<Strin
     let mut long_rows = 0u64;
     for run in 0..runs {
         let out_dir = scratch.join(format!("export-long-out-{run}"));
-        let _ = std::fs::remove_dir_all(&out_dir);
-        let t0 = Instant::now();
-        let out = Command::new(release_bin("cis490"))
-            .arg("export")
-            .arg(&long_ep)
-            .arg("--out")
-            .arg(&out_dir)
-            .output()?;
-        long_wall.push(t0.elapsed().as_secs_f64());
-        anyhow::ensure!(
-            out.status.success(),
-            "export failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        long_rows = String::from_utf8_lossy(&out.stdout)
-            .split(", ")
-            .nth(1)
-            .and_then(|x| x.split(' ').next())
-            .and_then(|x| x.parse().ok())
-            .unwrap_or(0);
+        let run = export_once(&long_ep, &out_dir)?;
+        long_rows = run.rows;
+        long_wall.push(run.wall_s);
         let _ = std::fs::remove_dir_all(&out_dir);
     }
     let (long_w, _, _) = stats(&long_wall);
@@ -1499,7 +1468,7 @@ fn ship_bench(tool: Tool, runs: usize, scratch: &Path) -> anyhow::Result<String>
         String::from_utf8_lossy(&out.stderr)
     );
     drop(target);
-    let ep = episode_of(&out);
+    let ep = crate::util::episode_path(&out.stdout);
     let raw = dir_bytes(&ep);
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -1508,19 +1477,7 @@ fn ship_bench(tool: Tool, runs: usize, scratch: &Path) -> anyhow::Result<String>
     for run in 0..runs {
         // Export alone.
         let xo = scratch.join(format!("ship-export-{run}"));
-        let t0 = Instant::now();
-        let o = Command::new(release_bin("cis490"))
-            .arg("export")
-            .arg(&ep)
-            .arg("--out")
-            .arg(&xo)
-            .output()?;
-        export_s.push(t0.elapsed().as_secs_f64());
-        anyhow::ensure!(
-            o.status.success(),
-            "export: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        export_s.push(export_once(&ep, &xo)?.wall_s);
         let parquet = bytes_under(&xo, ".parquet");
         // A plain copy of the raw files and the export.
         let co = scratch.join(format!("ship-cp-{run}"));
@@ -1679,7 +1636,7 @@ fn perf_bench(tool: Tool, rounds: usize, scratch: &Path) -> anyhow::Result<Strin
                 )?;
                 anyhow::ensure!(status.success(), "capture failed ({label}, {extra:?})");
                 cpu[i].push(c / secs);
-                let ep = PathBuf::from(out.lines().last().unwrap_or("").trim());
+                let ep = crate::util::episode_path(out.as_bytes());
                 perf_rows[i] = count_lines(&ep.join("telemetry-perf.jsonl"));
                 let _ = std::fs::remove_dir_all(&root);
             }
@@ -1749,7 +1706,7 @@ fn thread_count_bench(tools: &[Tool], rounds: usize, scratch: &Path) -> anyhow::
                         status.success(),
                         "capture failed ({threads} threads, {backend}, {rate} Hz)"
                     );
-                    let dir = PathBuf::from(out.lines().last().unwrap_or("").trim());
+                    let dir = crate::util::episode_path(out.as_bytes());
                     let meta = read_meta(&dir)?;
                     let r = &meta["result"];
                     let observed = r["duration_observed_s"].as_f64().unwrap_or(secs);
@@ -1804,7 +1761,7 @@ fn rows_bench(tool: Tool, rounds: usize, scratch: &Path) -> anyhow::Result<Strin
                     mode,
                 ]))?;
             anyhow::ensure!(status.success(), "capture --rows {mode} failed");
-            let dir = PathBuf::from(out.lines().last().unwrap_or("").trim());
+            let dir = crate::util::episode_path(out.as_bytes());
             let meta = read_meta(&dir)?;
             let r = &meta["result"];
             let secs = r["duration_observed_s"].as_f64().unwrap_or(8.0);

@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 use std::net::UdpSocket;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -182,13 +182,7 @@ fn finish_capture(
     let _ = target.kill();
     let _ = target.wait();
     anyhow::ensure!(out.status.success(), "cis490 trace failed: {}", out.status);
-    let ep = PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or("")
-            .trim(),
-    );
+    let ep = crate::util::episode_path(&out.stdout);
     let meta: Value = serde_json::from_slice(&std::fs::read(ep.join("meta.json"))?)?;
     Ok(meta)
 }

@@ -185,13 +185,7 @@ fn traced(
     let secs = guest.run()?;
     let out = trace.wait_with_output()?;
     anyhow::ensure!(out.status.success(), "cis490 trace failed: {}", out.status);
-    let ep = PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or("")
-            .trim(),
-    );
+    let ep = crate::util::episode_path(&out.stdout);
     let meta: Value = serde_json::from_slice(&std::fs::read(ep.join("meta.json"))?)?;
     let last_kvm = std::fs::read_to_string(ep.join("telemetry-kvm.jsonl"))
         .ok()

@@ -1037,7 +1037,7 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<()> {
         let proxy_stats = proxy.finish();
         let stdout = stdout_reader.join().unwrap_or_default();
         let stderr = stderr_reader.join().unwrap_or_default();
-        let episode = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+        let episode = crate::util::episode_path(stdout.as_bytes());
         if !episode.join("meta.json").exists() {
             bail!("cis490 trace ({status}) left no episode:\n{stderr}");
         }

@@ -54,3 +54,15 @@ pub fn dns_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
     q.extend_from_slice(&[0, 1]);
     q
 }
+
+/// The episode directory `cis490 trace` printed: the last line of its standard output
+/// (empty when it printed none; the caller's next read of it then fails with the path).
+pub fn episode_path(stdout: &[u8]) -> std::path::PathBuf {
+    std::path::PathBuf::from(
+        String::from_utf8_lossy(stdout)
+            .lines()
+            .last()
+            .unwrap_or("")
+            .trim(),
+    )
+}
