@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use cis490_tests::clock::mono_raw_ns as mono_ns;
-use cis490_tests::{cis490, cis490_path};
+use cis490_tests::{cis490, cis490_path, has_source_error};
 
 fn testtarget() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cis490-bpf-testtarget"))
@@ -1095,9 +1095,7 @@ fn a_stalled_capture_loses_snapshots_visibly_and_goes_on() {
     assert_complete_bpf(&dir, &out);
     let events = rows(&dir, "events.jsonl");
     assert!(
-        events.iter().any(|e| e["event"] == "source_error"
-            && e["source"] == "bpf-sched"
-            && e["message"].as_str().unwrap().contains("ring buffer full")),
+        has_source_error(&events, "bpf-sched", "ring buffer full"),
         "no ring-full error"
     );
     for src in ["bpf-sched", "bpf-io"] {

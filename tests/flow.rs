@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -271,7 +272,7 @@ struct Pcap {
 /// capture.pcapng through the pcap-file crate's reader: interface names and, per packet,
 /// the direction flag (epb_flags bits 0-1: 1 inbound, 2 outbound), lengths, and the IPv4
 /// protocol and ports.
-fn read_pcap(path: &std::path::Path) -> Pcap {
+fn read_pcap(path: &Path) -> Pcap {
     use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketOption;
     use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption;
     use pcap_file::pcapng::{Block, PcapNgReader};
@@ -322,6 +323,27 @@ fn read_pcap(path: &std::path::Path) -> Pcap {
     out
 }
 
+/// A BPF capture of `target` watching `ifname` (`--no-qmp`; `extra` after), running
+/// once its first flow rows are written.
+fn trace_interface(data: &Path, target: &Child, ifname: &str, extra: &[&str]) -> Child {
+    let pid = target.id().to_string();
+    let mut args = vec![
+        "--qemu-pid",
+        pid.as_str(),
+        "--backend",
+        "bpf",
+        "--net-if",
+        ifname,
+        "--no-qmp",
+    ];
+    args.extend_from_slice(extra);
+    let child = spawn_trace(data, &args);
+    assert!(wait_for(Duration::from_secs(20), || {
+        first_episode_has_rows(data, "telemetry-flow.jsonl")
+    }));
+    child
+}
+
 fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
 }
@@ -363,28 +385,20 @@ fn known_traffic_gives_exact_flow_counts_and_is_never_dropped() {
     pair.start_peer();
     let target = Command::new("sleep").arg("30").spawn().unwrap();
     let data = tempfile::tempdir().unwrap();
-    let child = spawn_trace(
+    let child = trace_interface(
         data.path(),
+        &target,
+        &pair.host_if,
         &[
-            "--qemu-pid",
-            &target.id().to_string(),
-            "--backend",
-            "bpf",
-            "--net-if",
-            &pair.host_if,
             "--rate-hz",
             "20",
             "--duration",
             "6",
-            "--no-qmp",
             "--pcap",
             "--pcap-snaplen",
             "128",
         ],
     );
-    assert!(wait_for(Duration::from_secs(20), || {
-        first_episode_has_rows(data.path(), "telemetry-flow.jsonl")
-    }));
     let before = pair.counters();
     traffic(&pair);
     let after = pair.counters();
@@ -550,18 +564,9 @@ fn known_traffic_gives_exact_flow_counts_and_is_never_dropped() {
     let dns_meta = source_meta(&meta, "dns");
     assert_eq!(dns_meta["malformed"]["truncated"], 1, "{dns_meta}");
     let events = read_jsonl(&dir.join("events.jsonl"));
-    assert!(events.iter().any(|e| e["event"] == "source_error"
-        && e["source"] == "dns"
-        && e["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("malformed (truncated)"))));
+    assert!(has_source_error(&events, "dns", "malformed (truncated)"));
 
-    let out = cis490().arg("validate").arg(&dir).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_valid(&dir);
 
     // --pcap: the same packets, each with its direction, cut at the snap length.
     let pcap = read_pcap(&dir.join("capture.pcapng"));
@@ -650,12 +655,7 @@ fn known_traffic_gives_exact_flow_counts_and_is_never_dropped() {
             .len(),
         whole
     );
-    let out = cis490().arg("validate").arg(&killed).output().unwrap();
-    assert!(
-        out.status.success(),
-        "validate after recover: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_valid(&killed);
 
     // The Parquet export types the three streams and reads them back value for value.
     let dataset = tempfile::tempdir().unwrap();
@@ -789,23 +789,7 @@ fn udp_over_ipv6_is_a_flow_with_exact_counts() {
     ]);
     let target = Command::new("sleep").arg("30").spawn().unwrap();
     let data = tempfile::tempdir().unwrap();
-    let child = spawn_trace(
-        data.path(),
-        &[
-            "--qemu-pid",
-            &target.id().to_string(),
-            "--backend",
-            "bpf",
-            "--net-if",
-            &pair.host_if,
-            "--duration",
-            "3",
-            "--no-qmp",
-        ],
-    );
-    assert!(wait_for(Duration::from_secs(20), || {
-        first_episode_has_rows(data.path(), "telemetry-flow.jsonl")
-    }));
+    let child = trace_interface(data.path(), &target, &pair.host_if, &["--duration", "3"]);
     let s = UdpSocket::bind(format!("[{a6}]:0")).unwrap();
     for _ in 0..N {
         s.send_to(&[1u8; PAYLOAD], format!("[{b6}]:9999")).unwrap();
@@ -824,12 +808,7 @@ fn udp_over_ipv6_is_a_flow_with_exact_counts() {
     assert_eq!(u(&last["packets_fwd"]), N);
     // Ethernet 14 + IPv6 40 + UDP 8 + payload.
     assert_eq!(u(&last["bytes_fwd"]), N * (62 + PAYLOAD as u64));
-    let out = cis490().arg("validate").arg(&dir).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_valid(&dir);
 }
 
 /// Frames written straight onto the host end through a packet socket, so their headers
@@ -846,28 +825,20 @@ fn crafted_frames_cover_every_parser_path_and_a_full_flow_table_loses_no_packet(
     let pair = Pair::create('c');
     let target = Command::new("sleep").arg("30").spawn().unwrap();
     let data = tempfile::tempdir().unwrap();
-    let child = spawn_trace(
+    let child = trace_interface(
         data.path(),
+        &target,
+        &pair.host_if,
         &[
-            "--qemu-pid",
-            &target.id().to_string(),
-            "--backend",
-            "bpf",
-            "--net-if",
-            &pair.host_if,
             // One-second ticks: the flood's flows land in one or two ticks, each far over
             // the table's 16,384 entries.
             "--rate-hz",
             "1",
             "--duration",
             "7",
-            "--no-qmp",
             "--no-perf",
         ],
     );
-    assert!(wait_for(Duration::from_secs(20), || {
-        first_episode_has_rows(data.path(), "telemetry-flow.jsonl")
-    }));
     let before = pair.counters();
     let raw = RawSender::open(&pair.host_if);
     let udp = |sport: u16, dport: u16| ipv4(17, &udp_header(sport, dport, b"0123456789"), 0);
@@ -971,19 +942,10 @@ fn crafted_frames_cover_every_parser_path_and_a_full_flow_table_loses_no_packet(
     // The overflow is reported, not silent.
     let events = read_jsonl(&dir.join("events.jsonl"));
     assert!(
-        events.iter().any(|e| e["event"] == "source_error"
-            && e["source"] == "flow"
-            && e["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("flow table full"))),
+        has_source_error(&events, "flow", "flow table full"),
         "no source_error for the untracked packets"
     );
-    let out = cis490().arg("validate").arg(&dir).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_valid(&dir);
 }
 
 /// A raw packet socket on one interface: frames go out exactly as written.

@@ -21,6 +21,11 @@ fn text(o: &Output) -> String {
 
 /// A 1 s /proc capture of a 3-thread target at `rate` Hz; returns its episode directory.
 fn capture(root: &Path, rate: u32) -> PathBuf {
+    capture_for(root, rate, 1)
+}
+
+/// As [`capture`], for `secs` seconds.
+fn capture_for(root: &Path, rate: u32, secs: u32) -> PathBuf {
     let load = Load::start(&["--spin", "1", "--switch", "2"]);
     let out = Command::new(bin("cis490"))
         .arg("trace")
@@ -28,7 +33,7 @@ fn capture(root: &Path, rate: u32) -> PathBuf {
         .arg(load.pid().to_string())
         .arg("--data-root")
         .arg(root)
-        .args(["--backend", "proc", "--duration", "1"])
+        .args(["--backend", "proc", "--duration", &secs.to_string()])
         .args(["--rate-hz", &rate.to_string()])
         .output()
         .unwrap();
@@ -277,25 +282,7 @@ fn journals(s3: &S3Server) -> Vec<(PathBuf, usize)> {
 fn a_shipper_killed_mid_file_resumes_at_the_file_s_next_part() {
     let data = tempfile::tempdir().unwrap();
     // 1 kHz for 10 s: telemetry-proc.jsonl is several 8 MiB parts.
-    let load = Load::start(&["--spin", "1", "--switch", "2"]);
-    let out = Command::new(bin("cis490"))
-        .arg("trace")
-        .arg("--qemu-pid")
-        .arg(load.pid().to_string())
-        .arg("--data-root")
-        .arg(data.path())
-        .args(["--backend", "proc", "--duration", "10", "--rate-hz", "1000"])
-        .output()
-        .unwrap();
-    drop(load);
-    assert!(out.status.success(), "capture failed: {}", text(&out));
-    let dir = PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap()
-            .trim(),
-    );
+    let dir = capture_for(data.path(), 1000, 10);
     let big = std::fs::metadata(dir.join("telemetry-proc.jsonl"))
         .unwrap()
         .len();

@@ -125,3 +125,27 @@ pub fn assert_mono_non_decreasing(dir: &Path, file: &str) {
         );
     }
 }
+
+/// Whether `events` hold a `source_error` of `source` whose message contains `needle`.
+pub fn has_source_error(events: &[Value], source: &str, needle: &str) -> bool {
+    events.iter().any(|e| {
+        e["event"] == "source_error"
+            && e["source"] == source
+            && e["message"].as_str().is_some_and(|m| m.contains(needle))
+    })
+}
+
+/// `cis490 validate DIR` passes (its report is the failure message).
+pub fn assert_valid(dir: &Path) {
+    let out = super::paths::cis490()
+        .arg("validate")
+        .arg(dir)
+        .output()
+        .expect("run cis490 validate");
+    assert!(
+        out.status.success(),
+        "cis490 validate {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
