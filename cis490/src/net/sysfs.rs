@@ -162,6 +162,20 @@ mod tests {
         assert!(parse_net_dev("h\nh\n  t0: 1 x 3 4 5 6 7 8 9 10\n", "t0").is_none());
     }
 
+    /// One tick of `c` into `out`.
+    fn collect(c: &mut SysfsNetCollector, seq: u64, out: &mut TickOutput) {
+        let clock = EpisodeClock::start();
+        c.collect(
+            Tick {
+                seq,
+                scheduled_ns: 0,
+            },
+            &clock,
+            out,
+        )
+        .unwrap();
+    }
+
     #[test]
     fn a_target_in_another_namespace_reads_its_net_dev() {
         let dir = tempfile::tempdir().unwrap();
@@ -173,17 +187,8 @@ mod tests {
         .unwrap();
         let mut c =
             SysfsNetCollector::with_net_dev(vec!["cis490tap0".into(), "gone0".into()], &dev);
-        let clock = EpisodeClock::start();
         let mut out = TickOutput::default();
-        c.collect(
-            Tick {
-                seq: 0,
-                scheduled_ns: 0,
-            },
-            &clock,
-            &mut out,
-        )
-        .unwrap();
+        collect(&mut c, 0, &mut out);
         assert_eq!(out.rows()[0].get("tx_bytes"), Some(&Value::U64(548750)));
         assert_eq!(out.rows()[1].get("tx_bytes"), Some(&Value::Null));
         assert!(
@@ -208,26 +213,9 @@ mod tests {
             std::fs::write(st.join(f), v).unwrap();
         }
         let mut c = SysfsNetCollector::with_root(vec!["tap0".into(), "gone0".into()], dir.path());
-        let clock = EpisodeClock::start();
         let mut out = TickOutput::default();
-        c.collect(
-            Tick {
-                seq: 0,
-                scheduled_ns: 0,
-            },
-            &clock,
-            &mut out,
-        )
-        .unwrap();
-        c.collect(
-            Tick {
-                seq: 1,
-                scheduled_ns: 0,
-            },
-            &clock,
-            &mut out,
-        )
-        .unwrap();
+        collect(&mut c, 0, &mut out);
+        collect(&mut c, 1, &mut out);
         assert_eq!(out.rows().len(), 4);
         assert_eq!(out.rows()[0].get("rx_bytes"), Some(&Value::U64(100)));
         assert_eq!(out.rows()[0].get("tx_packets"), Some(&Value::U64(4)));
