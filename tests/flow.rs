@@ -622,8 +622,9 @@ fn known_traffic_gives_exact_flow_counts_and_is_never_dropped() {
         "pcap timestamps are wall-clock time after the start"
     );
 
-    // A capture killed while writing leaves a torn last block: recover cuts it, and the
-    // episode validates again (on a copy without its closing files).
+    // A capture killed while writing leaves a torn last block and its start meta.json
+    // (no result, so no result.pcap): recover cuts the block and describes the file, and
+    // the episode validates again (on a copy without its closing files).
     let killed_root = tempfile::tempdir().unwrap();
     let killed = killed_root.path().join(dir.file_name().unwrap());
     std::fs::create_dir(&killed).unwrap();
@@ -634,6 +635,14 @@ fn known_traffic_gives_exact_flow_counts_and_is_never_dropped() {
             std::fs::copy(e.path(), killed.join(&name)).unwrap();
         }
     }
+    let mut start_meta = read_json(&killed.join("meta.json"));
+    start_meta["result"] = Value::Null;
+    start_meta["ended_at_wall"] = Value::Null;
+    std::fs::write(
+        killed.join("meta.json"),
+        serde_json::to_vec(&start_meta).unwrap(),
+    )
+    .unwrap();
     let whole = std::fs::metadata(killed.join("capture.pcapng"))
         .unwrap()
         .len();
@@ -656,6 +665,10 @@ fn known_traffic_gives_exact_flow_counts_and_is_never_dropped() {
         whole
     );
     assert_valid(&killed);
+    assert_eq!(
+        read_json(&killed.join("meta.json"))["result"]["pcap"]["status"],
+        "written"
+    );
 
     // The Parquet export types the three streams and reads them back value for value.
     let dataset = tempfile::tempdir().unwrap();

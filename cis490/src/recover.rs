@@ -309,6 +309,14 @@ pub fn run(path: &Path) -> Result<RecoverOutcome, Error> {
         Some(r) => Some(r.end_reason.as_str().to_owned()),
         None => None,
     };
+    // A killed capture never wrote result.pcap: its capture.pcapng (cut to whole blocks
+    // above) is described here, without the counts only the capture knew.
+    if dir.stat_entry(crate::pcap::FILE)?.is_some() && !extra.contains_key(crate::pcap::META_KEY) {
+        extra.insert(
+            crate::pcap::META_KEY.into(),
+            json!({"status": "written", "file": crate::pcap::FILE, "recovered_by": "cis490 recover"}),
+        );
+    }
     extra.insert(
         "recovered".into(),
         json!({

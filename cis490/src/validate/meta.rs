@@ -171,6 +171,7 @@ pub fn check_meta(
                     "ended_at_wall is null although result is set".into(),
                 ));
             }
+            out.extend(check_pcap_meta(result, files));
             if let Some(labels) = files.iter().find(|f| f.name == LABELS) {
                 let a: BTreeSet<&str> = result.phases_observed.iter().map(String::as_str).collect();
                 let b: BTreeSet<&str> = labels.label_phases.iter().map(String::as_str).collect();
@@ -183,6 +184,35 @@ pub fn check_meta(
         }
     }
     out
+}
+
+/// `--pcap`: result.pcap and capture.pcapng say the same thing. A capture that started
+/// wrote the file (`written`, or `error` part-way); one that could not start wrote none
+/// (`absent`); without `--pcap` there is neither.
+fn check_pcap_meta(result: &ResultMeta, files: &[ScannedFile]) -> Vec<Problem> {
+    let file = crate::pcap::FILE;
+    let on_disk = files.iter().any(|f| f.name == file);
+    let status = result
+        .extra
+        .get(crate::pcap::META_KEY)
+        .map(|p| p["status"].as_str());
+    let msg = match (status, on_disk) {
+        (None, false) | (Some(Some("written" | "error")), true) | (Some(Some("absent")), false) => {
+            return Vec::new()
+        }
+        (None, true) => format!("{file} is in the episode but result.pcap does not describe it"),
+        (Some(Some("absent")), true) => {
+            format!("result.pcap.status is absent but {file} is in the episode")
+        }
+        (Some(Some(s @ ("written" | "error"))), false) => {
+            format!("result.pcap.status is {s} but {file} is not in the episode")
+        }
+        (Some(other), _) => format!(
+            "result.pcap.status is {}, not written, absent or error",
+            other.unwrap_or("missing")
+        ),
+    };
+    vec![problem(msg)]
 }
 
 #[cfg(test)]
@@ -221,6 +251,27 @@ mod tests {
             ),
         ];
         assert!(check_meta(&good_meta(), Some("E"), true, &files).is_empty());
+        // --pcap: meta and the file agree.
+        let pcap = scan_bytes(crate::pcap::FILE, FileKind::Events, b"\n\x0a\x0d\x0d\x0a");
+        let with_file: Vec<ScannedFile> = files.iter().cloned().chain([pcap]).collect();
+        let pcap_msgs = |status: Option<&str>, files: &[ScannedFile]| -> String {
+            let mut m = good_meta();
+            if let Some(s) = status {
+                m["result"]["pcap"] = json!({"status": s});
+            }
+            check_meta(&m, Some("E"), true, files)
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(pcap_msgs(Some("written"), &with_file), "");
+        assert_eq!(pcap_msgs(Some("error"), &with_file), "");
+        assert_eq!(pcap_msgs(Some("absent"), &files), "");
+        assert!(pcap_msgs(None, &with_file).contains("does not describe it"));
+        assert!(pcap_msgs(Some("written"), &files).contains("is not in the episode"));
+        assert!(pcap_msgs(Some("absent"), &with_file).contains("status is absent but"));
+        assert!(pcap_msgs(Some("done"), &with_file).contains("not written, absent or error"));
         let msgs = |m: &Value, complete| -> String {
             check_meta(m, Some("E"), complete, &files)
                 .iter()
