@@ -253,76 +253,6 @@ fn dns_query(id: u16, name: &str) -> Vec<u8> {
     q
 }
 
-/// One packet of capture.pcapng, as the test reads it (IPv4 over Ethernet).
-struct PcapPacket {
-    outbound: bool,
-    original_len: u64,
-    captured: usize,
-    wall_ns: u64,
-    proto: u8,
-    src_port: u16,
-    dst_port: u16,
-}
-
-struct Pcap {
-    ifaces: Vec<String>,
-    packets: Vec<PcapPacket>,
-}
-
-/// capture.pcapng through the pcap-file crate's reader: interface names and, per packet,
-/// the direction flag (epb_flags bits 0-1: 1 inbound, 2 outbound), lengths, and the IPv4
-/// protocol and ports.
-fn read_pcap(path: &Path) -> Pcap {
-    use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketOption;
-    use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption;
-    use pcap_file::pcapng::{Block, PcapNgReader};
-    let bytes = std::fs::read(path).unwrap();
-    let mut r = PcapNgReader::new(&bytes[..]).unwrap();
-    let mut out = Pcap {
-        ifaces: Vec::new(),
-        packets: Vec::new(),
-    };
-    while let Some(b) = r.next_block() {
-        match b.unwrap() {
-            Block::InterfaceDescription(i) => {
-                assert!(i
-                    .options
-                    .contains(&InterfaceDescriptionOption::IfTsResol(9)));
-                for o in &i.options {
-                    if let InterfaceDescriptionOption::IfName(n) = o {
-                        out.ifaces.push(n.to_string());
-                    }
-                }
-            }
-            Block::EnhancedPacket(p) => {
-                let flags = p.options.iter().find_map(|o| match o {
-                    EnhancedPacketOption::Flags(f) => Some(*f),
-                    _ => None,
-                });
-                let d = &p.data;
-                assert_eq!(&d[12..14], &[0x08, 0x00], "IPv4 only on the pair");
-                let ihl = usize::from(d[14] & 0x0f) * 4;
-                let l4 = 14 + ihl;
-                out.packets.push(PcapPacket {
-                    outbound: match flags {
-                        Some(2) => true,
-                        Some(1) => false,
-                        other => panic!("packet without a direction: {other:?}"),
-                    },
-                    original_len: u64::from(p.original_len),
-                    captured: d.len(),
-                    wall_ns: p.timestamp.as_nanos() as u64,
-                    proto: d[23],
-                    src_port: u16::from_be_bytes([d[l4], d[l4 + 1]]),
-                    dst_port: u16::from_be_bytes([d[l4 + 2], d[l4 + 3]]),
-                });
-            }
-            _ => {}
-        }
-    }
-    out
-}
-
 /// A BPF capture of `target` watching `ifname` (`--no-qmp`; `extra` after), running
 /// once its first flow rows are written.
 fn trace_interface(data: &Path, target: &Child, ifname: &str, extra: &[&str]) -> Child {
@@ -570,6 +500,10 @@ fn known_traffic_gives_exact_flow_counts_and_is_never_dropped() {
 
     // --pcap: the same packets, each with its direction, cut at the snap length.
     let pcap = read_pcap(&dir.join("capture.pcapng"));
+    assert!(
+        pcap.packets.iter().all(|p| p.ethertype == 0x0800),
+        "IPv4 only on the pair"
+    );
     assert_eq!(pcap.ifaces, vec![pair.host_if.clone()]);
     let outbound = pcap.packets.iter().filter(|p| p.outbound).count() as u64;
     assert_eq!(

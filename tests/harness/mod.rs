@@ -1,10 +1,11 @@
 //! The one harness every integration test uses: where the built binaries and fixtures
 //! are ([`paths`]), the processes tests start and watch ([`process`]), running a capture
-//! and reading its episode ([`episode`]), the real test VM ([`qemu`]), a real S3-compatible server ([`s3`]) and the clock the
+//! and reading its episode ([`episode`]) and its packet capture ([`pcap`]), the real test VM ([`qemu`]), a real S3-compatible server ([`s3`]) and the clock the
 //! episode is stamped on ([`clock`], the product's own).
 
 pub mod episode;
 pub mod paths;
+pub mod pcap;
 pub mod process;
 pub mod qemu;
 pub mod s3;
@@ -17,6 +18,7 @@ pub mod clock {
 
 pub use episode::*;
 pub use paths::*;
+pub use pcap::*;
 pub use process::*;
 pub use qemu::*;
 pub use s3::*;

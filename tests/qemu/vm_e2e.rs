@@ -340,23 +340,9 @@ fn network_seen(dir: &std::path::Path, meta: &serde_json::Value, tap: &str) {
     assert_eq!(pcap["status"], "written", "{pcap}");
     assert_eq!(pcap["interfaces"][0], tap, "{pcap}");
     // The packet capture has the guest's SYN to port 8080.
-    let bytes = std::fs::read(dir.join("capture.pcapng")).unwrap();
-    let mut r = pcap_file::pcapng::PcapNgReader::new(&bytes[..]).unwrap();
-    let mut syn_to_8080 = false;
-    while let Some(block) = r.next_block() {
-        if let pcap_file::pcapng::Block::EnhancedPacket(p) = block.unwrap() {
-            let f = &p.data;
-            if f.len() < 34 || f[12..14] != [0x08, 0x00] || f[23] != 6 {
-                continue;
-            }
-            let tcp = 14 + usize::from(f[14] & 0x0f) * 4;
-            if f.len() > tcp + 13
-                && u16::from_be_bytes([f[tcp + 2], f[tcp + 3]]) == 8080
-                && f[tcp + 13] & 0x12 == 0x02
-            {
-                syn_to_8080 = true;
-            }
-        }
-    }
+    let syn_to_8080 = read_pcap(&dir.join("capture.pcapng"))
+        .packets
+        .iter()
+        .any(|p| p.proto == 6 && p.dst_port == 8080 && p.tcp_flags & 0x12 == 0x02);
     assert!(syn_to_8080, "no SYN to port 8080 in capture.pcapng");
 }
