@@ -156,34 +156,6 @@ pub struct SourceContext {
     pub stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// A source that runs on its own thread at its own pace (QMP, the guest agent) instead
-/// of on the host sampler's tick, so that a stalled socket can never delay a host tick.
-pub trait BackgroundSource: Send {
-    fn source(&self) -> &'static str;
-    /// Stop the thread, close the stream, and return the `meta.sources[]` entry and the
-    /// manifest entry of the stream.
-    fn finish(
-        self: Box<Self>,
-    ) -> (
-        crate::episode::meta::SourceMeta,
-        Result<crate::jsonl::FileStats, Error>,
-    );
-}
-
-/// End a background source's thread: raise its stop flag, join it, and return what it
-/// returned (its stream's manifest entry); a panic becomes an error naming the thread.
-pub fn stop_and_join(
-    stop: &std::sync::atomic::AtomicBool,
-    handle: Option<std::thread::JoinHandle<Result<crate::jsonl::FileStats, Error>>>,
-    thread: &str,
-) -> Result<crate::jsonl::FileStats, Error> {
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    match handle.map(std::thread::JoinHandle::join) {
-        Some(Ok(r)) => r,
-        _ => Err(Error::Other(format!("{thread} thread panicked"))),
-    }
-}
-
 /// `--rows`: which thread rows a per-thread host stream writes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum RowsMode {

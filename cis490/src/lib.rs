@@ -35,6 +35,7 @@ pub mod sampler;
 pub mod ship;
 pub mod status;
 pub mod target;
+pub mod threaded;
 pub mod trace;
 pub mod untrusted;
 pub mod validate;

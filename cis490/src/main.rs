@@ -2,15 +2,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use cis490::backend::BackendChoice;
-use cis490::episode::meta::UserMeta;
-use cis490::jsonl::Compression;
 use cis490::labels::{self, Phase};
-use cis490::sampler::Realtime;
 use cis490::trace::{self, TraceConfig};
 use cis490::Error;
 
@@ -162,147 +157,23 @@ enum ExportFormat {
 
 #[derive(clap::Args)]
 struct TraceArgs {
-    /// Process id of the QEMU process to trace.
-    #[arg(long)]
-    qemu_pid: u32,
-    /// Seconds to capture; absent: until the target exits or SIGINT/SIGTERM.
-    #[arg(long, value_parser = parse_duration)]
-    duration: Option<Duration>,
-    /// Host sampling rate, 1..=1000 Hz.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    rate_hz: u32,
-    /// Where episodes are written (`<DIR>/episodes/<id>/`).
-    #[arg(long, default_value = "./data")]
-    data_root: PathBuf,
-    /// Use this ULID as the episode id; an existing id is refused.
-    #[arg(long)]
-    episode_id: Option<String>,
-    /// Host backend: auto tries BPF and falls back to /proc.
-    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
-    backend: BackendChoice,
-    /// JSON object with image_name, image_sha256, snapshot_name, exploit, sample
-    /// (and optionally baseline_seconds, infected_seconds, dormant_seconds) for meta.json.
-    #[arg(long)]
-    meta: Option<PathBuf>,
-    /// Network interface of the VM for the `net` source (repeatable); default: QEMU's
-    /// tap interfaces, detected from its command line and file descriptors.
-    #[arg(long = "net-if", value_name = "NAME")]
-    net_if: Vec<String>,
-    /// Record each BPF program's run count and run time (kernel BPF statistics, on only
-    /// for the capture) in meta.json's result.
-    #[arg(long)]
-    bpf_stats: bool,
-    /// Count wakeups per thread (bpf-sched `wakeups`) with programs on sched_wakeup and
-    /// sched_wakeup_new where the kernel keeps no count of its own (no
-    /// CONFIG_SCHEDSTATS): every wakeup on the machine then pays for a filter. Without
-    /// it, such a kernel's `wakeups` column is null.
-    #[arg(long)]
-    bpf_wakeups: bool,
-    /// The CPU whose timer takes the BPF snapshots (default: the first online CPU). On a
-    /// host with isolated cores for the VM, give a housekeeping core.
-    #[arg(long, value_name = "CPU")]
-    bpf_timer_cpu: Option<u32>,
-    /// Store telemetry streams compressed (`zstd`: telemetry-*.jsonl.zst, read directly by
-    /// DuckDB and pandas); useful for long 1 kHz captures.
-    #[arg(long, value_enum, default_value_t = Compression::None)]
-    compress: Compression,
-    /// Thread rows of the host streams: `all` (every thread at every tick) or `changed`
-    /// (a thread's row only when a value of it changed since its last row, and at least
-    /// once a second; the process row at every tick). Loses no counter value: a left-out
-    /// row repeats the thread's last one.
-    #[arg(long, value_enum, default_value = "all")]
-    rows: cis490::collector::RowsMode,
-    /// How often the `perf` source reads its counters (perf_event_open, per thread), on
-    /// the host sampler's ticks, so at most the sampler's own rate: --rate-hz with
-    /// /proc, the lower of --rate-hz and 20 Hz with BPF (the host only drains there).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    perf_rate_hz: u32,
-    /// No `perf` source.
-    #[arg(long)]
-    no_perf: bool,
-    /// No `kvm` and `kvm-keys` sources (the BPF backend otherwise adds them: VM exits by
-    /// kind and key when the target is a KVM VM, empty streams with the reason when not).
-    #[arg(long)]
-    no_kvm: bool,
-    /// Entries of the kernel's table of VM-exit keys (thread, tick, kind, key), emptied 20
-    /// times a second. Exits whose key finds it full keep their kind's count but lose
-    /// their key (counted in meta.sources[kvm].overflow_events).
-    #[arg(long, value_name = "ENTRIES", default_value_t = cis490_common::MAX_KVM_KEYS,
-          value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
-    kvm_key_table: u32,
-    /// No `flow` and `flows` sources (the BPF backend otherwise counts packets, protocols,
-    /// TCP flags, DNS messages and flows in the kernel on the interfaces `net` watches).
-    #[arg(long)]
-    no_flow: bool,
-    /// Write capture.pcapng beside the streams: every packet of the watched interfaces,
-    /// both directions, cut at --pcap-snaplen, the file never above --pcap-max-mib
-    /// (packets past it are counted in meta.result.pcap, not written). For forensics;
-    /// needs CAP_NET_RAW (without it the capture goes on and meta says why).
-    #[arg(long)]
-    pcap: bool,
-    /// Bytes kept of each packet in capture.pcapng.
-    #[arg(long, value_name = "BYTES", default_value_t = cis490::pcap::DEFAULT_SNAPLEN,
-          value_parser = clap::value_parser!(u32).range(64..=262_144))]
-    pcap_snaplen: u32,
-    /// Size cap of capture.pcapng.
-    #[arg(long, value_name = "MIB", default_value_t = cis490::pcap::DEFAULT_MAX_BYTES >> 20,
-          value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
-    pcap_max_mib: u64,
+    #[command(flatten)]
+    capture: trace::CaptureOptions,
+    #[command(flatten)]
+    host: cis490::backend::HostOptions,
+    #[command(flatten)]
+    net: cis490::net::NetOptions,
+    #[command(flatten)]
+    perf: cis490::perf::PerfOptions,
+    #[command(flatten)]
+    qemu: cis490::qemu_sources::QemuSourceOptions,
     /// At close, export the episode into `<data-root>/dataset/` (the same layout as
     /// `cis490 export`); the episode path is still the last line on stdout.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help_heading = "Capture")]
     export: Option<ExportFormat>,
-    /// Run the host sampler thread SCHED_FIFO (needs CAP_SYS_NICE) for tighter timing,
-    /// whatever the rate. Default: SCHED_FIFO from 100 Hz up when permitted.
-    #[arg(long, conflicts_with = "no_realtime")]
-    realtime: bool,
-    /// Keep the host sampler thread at normal priority (SCHED_OTHER) at any rate.
-    #[arg(long)]
-    no_realtime: bool,
     /// No live status line on stderr (it is shown only when stderr is a terminal).
-    #[arg(long, short)]
+    #[arg(long, short, help_heading = "Capture")]
     quiet: bool,
-    /// QMP Unix socket (default: found in the QEMU command line: -qmp unix:… or -chardev
-    /// socket + -mon mode=control). Each QMP socket serves one client: give cis490 its own.
-    #[arg(long)]
-    qmp: Option<PathBuf>,
-    /// QMP polling rate (query-stats, query-blockstats, query-status), 1..=100 Hz.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100))]
-    qmp_rate_hz: u32,
-    /// Do not use QMP.
-    #[arg(long, conflicts_with = "qmp")]
-    no_qmp: bool,
-    /// Guest agent chardev socket (default: the socket chardev behind the
-    /// `cis490.guest.agent` virtserialport in the QEMU command line).
-    #[arg(long)]
-    agent: Option<PathBuf>,
-    /// Do not read the guest agent.
-    #[arg(long, conflicts_with = "agent")]
-    no_agent: bool,
-    /// Give this group (name or gid) read access to the episode (directories 0750, files
-    /// 0640). Default: owner only (0700/0600), or the data root's group when it is setgid.
-    #[arg(long, value_name = "NAME")]
-    group: Option<String>,
-    /// Most bytes per second the guest agent's stream may grow by (token bucket, one
-    /// second of burst); lines over it are dropped unparsed and counted (byte_rate).
-    #[arg(long, value_name = "BYTES", default_value_t = cis490::agent::reader::DEFAULT_MAX_BYTES_PER_S,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    agent_max_bytes_per_s: u64,
-    /// Most bytes the guest agent's stream may hold per episode; lines past it are
-    /// dropped and counted (byte_budget). Default: a quarter of the free space where the
-    /// episode is written, at most 1 GiB.
-    #[arg(long, value_name = "BYTES")]
-    agent_max_bytes: Option<u64>,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .parse()
-        .map_err(|e| format!("{s:?} is not a number of seconds: {e}"))?;
-    if !(secs.is_finite() && secs > 0.0 && secs < 1e9) {
-        return Err(format!("{s:?} must be a positive number of seconds"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 fn main() -> ExitCode {
@@ -443,61 +314,19 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
 }
 
 fn cmd_trace(args: TraceArgs) -> Result<ExitCode, Error> {
-    let user_meta = match &args.meta {
-        Some(path) => UserMeta::read_file(path)
-            .map_err(|e| Error::Usage(format!("--meta {}: {e}", path.display())))?,
-        None => UserMeta::default(),
-    };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())
             .map_err(|e| Error::io("installing signal handler", e))?;
     }
-    let export_root = args.export.map(|_| args.data_root.join("dataset"));
+    let export_root = args.export.map(|_| args.capture.data_root.join("dataset"));
     let cfg = TraceConfig {
-        pid: args.qemu_pid,
-        duration: args.duration,
-        rate_hz: args.rate_hz,
-        data_root: args.data_root,
-        episode_id: args.episode_id,
-        backend: args.backend,
-        user_meta,
-        net_ifs: args.net_if,
-        bpf_stats: args.bpf_stats,
-        bpf_wakeups: args.bpf_wakeups,
-        bpf_timer_cpu: args.bpf_timer_cpu,
-        compression: args.compress,
-        rows: args.rows,
-        perf_rate_hz: (!args.no_perf).then_some(args.perf_rate_hz),
-        kvm: !args.no_kvm,
-        kvm_key_table: args.kvm_key_table,
-        flow: !args.no_flow,
-        pcap: args.pcap.then_some(cis490::pcap::PcapOptions {
-            snaplen: args.pcap_snaplen,
-            max_bytes: args.pcap_max_mib << 20,
-        }),
-        access: cis490::episode::Access {
-            group: args
-                .group
-                .as_deref()
-                .map(cis490::episode::dir::group_by_name)
-                .transpose()?,
-        },
-        realtime: match (args.realtime, args.no_realtime) {
-            (true, _) => Realtime::On,
-            (_, true) => Realtime::Off,
-            _ => Realtime::Auto,
-        },
+        capture: args.capture,
+        host: args.host,
+        net: args.net,
+        perf: args.perf,
+        qemu: args.qemu,
         status_line: !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        qemu: cis490::qemu_sources::QemuSourceOptions {
-            qmp: args.qmp,
-            qmp_rate_hz: args.qmp_rate_hz,
-            no_qmp: args.no_qmp,
-            agent: args.agent,
-            no_agent: args.no_agent,
-            agent_max_bytes_per_s: args.agent_max_bytes_per_s,
-            agent_max_bytes: args.agent_max_bytes,
-        },
     };
     let result = trace::run(cfg, stop)?;
     let mut code = match &result.error {

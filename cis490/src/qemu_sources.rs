@@ -6,24 +6,43 @@ use std::time::Duration;
 
 use crate::contract::events::Event;
 
-use crate::agent::reader::{AgentReader, AgentReaderConfig};
-use crate::collector::{BackgroundSource, SourceContext};
+use crate::agent::reader::AgentReaderConfig;
+use crate::collector::SourceContext;
 use crate::episode::meta::{Meta, VcpuThread};
 use crate::qemu_args;
-use crate::qmp::{FactsHandle, QmpConfig, QmpFacts, QmpSource};
+use crate::qmp::{FactsHandle, QmpConfig, QmpFacts};
+use crate::threaded::Background;
 
-#[derive(Debug, Clone)]
+/// `cis490 trace`'s "QEMU sources" options.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "QEMU sources")]
 pub struct QemuSourceOptions {
-    /// QMP socket; None = autodetect from the QEMU command line.
+    /// QMP Unix socket (default: found in the QEMU command line: -qmp unix:… or -chardev
+    /// socket + -mon mode=control). Each QMP socket serves one client: give cis490 its own.
+    #[arg(long)]
     pub qmp: Option<PathBuf>,
+    /// QMP polling rate (query-stats, query-blockstats, query-status), 1..=100 Hz.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub qmp_rate_hz: u32,
+    /// Do not use QMP.
+    #[arg(long, conflicts_with = "qmp")]
     pub no_qmp: bool,
-    /// Agent chardev socket; None = autodetect.
+    /// Guest agent chardev socket (default: the socket chardev behind the
+    /// `cis490.guest.agent` virtserialport in the QEMU command line).
+    #[arg(long)]
     pub agent: Option<PathBuf>,
+    /// Do not read the guest agent.
+    #[arg(long, conflicts_with = "agent")]
     pub no_agent: bool,
-    /// Byte budgets of the agent stream (`--agent-max-bytes-per-s`, `--agent-max-bytes`;
-    /// None = the reader's default, see `agent::reader::default_max_bytes`).
+    /// Most bytes per second the guest agent's stream may grow by (token bucket, one
+    /// second of burst); lines over it are dropped unparsed and counted (byte_rate).
+    #[arg(long, value_name = "BYTES", default_value_t = crate::agent::reader::DEFAULT_MAX_BYTES_PER_S,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub agent_max_bytes_per_s: u64,
+    /// Most bytes the guest agent's stream may hold per episode; lines past it are
+    /// dropped and counted (byte_budget). Default: a quarter of the free space where the
+    /// episode is written, at most 1 GiB.
+    #[arg(long, value_name = "BYTES")]
     pub agent_max_bytes: Option<u64>,
 }
 
@@ -42,7 +61,7 @@ impl Default for QemuSourceOptions {
 }
 
 pub struct Started {
-    pub background: Vec<Box<dyn BackgroundSource>>,
+    pub background: Vec<Box<dyn Background>>,
     pub qmp_facts: Option<FactsHandle>,
 }
 
@@ -55,7 +74,7 @@ pub fn start(
     cmdline: &[String],
     ctx: &SourceContext,
 ) -> Result<Started, crate::Error> {
-    let mut background: Vec<Box<dyn BackgroundSource>> = Vec::new();
+    let mut background: Vec<Box<dyn Background>> = Vec::new();
     let mut qmp_facts = None;
     if !opts.no_qmp {
         let found = opts
@@ -70,7 +89,7 @@ pub fn start(
                     rate_hz: Some(opts.qmp_rate_hz.into()),
                     autodetected: Some(opts.qmp.is_none()),
                 });
-                let src = QmpSource::start(
+                let (src, facts) = crate::qmp::collector::start(
                     QmpConfig {
                         socket,
                         target_pid: pid,
@@ -80,7 +99,7 @@ pub fn start(
                     },
                     ctx,
                 )?;
-                qmp_facts = Some(src.facts_handle());
+                qmp_facts = Some(facts);
                 background.push(Box::new(src));
             }
             None => ctx.events.record(&Event::SourceSkipped {
@@ -102,7 +121,7 @@ pub fn start(
                     rate_hz: None,
                     autodetected: Some(opts.agent.is_none()),
                 });
-                background.push(Box::new(AgentReader::start(
+                background.push(Box::new(crate::agent::reader::start(
                     AgentReaderConfig {
                         socket,
                         max_bytes_per_s: opts.agent_max_bytes_per_s,

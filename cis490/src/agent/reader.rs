@@ -19,24 +19,19 @@
 //! (`t_sample_mono_ns`).
 
 use std::io::Read;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map};
 
 use super::clockmap::ClockMap;
 use super::line::{self, Columns, Reject, ValueIssue, MAX_LINE};
-use crate::collector::{BackgroundSource, SourceContext};
+use crate::collector::SourceContext;
 use crate::contract::events::Event;
-use crate::episode::meta::SourceMeta;
-use crate::episode::telemetry_file;
 use crate::error::Error;
-use crate::jsonl::{FileStats, JsonlWriter};
-use crate::qmp::collector::sleep_unless;
 use crate::row::{Row, Value};
+use crate::threaded::{self, Fault, Link, Running, SocketSource, Spec};
 
 pub const SOURCE: &str = "agent";
 pub const FLOOD_RATE: f64 = 1000.0;
@@ -96,193 +91,12 @@ fn free_bytes(dir: &std::path::Path) -> Option<u64> {
     Some(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
 }
 
-/// The clock map's state for meta.json (see [`ClockMap`]).
-#[derive(Default)]
-struct ClockSummary {
-    fit: Option<super::clockmap::Fit>,
-    samples: u64,
-    resets: u64,
-}
-
-#[derive(Default)]
-struct Shared {
-    rows: AtomicU64,
-    errors: AtomicU64,
-    connects: AtomicU64,
-    bytes: AtomicU64,
-    stale_count: AtomicU64,
-    rejects: [AtomicU64; Reject::ALL.len()],
-    value_issues: [AtomicU64; ValueIssue::ALL.len()],
-    bytes_written: AtomicU64,
-    max_bytes: AtomicU64,
-    clock: std::sync::Mutex<ClockSummary>,
-    /// Guest column name → kind, set when the worker ends.
-    columns: std::sync::Mutex<Vec<(String, Option<&'static str>)>>,
-}
-
-pub struct AgentReader {
+/// The agent source: the stream's state between reads (one chunk, one line buffer) and
+/// what meta.sources[agent] reports. Runs on [`crate::threaded`]'s runner.
+pub struct AgentSource {
     cfg: AgentReaderConfig,
-    stop: Arc<AtomicBool>,
-    shared: Arc<Shared>,
-    handle: Option<JoinHandle<Result<FileStats, Error>>>,
-}
-
-impl AgentReader {
-    pub fn start(cfg: AgentReaderConfig, ctx: &SourceContext) -> Result<Self, Error> {
-        let writer = JsonlWriter::create(&ctx.dir, &telemetry_file(SOURCE))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let shared = Arc::new(Shared::default());
-        let max_bytes = cfg
-            .max_bytes
-            .unwrap_or_else(|| default_max_bytes(ctx.dir.path()));
-        shared.max_bytes.store(max_bytes, Ordering::Relaxed);
-        let w = Worker {
-            cfg: cfg.clone(),
-            ctx: ctx.clone(),
-            stop: stop.clone(),
-            shared: shared.clone(),
-            writer,
-            line: Vec::with_capacity(MAX_LINE),
-            discarding: false,
-            skip_reason: None,
-            tokens: FLOOD_BURST,
-            byte_tokens: cfg.max_bytes_per_s as f64,
-            budget_left: max_bytes,
-            last_refill: Instant::now(),
-            columns: Columns::new(),
-            clock: ClockMap::new(),
-            scratch: Vec::with_capacity(MAX_LINE * 2),
-            reported: [0; Reject::ALL.len() + ValueIssue::ALL.len()],
-            last_report: Instant::now(),
-            seq: 0,
-        };
-        let handle = std::thread::Builder::new()
-            .name("cis490-agent".into())
-            .spawn(move || w.run())
-            .map_err(|e| Error::io("spawning the agent reader thread", e))?;
-        Ok(Self {
-            cfg,
-            stop,
-            shared,
-            handle: Some(handle),
-        })
-    }
-
-    /// Reject counts so far, by reason.
-    pub fn rejects(&self) -> Map<String, serde_json::Value> {
-        rejects_map(&self.shared)
-    }
-}
-
-/// Whole lines dropped, by reason, then single values dropped or altered, by reason.
-fn rejects_map(s: &Shared) -> Map<String, serde_json::Value> {
-    let lines = Reject::ALL
-        .iter()
-        .map(|r| (r.as_str(), s.rejects[r.index()].load(Ordering::Relaxed)));
-    let values = ValueIssue::ALL.iter().map(|r| {
-        (
-            r.as_str(),
-            s.value_issues[r.index()].load(Ordering::Relaxed),
-        )
-    });
-    lines
-        .chain(values)
-        .map(|(k, v)| (k.to_owned(), v.into()))
-        .collect()
-}
-
-impl BackgroundSource for AgentReader {
-    fn source(&self) -> &'static str {
-        SOURCE
-    }
-
-    fn finish(mut self: Box<Self>) -> (SourceMeta, Result<FileStats, Error>) {
-        let stats = crate::collector::stop_and_join(&self.stop, self.handle.take(), "agent reader");
-        let s = &self.shared;
-        let rejects = rejects_map(s);
-        let total: u64 = s.rejects.iter().map(|r| r.load(Ordering::Relaxed)).sum();
-        let mut extra = Map::new();
-        extra.insert(
-            "socket".into(),
-            self.cfg.socket.display().to_string().into(),
-        );
-        extra.insert("connects".into(), s.connects.load(Ordering::Relaxed).into());
-        extra.insert("bytes_read".into(), s.bytes.load(Ordering::Relaxed).into());
-        extra.insert(
-            "stale_count".into(),
-            s.stale_count.load(Ordering::Relaxed).into(),
-        );
-        extra.insert("rejected_lines".into(), total.into());
-        extra.insert("rejects".into(), rejects.into());
-        extra.insert(
-            "dropped_values".into(),
-            s.value_issues[ValueIssue::Array.index()]
-                .load(Ordering::Relaxed)
-                .into(),
-        );
-        extra.insert(
-            "bytes_written".into(),
-            s.bytes_written.load(Ordering::Relaxed).into(),
-        );
-        extra.insert(
-            "byte_budget".into(),
-            json!({"max_bytes": s.max_bytes.load(Ordering::Relaxed),
-                   "max_bytes_per_s": self.cfg.max_bytes_per_s}),
-        );
-        let clock = s.clock.lock().unwrap_or_else(|p| p.into_inner());
-        extra.insert(
-            "clock_map".into(),
-            match clock.fit {
-                Some(f) => json!({
-                    "guest_clock": "guest_mono_ns",
-                    "offset_ns": clamp_i64(f.offset_ns()),
-                    "drift_ppm": (f.drift_ppm() * 1000.0).round() / 1000.0,
-                    "uncertainty_ns": f.uncertainty_ns,
-                    "samples": clock.samples,
-                    "drift_estimated": f.drift_estimated,
-                    "span_s": f.span_ns as f64 / 1e9,
-                    "ref_guest_mono_ns": f.ref_guest_ns,
-                    "ref_t_mono_ns": clamp_i64(f.ref_host_ns),
-                    "host_ns_per_guest_ns": 1.0 + f.slope,
-                    "resets": clock.resets,
-                }),
-                None => serde_json::Value::Null,
-            },
-        );
-        drop(clock);
-        let columns = s.columns.lock().unwrap_or_else(|p| p.into_inner());
-        extra.insert(
-            "guest_columns".into(),
-            columns
-                .iter()
-                .map(|(n, k)| (n.clone(), (*k).into()))
-                .collect::<Map<_, _>>()
-                .into(),
-        );
-        let meta = SourceMeta {
-            name: SOURCE.into(),
-            file: telemetry_file(SOURCE),
-            available_in_deployment: true,
-            rows: s.rows.load(Ordering::Relaxed),
-            errors: s.errors.load(Ordering::Relaxed),
-            extra,
-        };
-        (meta, stats)
-    }
-}
-
-impl Drop for AgentReader {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-}
-
-struct Worker {
-    cfg: AgentReaderConfig,
-    ctx: SourceContext,
-    stop: Arc<AtomicBool>,
-    shared: Arc<Shared>,
-    writer: JsonlWriter,
+    stream: Option<UnixStream>,
+    chunk: Vec<u8>,
     line: Vec<u8>,
     /// Inside a too-long line: skip to its newline.
     discarding: bool,
@@ -294,181 +108,222 @@ struct Worker {
     byte_tokens: f64,
     /// Bytes the stream may still grow by in this episode.
     budget_left: u64,
+    max_bytes: u64,
     last_refill: Instant,
+    /// When the last row was written (the connection is stale after [`STALE_AFTER`]).
+    last_line: Instant,
     columns: Columns,
     clock: ClockMap,
     /// A row serialized to measure it against the byte budgets.
     scratch: Vec<u8>,
+    rejects: [u64; Reject::ALL.len()],
+    value_issues: [u64; ValueIssue::ALL.len()],
     reported: [u64; Reject::ALL.len() + ValueIssue::ALL.len()],
     last_report: Instant,
     seq: u64,
+    bytes_read: u64,
+    bytes_written: u64,
 }
 
-impl Worker {
-    fn run(mut self) -> Result<FileStats, Error> {
-        let mut backoff = Duration::from_millis(100);
-        let mut stale = false;
-        let mut fatal = None;
-        'outer: while !self.stop.load(Ordering::SeqCst) {
-            let mut stream = match crate::qmp::transport::connect_unix(&self.cfg.socket) {
-                Ok(s) => s,
-                Err(e) => {
-                    self.shared.errors.fetch_add(1, Ordering::Relaxed);
-                    if !stale {
-                        stale = true;
-                        self.mark_stale(&format!("connect {}: {e}", self.cfg.socket.display()));
-                    }
-                    if !sleep_unless(&self.stop, backoff) {
-                        break;
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                    continue;
-                }
-            };
-            backoff = Duration::from_millis(100);
-            self.shared.connects.fetch_add(1, Ordering::Relaxed);
-            self.ctx.events.record(&Event::AgentConnected {
-                source: SOURCE.into(),
-                socket: Some(self.cfg.socket.display().to_string()),
-            });
-            let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
-            self.line.clear();
-            self.discarding = false;
-            self.skip_reason = None;
-            let mut last_line = Instant::now();
-            let mut chunk = vec![0u8; CHUNK];
-            loop {
-                if self.stop.load(Ordering::SeqCst) {
-                    break 'outer;
-                }
-                match stream.read(&mut chunk) {
-                    Ok(0) => {
-                        self.end_of_connection("agent socket closed");
-                        stale = true;
-                        break;
-                    }
-                    Ok(n) => {
-                        self.shared.bytes.fetch_add(n as u64, Ordering::Relaxed);
-                        match self.feed(&chunk[..n]) {
-                            Ok(0) => {}
-                            Ok(_) => {
-                                last_line = Instant::now();
-                                if stale {
-                                    stale = false;
-                                    self.ctx.events.record(&Event::SourceRecovered {
-                                        source: SOURCE.into(),
-                                        socket: None,
-                                    });
-                                }
-                            }
-                            Err(e) => {
-                                fatal = Some(e);
-                                break 'outer;
-                            }
-                        }
-                    }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock
-                                | std::io::ErrorKind::TimedOut
-                                | std::io::ErrorKind::Interrupted
-                        ) => {}
-                    Err(e) => {
-                        self.end_of_connection(&format!("agent read: {e}"));
-                        stale = true;
-                        break;
-                    }
-                }
-                if !stale && last_line.elapsed() > STALE_AFTER {
-                    stale = true;
-                    self.mark_stale(&format!(
-                        "no agent row written for {} s",
-                        STALE_AFTER.as_secs()
-                    ));
-                }
-                self.report_rejects(false);
-                if let Err(e) = self.writer.flush_if_due() {
-                    fatal = Some(e);
-                    break 'outer;
-                }
-            }
-            if !sleep_unless(&self.stop, backoff) {
-                break;
-            }
-        }
-        // Stopped (not disconnected) with half a line pending: the guest's last words.
-        if !self.line.is_empty() || self.discarding {
-            self.reject(Reject::PartialAtStop);
-        }
-        self.report_rejects(true);
-        *self.shared.clock.lock().unwrap_or_else(|p| p.into_inner()) = ClockSummary {
-            fit: self.clock.fit(),
-            samples: self.clock.samples(),
-            resets: self.clock.resets(),
-        };
-        *self
-            .shared
-            .columns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = self
-            .columns
-            .kinds()
-            .map(|(n, k)| (n.to_owned(), k.map(line::Kind::as_str)))
-            .collect();
-        let closed = self.writer.close();
-        match fatal {
-            Some(e) => {
-                self.ctx.events.record(&Event::SourceError {
-                    source: SOURCE.into(),
-                    message: e.to_string(),
-                    fatal: Some(true),
-                });
-                Err(e)
-            }
-            None => closed,
-        }
-    }
+/// Start reading the agent's socket on its own thread.
+pub fn start(cfg: AgentReaderConfig, ctx: &SourceContext) -> Result<Running<AgentSource>, Error> {
+    let spec = Spec {
+        source: SOURCE,
+        thread: "cis490-agent",
+        available_in_deployment: true,
+        socket: cfg.socket.clone(),
+    };
+    let link = Link::open(spec, ctx)?;
+    let max_bytes = cfg
+        .max_bytes
+        .unwrap_or_else(|| default_max_bytes(ctx.dir.path()));
+    let source = AgentSource {
+        stream: None,
+        chunk: vec![0u8; CHUNK],
+        line: Vec::with_capacity(MAX_LINE),
+        discarding: false,
+        skip_reason: None,
+        tokens: FLOOD_BURST,
+        byte_tokens: cfg.max_bytes_per_s as f64,
+        budget_left: max_bytes,
+        max_bytes,
+        last_refill: Instant::now(),
+        last_line: Instant::now(),
+        columns: Columns::new(),
+        clock: ClockMap::new(),
+        scratch: Vec::with_capacity(MAX_LINE * 2),
+        rejects: [0; Reject::ALL.len()],
+        value_issues: [0; ValueIssue::ALL.len()],
+        reported: [0; Reject::ALL.len() + ValueIssue::ALL.len()],
+        last_report: Instant::now(),
+        seq: 0,
+        bytes_read: 0,
+        bytes_written: 0,
+        cfg,
+    };
+    threaded::spawn(source, link)
+}
 
-    fn mark_stale(&self, reason: &str) {
-        self.shared.stale_count.fetch_add(1, Ordering::Relaxed);
-        self.ctx.events.record(&Event::SourceStale {
+impl SocketSource for AgentSource {
+    fn connect(&mut self, link: &mut Link) -> Result<(), String> {
+        let stream = crate::qmp::transport::connect_unix(&self.cfg.socket)
+            .map_err(|e| format!("connect {}: {e}", self.cfg.socket.display()))?;
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+        self.stream = Some(stream);
+        self.line.clear();
+        self.discarding = false;
+        self.skip_reason = None;
+        self.last_line = Instant::now();
+        link.ctx.events.record(&Event::AgentConnected {
             source: SOURCE.into(),
-            socket: Some(self.cfg.socket.display().to_string()),
-            message: reason.into(),
+            socket: Some(link.socket()),
         });
+        Ok(())
     }
 
-    fn end_of_connection(&mut self, reason: &str) {
+    fn session(&mut self, link: &mut Link) -> Result<(), Fault> {
+        let Some(mut stream) = self.stream.take() else {
+            return Err(Fault::Transport("agent socket not connected".into()));
+        };
+        let mut chunk = std::mem::take(&mut self.chunk);
+        let res = self.serve(link, &mut stream, &mut chunk);
+        self.chunk = chunk;
+        self.stream = Some(stream);
+        res
+    }
+
+    fn disconnect(&mut self, _link: &mut Link) {
         if !self.line.is_empty() || self.discarding {
             self.reject(Reject::Partial);
         }
         self.line.clear();
         self.discarding = false;
         self.skip_reason = None;
-        self.shared.errors.fetch_add(1, Ordering::Relaxed);
-        self.mark_stale(reason);
+        self.stream = None;
+    }
+
+    fn wind_down(&mut self, link: &mut Link) {
+        // Stopped (not disconnected) with half a line pending: the guest's last words.
+        if !self.line.is_empty() || self.discarding {
+            self.reject(Reject::PartialAtStop);
+        }
+        self.report_rejects(link, true);
+    }
+
+    fn summary(&self, extra: &mut Map<String, serde_json::Value>) {
+        let total: u64 = self.rejects.iter().sum();
+        extra.insert("bytes_read".into(), self.bytes_read.into());
+        extra.insert("rejected_lines".into(), total.into());
+        extra.insert("rejects".into(), self.rejects_map().into());
+        extra.insert(
+            "dropped_values".into(),
+            self.value_issues[ValueIssue::Array.index()].into(),
+        );
+        extra.insert("bytes_written".into(), self.bytes_written.into());
+        extra.insert(
+            "byte_budget".into(),
+            json!({"max_bytes": self.max_bytes,
+                   "max_bytes_per_s": self.cfg.max_bytes_per_s}),
+        );
+        extra.insert(
+            "clock_map".into(),
+            match self.clock.fit() {
+                Some(f) => json!({
+                    "guest_clock": "guest_mono_ns",
+                    "offset_ns": clamp_i64(f.offset_ns()),
+                    "drift_ppm": (f.drift_ppm() * 1000.0).round() / 1000.0,
+                    "uncertainty_ns": f.uncertainty_ns,
+                    "samples": self.clock.samples(),
+                    "drift_estimated": f.drift_estimated,
+                    "span_s": f.span_ns as f64 / 1e9,
+                    "ref_guest_mono_ns": f.ref_guest_ns,
+                    "ref_t_mono_ns": clamp_i64(f.ref_host_ns),
+                    "host_ns_per_guest_ns": 1.0 + f.slope,
+                    "resets": self.clock.resets(),
+                }),
+                None => serde_json::Value::Null,
+            },
+        );
+        extra.insert(
+            "guest_columns".into(),
+            self.columns
+                .kinds()
+                .map(|(n, k)| (n.to_owned(), k.map(line::Kind::as_str).into()))
+                .collect::<Map<_, _>>()
+                .into(),
+        );
+    }
+}
+
+impl AgentSource {
+    /// Read the connection until the stop flag or a fault.
+    fn serve(
+        &mut self,
+        link: &mut Link,
+        stream: &mut UnixStream,
+        chunk: &mut [u8],
+    ) -> Result<(), Fault> {
+        loop {
+            if link.stopping() {
+                return Ok(());
+            }
+            match stream.read(chunk) {
+                Ok(0) => return Err(Fault::Transport("agent socket closed".into())),
+                Ok(n) => {
+                    self.bytes_read += n as u64;
+                    if self.feed(link, &chunk[..n])? > 0 {
+                        self.last_line = Instant::now();
+                        link.alive();
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(Fault::Transport(format!("agent read: {e}"))),
+            }
+            if self.last_line.elapsed() > STALE_AFTER {
+                link.stale(&format!(
+                    "no agent row written for {} s",
+                    STALE_AFTER.as_secs()
+                ));
+            }
+            self.report_rejects(link, false);
+            link.flush_if_due()?;
+        }
+    }
+
+    /// Whole lines dropped, by reason, then single values dropped or altered, by reason.
+    fn rejects_map(&self) -> Map<String, serde_json::Value> {
+        let lines = Reject::ALL
+            .iter()
+            .map(|r| (r.as_str(), self.rejects[r.index()]));
+        let values = ValueIssue::ALL
+            .iter()
+            .map(|r| (r.as_str(), self.value_issues[r.index()]));
+        lines
+            .chain(values)
+            .map(|(k, v)| (k.to_owned(), v.into()))
+            .collect()
     }
 
     fn reject(&mut self, r: Reject) {
-        self.shared.rejects[r.index()].fetch_add(1, Ordering::Relaxed);
+        self.rejects[r.index()] += 1;
     }
 
     /// At most one summary event per second (and one at the end).
-    fn report_rejects(&mut self, last: bool) {
+    fn report_rejects(&mut self, link: &Link, last: bool) {
         if !last && self.last_report.elapsed() < Duration::from_secs(1) {
             return;
         }
         self.last_report = Instant::now();
         let mut delta = Map::new();
-        let counters = self
-            .shared
-            .rejects
-            .iter()
-            .zip(Reject::ALL.map(Reject::as_str));
-        let values = (self.shared.value_issues.iter()).zip(ValueIssue::ALL.map(ValueIssue::as_str));
-        for (i, (counter, name)) in counters.chain(values).enumerate() {
-            let now = counter.load(Ordering::Relaxed);
+        let counters = self.rejects.iter().zip(Reject::ALL.map(Reject::as_str));
+        let values = (self.value_issues.iter()).zip(ValueIssue::ALL.map(ValueIssue::as_str));
+        for (i, (&now, name)) in counters.chain(values).enumerate() {
             let d = now - self.reported[i];
             if d > 0 {
                 delta.insert(name.into(), d.into());
@@ -476,7 +331,7 @@ impl Worker {
             self.reported[i] = now;
         }
         if !delta.is_empty() {
-            self.ctx.events.record(&Event::AgentRejects {
+            link.ctx.events.record(&Event::AgentRejects {
                 source: SOURCE.into(),
                 since_last_event: serde_json::Value::Object(delta),
             });
@@ -516,7 +371,7 @@ impl Worker {
     }
 
     /// Consume bytes; returns how many lines were written.
-    fn feed(&mut self, mut data: &[u8]) -> Result<usize, Error> {
+    fn feed(&mut self, link: &mut Link, mut data: &[u8]) -> Result<usize, Fault> {
         let mut written = 0;
         while !data.is_empty() {
             let nl = memchr::memchr(b'\n', data);
@@ -560,7 +415,7 @@ impl Worker {
                 self.line.clear();
                 continue;
             }
-            let stamp = self.ctx.clock.stamp();
+            let stamp = link.ctx.clock.stamp();
             let res = line::check(&self.line, &mut self.columns);
             self.line.clear();
             match res {
@@ -568,8 +423,7 @@ impl Worker {
                     for i in ValueIssue::ALL {
                         let n = acc.issue(i);
                         if n > 0 {
-                            self.shared.value_issues[i.index()]
-                                .fetch_add(u64::from(n), Ordering::Relaxed);
+                            self.value_issues[i.index()] += u64::from(n);
                         }
                     }
                     let mut row = Row::new(stamp, SOURCE, true);
@@ -591,9 +445,8 @@ impl Worker {
                     self.budget_left -= len;
                     self.byte_tokens -= len as f64;
                     self.seq += 1;
-                    self.writer.write_row(&row)?;
-                    self.shared.bytes_written.fetch_add(len, Ordering::Relaxed);
-                    self.shared.rows.fetch_add(1, Ordering::Relaxed);
+                    link.write(&row)?;
+                    self.bytes_written += len;
                     written += 1;
                 }
                 Err(r) => self.reject(r),

@@ -15,6 +15,45 @@ use crate::row::{Row, Value};
 
 pub use sysfs::SysfsNetCollector;
 
+/// Which interfaces are watched and what is captured on them (`cis490 trace`'s "Network"
+/// options).
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "Network")]
+pub struct NetOptions {
+    /// Network interface of the VM for the `net` source (repeatable); default: QEMU's
+    /// tap interfaces, detected from its command line and file descriptors.
+    #[arg(long = "net-if", value_name = "NAME")]
+    pub net_if: Vec<String>,
+    /// No `flow` and `flows` sources (the BPF backend otherwise counts packets, protocols,
+    /// TCP flags, DNS messages and flows in the kernel on the interfaces `net` watches).
+    #[arg(long)]
+    pub no_flow: bool,
+    /// Write capture.pcapng beside the streams: every packet of the watched interfaces,
+    /// both directions, cut at --pcap-snaplen, the file never above --pcap-max-mib
+    /// (packets past it are counted in meta.result.pcap, not written). For forensics;
+    /// needs CAP_NET_RAW (without it the capture goes on and meta says why).
+    #[arg(long)]
+    pub pcap: bool,
+    /// Bytes kept of each packet in capture.pcapng.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::pcap::DEFAULT_SNAPLEN,
+          value_parser = clap::value_parser!(u32).range(64..=262_144))]
+    pub pcap_snaplen: u32,
+    /// Size cap of capture.pcapng.
+    #[arg(long, value_name = "MIB", default_value_t = crate::pcap::DEFAULT_MAX_BYTES >> 20,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub pcap_max_mib: u64,
+}
+
+impl NetOptions {
+    /// The packet capture's settings, with `--pcap`.
+    pub fn pcap(&self) -> Option<crate::pcap::PcapOptions> {
+        self.pcap.then_some(crate::pcap::PcapOptions {
+            snaplen: self.pcap_snaplen,
+            max_bytes: self.pcap_max_mib << 20,
+        })
+    }
+}
+
 pub const SOURCE: &str = "net";
 
 /// Tap interface names on a QEMU command line (`-netdev`/`-net`/`-nic` with type tap and

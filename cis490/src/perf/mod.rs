@@ -11,6 +11,27 @@
 
 pub mod counts;
 
+/// `cis490 trace`'s "perf" options.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "perf")]
+pub struct PerfOptions {
+    /// How often the `perf` source reads its counters (perf_event_open, per thread), on
+    /// the host sampler's ticks, so at most the sampler's own rate: --rate-hz with
+    /// /proc, the lower of --rate-hz and 20 Hz with BPF (the host only drains there).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub perf_rate_hz: u32,
+    /// No `perf` source.
+    #[arg(long)]
+    pub no_perf: bool,
+}
+
+impl PerfOptions {
+    /// The reading rate, or None with `--no-perf`.
+    pub fn rate_hz(&self) -> Option<u32> {
+        (!self.no_perf).then_some(self.perf_rate_hz)
+    }
+}
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
