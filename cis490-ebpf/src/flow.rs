@@ -373,9 +373,11 @@ fn handle(ctx: &TcContext, egress: bool) {
         epoch,
     };
     let Some(p) = parse(ctx, &mut dk.flow) else {
+        // SAFETY: `st` as above (this CPU's value, valid for the run).
         unsafe { (*st).other_packets += 1 };
         return;
     };
+    // SAFETY: `st` as above (this CPU's value, valid for the run).
     unsafe {
         match dk.flow.proto {
             IPPROTO_TCP => {
@@ -433,6 +435,7 @@ fn handle(ctx: &TcContext, egress: bool) {
                         reverse(&mut dk.flow);
                         if FLOW_DIRS.get_ptr(&dk.flow).is_none() {
                             let _ = FLOW_DIRS.insert(&dk.flow, &now, BPF_NOEXIST as u64);
+                            // SAFETY: `st` as above (this CPU's value, valid for the run).
                             unsafe { (*st).flows_new += 1 };
                             created = true;
                         }
@@ -443,6 +446,7 @@ fn handle(ctx: &TcContext, egress: bool) {
                     match FLOW_DELTAS.get_ptr_mut(&dk) {
                         Some(d) => d,
                         None => {
+                            // SAFETY: `st` as above (this CPU's value, valid for the run).
                             unsafe { (*st).untracked_packets += 1 };
                             return;
                         }
