@@ -193,7 +193,7 @@ pub fn select(
     };
     match bpf::start(pid, vcpus, &specs, host.bpf_stats, snap, plan.rows, kvm) {
         Ok(b) => Ok(Selected {
-            collectors: b.collectors,
+            collectors: vec![Box::new(b.source)],
             used: "bpf",
             fallback_reason: None,
             reason: format!(
@@ -259,7 +259,10 @@ mod tests {
         assert_eq!(s.used, "proc");
         assert_eq!(s.collectors.len(), 1);
         let s = select(&host, &net(&["lo"]), &plan).unwrap();
-        let names: Vec<_> = s.collectors.iter().map(|c| c.source()).collect();
+        let names: Vec<_> = (s.collectors.iter())
+            .flat_map(|c| c.streams())
+            .map(|s| s.source)
+            .collect();
         assert_eq!(names, vec!["proc", "net"]);
         assert!(s.fallback_reason.is_none());
     }

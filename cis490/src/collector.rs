@@ -92,16 +92,27 @@ impl TickOutput {
     }
 }
 
+/// A stream a source writes: its name (the file is `telemetry-<source>.jsonl`) and
+/// whether a deployed detector could see its data (see the episode contract).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stream {
+    pub source: &'static str,
+    pub available_in_deployment: bool,
+}
+
+/// The one trait of the sources the sampler polls. Most write one stream; the BPF
+/// snapshot writes all of its streams from one drain of the kernel's ring, in the order
+/// its [`Collector::streams`] lists them.
 pub trait Collector: Send {
-    /// Source name; the stream is `telemetry-<source>.jsonl`.
-    fn source(&self) -> &'static str;
-    /// Whether a deployed detector could see this data (see the episode contract).
-    fn available_in_deployment(&self) -> bool;
+    /// The streams this source writes, in the order of the outputs `collect` fills.
+    fn streams(&self) -> Vec<Stream>;
+    /// Read this tick: stream `i`'s rows, problems and gaps go to `out[i]`. An `Err`
+    /// (the source cannot go on this tick at all) is reported on the first stream.
     fn collect(
         &mut self,
         tick: Tick,
         clock: &EpisodeClock,
-        out: &mut TickOutput,
+        out: &mut [TickOutput],
     ) -> Result<(), Error>;
     /// Whether the rows come from the kernel's own timer (the BPF snapshots) rather
     /// than from this tick: their `seq` and stamps are the kernel's, the sampler only
@@ -116,8 +127,10 @@ pub trait Collector: Send {
     fn own_schedule(&self) -> bool {
         false
     }
-    /// Extra facts for `meta.sources[]` at the end (e.g. counts of rejected input).
-    fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
+    /// Extra facts for stream `stream`'s `meta.sources[]` entry at the end (e.g. counts
+    /// of rejected input).
+    fn summary(&self, stream: usize) -> serde_json::Map<String, serde_json::Value> {
+        let _ = stream;
         serde_json::Map::new()
     }
 }

@@ -20,9 +20,17 @@ use crate::error::Error;
 use crate::jsonl::{Compression, FileStats, JsonlWriter};
 use crate::target::Target;
 
-/// A collector with its stream and its counts.
+/// A polled source with its streams.
 pub struct Slot {
     pub collector: Box<dyn Collector>,
+    pub streams: Vec<StreamSlot>,
+    /// One per stream, reused across ticks.
+    outs: Vec<TickOutput>,
+}
+
+/// One stream of a slot: its writer and counts.
+pub struct StreamSlot {
+    pub stream: crate::collector::Stream,
     pub writer: JsonlWriter,
     pub rows: u64,
     pub errors: u64,
@@ -35,14 +43,23 @@ impl Slot {
         dir: &crate::episode::EpisodeDir,
         compression: Compression,
     ) -> Result<Self, Error> {
-        let writer =
-            JsonlWriter::create_with(dir, &telemetry_file(collector.source()), compression)?;
+        let mut streams = Vec::new();
+        for stream in collector.streams() {
+            let writer =
+                JsonlWriter::create_with(dir, &telemetry_file(stream.source), compression)?;
+            streams.push(StreamSlot {
+                stream,
+                writer,
+                rows: 0,
+                errors: 0,
+                last_error: None,
+            });
+        }
+        let outs = streams.iter().map(|_| TickOutput::default()).collect();
         Ok(Self {
             collector,
-            writer,
-            rows: 0,
-            errors: 0,
-            last_error: None,
+            streams,
+            outs,
         })
     }
 }
@@ -83,7 +100,6 @@ impl Sampler {
         let policy = tune_sampler_thread(self.realtime, self.interval_ns, &self.events);
         let mut seq: u64 = 0;
         let mut missed: u64 = 0;
-        let mut out = TickOutput::default();
         let mut lateness = LatenessHistogram::default();
         let (end_reason, error) = loop {
             let due = seq * self.interval_ns;
@@ -117,12 +133,14 @@ impl Sampler {
                     .iter()
                     .filter(|s| !s.collector.kernel_clocked() && !s.collector.own_schedule())
                 {
-                    self.events.record(&Event::gap(
-                        slot.collector.source(),
-                        seq,
-                        next - 1,
-                        Some(now - due),
-                    ));
+                    for s in &slot.streams {
+                        self.events.record(&Event::gap(
+                            s.stream.source,
+                            seq,
+                            next - 1,
+                            Some(now - due),
+                        ));
+                    }
                 }
                 missed += next - seq;
                 if let Some(live) = &self.live {
@@ -142,7 +160,7 @@ impl Sampler {
                 seq,
                 scheduled_ns: due,
             };
-            if let Err(e) = self.sample_all(tick, &mut out, false) {
+            if let Err(e) = self.sample_all(tick, false) {
                 break (EndReason::Error, Some(e));
             }
             if let Some(msg) = self.events.failure() {
@@ -168,7 +186,7 @@ impl Sampler {
                     seq,
                     scheduled_ns: seq * self.interval_ns,
                 };
-                self.sample_all(last, &mut out, true).err()
+                self.sample_all(last, true).err()
             }
             e => e,
         };
@@ -189,62 +207,67 @@ impl Sampler {
 
     /// Run every collector for `tick` (`only_kernel_clocked`: just the kernel snapshot
     /// sources, for the final drain).
-    fn sample_all(
-        &mut self,
-        tick: Tick,
-        out: &mut TickOutput,
-        only_kernel_clocked: bool,
-    ) -> Result<(), Error> {
-        for (i, slot) in self.slots.iter_mut().enumerate() {
+    fn sample_all(&mut self, tick: Tick, only_kernel_clocked: bool) -> Result<(), Error> {
+        // Streams are numbered across slots for the live status line.
+        let mut index = 0;
+        for slot in self.slots.iter_mut() {
             if only_kernel_clocked && !slot.collector.kernel_clocked() {
+                index += slot.streams.len();
                 continue;
             }
-            out.clear();
-            let res = slot.collector.collect(tick, &self.clock, out);
-            for row in out.rows() {
-                slot.writer.write_row(row)?;
+            slot.outs.iter_mut().for_each(TickOutput::clear);
+            let res = slot.collector.collect(tick, &self.clock, &mut slot.outs);
+            for (i, (s, out)) in slot.streams.iter_mut().zip(&slot.outs).enumerate() {
+                for row in out.rows() {
+                    s.writer.write_row(row)?;
+                }
+                s.rows += out.rows().len() as u64;
+                if let Some(live) = &self.live {
+                    let last = out.rows().last().map(|r| r.stamp.t_mono_ns);
+                    let failed = i == 0 && res.is_err();
+                    live.record(
+                        index,
+                        out.rows().len(),
+                        last,
+                        out.problems.len() + usize::from(failed),
+                    );
+                }
+                index += 1;
+                for (from, to) in &out.gaps {
+                    self.events
+                        .record(&Event::gap(s.stream.source, *from, *to, None));
+                }
+                for problem in &out.problems {
+                    s.errors += 1;
+                    self.events
+                        .record(&Event::source_error(s.stream.source, problem));
+                }
             }
-            slot.rows += out.rows().len() as u64;
-            if let Some(live) = &self.live {
-                let last = out.rows().last().map(|r| r.stamp.t_mono_ns);
-                live.record(
-                    i,
-                    out.rows().len(),
-                    last,
-                    out.problems.len() + usize::from(res.is_err()),
-                );
-            }
-            for (from, to) in &out.gaps {
-                self.events
-                    .record(&Event::gap(slot.collector.source(), *from, *to, None));
-            }
-            for problem in &out.problems {
-                slot.errors += 1;
-                self.events
-                    .record(&Event::source_error(slot.collector.source(), problem));
-            }
+            // A source that cannot go on this tick: reported on its first stream.
+            let first = &mut slot.streams[0];
             if let Err(e) = res {
                 // The target exiting mid-tick shows up here first; that is not a source error.
                 // Its threads vanish from /proc a moment before the pidfd reports the exit,
                 // so give an exit in progress a short while to complete.
-                if self
+                if !self
                     .target
                     .exits_within(std::time::Duration::from_millis(100))
                 {
-                    continue;
-                }
-                slot.errors += 1;
-                let msg = e.to_string();
-                // One event per distinct failure, not one per tick.
-                if slot.last_error.as_deref() != Some(msg.as_str()) {
-                    self.events
-                        .record(&Event::source_error(slot.collector.source(), &msg));
-                    slot.last_error = Some(msg);
+                    first.errors += 1;
+                    let msg = e.to_string();
+                    // One event per distinct failure, not one per tick.
+                    if first.last_error.as_deref() != Some(msg.as_str()) {
+                        self.events
+                            .record(&Event::source_error(first.stream.source, &msg));
+                        first.last_error = Some(msg);
+                    }
                 }
             } else {
-                slot.last_error = None;
+                first.last_error = None;
             }
-            slot.writer.flush_if_due()?;
+            for s in &mut slot.streams {
+                s.writer.flush_if_due()?;
+            }
         }
         Ok(())
     }
@@ -256,20 +279,22 @@ impl Sampler {
         let mut stats = Vec::new();
         let mut first_err = None;
         for slot in slots {
-            let file = slot.writer.name().to_owned();
-            metas.push(SourceMeta {
-                name: slot.collector.source().to_owned(),
-                file: file.clone(),
-                available_in_deployment: slot.collector.available_in_deployment(),
-                rows: slot.rows,
-                errors: slot.errors,
-                extra: slot.collector.summary(),
-            });
-            match slot.writer.close() {
-                Ok(s) => stats.push(s),
-                Err(e) => {
-                    stats.push(FileStats::unknown(file));
-                    first_err.get_or_insert(e);
+            for (i, s) in slot.streams.into_iter().enumerate() {
+                let file = s.writer.name().to_owned();
+                metas.push(SourceMeta {
+                    name: s.stream.source.to_owned(),
+                    file: file.clone(),
+                    available_in_deployment: s.stream.available_in_deployment,
+                    rows: s.rows,
+                    errors: s.errors,
+                    extra: slot.collector.summary(i),
+                });
+                match s.writer.close() {
+                    Ok(st) => stats.push(st),
+                    Err(e) => {
+                        stats.push(FileStats::unknown(file));
+                        first_err.get_or_insert(e);
+                    }
                 }
             }
         }

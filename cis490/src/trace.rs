@@ -198,7 +198,10 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     // The capture: the sampler on its own thread until the duration, a signal, the
     // target's exit or an error.
     let live = Arc::new(crate::status::LiveStats::new(
-        sources.slots.iter().map(|s| s.collector.source()),
+        sources
+            .slots
+            .iter()
+            .flat_map(|s| s.streams.iter().map(|x| x.stream.source)),
     ));
     // With BPF the kernel takes the snapshots on its own timer; the host thread only
     // drains them (and watches the target), a few times a second whatever the rate.
@@ -267,10 +270,10 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     // The close, in the contract's order: every stream, labels, events (with
     // episode_end), then meta.json, manifest.json and done.marker. The first error wins.
     let mut closing = Closing::new(outcome.error);
-    for slot in &sampler.slots {
+    for s in sampler.slots.iter().flat_map(|slot| &slot.streams) {
         episode.events.record(&Event::SourceStopped {
-            source: slot.collector.source().into(),
-            rows: slot.rows,
+            source: s.stream.source.into(),
+            rows: s.rows,
         });
     }
     let pid_alive_at_end = sampler.target.alive();
@@ -543,12 +546,14 @@ impl Sources {
         }
         let mut slots = Vec::new();
         for (c, rate) in polled.into_iter().zip(rates) {
-            events.record(&Event::SourceStarted {
-                source: c.source().into(),
-                socket: None,
-                rate_hz: rate.map(Into::into),
-                autodetected: None,
-            });
+            for stream in c.streams() {
+                events.record(&Event::SourceStarted {
+                    source: stream.source.into(),
+                    socket: None,
+                    rate_hz: rate.map(Into::into),
+                    autodetected: None,
+                });
+            }
             slots.push(Slot::new(c, dir, cfg.capture.compress)?);
         }
         // After the streams exist: a capture that cannot have its packet sockets goes on

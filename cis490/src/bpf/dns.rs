@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 use aya::maps::{MapData, RingBuf};
 use cis490_common::flow::DnsRecord;
 
+use super::Part;
 use crate::clock::{self, EpisodeClock, Stamp};
-use crate::collector::{Collector, Tick, TickOutput};
+use crate::collector::TickOutput;
 use crate::error::Error;
 use crate::flow::dns;
 use crate::flow::{self as f};
@@ -52,18 +53,12 @@ fn record(bytes: &[u8]) -> Option<DnsRecord> {
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DnsRecord>()) })
 }
 
-impl Collector for DnsCollector {
-    fn source(&self) -> &'static str {
-        f::DNS_SOURCE
-    }
-    fn available_in_deployment(&self) -> bool {
-        true
-    }
-    fn kernel_clocked(&self) -> bool {
-        true
-    }
-    fn own_schedule(&self) -> bool {
-        true
+impl Part for DnsCollector {
+    fn stream(&self) -> crate::collector::Stream {
+        crate::collector::Stream {
+            source: f::DNS_SOURCE,
+            available_in_deployment: true,
+        }
     }
     fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
         let mut m = serde_json::Map::new();
@@ -82,9 +77,9 @@ impl Collector for DnsCollector {
         m
     }
 
-    fn collect(
+    fn fill(
         &mut self,
-        _tick: Tick,
+        _drain: &super::snap::Drain,
         clock: &EpisodeClock,
         out: &mut TickOutput,
     ) -> Result<(), Error> {

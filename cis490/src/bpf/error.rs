@@ -30,6 +30,10 @@ pub enum BpfError {
     /// A ring-buffer record that is not what the programs write.
     #[error("{0}")]
     Record(String),
+    /// Reading or emptying a program's table in a running capture (what was not taken
+    /// stays in the table and is counted at the next drain).
+    #[error("{0}")]
+    Map(String),
 }
 
 /// `Result` of the BPF backend.

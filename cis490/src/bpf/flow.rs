@@ -1,6 +1,6 @@
 //! The `flow` and `flows` sources: the flow programs' per-tick tables read after each drain
-//! of the snapshots and folded onto the drained ticks (see [`crate::flow::fold`]). `flow`
-//! runs after `bpf-sched`, which drains; `flows` after `flow`, whose fold it writes out.
+//! of the snapshots and folded onto the drained ticks (see [`crate::flow::fold`]). Two parts of
+//! the snapshot source, in this order: `flow`, then `flows`, which writes out `flow`'s fold.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -8,10 +8,12 @@ use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
 use aya::Pod;
 use cis490_common::flow::{FlowIfKey, FlowIfSlot, FlowIfStats, FLOW_IF_RING};
 
+use super::error::BpfError;
 use super::loader::FlowMaps;
-use super::{ProgramsStatus, Session};
+use super::Part;
+use super::ProgramsStatus;
 use crate::clock::{EpisodeClock, Stamp};
-use crate::collector::{Collector, Tick, TickOutput};
+use crate::collector::TickOutput;
 use crate::error::Error;
 use crate::flow::fold::{sum_deltas, sum_ifs, FlowFold};
 use crate::flow::{self as f};
@@ -23,12 +25,9 @@ struct Shared {
     gaps: Vec<(u64, u64)>,
 }
 
-/// The pair of collectors for one capture (`flow` first).
-pub fn collectors(
-    names: Vec<String>,
-    session: Arc<Session>,
-    maps: Result<FlowMaps, String>,
-) -> Vec<Box<dyn Collector>> {
+/// The streams' parts of the snapshot source (`flow` first: `flows` writes its fold;
+/// then `dns` when its ring is there).
+pub(crate) fn parts(names: Vec<String>, maps: Result<FlowMaps, String>) -> Vec<Box<dyn Part>> {
     let (maps, dns) = match maps {
         Ok(m) => {
             let FlowMaps { deltas, ifs, dns } = m;
@@ -42,10 +41,9 @@ pub fn collectors(
         gaps: Vec::new(),
     }));
     let (status, maps) = ProgramsStatus::of(maps);
-    let mut out: Vec<Box<dyn Collector>> = vec![
+    let mut out: Vec<Box<dyn Part>> = vec![
         Box::new(FlowCollector {
             names: names.clone(),
-            session,
             maps,
             status: status.clone(),
             shared: shared.clone(),
@@ -76,10 +74,11 @@ fn take_final<K: Pod + Copy, V: Pod + Copy>(
     sum: impl Fn(&[V]) -> V,
     last: u64,
     out: &mut Vec<(K, V)>,
-) -> Result<(), String> {
+) -> Result<(), BpfError> {
     out.clear();
     for item in map.iter() {
-        let (key, values) = item.map_err(|e| format!("reading a flow table: {e}"))?;
+        let (key, values) =
+            item.map_err(|e| BpfError::Map(format!("reading a flow table: {e}")))?;
         if epoch(&key) <= last {
             out.push((key, sum(&values)));
         }
@@ -87,7 +86,7 @@ fn take_final<K: Pod + Copy, V: Pod + Copy>(
     for i in 0..out.len() {
         if let Err(e) = map.remove(&out[i].0) {
             out.truncate(i);
-            return Err(format!("removing a flow table entry: {e}"));
+            return Err(BpfError::Map(format!("removing a flow table entry: {e}")));
         }
     }
     Ok(())
@@ -108,7 +107,7 @@ fn take_if_ticks(
     taken: &mut Option<u64>,
     last: u64,
     out: &mut Vec<(FlowIfKey, FlowIfStats)>,
-) -> Result<(), String> {
+) -> Result<(), BpfError> {
     let n = u64::from(FLOW_IF_RING);
     let from = match *taken {
         Some(t) => t + 1,
@@ -121,7 +120,7 @@ fn take_if_ticks(
             let idx = slot as u32 * FLOW_IF_RING + (epoch % n) as u32;
             let values = ring
                 .get(&idx, 0)
-                .map_err(|e| format!("reading map FLOW_IF_TICKS: {e}"))?;
+                .map_err(|e| BpfError::Map(format!("reading map FLOW_IF_TICKS: {e}")))?;
             let mine = values.iter().filter(|v| v.epoch == epoch).map(|v| v.stats);
             let sum = sum_ifs(mine);
             if sum != FlowIfStats::default() {
@@ -142,7 +141,6 @@ fn take_if_ticks(
 
 pub struct FlowCollector {
     names: Vec<String>,
-    session: Arc<Session>,
     maps: Option<Tables>,
     status: ProgramsStatus,
     shared: Arc<Mutex<Shared>>,
@@ -152,15 +150,12 @@ pub struct FlowCollector {
     if_taken: Option<u64>,
 }
 
-impl Collector for FlowCollector {
-    fn source(&self) -> &'static str {
-        f::SOURCE
-    }
-    fn available_in_deployment(&self) -> bool {
-        true
-    }
-    fn kernel_clocked(&self) -> bool {
-        true
+impl Part for FlowCollector {
+    fn stream(&self) -> crate::collector::Stream {
+        crate::collector::Stream {
+            source: f::SOURCE,
+            available_in_deployment: true,
+        }
     }
     fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
         let mut m = self.status.summary("bpf_tc");
@@ -181,13 +176,12 @@ impl Collector for FlowCollector {
         m
     }
 
-    fn collect(
+    fn fill(
         &mut self,
-        _tick: Tick,
+        drain: &super::snap::Drain,
         _clock: &EpisodeClock,
         out: &mut TickOutput,
     ) -> Result<(), Error> {
-        let drain = self.session.lock_drain();
         let batch = &drain.asm.batch;
         out.gaps.extend_from_slice(&batch.gaps);
         let mut guard = lock(&self.shared);
@@ -212,7 +206,7 @@ impl Collector for FlowCollector {
             last,
             &mut ifs,
         ) {
-            out.problem(e);
+            out.problem(e.to_string());
         }
         let mut flows = Vec::new();
         if let Err(e) = take_final(
@@ -222,7 +216,7 @@ impl Collector for FlowCollector {
             last,
             &mut flows,
         ) {
-            out.problem(e);
+            out.problem(e.to_string());
         }
         let seqs: Vec<u64> = batch.ticks.iter().map(|t| t.kernel_seq).collect();
         shared.fold.apply(&mut ifs, &mut flows, &seqs);
@@ -290,22 +284,19 @@ pub struct FlowsCollector {
     shared: Arc<Mutex<Shared>>,
 }
 
-impl Collector for FlowsCollector {
-    fn source(&self) -> &'static str {
-        f::FLOWS_SOURCE
-    }
-    fn available_in_deployment(&self) -> bool {
-        true
-    }
-    fn kernel_clocked(&self) -> bool {
-        true
+impl Part for FlowsCollector {
+    fn stream(&self) -> crate::collector::Stream {
+        crate::collector::Stream {
+            source: f::FLOWS_SOURCE,
+            available_in_deployment: true,
+        }
     }
     fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
         self.status.summary("bpf_tc")
     }
-    fn collect(
+    fn fill(
         &mut self,
-        _tick: Tick,
+        _drain: &super::snap::Drain,
         clock: &EpisodeClock,
         out: &mut TickOutput,
     ) -> Result<(), Error> {

@@ -1,17 +1,19 @@
 //! The `kvm` and `kvm-keys` sources: the kvm programs' per-tick counts (map `KVM_COUNTS`)
 //! read after each drain of the snapshots and folded onto the drained ticks (see
-//! [`crate::kvm::fold`]). `kvm` runs after `bpf-sched`, which drains; `kvm-keys` after
-//! `kvm`, whose fold it writes out.
+//! [`crate::kvm::fold`]). Two parts of the snapshot source, in this order: `kvm`, then
+//! `kvm-keys`, which writes out `kvm`'s fold.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use aya::maps::{HashMap, IterableMap, MapData, PerCpuArray};
 use cis490_common::KvmKey;
 
+use super::error::BpfError;
 use super::loader::KvmMaps;
-use super::{Comms, ProgramsStatus, Session};
+use super::Part;
+use super::{Comms, ProgramsStatus};
 use crate::clock::{self, EpisodeClock, Stamp};
-use crate::collector::{Collector, Tick, TickOutput, VcpuMap};
+use crate::collector::{TickOutput, VcpuMap};
 use crate::error::Error;
 use crate::kvm::fold::{process_total, Fold};
 use crate::kvm::names::ExitIsa;
@@ -29,20 +31,18 @@ struct Shared {
     names: std::collections::HashMap<u32, Arc<str>>,
 }
 
-/// The pair of collectors for one capture (`kvm` first).
-pub fn collectors(
+/// The two streams' parts of the snapshot source (`kvm` first: `kvm-keys` writes its fold).
+pub(crate) fn parts(
     pid: u32,
-    session: Arc<Session>,
     vcpus: &VcpuMap,
     maps: Result<KvmMaps, String>,
-) -> Vec<Box<dyn Collector>> {
+) -> Vec<Box<dyn Part>> {
     let shared = Arc::new(Mutex::new(Shared::default()));
     let isa = k::exit_isa(std::path::Path::new("/sys/module"));
     let (status, maps) = ProgramsStatus::of(maps);
     vec![
         Box::new(KvmCollector {
             pid,
-            session,
             maps,
             status: status.clone(),
             isa: isa.clone(),
@@ -68,7 +68,6 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 
 pub struct KvmCollector {
     pid: u32,
-    session: Arc<Session>,
     maps: Option<KvmMaps>,
     status: ProgramsStatus,
     isa: Result<ExitIsa, String>,
@@ -85,10 +84,10 @@ fn take_final(
     map: &mut HashMap<MapData, KvmKey, u64>,
     last: u64,
     out: &mut Vec<(KvmKey, u64)>,
-) -> Result<(), String> {
+) -> Result<(), BpfError> {
     let from = out.len();
     for item in map.iter() {
-        let (key, n) = item.map_err(|e| format!("reading a kvm table: {e}"))?;
+        let (key, n) = item.map_err(|e| BpfError::Map(format!("reading a kvm table: {e}")))?;
         if Fold::is_final(&key, last) {
             out.push((key, n));
         }
@@ -97,7 +96,7 @@ fn take_final(
         if let Err(e) = map.remove(&out[i].0) {
             // Not removed: counted in a later drain instead of now.
             out.truncate(i);
-            return Err(format!("removing a kvm table entry: {e}"));
+            return Err(BpfError::Map(format!("removing a kvm table entry: {e}")));
         }
     }
     Ok(())
@@ -107,15 +106,12 @@ fn lost_events(lost: &PerCpuArray<MapData, u64>) -> Option<u64> {
     lost.get(&0, 0).ok().map(|v| v.iter().sum())
 }
 
-impl Collector for KvmCollector {
-    fn source(&self) -> &'static str {
-        k::SOURCE
-    }
-    fn available_in_deployment(&self) -> bool {
-        false
-    }
-    fn kernel_clocked(&self) -> bool {
-        true
+impl Part for KvmCollector {
+    fn stream(&self) -> crate::collector::Stream {
+        crate::collector::Stream {
+            source: k::SOURCE,
+            available_in_deployment: false,
+        }
     }
     fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
         let mut m = self.status.summary("bpf_tracepoints");
@@ -146,13 +142,12 @@ impl Collector for KvmCollector {
         m
     }
 
-    fn collect(
+    fn fill(
         &mut self,
-        _tick: Tick,
+        drain: &super::snap::Drain,
         _clock: &EpisodeClock,
         out: &mut TickOutput,
     ) -> Result<(), Error> {
-        let drain = self.session.lock_drain();
         let batch = &drain.asm.batch;
         out.gaps.extend_from_slice(&batch.gaps);
         let mut shared = lock(&self.shared);
@@ -173,7 +168,7 @@ impl Collector for KvmCollector {
             if let Err(e) = take_final(map, last, &mut self.entries) {
                 // What was not removed stays in the map: the next drain counts it (late,
                 // not lost).
-                out.problem(e);
+                out.problem(e.to_string());
             }
         }
         let now = clock::mono_raw_ns();
@@ -252,22 +247,19 @@ pub struct KvmKeysCollector {
     vcpus: VcpuMap,
 }
 
-impl Collector for KvmKeysCollector {
-    fn source(&self) -> &'static str {
-        k::KEYS_SOURCE
-    }
-    fn available_in_deployment(&self) -> bool {
-        false
-    }
-    fn kernel_clocked(&self) -> bool {
-        true
+impl Part for KvmKeysCollector {
+    fn stream(&self) -> crate::collector::Stream {
+        crate::collector::Stream {
+            source: k::KEYS_SOURCE,
+            available_in_deployment: false,
+        }
     }
     fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
         self.status.summary("bpf_tracepoints")
     }
-    fn collect(
+    fn fill(
         &mut self,
-        _tick: Tick,
+        _drain: &super::snap::Drain,
         _clock: &EpisodeClock,
         out: &mut TickOutput,
     ) -> Result<(), Error> {

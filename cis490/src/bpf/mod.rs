@@ -58,8 +58,8 @@ impl Session {
         Ok(())
     }
 
-    /// The drain; every collector of the session runs on the sampler thread, so this is
-    /// never contended.
+    /// The drain; the snapshot source runs on the sampler thread, and the end reads the
+    /// schedule after it, so this is never contended.
     pub(crate) fn lock_drain(&self) -> MutexGuard<'_, snap::Drain> {
         self.drain.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -108,10 +108,76 @@ impl Session {
     }
 }
 
-/// The BPF collectors of one capture.
+/// The BPF backend of one capture: the snapshot source and what keeps its programs.
 pub struct Backend {
-    pub collectors: Vec<Box<dyn Collector>>,
+    pub source: SnapshotSource,
     pub session: Arc<Session>,
+}
+
+/// One stream of the snapshot source: its rows from what one drain of the kernel's ring
+/// brought (the snapshots' ticks, and the kvm and flow tables read up to them).
+pub(crate) trait Part: Send {
+    fn stream(&self) -> crate::collector::Stream;
+    fn fill(
+        &mut self,
+        drain: &snap::Drain,
+        clock: &crate::clock::EpisodeClock,
+        out: &mut crate::collector::TickOutput,
+    ) -> Result<(), crate::Error>;
+    fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
+        serde_json::Map::new()
+    }
+}
+
+/// The BPF backend as one polled source: at each host tick it drains the ring once and
+/// has each of its streams turn that drain into rows, in a fixed order: bpf-sched,
+/// bpf-io and net from the snapshots; kvm, then kvm-keys (which writes kvm's fold);
+/// flow, then flows (likewise); dns from its own ring. Every stream is on the kernel's
+/// clock.
+pub struct SnapshotSource {
+    session: Arc<Session>,
+    parts: Vec<Box<dyn Part>>,
+}
+
+impl Collector for SnapshotSource {
+    fn streams(&self) -> Vec<crate::collector::Stream> {
+        self.parts.iter().map(|p| p.stream()).collect()
+    }
+
+    fn kernel_clocked(&self) -> bool {
+        true
+    }
+
+    fn summary(&self, stream: usize) -> serde_json::Map<String, serde_json::Value> {
+        self.parts[stream].summary()
+    }
+
+    fn collect(
+        &mut self,
+        _tick: crate::collector::Tick,
+        clock: &crate::clock::EpisodeClock,
+        out: &mut [crate::collector::TickOutput],
+    ) -> Result<(), crate::Error> {
+        let mut drain = self.session.lock_drain();
+        drain.drain(clock);
+        // What the drain itself found is reported on the first stream (bpf-sched).
+        out[0]
+            .problems
+            .extend(drain.asm.batch.problems.iter().cloned());
+        if let Some(msg) = drain
+            .last_sign_of_life_ns()
+            .and_then(|t| self.session.restart_timer_if_stalled(t))
+        {
+            out[0].problem(msg);
+        }
+        for (part, out) in self.parts.iter_mut().zip(out.iter_mut()) {
+            // One stream's failure costs that stream's rows of this drain, not the others'.
+            if let Err(e) = part.fill(&drain, clock, out) {
+                out.problem(e.to_string());
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Whether an optional group of programs (kvm, flow) is attached, and if not why: the
@@ -195,8 +261,7 @@ pub fn start(
         timer: Mutex::new(loaded.timer),
         wakeups: loaded.wakeups,
     });
-    // bpf-sched first: it drains the ring for the others of the same host tick.
-    let mut collectors: Vec<Box<dyn Collector>> = vec![
+    let mut parts: Vec<Box<dyn Part>> = vec![
         Box::new(sched::SnapCollector::new(
             sched::Stream::Sched,
             pid,
@@ -214,25 +279,27 @@ pub fn start(
     ];
     if !net_ifs.is_empty() {
         let names = net_ifs.iter().map(|s| s.name.clone()).collect();
-        collectors.push(Box::new(net::BpfNetCollector::new(names, session.clone())));
+        parts.push(Box::new(net::BpfNetCollector::new(names)));
     }
     if let Some(maps) = kvm_maps {
-        collectors.extend(kvm::collectors(pid, session.clone(), vcpus, maps));
+        parts.extend(kvm::parts(pid, vcpus, maps));
     }
     let names: Vec<String> = net_ifs.iter().map(|s| s.name.clone()).collect();
     match flow_load {
         loader::FlowLoad::NotAsked => {}
         loader::FlowLoad::Attached(m) => {
-            collectors.extend(flow::collectors(names, session.clone(), Ok(*m)));
+            parts.extend(flow::parts(names, Ok(*m)));
         }
-        loader::FlowLoad::Failed(why) => collectors.extend(flow::collectors(
+        loader::FlowLoad::Failed(why) => parts.extend(flow::parts(
             names,
-            session.clone(),
             Err(format!("the flow programs did not attach: {why}")),
         )),
     }
     Ok(Backend {
-        collectors,
+        source: SnapshotSource {
+            session: session.clone(),
+            parts,
+        },
         session,
     })
 }

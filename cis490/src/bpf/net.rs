@@ -1,11 +1,9 @@
 //! The `net` source from the kernel snapshots (see [`crate::net`] for the stream and the
 //! interface detection, which are not BPF).
 
-use std::sync::Arc;
-
-use super::Session;
+use super::Part;
 use crate::clock::EpisodeClock;
-use crate::collector::{Collector, Tick, TickOutput};
+use crate::collector::TickOutput;
 use crate::error::Error;
 use crate::net::{net_row, summary, SOURCE};
 
@@ -13,33 +11,27 @@ use crate::net::{net_row, summary, SOURCE};
 /// the CPUs), one per interface per snapshot, on the snapshot's seq and stamp.
 pub struct BpfNetCollector {
     names: Vec<String>,
-    session: Arc<Session>,
 }
 
 impl BpfNetCollector {
-    pub fn new(names: Vec<String>, session: Arc<Session>) -> Self {
-        Self { names, session }
+    pub fn new(names: Vec<String>) -> Self {
+        Self { names }
     }
 }
 
-impl Collector for BpfNetCollector {
-    fn source(&self) -> &'static str {
-        SOURCE
+impl Part for BpfNetCollector {
+    fn stream(&self) -> crate::collector::Stream {
+        crate::collector::Stream {
+            source: SOURCE,
+            available_in_deployment: true,
+        }
     }
-    fn available_in_deployment(&self) -> bool {
-        true
-    }
-    fn kernel_clocked(&self) -> bool {
-        true
-    }
-    fn collect(
+    fn fill(
         &mut self,
-        _tick: Tick,
+        drain: &super::snap::Drain,
         _clock: &EpisodeClock,
         out: &mut TickOutput,
     ) -> Result<(), Error> {
-        // The batch the bpf-sched collector drained this host tick.
-        let drain = self.session.lock_drain();
         let batch = &drain.asm.batch;
         out.gaps.extend_from_slice(&batch.gaps);
         for tick in &batch.ticks {

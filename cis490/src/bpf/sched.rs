@@ -10,9 +10,10 @@ use std::sync::Arc;
 use cis490_common::{SnapRecord, ThreadCounters, REC_THREAD_EXITED};
 
 use super::table::{Entry, ThreadTable, Values, MAX_WIDTH, UNAVAILABLE};
+use super::Part;
 use super::{Comms, Session};
 use crate::clock::{self, EpisodeClock};
-use crate::collector::{Collector, Tick, TickOutput, VcpuMap};
+use crate::collector::{TickOutput, VcpuMap};
 use crate::error::Error;
 use crate::row::Value;
 
@@ -271,17 +272,12 @@ fn page_size() -> u64 {
     }
 }
 
-impl Collector for SnapCollector {
-    fn source(&self) -> &'static str {
-        self.stream.source()
-    }
-
-    fn available_in_deployment(&self) -> bool {
-        false
-    }
-
-    fn kernel_clocked(&self) -> bool {
-        true
+impl Part for SnapCollector {
+    fn stream(&self) -> crate::collector::Stream {
+        crate::collector::Stream {
+            source: self.stream.source(),
+            available_in_deployment: false,
+        }
     }
 
     fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
@@ -298,24 +294,12 @@ impl Collector for SnapCollector {
         m
     }
 
-    fn collect(
+    fn fill(
         &mut self,
-        _tick: Tick,
-        clock: &EpisodeClock,
+        drain: &super::snap::Drain,
+        _clock: &EpisodeClock,
         out: &mut TickOutput,
     ) -> Result<(), Error> {
-        let mut drain = self.session.lock_drain();
-        if self.stream == Stream::Sched {
-            drain.drain(clock);
-            out.problems
-                .extend(drain.asm.batch.problems.iter().cloned());
-            if let Some(msg) = drain
-                .last_sign_of_life_ns()
-                .and_then(|t| self.session.restart_timer_if_stalled(t))
-            {
-                out.problem(msg);
-            }
-        }
         let batch = &drain.asm.batch;
         out.gaps.extend_from_slice(&batch.gaps);
         let now = clock::mono_raw_ns();

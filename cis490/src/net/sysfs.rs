@@ -8,7 +8,7 @@ use cis490_common::NetStats;
 
 use super::{net_row, summary, SOURCE};
 use crate::clock::EpisodeClock;
-use crate::collector::{Collector, Tick, TickOutput};
+use crate::collector::{Collector, Stream, Tick, TickOutput};
 use crate::error::Error;
 
 /// The fallback: the interfaces' own counters.
@@ -82,18 +82,19 @@ impl SysfsNetCollector {
 }
 
 impl Collector for SysfsNetCollector {
-    fn source(&self) -> &'static str {
-        SOURCE
-    }
-    fn available_in_deployment(&self) -> bool {
-        true
+    fn streams(&self) -> Vec<Stream> {
+        vec![Stream {
+            source: SOURCE,
+            available_in_deployment: true,
+        }]
     }
     fn collect(
         &mut self,
         tick: Tick,
         clock: &EpisodeClock,
-        out: &mut TickOutput,
+        outs: &mut [TickOutput],
     ) -> Result<(), Error> {
+        let out = &mut outs[0];
         for i in 0..self.names.len() {
             let name = &self.names[i];
             let stats = match self.read(name) {
@@ -110,7 +111,7 @@ impl Collector for SysfsNetCollector {
         }
         Ok(())
     }
-    fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
+    fn summary(&self, _stream: usize) -> serde_json::Map<String, serde_json::Value> {
         let method = match self.from {
             Counters::Sysfs(_) => "sysfs",
             Counters::NetDev(_) => "proc_net_dev",
@@ -171,7 +172,7 @@ mod tests {
                 scheduled_ns: 0,
             },
             &clock,
-            out,
+            std::slice::from_mut(out),
         )
         .unwrap();
     }
@@ -196,7 +197,7 @@ mod tests {
             "{:?}",
             out.problems
         );
-        assert_eq!(c.summary()["method"], "proc_net_dev");
+        assert_eq!(c.summary(0)["method"], "proc_net_dev");
     }
 
     #[test]

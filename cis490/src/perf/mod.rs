@@ -39,7 +39,7 @@ use perf_event::events::{Hardware, Software};
 use perf_event::{Builder, Counter, Group};
 
 use crate::clock::EpisodeClock;
-use crate::collector::{Collector, Tick, TickOutput, VcpuMap};
+use crate::collector::{Collector, Stream, Tick, TickOutput, VcpuMap};
 use crate::error::Error;
 use counts::{open_failure, perf_row, GroupReading, Reading, HW, SOURCE, SW};
 
@@ -281,18 +281,19 @@ fn read_thread(t: &mut Thread) -> Reading {
 }
 
 impl Collector for PerfCollector {
-    fn source(&self) -> &'static str {
-        SOURCE
-    }
-    fn available_in_deployment(&self) -> bool {
-        false
+    fn streams(&self) -> Vec<Stream> {
+        vec![Stream {
+            source: SOURCE,
+            available_in_deployment: false,
+        }]
     }
     fn collect(
         &mut self,
         tick: Tick,
         clock: &EpisodeClock,
-        out: &mut TickOutput,
+        outs: &mut [TickOutput],
     ) -> Result<(), Error> {
+        let out = &mut outs[0];
         let now = tick.scheduled_ns;
         match self.next_ns {
             Some(next) if now < next => return Ok(()),
@@ -351,7 +352,7 @@ impl Collector for PerfCollector {
     fn own_schedule(&self) -> bool {
         true
     }
-    fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
+    fn summary(&self, _stream: usize) -> serde_json::Map<String, serde_json::Value> {
         use serde_json::json;
         let mut m = serde_json::Map::new();
         m.insert("method".into(), "perf_event_open, one hardware and one software counting group per thread, kernel mode included".into());

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::clock::EpisodeClock;
-use crate::collector::{Collector, Tick, TickOutput, VcpuMap};
+use crate::collector::{Collector, Stream, Tick, TickOutput, VcpuMap};
 use crate::error::Error;
 use crate::row::{Row, Value};
 use parse::{Io, SchedStat, Stat, Status};
@@ -382,15 +382,14 @@ fn push_common(row: &mut Row, s: &Sample<'_>) {
 }
 
 impl Collector for ProcCollector {
-    fn source(&self) -> &'static str {
-        SOURCE
+    fn streams(&self) -> Vec<Stream> {
+        vec![Stream {
+            source: SOURCE,
+            available_in_deployment: false,
+        }]
     }
 
-    fn available_in_deployment(&self) -> bool {
-        false
-    }
-
-    fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
+    fn summary(&self, _stream: usize) -> serde_json::Map<String, serde_json::Value> {
         let mut m = serde_json::Map::new();
         m.insert("reused_status_io_reads".into(), self.reused_reads.into());
         self.changed.summary(&mut m);
@@ -401,8 +400,9 @@ impl Collector for ProcCollector {
         &mut self,
         tick: Tick,
         clock: &EpisodeClock,
-        out: &mut TickOutput,
+        outs: &mut [TickOutput],
     ) -> Result<(), Error> {
+        let out = &mut outs[0];
         if let Err(e) = self.list_threads() {
             // Closed so that a task directory that comes back is opened afresh.
             self.task_fd = None;
@@ -622,7 +622,7 @@ mod tests {
                 scheduled_ns: 0,
             },
             &EpisodeClock::start(),
-            &mut out,
+            std::slice::from_mut(&mut out),
         )
         .unwrap();
         out
@@ -696,7 +696,7 @@ mod tests {
         let second = collect(&mut c, 1);
         assert_eq!(col(&second, 6845, "voluntary_switches"), v0);
         assert_ne!(col(&second, 6845, "rchar"), Value::U64(777));
-        assert_eq!(c.summary()["reused_status_io_reads"], 5);
+        assert_eq!(c.summary(0)["reused_status_io_reads"], 5);
         // The thread ran (its on-CPU time moved): everything is read afresh.
         let sched = std::fs::read_to_string(t.join("schedstat")).unwrap();
         let f: Vec<u64> = sched
