@@ -4,12 +4,13 @@
 //!
 //! usage: cis490-testload [--spin N] [--switch N] [--io N] [--pingpong N] [--iobusy N]
 //!                        [--spawn-after S] [--exit-after S] [--measure-from S]
-//!                        [--name-prefix P] [--threads N]
+//!                        [--name-prefix P] [--threads N] [--nap-ms MS]
 //!
 //! --pingpong N: N pairs of threads bouncing one byte over pipes (context-switch heavy)
 //! --iobusy N:   N threads doing write(2)/pread(2) back to back (syscall-I/O heavy)
-//! --threads N:  add idle threads (each sleeps 100 ms at a time) until the process has at
-//!               least N threads, main thread included: a wide target at little CPU cost
+//! --threads N:  add idle threads (each sleeps --nap-ms, default 100 ms, at a time) until
+//!               the process has at least N threads, main thread included: a wide target
+//!               at little CPU cost
 //! At exit (--exit-after) it prints `WORK <units>`: the benchmarks' throughput figure,
 //! counted from --measure-from S seconds on (default 0), so a tracer's set-up can be left
 //! out of a steady-state comparison.
@@ -74,6 +75,10 @@ fn parse_args() -> Result<Args, String> {
             }
             "--name-prefix" => a.prefix = value()?,
             "--threads" => a.threads = value()?.parse().map_err(|e| format!("--threads: {e}"))?,
+            "--nap-ms" => {
+                let ms: u64 = value()?.parse().map_err(|e| format!("--nap-ms: {e}"))?;
+                IDLE_NAP_MS.store(ms.max(1), Ordering::Relaxed);
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -100,10 +105,14 @@ fn switch(stop: Arc<AtomicBool>, work: Arc<AtomicU64>) {
     }
 }
 
+/// How long an idle thread sleeps at a time (`--nap-ms`).
+static IDLE_NAP_MS: AtomicU64 = AtomicU64::new(100);
+
 /// A thread that is almost always asleep: it makes the process wide, not busy.
 fn idle(stop: Arc<AtomicBool>, _work: Arc<AtomicU64>) {
+    let nap = Duration::from_millis(IDLE_NAP_MS.load(Ordering::Relaxed));
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(nap);
     }
 }
 

@@ -13,7 +13,7 @@ use crate::contract::events::Event;
 use serde_json::json;
 
 use crate::clock::{self, EpisodeClock};
-use crate::collector::{Collector, Tick, TickOutput};
+use crate::collector::{Collector, Sink, Tick, TickOutput};
 use crate::episode::meta::SourceMeta;
 use crate::episode::{telemetry_file, EventLog};
 use crate::error::Error;
@@ -24,8 +24,6 @@ use crate::target::Target;
 pub struct Slot {
     pub collector: Box<dyn Collector>,
     pub streams: Vec<StreamSlot>,
-    /// One per stream, reused across ticks.
-    outs: Vec<TickOutput>,
 }
 
 /// One stream of a slot: its writer and counts.
@@ -55,12 +53,65 @@ impl Slot {
                 last_error: None,
             });
         }
-        let outs = streams.iter().map(|_| TickOutput::default()).collect();
-        Ok(Self {
-            collector,
-            streams,
-            outs,
-        })
+        Ok(Self { collector, streams })
+    }
+}
+
+/// The sink a slot's source fills during one tick: each flush writes the output's rows to
+/// the stream's file and its problems and gaps to events.jsonl.
+struct SlotSink<'a> {
+    streams: &'a mut [StreamSlot],
+    out: &'a mut TickOutput,
+    events: &'a EventLog,
+    live: Option<&'a crate::status::LiveStats>,
+    /// The first stream's number across all slots (the live status line's index).
+    base: usize,
+    /// The first write error: the capture ends with it once the source returns.
+    write_error: Option<Error>,
+}
+
+impl crate::collector::Sink for SlotSink<'_> {
+    fn out(&mut self) -> &mut TickOutput {
+        self.out
+    }
+
+    fn flush(&mut self, stream: usize) {
+        let out = &mut *self.out;
+        let Some(s) = self.streams.get_mut(stream) else {
+            // Not a stream of this source: a bug, kept visible rather than lost silently.
+            out.problem(format!(
+                "rows for stream #{stream}, which this source does not have"
+            ));
+            return;
+        };
+        if self.write_error.is_none() {
+            for row in out.rows() {
+                if let Err(e) = s.writer.write_row(row) {
+                    self.write_error = Some(e);
+                    break;
+                }
+            }
+        }
+        s.rows += out.rows().len() as u64;
+        if let Some(live) = self.live {
+            let last = out.rows().last().map(|r| r.stamp.t_mono_ns);
+            live.record(
+                self.base + stream,
+                out.rows().len(),
+                last,
+                out.problems.len(),
+            );
+        }
+        for (from, to) in &out.gaps {
+            self.events
+                .record(&Event::gap(s.stream.source, *from, *to, None));
+        }
+        for problem in &out.problems {
+            s.errors += 1;
+            self.events
+                .record(&Event::source_error(s.stream.source, problem));
+        }
+        out.clear();
     }
 }
 
@@ -93,6 +144,8 @@ pub struct Sampler {
     pub target: Target,
     /// Progress counters for the live status line (slot order).
     pub live: Option<Arc<crate::status::LiveStats>>,
+    /// The one output every source fills, reused across ticks and streams.
+    pub out: TickOutput,
 }
 
 impl Sampler {
@@ -209,39 +262,27 @@ impl Sampler {
     /// sources, for the final drain).
     fn sample_all(&mut self, tick: Tick, only_kernel_clocked: bool) -> Result<(), Error> {
         // Streams are numbered across slots for the live status line.
-        let mut index = 0;
+        let mut base = 0;
         for slot in self.slots.iter_mut() {
+            let n = slot.streams.len();
             if only_kernel_clocked && !slot.collector.kernel_clocked() {
-                index += slot.streams.len();
+                base += n;
                 continue;
             }
-            slot.outs.iter_mut().for_each(TickOutput::clear);
-            let res = slot.collector.collect(tick, &self.clock, &mut slot.outs);
-            for (i, (s, out)) in slot.streams.iter_mut().zip(&slot.outs).enumerate() {
-                for row in out.rows() {
-                    s.writer.write_row(row)?;
-                }
-                s.rows += out.rows().len() as u64;
-                if let Some(live) = &self.live {
-                    let last = out.rows().last().map(|r| r.stamp.t_mono_ns);
-                    let failed = i == 0 && res.is_err();
-                    live.record(
-                        index,
-                        out.rows().len(),
-                        last,
-                        out.problems.len() + usize::from(failed),
-                    );
-                }
-                index += 1;
-                for (from, to) in &out.gaps {
-                    self.events
-                        .record(&Event::gap(s.stream.source, *from, *to, None));
-                }
-                for problem in &out.problems {
-                    s.errors += 1;
-                    self.events
-                        .record(&Event::source_error(s.stream.source, problem));
-                }
+            self.out.clear();
+            let mut sink = SlotSink {
+                streams: &mut slot.streams,
+                out: &mut self.out,
+                events: &self.events,
+                live: self.live.as_deref(),
+                base,
+                write_error: None,
+            };
+            let res = slot.collector.collect(tick, &self.clock, &mut sink);
+            // What a single-stream source left in the output is its stream's.
+            sink.flush(0);
+            if let Some(e) = sink.write_error.take() {
+                return Err(e);
             }
             // A source that cannot go on this tick: reported on its first stream.
             let first = &mut slot.streams[0];
@@ -254,6 +295,9 @@ impl Sampler {
                     .exits_within(std::time::Duration::from_millis(100))
                 {
                     first.errors += 1;
+                    if let Some(live) = &self.live {
+                        live.record(base, 0, None, 1);
+                    }
                     let msg = e.to_string();
                     // One event per distinct failure, not one per tick.
                     if first.last_error.as_deref() != Some(msg.as_str()) {
@@ -268,6 +312,7 @@ impl Sampler {
             for s in &mut slot.streams {
                 s.writer.flush_if_due()?;
             }
+            base += n;
         }
         Ok(())
     }

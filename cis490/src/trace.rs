@@ -226,6 +226,7 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
         stop,
         target,
         live: Some(live.clone()),
+        out: Default::default(),
     };
     if let Some(session) = &bpf_session {
         session

@@ -1734,52 +1734,64 @@ fn thread_count_bench(tools: &[Tool], rounds: usize, scratch: &Path) -> anyhow::
     Ok(md)
 }
 
-/// Section 10: a 202-thread target (1 spinning, 201 sleeping 100 ms at a time) traced
-/// 8 s at 1 kHz with `--rows all` and `--rows changed`, alternating, `rounds` each: the
-/// capture's CPU, peak RSS, ticks missed, rows and output rate.
+/// Section 10: a 202-thread target (1 spinning, 201 sleeping 100 ms at a time, then
+/// issue 17's own shape: 5 ms naps) traced 8 s at 1 kHz with `--rows all` and `--rows
+/// changed`, alternating, `rounds` each: the capture's CPU, peak RSS, ticks missed, rows
+/// and output rate.
 fn rows_bench(tool: Tool, rounds: usize, scratch: &Path) -> anyhow::Result<String> {
     let mut md = String::new();
     let backend = if tool == Tool::Bpf { "bpf" } else { "proc" };
-    let target = Target::start(&["--spin", "1", "--switch", "0", "--threads", "202"])?;
-    writeln!(
-        md,
-        "Target: `cis490-testload --spin 1 --switch 0 --threads 202` (1 spinning thread, 201 sleeping 100 ms at a time); `cis490 trace --backend {backend} --rate-hz 1000 --duration 8 --rows MODE`, {rounds} alternating rounds; CPU and peak RSS from wait4 of the capture process (for bpf its loader helper is a separate, short-lived process).\n"
-    )?;
-    writeln!(
-        md,
-        "| rows | CPU (share of one core) | peak RSS | ticks missed | rows written | output |"
-    )?;
-    writeln!(md, "|---|---|---|---|---|---|")?;
-    for round in 0..rounds {
-        for mode in ["all", "changed"] {
-            let root = scratch.join(format!("rows-{mode}-{round}"));
-            let (status, cpu, rss_kib, out) =
-                run_measured(trace_cmd(target.pid(), 1000, backend, &root).args([
-                    "--duration",
-                    "8",
-                    "--rows",
-                    mode,
-                ]))?;
-            anyhow::ensure!(status.success(), "capture --rows {mode} failed");
-            let dir = crate::util::episode_path(out.as_bytes());
-            let meta = read_meta(&dir)?;
-            let r = &meta["result"];
-            let secs = r["duration_observed_s"].as_f64().unwrap_or(8.0);
-            let bytes = bytes_under(&dir, ".jsonl");
-            writeln!(
-                md,
-                "| {mode} | {:.1} % | {:.1} MiB | {} / {} | {} | {:.1} MB/s |",
-                cpu / secs * 100.0,
-                rss_kib as f64 / 1024.0,
-                r["ticks_missed"],
-                r["ticks_scheduled"],
-                r["rows_total"],
-                bytes as f64 / 1e6 / secs
-            )?;
-            let _ = std::fs::remove_dir_all(&root);
+    for nap in ["100", "5"] {
+        let target = Target::start(&[
+            "--spin",
+            "1",
+            "--switch",
+            "0",
+            "--threads",
+            "202",
+            "--nap-ms",
+            nap,
+        ])?;
+        writeln!(
+            md,
+            "Target: `cis490-testload --spin 1 --switch 0 --threads 202 --nap-ms {nap}` (1 spinning thread, 201 sleeping {nap} ms at a time); `cis490 trace --backend {backend} --rate-hz 1000 --duration 8 --rows MODE`, {rounds} alternating rounds; CPU and peak RSS from wait4 of the capture process (for bpf its loader helper is a separate, short-lived process).\n"
+        )?;
+        writeln!(
+            md,
+            "| rows | CPU (share of one core) | peak RSS | ticks missed | rows written | output |"
+        )?;
+        writeln!(md, "|---|---|---|---|---|---|")?;
+        for round in 0..rounds {
+            for mode in ["all", "changed"] {
+                let root = scratch.join(format!("rows-{mode}-{round}"));
+                let (status, cpu, rss_kib, out) =
+                    run_measured(trace_cmd(target.pid(), 1000, backend, &root).args([
+                        "--duration",
+                        "8",
+                        "--rows",
+                        mode,
+                    ]))?;
+                anyhow::ensure!(status.success(), "capture --rows {mode} failed");
+                let dir = crate::util::episode_path(out.as_bytes());
+                let meta = read_meta(&dir)?;
+                let r = &meta["result"];
+                let secs = r["duration_observed_s"].as_f64().unwrap_or(8.0);
+                let bytes = bytes_under(&dir, ".jsonl");
+                writeln!(
+                    md,
+                    "| {mode} | {:.1} % | {:.1} MiB | {} / {} | {} | {:.1} MB/s |",
+                    cpu / secs * 100.0,
+                    rss_kib as f64 / 1024.0,
+                    r["ticks_missed"],
+                    r["ticks_scheduled"],
+                    r["rows_total"],
+                    bytes as f64 / 1e6 / secs
+                )?;
+                let _ = std::fs::remove_dir_all(&root);
+            }
         }
+        writeln!(md)?;
     }
-    writeln!(md)?;
     Ok(md)
 }
 

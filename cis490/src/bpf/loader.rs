@@ -103,11 +103,15 @@ impl WakeupSource {
     }
 }
 
-/// Bytes of ring buffer for `secs` seconds of snapshots of `threads` threads (doubled
-/// for growth) and `net_ifs` interfaces: a power of two pages, 256 KiB to 16 MiB. User
-/// space drains every 50 ms, so half a second is ten drains of slack; the pages it
-/// touches count in the capture's RSS, so it is not larger.
+/// Bytes of ring buffer for half a second of snapshots of `threads` threads (doubled
+/// for growth) and `net_ifs` interfaces: a power of two pages, 256 KiB to 8 MiB. User
+/// space drains every 50 ms, so half a second is ten drains of slack. The kernel maps the
+/// ring's pages twice (for records that wrap), and all of them count in the capture's
+/// RSS once the ring has gone round: 8 MiB is 16 MiB of RSS, which keeps a capture of a
+/// 200-thread target at 1 kHz under 32 MiB and still holds 160 ms (three drains) of its
+/// records (BENCHMARKS.md section 10; a 16 MiB ring made it 44 MiB).
 pub fn ring_bytes(interval_ns: u64, threads: usize, net_ifs: usize) -> u32 {
+    const RING_MAX_BYTES: u64 = 8 << 20;
     const RECORD_HEADER: u64 = 8;
     let per_tick = (threads.max(4) as u64 * 2)
         * (std::mem::size_of::<SnapRecord>() as u64 + RECORD_HEADER)
@@ -116,7 +120,7 @@ pub fn ring_bytes(interval_ns: u64, threads: usize, net_ifs: usize) -> u32 {
         + RECORD_HEADER;
     let ticks_per_half_second = (500_000_000 / interval_ns.max(1)).max(1);
     let want = per_tick * ticks_per_half_second;
-    want.next_power_of_two().clamp(256 << 10, 16 << 20) as u32
+    want.next_power_of_two().clamp(256 << 10, RING_MAX_BYTES) as u32
 }
 
 /// A watched interface: its name and the link-layer header length its rx path strips.
@@ -681,7 +685,7 @@ mod tests {
         // 10 Hz: the floor.
         assert_eq!(ring_bytes(100_000_000, 9, 0), 256 << 10);
         // Very many threads at 1 kHz: the ceiling.
-        assert_eq!(ring_bytes(1_000_000, 400, 16), 16 << 20);
+        assert_eq!(ring_bytes(1_000_000, 400, 16), 8 << 20);
         for (i, t, n) in [(1_000_000, 1, 0), (3_333_333, 40, 2), (1_000_000_000, 0, 0)] {
             let b = ring_bytes(i, t, n);
             assert!(b.is_power_of_two() && b.is_multiple_of(4096), "{b}");

@@ -156,29 +156,49 @@ impl Collector for SnapshotSource {
         &mut self,
         _tick: crate::collector::Tick,
         clock: &crate::clock::EpisodeClock,
-        out: &mut [crate::collector::TickOutput],
+        sink: &mut dyn crate::collector::Sink,
     ) -> Result<(), crate::Error> {
         let mut drain = self.session.lock_drain();
-        drain.drain(clock);
-        // What the drain itself found is reported on the first stream (bpf-sched).
-        out[0]
-            .problems
-            .extend(drain.asm.batch.problems.iter().cloned());
-        if let Some(msg) = drain
-            .last_sign_of_life_ns()
-            .and_then(|t| self.session.restart_timer_if_stalled(t))
-        {
-            out[0].problem(msg);
-        }
-        for (part, out) in self.parts.iter_mut().zip(out.iter_mut()) {
-            // One stream's failure costs that stream's rows of this drain, not the others'.
-            if let Err(e) = part.fill(&drain, clock, out) {
-                out.problem(e.to_string());
+        let mut first = true;
+        let started = std::time::Instant::now();
+        loop {
+            let more = drain.drain(clock, BATCH_RECORDS);
+            // What the drain itself found is reported on the first stream (bpf-sched).
+            let out = sink.out();
+            out.problems
+                .extend(drain.asm.batch.problems.iter().cloned());
+            if first {
+                first = false;
+                if let Some(msg) = drain
+                    .last_sign_of_life_ns()
+                    .and_then(|t| self.session.restart_timer_if_stalled(t))
+                {
+                    out.problem(msg);
+                }
+            }
+            for (i, part) in self.parts.iter_mut().enumerate() {
+                let out = sink.out();
+                // One stream's failure costs that stream's rows of this batch, not the others'.
+                if let Err(e) = part.fill(&drain, clock, out) {
+                    out.problem(e.to_string());
+                }
+                sink.flush(i);
+            }
+            // A ring that fills faster than it is taken (a loaded host) must not hold the
+            // sampler here: what is left waits for the next host tick, which is due by now.
+            if !more || started.elapsed() > DRAIN_BUDGET {
+                return Ok(());
             }
         }
-        Ok(())
     }
 }
+
+/// The longest one host tick spends taking batches from the ring.
+const DRAIN_BUDGET: std::time::Duration = std::time::Duration::from_nanos(snap::DRAIN_INTERVAL_NS);
+
+/// Records taken from the ring per batch (~1 MiB of them), so that memory does not grow
+/// with threads × rate × drain interval; a drain takes as many batches as the ring holds.
+const BATCH_RECORDS: usize = 4096;
 
 /// Whether an optional group of programs (kvm, flow) is attached, and if not why: the
 /// `status` and `reason` of their sources in meta.sources.

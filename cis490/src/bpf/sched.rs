@@ -340,24 +340,32 @@ impl Part for SnapCollector {
                 push_process_only(row, Some(live), mem);
             }
             for (tid, values) in &update.threads {
+                let comm = self.comms.get(*tid, now);
+                let vcpu = self.vcpus.get(*tid);
+                // A thread's final row is always written.
+                let exited = self
+                    .entries
+                    .binary_search_by_key(tid, |e| e.tid)
+                    .is_ok_and(|i| self.entries[i].exited);
+                let t = tick.stamp.t_mono_ns;
+                if self
+                    .changed
+                    .skip_values(*tid, t, values, &comm, vcpu, exited)
+                {
+                    continue;
+                }
                 let row = out.new_row(tick.stamp, self.stream.source(), false);
                 row.seq = Some(tick.seq);
                 row.thread_columns = true;
                 row.tid = Some(*tid);
-                row.comm = self.comms.get(*tid, now);
-                row.vcpu = self.vcpus.get(*tid);
+                row.comm = comm;
+                row.vcpu = vcpu;
                 for (name, v) in names.iter().zip(values) {
                     push_counter(row, name, *v);
                 }
                 if self.stream == Stream::Sched {
                     push_process_only(row, None, ProcessMemory::default());
                 }
-                // A thread's final row is always written.
-                let exited = self
-                    .entries
-                    .binary_search_by_key(tid, |e| e.tid)
-                    .is_ok_and(|i| self.entries[i].exited);
-                self.changed.filter_last(out, exited);
             }
             for e in &self.entries {
                 if e.exited {

@@ -73,12 +73,8 @@ fn proc_rows_of_the_real_qemu_snapshot_meet_the_declaration() {
     vcpus.set([(6846, 0)].into_iter().collect());
     let mut c = crate::procfs::ProcCollector::with_root(6842, root.path(), vcpus);
     let mut out = TickOutput::default();
-    c.collect(
-        tick(0),
-        &EpisodeClock::start(),
-        std::slice::from_mut(&mut out),
-    )
-    .unwrap();
+    c.collect(tick(0), &EpisodeClock::start(), &mut out)
+        .unwrap();
     assert_eq!(out.rows().len(), 6);
     let mut check = TypeCheck::for_stream(s("proc"));
     for row in out.rows() {
@@ -100,12 +96,8 @@ fn net_rows_of_this_hosts_loopback_meet_the_declaration() {
     let mut c =
         crate::net::SysfsNetCollector::new(std::process::id(), vec!["lo".into(), "absent0".into()]);
     let mut out = TickOutput::default();
-    c.collect(
-        tick(0),
-        &EpisodeClock::start(),
-        std::slice::from_mut(&mut out),
-    )
-    .unwrap();
+    c.collect(tick(0), &EpisodeClock::start(), &mut out)
+        .unwrap();
     assert_eq!(out.rows().len(), 2);
     for row in out.rows() {
         assert_meets("net", &written(row));

@@ -8,7 +8,7 @@ use cis490_common::NetStats;
 
 use super::{net_row, summary, SOURCE};
 use crate::clock::EpisodeClock;
-use crate::collector::{Collector, Stream, Tick, TickOutput};
+use crate::collector::{Collector, Sink, Stream, Tick};
 use crate::error::Error;
 
 /// The fallback: the interfaces' own counters.
@@ -92,9 +92,9 @@ impl Collector for SysfsNetCollector {
         &mut self,
         tick: Tick,
         clock: &EpisodeClock,
-        outs: &mut [TickOutput],
+        sink: &mut dyn Sink,
     ) -> Result<(), Error> {
-        let out = &mut outs[0];
+        let out = sink.out();
         for i in 0..self.names.len() {
             let name = &self.names[i];
             let stats = match self.read(name) {
@@ -146,6 +146,7 @@ pub fn parse_net_dev(text: &str, name: &str) -> Option<NetStats> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collector::TickOutput;
     use crate::row::Value;
 
     #[test]
@@ -172,7 +173,7 @@ mod tests {
                 scheduled_ns: 0,
             },
             &clock,
-            std::slice::from_mut(out),
+            out,
         )
         .unwrap();
     }

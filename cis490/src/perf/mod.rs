@@ -39,7 +39,7 @@ use perf_event::events::{Hardware, Software};
 use perf_event::{Builder, Counter, Group};
 
 use crate::clock::EpisodeClock;
-use crate::collector::{Collector, Stream, Tick, TickOutput, VcpuMap};
+use crate::collector::{Collector, Sink, Stream, Tick, VcpuMap};
 use crate::error::Error;
 use counts::{open_failure, perf_row, GroupReading, Reading, HW, SOURCE, SW};
 
@@ -291,9 +291,9 @@ impl Collector for PerfCollector {
         &mut self,
         tick: Tick,
         clock: &EpisodeClock,
-        outs: &mut [TickOutput],
+        sink: &mut dyn Sink,
     ) -> Result<(), Error> {
-        let out = &mut outs[0];
+        let out = sink.out();
         let now = tick.scheduled_ns;
         match self.next_ns {
             Some(next) if now < next => return Ok(()),

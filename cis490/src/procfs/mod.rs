@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::clock::EpisodeClock;
-use crate::collector::{Collector, Stream, Tick, TickOutput, VcpuMap};
+use crate::collector::{Collector, Sink, Stream, Tick, TickOutput, VcpuMap};
 use crate::error::Error;
 use crate::row::{Row, Value};
 use parse::{Io, SchedStat, Stat, Status};
@@ -400,9 +400,9 @@ impl Collector for ProcCollector {
         &mut self,
         tick: Tick,
         clock: &EpisodeClock,
-        outs: &mut [TickOutput],
+        sink: &mut dyn Sink,
     ) -> Result<(), Error> {
-        let out = &mut outs[0];
+        let out = sink.out();
         if let Err(e) = self.list_threads() {
             // Closed so that a task directory that comes back is opened afresh.
             self.task_fd = None;
@@ -622,7 +622,7 @@ mod tests {
                 scheduled_ns: 0,
             },
             &EpisodeClock::start(),
-            std::slice::from_mut(&mut out),
+            &mut out,
         )
         .unwrap();
         out
