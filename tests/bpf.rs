@@ -1701,9 +1701,10 @@ fn perf_follows_threads_created_during_the_capture_and_no_perf_turns_it_off() {
 /// on_cpu_ns of each thread as of that seq (its latest row at or before it, which is
 /// what a left-out `--rows changed` row means).
 fn process_and_latest_threads(dir: &Path) -> Vec<(u64, u64, u64, u64, usize)> {
+    /// (the process row's on_cpu_ns and num_threads, then (tid, on_cpu_ns) per thread row)
+    type Seq = (Option<(u64, u64)>, Vec<(u64, u64)>);
     let mut latest: std::collections::BTreeMap<u64, u64> = Default::default();
-    let mut by_seq: std::collections::BTreeMap<u64, (Option<(u64, u64)>, Vec<(u64, u64)>)> =
-        Default::default();
+    let mut by_seq: std::collections::BTreeMap<u64, Seq> = Default::default();
     for r in rows(dir, "telemetry-bpf-sched.jsonl") {
         let e = by_seq.entry(u(&r, "seq")).or_default();
         match r["tid"].as_u64() {
