@@ -179,15 +179,15 @@ impl VcpuMap {
     }
 }
 
-/// What every source gets from the capture: where to write, the episode clock, the
-/// shared event log, the vCPU map, and the flag that ends the capture.
+/// What every socket source gets from the capture: where to write, the episode clock,
+/// the shared event log and the vCPU map (its stop flag is its runner's,
+/// [`crate::threaded`]).
 #[derive(Clone)]
 pub struct SourceContext {
     pub dir: crate::episode::EpisodeDir,
     pub clock: EpisodeClock,
     pub events: crate::episode::EventLog,
     pub vcpus: VcpuMap,
-    pub stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// `--rows`: which thread rows a per-thread host stream writes.

@@ -46,20 +46,6 @@ pub struct QemuSourceOptions {
     pub agent_max_bytes: Option<u64>,
 }
 
-impl Default for QemuSourceOptions {
-    fn default() -> Self {
-        Self {
-            qmp: None,
-            qmp_rate_hz: 10,
-            no_qmp: false,
-            agent: None,
-            no_agent: false,
-            agent_max_bytes_per_s: crate::agent::reader::DEFAULT_MAX_BYTES_PER_S,
-            agent_max_bytes: None,
-        }
-    }
-}
-
 pub struct Started {
     pub background: Vec<Box<dyn Background>>,
     pub qmp_facts: Option<FactsHandle>,

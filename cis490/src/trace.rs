@@ -193,7 +193,7 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     let meta = initial_meta(&cfg, &id, &user_meta, cmdline, &selected, clock);
     let mut episode = Episode::open(&cfg.capture.data_root, access, meta, clock)?;
     episode.announce(&cfg, &selected, bpf_session.as_deref());
-    let sources = Sources::start(&cfg, &mut episode, selected, &vcpus, &stop)?;
+    let sources = Sources::start(&cfg, &mut episode, selected, &vcpus)?;
 
     // The capture: the sampler on its own thread until the duration, a signal, the
     // target's exit or an error.
@@ -531,7 +531,6 @@ impl Sources {
         episode: &mut Episode,
         selected: backend::Selected,
         vcpus: &VcpuMap,
-        stop: &Arc<AtomicBool>,
     ) -> Result<Self, Error> {
         let (dir, events) = (&episode.dir, &episode.events);
         let pid = cfg.capture.pid;
@@ -574,7 +573,6 @@ impl Sources {
             clock: episode.clock,
             events: events.clone(),
             vcpus: vcpus.clone(),
-            stop: stop.clone(),
         };
         let started =
             crate::qemu_sources::start(&cfg.qemu, pid, &episode.meta.vm.qemu_cmdline, &ctx)?;
