@@ -219,29 +219,60 @@ pub const KEYFRAME_NS: u64 = 1_000_000_000;
 #[derive(Debug, Default)]
 pub struct ChangedRows {
     mode: RowsMode,
-    last: std::collections::HashMap<u32, LastRow>,
+    /// Rows compared by their fields ([`ChangedRows::filter_last`]).
+    last: std::collections::HashMap<u32, Last<(crate::row::FieldName, crate::row::Value)>>,
     /// For sources whose thread row is a function of a few numbers (the BPF snapshot's
     /// counters): those numbers as last written, so a repeat is found before its row is
     /// built ([`ChangedRows::skip_values`]).
-    last_values: std::collections::HashMap<u32, LastValues>,
+    last_values: std::collections::HashMap<u32, Last<u64>>,
     /// Thread rows not written because nothing changed.
     pub skipped: u64,
 }
 
+/// A thread's last written row, as what it is compared by: `key` (its fields, or the
+/// numbers they are made from), name and vCPU.
 #[derive(Debug)]
-struct LastValues {
+struct Last<T> {
     t_mono_ns: u64,
     comm: Option<Arc<str>>,
     vcpu: Option<u32>,
-    values: Vec<u64>,
+    key: Vec<T>,
 }
 
-#[derive(Debug)]
-struct LastRow {
+/// The one decision of both filters: true = leave the row out (it repeats the thread's
+/// last written row less than [`KEYFRAME_NS`] after it, and `keep` is false); otherwise
+/// it becomes the thread's last row.
+fn repeats<T: PartialEq + Clone>(
+    last: &mut std::collections::HashMap<u32, Last<T>>,
+    tid: u32,
     t_mono_ns: u64,
-    comm: Option<Arc<str>>,
+    key: &[T],
+    comm: &Option<Arc<str>>,
     vcpu: Option<u32>,
-    fields: Vec<(crate::row::FieldName, crate::row::Value)>,
+    keep: bool,
+) -> bool {
+    if let Some(prev) = last.get_mut(&tid) {
+        let same = prev.key == key && prev.comm == *comm && prev.vcpu == vcpu;
+        if same && !keep && t_mono_ns.saturating_sub(prev.t_mono_ns) < KEYFRAME_NS {
+            return true;
+        }
+        prev.t_mono_ns = t_mono_ns;
+        prev.comm.clone_from(comm);
+        prev.vcpu = vcpu;
+        prev.key.clear();
+        prev.key.extend_from_slice(key);
+    } else {
+        last.insert(
+            tid,
+            Last {
+                t_mono_ns,
+                comm: comm.clone(),
+                vcpu,
+                key: key.to_vec(),
+            },
+        );
+    }
+    false
 }
 
 impl ChangedRows {
@@ -267,27 +298,17 @@ impl ChangedRows {
             return;
         };
         let t = row.stamp.t_mono_ns;
-        if let Some(prev) = self.last.get_mut(&tid) {
-            let same = prev.fields == row.fields && prev.comm == row.comm && prev.vcpu == row.vcpu;
-            if same && !keep && t.saturating_sub(prev.t_mono_ns) < KEYFRAME_NS {
-                self.skipped += 1;
-                out.pop_row();
-                return;
-            }
-            prev.t_mono_ns = t;
-            prev.comm.clone_from(&row.comm);
-            prev.vcpu = row.vcpu;
-            prev.fields.clone_from(&row.fields);
-        } else {
-            self.last.insert(
-                tid,
-                LastRow {
-                    t_mono_ns: t,
-                    comm: row.comm.clone(),
-                    vcpu: row.vcpu,
-                    fields: row.fields.clone(),
-                },
-            );
+        if repeats(
+            &mut self.last,
+            tid,
+            t,
+            &row.fields,
+            &row.comm,
+            row.vcpu,
+            keep,
+        ) {
+            self.skipped += 1;
+            out.pop_row();
         }
     }
 
@@ -315,29 +336,17 @@ impl ChangedRows {
         if self.mode == RowsMode::All {
             return false;
         }
-        if let Some(prev) = self.last_values.get_mut(&tid) {
-            let same = prev.values == values && prev.comm == *comm && prev.vcpu == vcpu;
-            if same && !keep && t_mono_ns.saturating_sub(prev.t_mono_ns) < KEYFRAME_NS {
-                self.skipped += 1;
-                return true;
-            }
-            prev.t_mono_ns = t_mono_ns;
-            prev.comm.clone_from(comm);
-            prev.vcpu = vcpu;
-            prev.values.clear();
-            prev.values.extend_from_slice(values);
-        } else {
-            self.last_values.insert(
-                tid,
-                LastValues {
-                    t_mono_ns,
-                    comm: comm.clone(),
-                    vcpu,
-                    values: values.to_vec(),
-                },
-            );
-        }
-        false
+        let skip = repeats(
+            &mut self.last_values,
+            tid,
+            t_mono_ns,
+            values,
+            comm,
+            vcpu,
+            keep,
+        );
+        self.skipped += u64::from(skip);
+        skip
     }
 
     /// For meta.sources: the mode, and the rows it left out.
