@@ -193,7 +193,7 @@ pub fn run(cfg: TraceConfig, stop: Arc<AtomicBool>) -> Result<TraceResult, Error
     let meta = initial_meta(&cfg, &id, &user_meta, cmdline, &selected, clock);
     let mut episode = Episode::open(&cfg.capture.data_root, access, meta, clock)?;
     episode.announce(&cfg, &selected, bpf_session.as_deref());
-    let sources = Sources::start(&cfg, &mut episode, selected, &vcpus)?;
+    let sources = Sources::start(&cfg, &episode, selected, &vcpus)?;
 
     // The capture: the sampler on its own thread until the duration, a signal, the
     // target's exit or an error.
@@ -528,7 +528,7 @@ struct Sources {
 impl Sources {
     fn start(
         cfg: &TraceConfig,
-        episode: &mut Episode,
+        episode: &Episode,
         selected: backend::Selected,
         vcpus: &VcpuMap,
     ) -> Result<Self, Error> {
